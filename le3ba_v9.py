@@ -1,0 +1,1474 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # le3ba v9: spinal canal stenosis from lumbar MRI (RSNA 2024)
+#
+# One sample = one (study, intervertebral level): 7 neighbouring Sagittal T2/STIR slices around the
+# annotated one, cropped around the annotated point. Model: EfficientNet-V2-S per slice -> 2-layer
+# bidirectional GRU over slices -> attention-MIL pooling -> + level embedding -> classifier
+# (Normal/Mild, Moderate, Severe). The plan: `v9_Implementation_Plan.md`; components: `v9_Architecture.md`.
+#
+# **Use:** edit `CONFIG` (or put changes in `CONFIG_OVERRIDES`) in the next cell, then *Run all*.
+# Without the competition data, set `CONFIG_OVERRIDES = {'demo': True}`: a small synthetic study set in
+# the competition's layout is generated and a short CPU-sized preset is trained.
+# Cells tagged `defs` only define things; the cells between them do the work.
+
+# %% tags=["parameters"]
+CONFIG = {
+    # --- the plan's CONFIG, at the plan's values ---
+    'seed': 42,
+    'img_size': 256,             # side of each slice crop fed to the backbone
+    'num_slices': 7,             # neighbouring sagittal slices per sample (annotated one in the middle)
+    'batch_size': 12,
+    'epochs': 25,
+    'learning_rate': 1e-4,       # GRU, attention, level embedding, classifier
+    'backbone_lr': 1e-5,         # 10x slower: the pretrained backbone needs only gentle adaptation
+    'weight_decay': 0.03,
+    'class_weights': [1.0, 4.0, 6.0],  # Normal/Mild, Moderate, Severe: counters ~88/6/5 % imbalance
+    'freeze_backbone_epochs': 0,  # the plan trains the backbone from the first epoch
+    'warmup_epochs': 2,          # linear LR warmup, then cosine decay (stepped per batch)
+    'clip_grad_norm': 1.0,
+    'patience': 12,              # early stop after this many epochs without a saved improvement
+    'use_swa': True,
+    'swa_start_epoch': 18,       # 1-based: SWA averages epochs 18..25
+    'swa_lr': 5e-6,              # head LR during SWA; the backbone keeps its 10x smaller ratio
+    'gru_hidden': 512,           # bidirectional -> 1024-d per slice
+    'gru_layers': 2,
+    'gru_dropout': 0.3,
+    'attention_hidden': 256,
+    'dropout': 0.35,             # in the classifier head
+    'num_folds': 5,
+    'train_folds': [0],
+    # --- added by this project ---
+    'data_root': None,           # competition folder; None = auto-detect on Kaggle (see Setup)
+    'output_dir': None,          # None = /kaggle/working/le3ba_v9 on Kaggle, ./runs/v9 elsewhere
+    'cache_dir': None,           # None = <output_dir>/cache; preprocessed crops, reused across runs
+    'demo': False,               # True: generate a synthetic study set and train a short CPU preset
+    'demo_studies': 48,          # size of that synthetic set
+    'condition': 'spinal_canal_stenosis',  # train.csv column prefix of the condition trained
+    'series_description': 'Sagittal T2/STIR',  # series type the condition is read on
+    'intensity': 'minmax',       # minmax (v4's choice) | window | percentile | dicom: see Task 1.1
+    'window_center': 50,         # used by intensity='window' (the plan's literal WC/WW)
+    'window_width': 350,
+    'percentiles': (1.0, 99.0),  # used by intensity='percentile'
+    'clahe_clip': 2.0,           # CLAHE clip limit (OpenCV's default is 40; 2 is the usual for MR)
+    'clahe_grid': 8,             # CLAHE tiles per side
+    'crop_mm': 60.0,             # crop side in millimetres (PixelSpacing): the disc level plus
+                                 # half of each neighbouring vertebral body, equal anatomy on every scanner
+    'aug_shift': 0.06,           # crop-centre jitter, fraction of the crop side (~ +/-3.6 mm)
+    'aug_scale': 0.10,           # zoom in [1 - s, 1 + s]
+    'aug_rotate': 10.0,          # degrees
+    'aug_brightness': 0.10,      # additive, fraction of full range
+    'aug_contrast': 0.20,        # multiplicative about mid-grey
+    'aug_gamma': 0.20,           # gamma in [1 - g, 1 + g]
+    'aug_noise': 0.02,           # Gaussian noise std, fraction of full range
+    'backbone': 'efficientnet_v2_s',  # or 'mobilenet_v3_small' (CPU demos and tests only)
+    'pretrained': 'imagenet',    # 'imagenet' (torchvision download) | path to a .pth file | 'none'
+    'min_minority_recall': 0.20,  # save gate: min(Moderate, Severe) recall needed to save a best model
+    'auto_class_weight_actions': False,  # apply the plan's class-weight actions at checkpoints 1 and 3
+    'precision': 'fp16',         # CUDA autocast dtype: fp16 (with GradScaler) | bf16; CPU runs float32
+    'compile': False,            # torch.compile the model (CUDA; faster after a slow first epoch)
+    'channels_last': True,       # faster convolutions on tensor cores
+    'val_every': 1,              # validate every N epochs (and always on the last)
+    'num_workers': None,         # DataLoader/cache workers; None = all CPU cores
+    'resume': True,              # continue an interrupted fold from its last epoch checkpoint
+    'max_nonfinite_steps': 5,    # stop the run after this many non-finite losses
+    'final_model': 'swa',        # model reported as final: swa | best | last (falls back if absent)
+}
+CONFIG_OVERRIDES = {}
+
+# %% [markdown]
+# ## 1. Setup
+# Merge overrides (an unknown key stops the run), seed, pick the device and the paths.
+
+# %% tags=["defs"]
+import difflib
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import random
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import cv2
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pydicom
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from pydicom.pixels import apply_modality_lut
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix, log_loss, recall_score
+from sklearn.model_selection import StratifiedGroupKFold
+from torch.optim.swa_utils import SWALR, AveragedModel, update_bn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+COMPETITION = 'rsna-2024-lumbar-spine-degenerative-classification'
+# Kaggle has mounted competition data at both of these places over the years.
+KAGGLE_DATA_ROOTS = [Path('/kaggle/input') / COMPETITION, Path('/kaggle/input/competitions') / COMPETITION]
+CLASSES = ['Normal/Mild', 'Moderate', 'Severe']
+LEVELS = ['l1_l2', 'l2_l3', 'l3_l4', 'l4_l5', 'l5_s1']
+DEMO_PRESET = {  # small enough to train on 2 CPU cores in a few minutes, big enough to learn
+    'epochs': 6, 'img_size': 64, 'batch_size': 8, 'num_folds': 4, 'warmup_epochs': 1,
+    'swa_start_epoch': 5, 'patience': 6, 'backbone': 'mobilenet_v3_small', 'pretrained': 'none',
+    'gru_hidden': 64, 'attention_hidden': 32, 'learning_rate': 1e-3, 'backbone_lr': 1e-3,
+    'swa_lr': 5e-4,
+}
+WARNINGS = []  # every warning printed during the run, repeated in the report
+
+
+def warn(message):
+    WARNINGS.append(message)
+    print(f'WARNING: {message}')
+
+
+def merge_config(config, overrides):
+    """The plan's CONFIG with overrides applied; an unknown key is an error naming the nearest valid key."""
+    for key in overrides:
+        if key not in config:
+            near = difflib.get_close_matches(key, sorted(config), n=1)
+            hint = f" Did you mean '{near[0]}'?" if near else ''
+            raise KeyError(f"Unknown CONFIG key '{key}'.{hint}")
+    merged = {**config, **overrides}
+    if merged['demo']:  # the preset sits under the user's own overrides
+        merged = {**config, **DEMO_PRESET, **overrides}
+    return merged
+
+
+def runtime_environment():
+    """'kaggle', 'colab' or 'local': decides default paths."""
+    if os.environ.get('KAGGLE_KERNEL_RUN_TYPE') or Path('/kaggle/working').is_dir():
+        return 'kaggle'
+    if 'google.colab' in sys.modules or os.environ.get('COLAB_RELEASE_TAG'):
+        return 'colab'
+    return 'local'
+
+
+def resolve_paths(config):
+    """Fill data_root / output_dir / cache_dir; the demo generates its own study set."""
+    env = runtime_environment()
+    out = Path(config['output_dir'] or {'kaggle': '/kaggle/working/le3ba_v9', 'colab': '/content/le3ba_v9'}
+               .get(env, 'runs/v9'))
+    out.mkdir(parents=True, exist_ok=True)
+    config = {**config, 'output_dir': str(out), 'cache_dir': str(config['cache_dir'] or out / 'cache')}
+    if config['demo']:
+        config['data_root'] = str(make_demo_data(out / 'demo_data', config))
+    elif config['data_root'] is None:
+        found = [p for p in KAGGLE_DATA_ROOTS if (p / 'train.csv').exists()]
+        if not found:
+            raise FileNotFoundError(
+                f"No data_root given and the competition data is not under {[str(p) for p in KAGGLE_DATA_ROOTS]}. "
+                "On Kaggle: Add Input -> Competitions -> RSNA 2024 Lumbar Spine. Elsewhere: set "
+                "CONFIG['data_root'] to the folder holding train.csv, or use CONFIG_OVERRIDES = {'demo': True}.")
+        config['data_root'] = str(found[0])
+    if not (Path(config['data_root']) / 'train.csv').exists():
+        raise FileNotFoundError(f"{config['data_root']} has no train.csv: is it the competition folder?")
+    return config
+
+
+def make_demo_data(folder, config):
+    """A synthetic study set in the competition's layout, from the repository's generator."""
+    if not (folder / 'train.csv').exists():
+        tools = Path.cwd() / 'tools'
+        if not (tools / 'make_demo_studies.py').exists():
+            raise FileNotFoundError('demo=True needs tools/make_demo_studies.py: run from the repository root.')
+        sys.path.insert(0, str(tools))
+        from make_demo_studies import make_study_set
+        print(make_study_set(folder, n_studies=config['demo_studies'], seed=config['seed']))
+    return folder
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device():
+    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+
+
+# %% tags=["setup"]
+CONFIG = resolve_paths(merge_config(CONFIG, CONFIG_OVERRIDES))
+seed_everything(CONFIG['seed'])
+DEVICE = pick_device()
+NUM_WORKERS = CONFIG['num_workers'] if CONFIG['num_workers'] is not None else (os.cpu_count() or 1)
+OUTPUT_DIR = Path(CONFIG['output_dir'])
+FIGURES = OUTPUT_DIR / 'figures'
+FIGURES.mkdir(exist_ok=True)
+print(f"device {DEVICE} ({torch.cuda.get_device_name() if DEVICE.type == 'cuda' else 'float32'}), "
+      f"{NUM_WORKERS} workers, data {CONFIG['data_root']}, outputs {OUTPUT_DIR}")
+
+# %% [markdown]
+# ## 2. Data tables
+# One row per (study, level) of the trained condition, with the annotated series, instance and point.
+# Every row that cannot be used is counted by reason; nothing disappears silently.
+# Folds are grouped by study (no study on both sides) and stratified by label.
+
+# %% tags=["defs"]
+def build_sample_table(config):
+    """(samples, skipped): usable rows, and a count of the dropped ones by reason."""
+    root = Path(config['data_root'])
+    cond = config['condition']
+    labels = pd.read_csv(root / 'train.csv')
+    coords = pd.read_csv(root / 'train_label_coordinates.csv')
+    series = pd.read_csv(root / 'train_series_descriptions.csv')
+    table = labels.melt(id_vars='study_id', value_vars=[f'{cond}_{lv}' for lv in LEVELS],
+                        var_name='column', value_name='severity')
+    table['level'] = table['column'].str[len(cond) + 1:]
+    coords = coords[coords['condition'] == cond.replace('_', ' ').title()].copy()
+    coords['level'] = coords['level'].str.lower().str.replace('/', '_')
+    duplicated = coords.duplicated(['study_id', 'level'])  # keep the first annotation of a level
+    table = (table.merge(coords[~duplicated], on=['study_id', 'level'], how='left')
+             .merge(series, on=['study_id', 'series_id'], how='left'))
+    table['path'] = [root / 'train_images' / f'{s}/{int(r)}/{int(i)}.dcm' if pd.notna(r) and pd.notna(i) else None
+                     for s, r, i in zip(table['study_id'], table['series_id'], table['instance_number'])]
+    # the first matching reason wins, in this order
+    reasons = [
+        ('no label', table['severity'].isna()),
+        ('unknown label', ~table['severity'].isin(CLASSES)),
+        ('no coordinate', table['series_id'].isna()),
+        ('series not in train_series_descriptions.csv', table['series_description'].isna()),
+        (f"annotated on a series other than {config['series_description']}",
+         table['series_description'] != config['series_description']),
+        ('DICOM file missing', ~table['path'].map(lambda p: p is not None and p.exists())),
+    ]
+    table['skip'] = ''
+    for reason, hit in reasons:
+        table.loc[hit & (table['skip'] == ''), 'skip'] = reason
+    skipped = table.loc[table['skip'] != '', 'skip'].value_counts().rename_axis('reason').reset_index(name='rows')
+    if duplicated.any():
+        skipped.loc[len(skipped)] = ['duplicate coordinate (first kept)', int(duplicated.sum())]
+    samples = table[table['skip'] == ''].copy()
+    samples['label'] = samples['severity'].map(CLASSES.index).astype(int)
+    samples['level_idx'] = samples['level'].map(LEVELS.index).astype(int)
+    samples[['series_id', 'instance_number']] = samples[['series_id', 'instance_number']].astype(int)
+    samples['path'] = samples['path'].astype(str)
+    cols = ['study_id', 'series_id', 'instance_number', 'x', 'y', 'level', 'level_idx', 'label', 'path']
+    return samples[cols].reset_index(drop=True), skipped
+
+
+def assign_folds(samples, config):
+    """Fold index per row: grouped by study, stratified by label."""
+    folds = StratifiedGroupKFold(n_splits=config['num_folds'], shuffle=True, random_state=config['seed'])
+    samples = samples.copy()
+    for fold, (_, val) in enumerate(folds.split(samples, samples['label'], groups=samples['study_id'])):
+        samples.loc[samples.index[val], 'fold'] = fold
+    samples['fold'] = samples['fold'].astype(int)
+    return samples
+
+
+# %%
+SAMPLES, SKIPPED = build_sample_table(CONFIG)
+SAMPLES = assign_folds(SAMPLES, CONFIG)
+print(f"{len(SAMPLES)} samples from {SAMPLES['study_id'].nunique()} studies; rows not used:")
+print(SKIPPED.to_string(index=False) if len(SKIPPED) else '  none')
+print(pd.crosstab(SAMPLES['fold'], SAMPLES['label'].map(dict(enumerate(CLASSES))), margins=True))
+
+# %% [markdown]
+# ## 3. Task 1.1: the DICOM dataset
+# Each slice: decode -> Rescale Slope/Intercept -> (invert MONOCHROME1) -> intensity mapping to 8 bit
+# -> CLAHE -> crop `crop_mm` around the annotated point -> resize to `img_size`.
+#
+# **Intensity mapping** departs from the plan's text. The plan names a CT soft-tissue window
+# (WC 50 / WW 350), which keeps only values in [-125, 225]; MR values here run 0-4095 with a scale
+# that differs per scanner, so that window saturates most of the image. The plan's own foundation
+# (v4, 74.9 % BA) used per-slice min-max + CLAHE, which is the default here; `window` reproduces the
+# plan's literal text, `percentile` is a robust 1-99 % stretch, `dicom` uses each file's own window.
+# The figures below show the same slice under each choice with its clipped fraction.
+#
+# **Slices** are ordered by ImagePositionPatient along the slice normal (file names and instance
+# numbers are not anatomical order on every scanner). Neighbours beyond the series edge are black and
+# flagged in a per-slice mask, which the attention pooling uses to ignore them.
+#
+# **Cache:** every series is decoded once, in parallel; the crops are stored as uint8 in a memory-mapped
+# file whose folder name is a hash of every preprocessing setting, so a changed setting rebuilds and an
+# unchanged rerun starts training at once.
+
+# %% tags=["defs"]
+INTENSITY_MODES = ('minmax', 'window', 'percentile', 'dicom')
+PREPROCESS_KEYS = ('img_size', 'num_slices', 'intensity', 'window_center', 'window_width', 'percentiles',
+                   'clahe_clip', 'clahe_grid', 'crop_mm', 'condition', 'series_description')
+
+
+def decode_dicom(path):
+    """(dataset, float32 pixels in modality units, bright = high). Errors name the file."""
+    try:
+        ds = pydicom.dcmread(path)
+        pixels = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
+    except Exception as error:  # pydicom raises many types: missing pixels, no decoder, truncated file
+        raise ValueError(f'cannot read DICOM {path}: {type(error).__name__}: {error}') from error
+    if pixels.ndim != 2:
+        raise ValueError(f'cannot read DICOM {path}: expected one 2-D frame, got shape {pixels.shape}')
+    if ds.get('PhotometricInterpretation') == 'MONOCHROME1':
+        pixels = pixels.max() - pixels
+    return ds, pixels
+
+
+def intensity_range(pixels, ds, config):
+    """(lo, hi) of the modality values mapped to 0..255 under CONFIG['intensity']."""
+    mode = config['intensity']
+    if mode == 'minmax':
+        lo, hi = float(pixels.min()), float(pixels.max())
+    elif mode == 'window':
+        lo = config['window_center'] - config['window_width'] / 2
+        hi = lo + config['window_width']
+    elif mode == 'percentile':
+        lo, hi = np.percentile(pixels, config['percentiles'])
+    elif mode == 'dicom':
+        if 'WindowCenter' not in ds or 'WindowWidth' not in ds:
+            raise ValueError(f"{ds.filename} has no WindowCenter/WindowWidth: use intensity='minmax'")
+        center, width = (float(v[0] if isinstance(v, pydicom.multival.MultiValue) else v)
+                         for v in (ds.WindowCenter, ds.WindowWidth))
+        lo, hi = center - width / 2, center + width / 2
+    else:
+        raise ValueError(f"CONFIG['intensity'] = {mode!r}; choose one of {INTENSITY_MODES}")
+    return float(lo), float(max(hi, lo + 1e-6))  # a constant image maps to black, not NaN
+
+
+def map_intensity(pixels, ds, config):
+    """uint8 image and the fraction of pixels clipped at either end of the range."""
+    lo, hi = intensity_range(pixels, ds, config)
+    clipped = float(np.mean((pixels < lo) | (pixels > hi)))
+    return np.round(np.clip((pixels - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8), clipped
+
+
+def apply_clahe(image, config):
+    grid = config['clahe_grid']
+    return cv2.createCLAHE(clipLimit=config['clahe_clip'], tileGridSize=(grid, grid)).apply(image)
+
+
+def read_slice(path, config):
+    """One DICOM slice as uint8 (H, W): modality LUT, intensity mapping, CLAHE."""
+    ds, pixels = decode_dicom(path)
+    return apply_clahe(map_intensity(pixels, ds, config)[0], config)
+
+
+def slice_geometry(ds):
+    """Row and column direction, position and pixel size (x, y) in mm of one slice."""
+    try:
+        iop = np.asarray(ds.ImageOrientationPatient, float)
+        position = np.asarray(ds.ImagePositionPatient, float)
+        spacing_y, spacing_x = (float(v) for v in ds.PixelSpacing)  # DICOM order: between rows, columns
+    except AttributeError as error:
+        raise ValueError(f'{ds.filename}: no slice geometry ({error})') from error
+    return iop[:3], iop[3:], position, np.array([spacing_x, spacing_y])
+
+
+def slice_normal(ds):
+    iop = np.asarray(ds.ImageOrientationPatient, float)
+    return np.cross(iop[:3], iop[3:])
+
+
+def crop_slice(image, ds, point_mm, config):
+    """Square crop of crop_mm centred on a patient-space point, resized to img_size; black beyond the edge."""
+    row_dir, col_dir, position, spacing = slice_geometry(ds)
+    offset = point_mm - position
+    centre = np.array([offset @ row_dir, offset @ col_dir]) / spacing  # (x, y) pixels on this slice
+    size = config['img_size']
+    scale = size / (config['crop_mm'] / spacing)  # output pixels per input pixel, along x and y
+    affine = np.array([[scale[0], 0, size / 2 - scale[0] * centre[0]],
+                       [0, scale[1], size / 2 - scale[1] * centre[1]]])
+    return cv2.warpAffine(image, affine, (size, size), flags=cv2.INTER_AREA if scale.max() < 1 else cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def preprocess_series(job):
+    """All samples of one series: (row ids, stacks (n, slices, S, S) uint8, masks (n, slices), error or None).
+    Headers are read for every file (to order the slices); pixels are decoded once, only where needed."""
+    series_dir, rows, config = job
+    cv2.setNumThreads(1)  # parallelism comes from the process pool
+    n, size = config['num_slices'], config['img_size']
+    stacks = np.zeros((len(rows), n, size, size), np.uint8)
+    masks = np.zeros((len(rows), n), bool)
+    try:
+        headers = {}
+        for file in Path(series_dir).glob('*.dcm'):
+            ds = pydicom.dcmread(file, stop_before_pixels=True)
+            headers[int(ds.InstanceNumber)] = ds
+        decoded = {}
+        for k, (instance, x, y) in enumerate(rows[['instance_number', 'x', 'y']].itertuples(index=False)):
+            if instance not in headers:
+                raise ValueError(f'{series_dir}: instance {instance} not found')
+            anchor = headers[instance]
+            row_dir, col_dir, position, spacing = slice_geometry(anchor)
+            normal = slice_normal(anchor)
+            point_mm = position + x * spacing[0] * row_dir + y * spacing[1] * col_dir
+            # same-orientation slices only (a series may hold several stacks), in anatomical order
+            stack = sorted((float(np.asarray(ds.ImagePositionPatient, float) @ normal), i)
+                           for i, ds in headers.items()
+                           if abs(slice_normal(ds) @ normal) > 0.99)
+            order = [i for _, i in stack]
+            centre = order.index(instance)
+            for j, pos in enumerate(range(centre - n // 2, centre + n // 2 + 1)):
+                if 0 <= pos < len(order):
+                    inst = order[pos]
+                    if inst not in decoded:
+                        decoded[inst] = read_slice(headers[inst].filename, config)
+                    stacks[k, j] = crop_slice(decoded[inst], headers[inst], point_mm, config)
+                    masks[k, j] = True
+        return rows.index.to_numpy(), stacks, masks, None
+    except Exception as error:  # reported per series by the caller; the other series go on
+        return rows.index.to_numpy(), None, None, str(error)
+
+
+def cache_folder(samples, config):
+    """Cache location: a hash of every preprocessing setting and of the sample rows."""
+    settings = {k: config[k] for k in PREPROCESS_KEYS}
+    settings['data_root'] = str(Path(config['data_root']).resolve())
+    rows = samples[['study_id', 'series_id', 'instance_number', 'x', 'y']].to_csv(index=False)
+    settings['rows'] = hashlib.sha1(rows.encode()).hexdigest()
+    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(config['cache_dir']) / key, settings
+
+
+def build_cache(samples, config, workers):
+    """Crops of every sample as a memory-mapped uint8 array; built once per settings, then reused.
+    Returns (samples that have a crop, images memmap, masks, failures table)."""
+    folder, settings = cache_folder(samples, config)
+    if not (folder / 'done.json').exists():
+        tmp = folder.with_name(folder.name + '.partial')
+        tmp.mkdir(parents=True, exist_ok=True)
+        n, size = config['num_slices'], config['img_size']
+        images = np.lib.format.open_memmap(tmp / 'images.npy', 'w+', np.uint8, (len(samples), n, size, size))
+        masks = np.zeros((len(samples), n), bool)
+        error = pd.Series('', index=samples.index, dtype=object)
+        jobs = [(str(Path(group['path'].iloc[0]).parent), group, config)
+                for _, group in samples.groupby(['study_id', 'series_id'])]
+        start = time.time()
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('fork')) if workers > 1 else None
+        results = pool.map(preprocess_series, jobs, chunksize=4) if pool else map(preprocess_series, jobs)
+        for rows, stacks, series_masks, failure in tqdm(results, total=len(jobs), desc='cache (series)'):
+            if failure:
+                error[rows] = failure
+            else:
+                images[rows], masks[rows] = stacks, series_masks
+        if pool:
+            pool.shutdown()
+        images.flush()
+        np.save(tmp / 'masks.npy', masks)
+        error.to_frame('error').to_csv(tmp / 'errors.csv')
+        seconds = time.time() - start
+        (tmp / 'done.json').write_text(json.dumps({**settings, 'seconds': seconds, 'slices': int(masks.sum())}))
+        tmp.rename(folder)
+        print(f'cache built in {seconds:.0f} s: {masks.sum() / seconds:.0f} slices/s -> {folder}')
+    else:
+        print(f'cache reused: {folder}')
+    error = pd.read_csv(folder / 'errors.csv', index_col=0, keep_default_na=False)['error']
+    failures = samples.loc[error != '', ['study_id', 'series_id', 'level']].assign(error=error[error != ''])
+    kept = samples[error == ''].assign(cache_index=np.flatnonzero(error.to_numpy() == ''))
+    return kept, np.load(folder / 'images.npy', mmap_mode='r'), np.load(folder / 'masks.npy'), failures
+
+
+def augment_stack(stack, rng, config):
+    """One random geometric transform for all slices of a sample (crop-centre jitter, scale, rotation),
+    then brightness/contrast/gamma as a lookup table: stays uint8 and fast."""
+    size = stack.shape[-1]
+    affine = cv2.getRotationMatrix2D(((size - 1) / 2, (size - 1) / 2),
+                                     rng.uniform(-1, 1) * config['aug_rotate'],
+                                     1 + rng.uniform(-1, 1) * config['aug_scale'])
+    affine[:, 2] += rng.uniform(-1, 1, 2) * config['aug_shift'] * size
+    warped = cv2.warpAffine(np.ascontiguousarray(stack.transpose(1, 2, 0)), affine, (size, size),
+                            flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    levels = np.linspace(0, 1, 256) ** (1 + rng.uniform(-1, 1) * config['aug_gamma'])
+    levels = (levels - 0.5) * (1 + rng.uniform(-1, 1) * config['aug_contrast']) + 0.5
+    levels += rng.uniform(-1, 1) * config['aug_brightness']
+    lut = np.round(np.clip(levels, 0, 1) * 255).astype(np.uint8)
+    return lut[warped.transpose(2, 0, 1)]
+
+
+class RSNADatasetV9(Dataset):
+    """Cached samples as uint8 (slices, 3, S, S); normalisation for the ImageNet backbone happens on the
+    device (`to_model_input`), which keeps host-to-device copies 4x smaller than float32.
+    Augmentation randomness is a function of (seed, epoch, sample), so runs and resumes are reproducible
+    whatever the number of workers."""
+
+    def __init__(self, samples, images, masks, config, train):
+        self.images, self.config, self.train, self.epoch = images, config, train, 0
+        self.cache_index = samples['cache_index'].to_numpy()
+        self.study_ids = samples['study_id'].to_numpy()
+        self.masks = torch.from_numpy(masks[self.cache_index])
+        self.levels = torch.as_tensor(samples['level_idx'].to_numpy())
+        self.labels = torch.as_tensor(samples['label'].to_numpy())
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.cache_index)
+
+    def __getitem__(self, i):
+        stack = np.array(self.images[self.cache_index[i]])  # a writable copy out of the memory map
+        if self.train:
+            stack = augment_stack(stack, np.random.default_rng([self.config['seed'], self.epoch, i]), self.config)
+        image = torch.from_numpy(stack).unsqueeze(1).expand(-1, 3, -1, -1)
+        return {'image': image, 'mask': self.masks[i], 'level': self.levels[i], 'label': self.labels[i], 'index': i}
+
+
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 1, 3, 1, 1)
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 1, 3, 1, 1)
+
+
+def to_model_input(images, noise_std=0.0):
+    """uint8 (B, slices, 3, S, S) on the device -> float normalised for the ImageNet backbone,
+    with optional Gaussian noise (a training augmentation, far cheaper here than in the loader)."""
+    x = images.float().div_(255)
+    if noise_std:
+        x.add_(torch.randn_like(x[:, :, :1]) * noise_std)  # same noise in the 3 identical channels
+    return (x - IMAGENET_MEAN.to(x.device)) / IMAGENET_STD.to(x.device)
+
+# %% [markdown]
+# ### Task 1.1 visual checks
+# The plan's validation: 5 samples of shape (7, 3, 256, 256); the crops of a Normal, a Moderate and a
+# Severe sample; CLAHE really applied; plus the intensity choices side by side.
+
+# %% tags=["defs"]
+def show(fig, name):
+    """Save a figure under output_dir/figures and show it inline."""
+    fig.tight_layout()
+    fig.savefig(FIGURES / f'{name}.png', dpi=90)
+    plt.show()
+    plt.close(fig)
+
+
+def plot_class_crops(samples, images, masks, name='crops_by_class'):
+    """The slices of one sample per class (padded slices marked)."""
+    picks = [samples[samples['label'] == c].iloc[0] for c in range(3) if (samples['label'] == c).any()]
+    n = images.shape[1]
+    fig, axes = plt.subplots(len(picks), n, figsize=(1.8 * n, 2.0 * len(picks)), squeeze=False)
+    for ax_row, row in zip(axes, picks):
+        for j, ax in enumerate(ax_row):
+            ax.imshow(images[row['cache_index'], j], cmap='gray', vmin=0, vmax=255)
+            ax.set_title(('' if masks[row['cache_index'], j] else 'padded ') + f'slice {j - n // 2:+d}', fontsize=8)
+            ax.axis('off')
+        ax_row[0].text(-0.1, 0.5, f"{CLASSES[row['label']]}\n{row['study_id']} {row['level']}",
+                       transform=ax_row[0].transAxes, ha='right', va='center', fontsize=9)
+    show(fig, name)
+
+
+def plot_preprocessing(path, config, name='intensity_and_clahe'):
+    """One slice under every intensity choice, before and after CLAHE, with the clipped fraction.
+    Returns {mode: clipped fraction}."""
+    ds, pixels = decode_dicom(path)
+    fig, axes = plt.subplots(2, len(INTENSITY_MODES), figsize=(3.2 * len(INTENSITY_MODES), 6.4))
+    clipped = {}
+    for col, mode in enumerate(INTENSITY_MODES):
+        try:
+            mapped, clipped[mode] = map_intensity(pixels, ds, {**config, 'intensity': mode})
+        except ValueError as error:
+            axes[0, col].set_title(f'{mode}: {error}', fontsize=7)
+            continue
+        chosen = ' (chosen)' if mode == config['intensity'] else ''
+        axes[0, col].imshow(mapped, cmap='gray', vmin=0, vmax=255)
+        axes[0, col].set_title(f'{mode}{chosen}: {clipped[mode]:.0%} clipped', fontsize=9)
+        axes[1, col].imshow(apply_clahe(mapped, config), cmap='gray', vmin=0, vmax=255)
+        axes[1, col].set_title('after CLAHE', fontsize=9)
+    for ax in axes.flat:
+        ax.axis('off')
+    show(fig, name)
+    if clipped.get(config['intensity'], 0) > 0.5:
+        warn(f"intensity='{config['intensity']}' clips {clipped[config['intensity']]:.0%} of this slice's pixels: "
+             "most of the image is saturated; 'minmax' or 'percentile' keep the anatomy")
+    return clipped
+
+
+# %%
+SAMPLES, IMAGES, MASKS, CACHE_FAILURES = build_cache(SAMPLES, CONFIG, NUM_WORKERS)
+if len(CACHE_FAILURES):
+    warn(f'{len(CACHE_FAILURES)} samples skipped: their series could not be preprocessed')
+    print(CACHE_FAILURES.to_string(index=False))
+print(f'{len(SAMPLES)} samples cached; {int((~MASKS[SAMPLES["cache_index"]]).sum())} padded slices at series edges')
+_check = RSNADatasetV9(SAMPLES.head(5), IMAGES, MASKS, CONFIG, train=True)
+print('5 training samples:', [tuple(_check[i]['image'].shape) for i in range(len(_check))])
+plot_class_crops(SAMPLES, IMAGES, MASKS)
+CLIPPED = plot_preprocessing(SAMPLES['path'].iloc[0], CONFIG)
+
+# %% [markdown]
+# ## 4. Task 1.2: attention-MIL pooling over slices
+# A small MLP scores each slice; softmax over slices gives weights that sum to 1; the output is the
+# weighted sum of slice features. Padded slices (mask False) get weight exactly 0.
+
+# %% tags=["defs"]
+class AttentionMIL(nn.Module):
+    def __init__(self, feature_dim=1024, hidden_dim=256):
+        super().__init__()
+        self.attention = nn.Sequential(nn.Linear(feature_dim, hidden_dim), nn.Tanh(), nn.Linear(hidden_dim, 1))
+
+    def forward(self, features, mask=None):
+        """features (B, N, D), mask (B, N) bool -> attended (B, D), weights (B, N)."""
+        scores = self.attention(features).squeeze(-1).float()  # softmax in float32 under autocast
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float('-inf'))
+        weights = F.softmax(scores, dim=1)
+        return (features * weights.unsqueeze(-1).to(features.dtype)).sum(dim=1), weights
+
+
+# %% [markdown]
+# ## 5. Task 1.3: class-weighted cross entropy
+# The weights live in a registered buffer, so they follow the model to the GPU and into checkpoints.
+# PyTorch's weighted mean divides by the summed weights of the batch's targets.
+
+# %% tags=["defs"]
+class CompetitionWeightedCE(nn.Module):
+    def __init__(self, weights=(1.0, 4.0, 6.0)):
+        super().__init__()
+        self.register_buffer('weights', torch.tensor(weights, dtype=torch.float32))
+
+    def forward(self, logits, labels):
+        return F.cross_entropy(logits.float(), labels, weight=self.weights)
+
+# %% [markdown]
+# ## 6. Task 2.1: the model
+# Per slice, EfficientNet-V2-S features (1280-d, average-pooled; unfrozen) -> 2-layer bidirectional GRU
+# across the slices (1024-d per slice) -> attention-MIL (1024-d) -> concat a level embedding (256-d)
+# -> classifier 1280 -> 512 -> 3. The last bias starts at [2.0, -2.5, -3.0]: softmax
+# [0.988, 0.011, 0.007], close to the class prior, so early epochs do not spend their gradient learning
+# it and the weighted loss starts near its equilibrium.
+
+# %% tags=["defs"]
+BACKBONES = {  # name -> (torchvision constructor, ImageNet weights, feature channels)
+    'efficientnet_v2_s': (torchvision.models.efficientnet_v2_s,
+                          torchvision.models.EfficientNet_V2_S_Weights.IMAGENET1K_V1, 1280),
+    'mobilenet_v3_small': (torchvision.models.mobilenet_v3_small,
+                           torchvision.models.MobileNet_V3_Small_Weights.IMAGENET1K_V1, 576),
+}
+HEAD_BIAS = [2.0, -2.5, -3.0]
+
+
+def build_backbone(config):
+    """Backbone feature extractor (torchvision `.features`) and its channel count."""
+    build, imagenet, channels = BACKBONES[config['backbone']]
+    weights = config['pretrained']
+    if weights == 'imagenet':
+        try:
+            return build(weights=imagenet).features, channels
+        except Exception as error:  # no internet (Kaggle scoring, offline machines), proxy, disk
+            raise RuntimeError(
+                f"Could not download the ImageNet weights of {config['backbone']} ({type(error).__name__}: "
+                f"{error}). Offline, attach the file {imagenet.url.rsplit('/', 1)[-1]} as a Kaggle dataset "
+                "and set CONFIG['pretrained'] to its path, or set 'none' to train from scratch.") from None
+    net = build(weights=None)
+    if weights not in (None, 'none'):
+        state = torch.load(weights, map_location='cpu', weights_only=True)
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        if [k for k in missing if k.startswith('features.')] or len(unexpected):
+            raise ValueError(f'{weights} does not hold {config["backbone"]} weights: '
+                             f'{len(missing)} missing keys, {len(unexpected)} unexpected')
+        print(f'backbone weights loaded from {weights}')
+    return net.features, channels
+
+
+class SpineModelV9(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.backbone, channels = build_backbone(config)
+        self.gru = nn.GRU(channels, config['gru_hidden'], num_layers=config['gru_layers'], batch_first=True,
+                          bidirectional=True, dropout=config['gru_dropout'] if config['gru_layers'] > 1 else 0)
+        slice_dim = 2 * config['gru_hidden']
+        self.attention = AttentionMIL(slice_dim, config['attention_hidden'])
+        self.level_embedding = nn.Embedding(len(LEVELS), 256)
+        self.classifier = nn.Sequential(nn.Linear(slice_dim + 256, 512), nn.ReLU(inplace=True),
+                                        nn.Dropout(config['dropout']), nn.Linear(512, len(CLASSES)))
+        with torch.no_grad():
+            self.classifier[-1].bias.copy_(torch.tensor(HEAD_BIAS))
+        self.channels_last = config['channels_last']
+
+    def forward(self, images, levels, mask=None):
+        """images (B, N, 3, H, W) normalised, levels (B,), mask (B, N) -> logits (B, 3), weights (B, N)."""
+        b, n = images.shape[:2]
+        x = images.flatten(0, 1)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        features = F.adaptive_avg_pool2d(self.backbone(x), 1).flatten(1).view(b, n, -1)
+        sequence, _ = self.gru(features)
+        pooled, weights = self.attention(sequence, mask)
+        logits = self.classifier(torch.cat([pooled, self.level_embedding(levels)], dim=1))
+        return logits, weights
+
+
+def parameter_table(model):
+    """Trainable parameter count per component, from the model itself."""
+    counts = {name: sum(p.numel() for p in module.parameters()) for name, module in model.named_children()}
+    counts['total'] = sum(p.numel() for p in model.parameters())
+    return pd.Series(counts, name='parameters')
+
+
+# %%
+_model = SpineModelV9({**CONFIG, 'pretrained': 'none'})
+print(parameter_table(_model).map('{:,}'.format).to_string())
+with torch.no_grad():
+    _logits, _weights = _model.eval()(torch.zeros(2, CONFIG['num_slices'], 3, 64, 64), torch.tensor([0, 4]))
+print('dummy forward: logits', tuple(_logits.shape), 'attention', tuple(_weights.shape),
+      'initial softmax', F.softmax(_logits[0], 0).numpy().round(3))
+del _model, _logits, _weights
+
+# %% [markdown]
+# ## 7. Task 3.1: training
+# AdamW with two LR groups (backbone 1e-5, the rest 1e-4); linear warmup then cosine decay, stepped per
+# batch; shuffled DataLoader without a sampler (the class weights carry the imbalance); AMP on CUDA
+# (float32 on CPU); gradient clipping at 1.0 with the pre-clip norm logged; SWA over the last epochs with
+# BatchNorm statistics recomputed before the averaged model is evaluated.
+# Each validated epoch prints the predictions per class (a class predicted < 3 times is *dead*, < 10
+# *marginal*) and saves a best model only when balanced accuracy improves **and** both minority recalls
+# reach `min_minority_recall`. The plan's Critical Checkpoints (epochs 1, 3, 10) are checked as they pass.
+# A checkpoint after every epoch holds everything needed to resume an interrupted run exactly.
+
+# %% tags=["defs"]
+DEAD_BELOW, MARGINAL_BELOW = 3, 10  # predictions of a class in one validation pass
+RESUME_EXEMPT = {'resume', 'num_workers', 'compile', 'output_dir', 'cache_dir', 'data_root', 'train_folds'}
+PLAN_CHECKPOINTS = [  # (epoch, quantity, expected low, expected high, the plan's action when below)
+    (1, 'classes predicted', 3, 3, 'a class has 0 predictions: increase that class weight 2x'),
+    (1, 'recall Normal/Mild', 0.75, 0.85, ''),
+    (1, 'recall Moderate', 0.25, 0.40, ''),
+    (1, 'recall Severe', 0.25, 0.40, ''),
+    (1, 'balanced accuracy', 0.50, 0.55, 'if BA < 45 %: check loss values, may need a higher overall LR'),
+    (3, 'recall Moderate', 0.45, 0.60, 'if Moderate < 40 %: increase its weight 4.0 -> 5.0'),
+    (3, 'recall Severe', 0.50, 0.65, 'if Severe < 45 %: increase its weight 6.0 -> 8.0'),
+    (3, 'balanced accuracy', 0.65, 0.70, ''),
+    (10, 'balanced accuracy', 0.72, 0.76, 'if BA plateaued < 72 %: extend training to epoch 30'),
+    (10, 'min class recall', 0.60, 1.00, ''),
+    (10, 'train - val BA gap', None, 0.05, 'if overfitting (gap > 5 %): increase dropout to 0.4'),
+]
+
+
+def worker_count(config):
+    return config['num_workers'] if config['num_workers'] is not None else (os.cpu_count() or 1)
+
+
+def classification_metrics(labels, probs):
+    """Per-class recall, balanced accuracy, predictions per class, confusion matrix (scikit-learn)."""
+    preds = np.asarray(probs).argmax(1)
+    return {
+        'recall': recall_score(labels, preds, labels=[0, 1, 2], average=None, zero_division=0).tolist(),
+        'ba': float(balanced_accuracy_score(labels, preds)),
+        'pred_counts': np.bincount(preds, minlength=3).tolist(),
+        'confusion': confusion_matrix(labels, preds, labels=[0, 1, 2]).tolist(),
+    }
+
+
+def dead_class_warnings(pred_counts):
+    return [f"{CLASSES[c]} predicted {n}x: {'DEAD' if n < DEAD_BELOW else 'marginal'}"
+            for c, n in enumerate(pred_counts) if n < MARGINAL_BELOW]
+
+
+def save_gate(metrics, best_ba, config):
+    """(save?, why): a new best needs higher BA and min(Moderate, Severe) recall >= min_minority_recall."""
+    minority = min(metrics['recall'][1], metrics['recall'][2])
+    if metrics['ba'] <= best_ba:
+        return False, f"BA {metrics['ba']:.3f} <= best {best_ba:.3f}"
+    if minority < config['min_minority_recall']:
+        return False, f"BA improved but minority recall {minority:.2f} < {config['min_minority_recall']:.2f}: not saved"
+    return True, f"BA improved to {metrics['ba']:.3f}: saved"
+
+
+def checkpoint_rows(epoch, metrics, train_ba):
+    """The plan's Critical Checkpoint rows for this epoch: expected vs measured, PASS/WARN."""
+    values = {'classes predicted': sum(n > 0 for n in metrics['pred_counts']),
+              'balanced accuracy': metrics['ba'], 'min class recall': min(metrics['recall']),
+              'train - val BA gap': train_ba - metrics['ba'],
+              **{f'recall {name}': r for name, r in zip(CLASSES, metrics['recall'])}}
+    rows = []
+    for at, quantity, low, high, action in PLAN_CHECKPOINTS:
+        if at == epoch:
+            value = values[quantity]
+            ok = value <= high if low is None else value >= low
+            expected = f'<= {high:g}' if low is None else (f'{low:g}' if low == high else f'{low:g}-{high:g}')
+            rows.append({'epoch': epoch, 'quantity': quantity, 'expected': expected, 'measured': round(value, 3),
+                         'status': 'PASS' if ok else 'WARN', 'action': '' if ok else action})
+    return rows
+
+
+def plan_weight_actions(epoch, metrics, weights):
+    """The plan's class-weight actions (opt-in): new weights and what was done."""
+    new, done = list(weights), []
+    if epoch == 1:
+        for c, n in enumerate(metrics['pred_counts']):
+            if n == 0:
+                new[c] *= 2
+                done.append(f'{CLASSES[c]} never predicted: weight x2 -> {new[c]:g}')
+    if epoch == 3:
+        for c, floor, factor in ((1, 0.40, 5 / 4), (2, 0.45, 8 / 6)):  # 4.0 -> 5.0 and 6.0 -> 8.0
+            if metrics['recall'][c] < floor:
+                new[c] *= factor
+                done.append(f'{CLASSES[c]} recall {metrics["recall"][c]:.2f} < {floor}: weight -> {new[c]:g}')
+    return new, done
+
+
+def warmup_cosine(optimizer, config, steps_per_epoch):
+    """Linear warmup over warmup_epochs, then cosine decay to 0 at the last epoch; stepped per batch."""
+    total, warmup = config['epochs'] * steps_per_epoch, config['warmup_epochs'] * steps_per_epoch
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))
+    if warmup == 0:
+        return cosine
+    linear = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / warmup, total_iters=warmup - 1)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
+
+
+def make_optimizer(model, config):
+    backbone = [p for p in model.backbone.parameters()]
+    ids = {id(p) for p in backbone}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    return torch.optim.AdamW([{'params': backbone, 'lr': config['backbone_lr']},
+                              {'params': rest, 'lr': config['learning_rate']}],
+                             weight_decay=config['weight_decay'])
+
+
+def autocast(device, config):
+    dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}[config['precision']]
+    return torch.autocast(device.type, dtype=dtype, enabled=device.type == 'cuda')
+
+
+def make_loader(dataset, config, device, train, generator=None):
+    workers = worker_count(config)
+    return DataLoader(dataset, batch_size=config['batch_size'] * (1 if train else 2), shuffle=train,
+                      generator=generator, drop_last=train and len(dataset) > config['batch_size'],
+                      num_workers=workers, pin_memory=device.type == 'cuda',
+                      multiprocessing_context='fork' if workers else None,
+                      prefetch_factor=4 if workers else None)
+
+
+def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, device, config, state, epoch):
+    """One pass over the training loader; returns loss, train BA, gradient-norm statistics, LR per step."""
+    model.train()
+    losses, norms, preds, labels, lrs = [], [], [], [], []
+    bar = tqdm(loader, desc=f'epoch {epoch}', leave=False, mininterval=2)
+    for step, batch in enumerate(bar):
+        images = to_model_input(batch['image'].to(device, non_blocking=True), config['aug_noise'])
+        target = batch['label'].to(device, non_blocking=True)
+        with autocast(device, config):
+            logits, _ = model(images, batch['level'].to(device, non_blocking=True),
+                              batch['mask'].to(device, non_blocking=True))
+            loss = criterion(logits, target)
+        loss_value = loss.item()  # the one host sync per step: needed to catch a non-finite loss
+        if not math.isfinite(loss_value):
+            state['nonfinite'] += 1
+            rows = sample_ids(loader.dataset, batch['index'])
+            warn(f'epoch {epoch} step {step}: loss {loss_value}; batch skipped; samples {rows}')
+            optimizer.zero_grad(set_to_none=True)
+            if state['nonfinite'] > config['max_nonfinite_steps']:
+                raise FloatingPointError(f"{state['nonfinite']} non-finite losses: stopping. Lower the learning "
+                                         "rates, try precision='bf16', or inspect the samples listed above.")
+            continue
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), config['clip_grad_norm']))
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        lrs.append([g['lr'] for g in optimizer.param_groups])
+        if scheduler is not None:
+            scheduler.step()
+        losses.append(loss_value)
+        preds.append(logits.detach().argmax(1))
+        labels.append(target)
+        if step % 10 == 0:
+            bar.set_postfix(loss=f'{np.mean(losses[-10:]):.3f}', lr=f"{lrs[-1][1]:.1e}")
+    norms = torch.stack(norms).float().cpu().numpy() if norms else np.zeros(1)
+    preds, labels = torch.cat(preds).cpu().numpy(), torch.cat(labels).cpu().numpy()
+    return {'train_loss': float(np.mean(losses)), 'train_ba': float(balanced_accuracy_score(labels, preds)),
+            'grad_norm_mean': float(norms.mean()), 'grad_norm_max': float(norms.max()),
+            'clipped_frac': float((norms > config['clip_grad_norm']).mean())}, lrs
+
+
+def sample_ids(dataset, index):
+    """Sample ids (study_level) of dataset positions, for error messages."""
+    return [f'{dataset.study_ids[i]}_{LEVELS[dataset.levels[i]]}' for i in index.tolist()]
+
+
+@torch.inference_mode()
+def predict(model, loader, criterion, device, config):
+    """Probabilities, attention weights and the weighted loss over a whole (unshuffled) loader."""
+    model.eval()
+    logits, weights, labels = [], [], []
+    for batch in loader:
+        images = to_model_input(batch['image'].to(device, non_blocking=True))
+        with autocast(device, config):
+            out, attn = model(images, batch['level'].to(device), batch['mask'].to(device))
+        logits.append(out.float())
+        weights.append(attn.float())
+        labels.append(batch['label'].to(device))
+    logits, labels = torch.cat(logits), torch.cat(labels)
+    return {'loss': float(criterion(logits, labels)), 'probs': F.softmax(logits, 1).cpu().numpy(),
+            'attention': torch.cat(weights).cpu().numpy(), 'labels': labels.cpu().numpy()}
+
+
+def evaluate(model, loader, criterion, device, config):
+    out = predict(model, loader, criterion, device, config)
+    return {**out, **classification_metrics(out['labels'], out['probs'])}
+
+
+def recompute_swa_batchnorm(swa_model, loader, device):
+    """BatchNorm running statistics for the averaged weights: the averaged model never saw a batch, so
+    its copied statistics belong to no set of weights (torch.optim.swa_utils.update_bn on the backbone,
+    the only part with BatchNorm)."""
+    images = (to_model_input(b['image'].to(device, non_blocking=True)).flatten(0, 1) for b in loader)
+    update_bn(images, swa_model.module.backbone)
+
+
+def save_atomic(obj, path):
+    tmp = path.with_suffix('.tmp')
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def comparable(config):
+    return json.loads(json.dumps({k: v for k, v in config.items() if k not in RESUME_EXEMPT}))
+
+
+def rng_states():
+    return {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate(),
+            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states):
+    torch.set_rng_state(states['torch'])
+    np.random.set_state(states['numpy'])
+    random.setstate(states['python'])
+    if states['cuda'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states['cuda'])
+
+
+def train_fold(fold, samples, images, masks, config, device, on_epoch_end=None):
+    """Train one fold; returns history, checkpoint table and the evaluation of the best, last and SWA models."""
+    fold_dir = Path(config['output_dir']) / f'fold{fold}'
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(config['seed'] + fold)
+    train_rows, val_rows = samples[samples['fold'] != fold], samples[samples['fold'] == fold]
+    train_set = RSNADatasetV9(train_rows, images, masks, config, train=True)
+    generator = torch.Generator()
+    train_loader = make_loader(train_set, config, device, train=True, generator=generator)
+    val_loader = make_loader(RSNADatasetV9(val_rows, images, masks, config, train=False), config, device, False)
+
+    model = SpineModelV9(config).to(device)
+    if config['channels_last']:
+        model = model.to(memory_format=torch.channels_last)
+    step_model = torch.compile(model) if config['compile'] and device.type == 'cuda' else model
+    criterion = CompetitionWeightedCE(config['class_weights']).to(device)
+    optimizer = make_optimizer(model, config)
+    scheduler = warmup_cosine(optimizer, config, len(train_loader))
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == 'cuda' and config['precision'] == 'fp16')
+    swa_model = AveragedModel(model) if config['use_swa'] else None
+    swa_scheduler = None
+    state = {'epoch': 0, 'history': [], 'checkpoints': [], 'actions': [], 'lr_steps': [], 'best_ba': -1.0,
+             'best_epoch': None, 'nonfinite': 0, 'stopped_early': False}
+
+    def swa_phase_scheduler():
+        ratio = config['backbone_lr'] / config['learning_rate']  # keep the backbone's slower pace
+        return SWALR(optimizer, swa_lr=[config['swa_lr'] * ratio, config['swa_lr']], anneal_epochs=1)
+
+    last_path = fold_dir / 'last.pt'
+    if config['resume'] and last_path.exists():
+        ckpt = torch.load(last_path, map_location=device, weights_only=False)
+        changed = sorted(k for k in set(ckpt['config']) | set(comparable(config))
+                         if ckpt['config'].get(k) != comparable(config).get(k))
+        if changed:
+            raise ValueError(f'{last_path} was written with other settings ({changed}): set resume=False '
+                             'or delete the fold folder to start again.')
+        model.load_state_dict(ckpt['model'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        scheduler.load_state_dict(ckpt['scheduler'])
+        scaler.load_state_dict(ckpt['scaler'])
+        criterion.load_state_dict(ckpt['criterion'])
+        if ckpt['swa_model'] is not None:
+            swa_model.load_state_dict(ckpt['swa_model'])
+        if ckpt['swa_scheduler'] is not None:
+            swa_scheduler = swa_phase_scheduler()
+            swa_scheduler.load_state_dict(ckpt['swa_scheduler'])
+        state = ckpt['state']
+        set_rng_states(ckpt['rng'])
+        print(f"fold {fold}: resumed after epoch {state['epoch']}")
+
+    for epoch in range(state['epoch'] + 1, config['epochs'] + 1):
+        if state['stopped_early']:
+            break
+        start = time.time()
+        for p in model.backbone.parameters():
+            p.requires_grad_(epoch > config['freeze_backbone_epochs'])
+        in_swa = config['use_swa'] and epoch >= config['swa_start_epoch']
+        if in_swa and swa_scheduler is None:
+            swa_scheduler = swa_phase_scheduler()
+        generator.manual_seed(config['seed'] * 1000 + epoch)  # shuffling depends on (seed, epoch) only
+        train_set.set_epoch(epoch)
+        stats, lrs = train_one_epoch(step_model, train_loader, criterion, optimizer,
+                                     None if in_swa else scheduler, scaler, device, config, state, epoch)
+        state['lr_steps'] += lrs
+        if in_swa:
+            swa_model.update_parameters(model)
+            swa_scheduler.step()
+        row = {'epoch': epoch, **stats, 'lr_backbone': lrs[-1][0], 'lr_head': lrs[-1][1], 'swa': in_swa}
+        if epoch % config['val_every'] == 0 or epoch == config['epochs'] or epoch in (1, 3, 10):
+            metrics = evaluate(step_model, val_loader, criterion, device, config)
+            row.update(val_loss=metrics['loss'], val_ba=metrics['ba'], pred_counts=metrics['pred_counts'],
+                       **{f'recall_{c}': r for c, r in enumerate(metrics['recall'])})
+            for message in dead_class_warnings(metrics['pred_counts']):
+                warn(f'epoch {epoch}: {message}')
+            save, why = save_gate(metrics, state['best_ba'], config)
+            row['saved'] = save
+            if save:
+                state['best_ba'], state['best_epoch'] = metrics['ba'], epoch
+                save_atomic({'model': model.state_dict(), 'config': config, 'epoch': epoch,
+                             'metrics': {k: metrics[k] for k in ('recall', 'ba', 'pred_counts')}},
+                            fold_dir / 'best.pt')
+            checks = checkpoint_rows(epoch, metrics, stats['train_ba'])
+            state['checkpoints'] += checks
+            if checks:
+                print(pd.DataFrame(checks).to_string(index=False))
+            if config['auto_class_weight_actions'] and checks:
+                weights, done = plan_weight_actions(epoch, metrics, criterion.weights.tolist())
+                criterion.weights.copy_(torch.tensor(weights))
+                state['actions'] += [f'epoch {epoch}: {d}' for d in done]
+                for d in done:
+                    print(f'plan action applied: {d}')
+        row['seconds'] = time.time() - start
+        state['history'].append(row)
+        state['epoch'] = epoch
+        print(epoch_summary(row) + (f' | {why}' if 'val_ba' in row else ''))
+        since = epoch - (state['best_epoch'] or 0)
+        state['stopped_early'] = since >= config['patience'] and epoch < config['epochs']
+        if state['stopped_early']:
+            print(f"early stop: {since} epochs without a saved improvement (patience {config['patience']})")
+        save_atomic({'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+                     'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict(),
+                     'criterion': criterion.state_dict(),
+                     'swa_model': swa_model.state_dict() if swa_model is not None else None,
+                     'swa_scheduler': swa_scheduler.state_dict() if swa_scheduler is not None else None,
+                     'state': state, 'rng': rng_states(), 'config': comparable(config)}, last_path)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch)
+
+    evaluations = {'last': evaluate(model, val_loader, criterion, device, config)}
+    if (fold_dir / 'best.pt').exists() and state['best_epoch'] is not None:
+        best = SpineModelV9({**config, 'pretrained': 'none'}).to(device)
+        best.load_state_dict(torch.load(fold_dir / 'best.pt', map_location=device, weights_only=False)['model'])
+        evaluations['best'] = evaluate(best, val_loader, criterion, device, config)
+        del best
+    if swa_model is not None and swa_model.n_averaged.item() > 0:
+        bn_loader = make_loader(RSNADatasetV9(train_rows, images, masks, config, train=False), config, device, False)
+        with autocast(device, config):
+            recompute_swa_batchnorm(swa_model, bn_loader, device)
+        torch.save({'model': swa_model.module.state_dict(), 'config': config}, fold_dir / 'swa.pt')
+        evaluations['swa'] = evaluate(swa_model.module, val_loader, criterion, device, config)
+    return {'fold': fold, 'history': state['history'], 'checkpoints': state['checkpoints'],
+            'actions': state['actions'], 'lr_steps': state['lr_steps'], 'best_epoch': state['best_epoch'],
+            'evaluations': evaluations, 'val_rows': val_rows, 'class_weights': criterion.weights.tolist()}
+
+
+def epoch_summary(row):
+    text = (f"epoch {row['epoch']:>2} | train loss {row['train_loss']:.3f} | lr {row['lr_backbone']:.1e}/"
+            f"{row['lr_head']:.1e} | grad {row['grad_norm_mean']:.2f} ({row['clipped_frac']:.0%} clipped)")
+    if 'val_ba' in row:
+        recalls = '/'.join(f"{row[f'recall_{c}']:.2f}" for c in range(3))
+        text += (f" | val loss {row['val_loss']:.3f} | recall N/M/S {recalls} | BA {row['val_ba']:.3f}"
+                 f" | preds {row['pred_counts']}")
+    return text + f" | {row['seconds']:.0f} s" + (' | SWA' if row['swa'] else '')
+
+
+# %%
+FOLD_RESULTS = [train_fold(fold, SAMPLES, IMAGES, MASKS, CONFIG, DEVICE) for fold in CONFIG['train_folds']]
+
+# %% [markdown]
+# ## 8. Task 4.1: metrics and plots
+# Three models per fold, labelled honestly: **best** was chosen on this same validation fold (its figures
+# are optimistic), **last** and **swa** were not selected on it. `final_model` names the one reported as
+# final and written to `oof.csv`. Beside balanced accuracy, the matching part of the official competition
+# score is computed on the out-of-fold probabilities: the weighted log loss of this condition and, for
+# spinal canal stenosis, `any_severe_spinal` (lower is better; leaderboard anchors in rsna2024 notes:
+# ~0.65 baseline, ~0.33 first place, over all conditions).
+
+# %% tags=["defs"]
+PROB_COLUMNS = ['normal_mild', 'moderate', 'severe']
+ROW_WEIGHTS = [1.0, 2.0, 4.0]  # official sample weight by true label
+METRIC_GROUPS = {'spinal': 'spinal_canal_stenosis', 'foraminal': 'neural_foraminal_narrowing',
+                 'subarticular': 'subarticular_stenosis'}
+
+
+def competition_terms(solution, submission):
+    """The official RSNA 2024 loss terms present in `solution`: one sample-weighted log loss per condition
+    group (left/right pooled) and any_severe_spinal. Frames: row_id + normal_mild/moderate/severe
+    (solution one-hot + sample_weight). Unlabelled solution rows (all zero) are not scored."""
+    solution = solution.set_index('row_id')
+    missing = solution.index.difference(submission['row_id'])
+    if len(missing):
+        raise ValueError(f'submission lacks {len(missing)} row_ids, e.g. {list(missing[:3])}')
+    probs = submission.set_index('row_id').loc[solution.index, PROB_COLUMNS].to_numpy(float)
+    if (probs < 0).any():
+        raise ValueError('submission probabilities must be >= 0')
+    probs = probs / probs.sum(1, keepdims=True)
+    onehot = solution[PROB_COLUMNS].to_numpy(float)
+    scored = onehot.sum(1) > 0
+    labels, weights = onehot.argmax(1), solution['sample_weight'].to_numpy(float)
+    condition = np.array(['_'.join(r.split('_')[1:-2]) for r in solution.index])
+    terms = {}
+    for group, pattern in METRIC_GROUPS.items():
+        rows = scored & np.char.endswith(condition.astype(str), pattern)
+        if rows.any():
+            terms[group] = log_loss(labels[rows], probs[rows], sample_weight=weights[rows], labels=[0, 1, 2])
+    spinal = scored & (condition == 'spinal_canal_stenosis')
+    if spinal.any():
+        per_study = pd.DataFrame({'study': [r.split('_')[0] for r in solution.index[spinal]],
+                                  'severe': labels[spinal] == 2, 'p': probs[spinal, 2], 'w': weights[spinal]})
+        study = per_study.groupby('study').max()
+        terms['any_severe_spinal'] = log_loss(study['severe'].astype(int), study['p'], sample_weight=study['w'],
+                                              labels=[0, 1])
+    return {k: float(v) for k, v in terms.items()}
+
+
+def competition_score(solution, submission):
+    """The official RSNA 2024 score (mean of the loss terms; lower is better) on Kaggle-format frames."""
+    return float(np.mean(list(competition_terms(solution, submission).values())))
+
+
+def kaggle_frames(oof, condition):
+    """(solution, submission) frames in the competition's format from out-of-fold predictions."""
+    row_id = oof['study_id'].astype(str) + f'_{condition}_' + oof['level']
+    solution = pd.DataFrame(np.eye(3)[oof['label']], columns=PROB_COLUMNS).assign(
+        row_id=row_id.to_numpy(), sample_weight=np.array(ROW_WEIGHTS)[oof['label']])
+    submission = pd.DataFrame(oof[[f'p_{c}' for c in PROB_COLUMNS]].to_numpy(), columns=PROB_COLUMNS)
+    return solution, submission.assign(row_id=row_id.to_numpy())
+
+
+def final_kind(result, config):
+    """The model reported as final: CONFIG['final_model'] when it exists, else swa > best > last."""
+    order = [config['final_model']] + ['swa', 'best', 'last']
+    return next(k for k in order if k in result['evaluations'])
+
+
+def oof_frame(results, kind_of):
+    """One row per validation sample: ids, label, probabilities, attention per slice, fold, model."""
+    frames = []
+    for result in results:
+        kind = kind_of(result)
+        ev = result['evaluations'][kind]
+        frame = result['val_rows'][['study_id', 'level', 'label', 'cache_index']].reset_index(drop=True)
+        frame[[f'p_{c}' for c in PROB_COLUMNS]] = ev['probs']
+        frame[[f'attn_{j}' for j in range(ev['attention'].shape[1])]] = ev['attention']
+        frames.append(frame.assign(fold=result['fold'], model=kind))
+    return pd.concat(frames, ignore_index=True)
+
+
+def summarize(oof, condition):
+    """Classification metrics and the competition terms of one OOF frame."""
+    probs = oof[[f'p_{c}' for c in PROB_COLUMNS]].to_numpy()
+    metrics = classification_metrics(oof['label'].to_numpy(), probs)
+    terms = competition_terms(*kaggle_frames(oof, condition))
+    return {**metrics, 'competition_terms': terms, 'competition_score_part': float(np.mean(list(terms.values())))}
+
+
+def model_comparison(results, condition):
+    """Metrics of every model kind, pooled over the trained folds (rows) -> table."""
+    rows = {}
+    for kind in ('best', 'last', 'swa'):
+        if all(kind in r['evaluations'] for r in results):
+            s = summarize(oof_frame(results, lambda r, k=kind: k), condition)
+            rows[kind + (' (selected on val: optimistic)' if kind == 'best' else '')] = {
+                'BA': s['ba'], **{f'recall {c}': r for c, r in zip(CLASSES, s['recall'])},
+                'weighted log loss': next(iter(s['competition_terms'].values())),
+                **({'any_severe_spinal': s['competition_terms']['any_severe_spinal']}
+                   if 'any_severe_spinal' in s['competition_terms'] else {})}
+    return pd.DataFrame(rows).T.round(4)
+
+
+def plot_curves(results, name='training_curves'):
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    for result in results:
+        h = pd.DataFrame(result['history'])
+        f = result['fold']
+        axes[0].plot(h['epoch'], h['train_loss'], label=f'train f{f}')
+        if 'val_loss' in h:
+            v = h.dropna(subset=['val_loss'])
+            axes[0].plot(v['epoch'], v['val_loss'], '--', label=f'val f{f}')
+            axes[1].plot(v['epoch'], v['val_ba'], 'o-', label=f'val f{f}')
+            for c in range(3):
+                axes[2].plot(v['epoch'], v[f'recall_{c}'], 'o-', label=f'{CLASSES[c]} f{f}')
+        axes[1].plot(h['epoch'], h['train_ba'], ':', label=f'train (augmented) f{f}')
+        lrs = np.array(result['lr_steps'])
+        axes[3].plot(lrs[:, 0], label=f'backbone f{f}')
+        axes[3].plot(lrs[:, 1], label=f'head f{f}')
+    for ax, title in zip(axes, ['loss (class-weighted CE)', 'balanced accuracy', 'recall per class', 'LR per step']):
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    axes[3].set_yscale('log')
+    show(fig, name)
+
+
+def plot_confusion(confusion, title, name):
+    confusion = np.asarray(confusion)
+    normalised = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, data, fmt in ((axes[0], confusion, 'd'), (axes[1], normalised, '.2f')):
+        ax.imshow(normalised, cmap='Blues', vmin=0, vmax=1)
+        for (i, j), v in np.ndenumerate(data):
+            ax.text(j, i, format(v, fmt), ha='center', va='center',
+                    color='white' if normalised[i, j] > 0.5 else 'black')
+        ax.set_xticks(range(3), CLASSES)
+        ax.set_yticks(range(3), CLASSES)
+        ax.set_xlabel('predicted')
+        ax.set_ylabel('true')
+    axes[0].set_title(f'{title}: counts')
+    axes[1].set_title('row-normalised (recall on the diagonal)')
+    show(fig, name)
+
+
+def plot_attention_heatmap(oof, name='attention_heatmap'):
+    """Every validation sample's slice weights, sorted by class."""
+    cols = [c for c in oof if c.startswith('attn_')]
+    ordered = oof.sort_values(['label', f'p_{PROB_COLUMNS[0]}'])
+    fig, ax = plt.subplots(figsize=(6, 8))
+    im = ax.imshow(ordered[cols].to_numpy(), aspect='auto', cmap='viridis', interpolation='nearest')
+    bounds = np.cumsum(ordered['label'].value_counts().sort_index().to_numpy())[:-1]
+    for b in bounds:
+        ax.axhline(b - 0.5, color='white')
+    n = len(cols)
+    ax.set_xticks(range(n), [f'{j - n // 2:+d}' for j in range(n)])
+    ax.set_xlabel('slice (0 = annotated)')
+    ax.set_ylabel('validation samples, sorted by class (white lines between classes)')
+    fig.colorbar(im, label='attention weight')
+    show(fig, name)
+
+
+def plot_strips(oof, images, title, name, per_class=2, rows=None):
+    """Crops of example samples with each slice's attention weight in its caption."""
+    if rows is None:
+        rows = pd.concat([oof[oof['label'] == c].head(per_class) for c in range(3)])
+    if rows.empty:
+        return
+    n = images.shape[1]
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.7 * n, 1.9 * len(rows)), squeeze=False)
+    for ax_row, (_, row) in zip(axes, rows.iterrows()):
+        probs = row[[f'p_{c}' for c in PROB_COLUMNS]].to_numpy(float)
+        for j, ax in enumerate(ax_row):
+            ax.imshow(images[int(row['cache_index']), j], cmap='gray', vmin=0, vmax=255)
+            ax.set_title(f"w={row[f'attn_{j}']:.2f}", fontsize=8)
+            ax.axis('off')
+        ax_row[0].text(-0.1, 0.5, f"true {CLASSES[int(row['label'])]}\npred {CLASSES[probs.argmax()]} "
+                       f"({probs.max():.2f})\n{row['study_id']} {row['level']}",
+                       transform=ax_row[0].transAxes, ha='right', va='center', fontsize=8)
+    fig.suptitle(title)
+    show(fig, name)
+
+
+# %%
+OOF = oof_frame(FOLD_RESULTS, lambda r: final_kind(r, CONFIG))
+FINAL = summarize(OOF, CONFIG['condition'])
+COMPARISON = model_comparison(FOLD_RESULTS, CONFIG['condition'])
+print(COMPARISON.to_string())
+for message in dead_class_warnings(FINAL['pred_counts']):
+    warn(f'final model: {message}')
+plot_curves(FOLD_RESULTS)
+plot_confusion(FINAL['confusion'], f"final ({', '.join(sorted(set(OOF['model'])))})", 'confusion_matrix')
+plot_attention_heatmap(OOF)
+plot_strips(OOF, IMAGES, 'attention weight of each slice (examples per class)', 'attention_strips')
+
+# %% [markdown]
+# ## 9. Post-training analysis
+# The plan's three questions, answered with numbers and figures:
+# 1. **Attention:** which slices get the weight; does it follow severity; are the edge slices ignored?
+# 2. **Errors:** the most confused class pairs, and a gallery of the worst errors to look for failure
+#    modes (motion, poor crop, wrong level).
+# 3. **Ensemble potential:** per-fold spread, and what a 5-fold ensemble needs.
+
+# %% tags=["defs"]
+def attention_analysis(oof):
+    """Mean attention per slice and class, its relation to severity, and the weight of the edge slices."""
+    from scipy.stats import spearmanr  # scikit-learn's own dependency
+
+    cols = [c for c in oof if c.startswith('attn_')]
+    n, weights = len(cols), oof[cols].to_numpy()
+    profile = oof.groupby('label')[cols].mean().rename(index=dict(enumerate(CLASSES)))
+    centre = weights[:, n // 2]
+    edges = weights[:, [0, n - 1]]
+    edge_mean = float(edges[edges > 0].mean()) if (edges > 0).any() else float('nan')  # padded slices are 0
+    rho, p = spearmanr(oof['label'], centre) if oof['label'].nunique() > 1 else (float('nan'), float('nan'))
+    return {'profile': profile, 'centre_mean': float(centre.mean()), 'edge_mean': edge_mean,
+            'uniform': 1 / n, 'edge_vs_uniform': edge_mean * n, 'edge_vs_centre': edge_mean / float(centre.mean()),
+            'spearman_label_vs_centre_weight': float(rho), 'spearman_p': float(p),
+            'argmax_slice_by_class': (oof.assign(top=weights.argmax(1) - n // 2).groupby('label')['top']
+                                      .agg(lambda s: s.value_counts().idxmax()).rename(index=dict(enumerate(CLASSES))))}
+
+
+def confused_pairs(confusion):
+    """Off-diagonal cells, most frequent first, with their share of the true class."""
+    confusion = np.asarray(confusion)
+    rows = [{'true': CLASSES[i], 'predicted': CLASSES[j], 'count': int(confusion[i, j]),
+             'share of true class': round(confusion[i, j] / max(confusion[i].sum(), 1), 3)}
+            for i in range(3) for j in range(3) if i != j]
+    return pd.DataFrame(rows).sort_values('count', ascending=False, ignore_index=True)
+
+
+def worst_errors(oof, k=6):
+    """Misclassified samples with the lowest probability on their true class."""
+    probs = oof[[f'p_{c}' for c in PROB_COLUMNS]].to_numpy()
+    wrong = oof.assign(p_true=probs[np.arange(len(oof)), oof['label']])[probs.argmax(1) != oof['label']]
+    return wrong.sort_values('p_true').head(k)
+
+
+def plot_attention_profile(analysis, name='attention_profile'):
+    profile = analysis['profile']
+    n = profile.shape[1]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, row in profile.iterrows():
+        ax.plot(range(-(n // 2), n // 2 + 1), row.to_numpy(), 'o-', label=label)
+    ax.axhline(analysis['uniform'], color='grey', ls=':', label='uniform 1/n')
+    ax.set_xlabel('slice relative to the annotated one')
+    ax.set_ylabel('mean attention weight')
+    ax.legend()
+    show(fig, name)
+
+
+# %%
+ANALYSIS = attention_analysis(OOF)
+CONFUSED = confused_pairs(FINAL['confusion'])
+WORST = worst_errors(OOF)
+plot_attention_profile(ANALYSIS)
+print(ANALYSIS['profile'].round(3).to_string())
+print(f"centre slice weight {ANALYSIS['centre_mean']:.3f}, edge slices {ANALYSIS['edge_mean']:.3f} "
+      f"(uniform {ANALYSIS['uniform']:.3f}); Spearman(label, centre weight) = "
+      f"{ANALYSIS['spearman_label_vs_centre_weight']:.3f} (p = {ANALYSIS['spearman_p']:.3g})")
+print(CONFUSED.to_string(index=False))
+plot_strips(OOF, IMAGES, 'worst errors (lowest probability on the true class)', 'worst_errors', rows=WORST)
+
+# %% [markdown]
+# ## 10. Results report
+# `v9_Results.md`, `metrics.json` and `oof.csv` in `output_dir`, written from this run only.
+
+# %% tags=["defs"]
+SUCCESS_CRITERIA = [  # (tier, criterion, quantity, threshold, strictly above?) from the plan's Success Criteria
+    ('Minimum', 'No dead class: all 3 classes > 20 % recall by epoch 3', 'min recall at epoch 3', 0.20, True),
+    ('Minimum', 'BA >= 74.9 % (match v4)', 'BA', 0.749, False),
+    ('Target', 'BA >= 75.5 %', 'BA', 0.755, False),
+    ('Target', 'Moderate recall >= 65 %', 'recall Moderate', 0.65, False),
+    ('Target', 'Severe recall >= 70 %', 'recall Severe', 0.70, False),
+    ('Stretch', 'BA >= 77 %', 'BA', 0.77, False),
+    ('Stretch', 'All classes >= 75 % recall', 'min recall', 0.75, False),
+    ('Stretch', 'Attention interpretable: centre slice weighted above the edge slices', 'centre / edge weight',
+     1.0, True),
+]
+
+
+def success_table(final, results, analysis):
+    """The plan's Success Criteria with the measured value and PASS / FAIL (N/A when not measurable)."""
+    epoch3 = [min(row[f'recall_{c}'] for c in range(3)) for r in results for row in r['history']
+              if row['epoch'] == 3 and 'val_ba' in row]
+    values = {'BA': final['ba'], 'recall Moderate': final['recall'][1], 'recall Severe': final['recall'][2],
+              'min recall': min(final['recall']), 'min recall at epoch 3': min(epoch3) if epoch3 else np.nan,
+              'centre / edge weight': analysis['centre_mean'] / analysis['edge_mean']}
+    rows = []
+    for tier, text, quantity, threshold, strict in SUCCESS_CRITERIA:
+        value = values[quantity]
+        passed = value > threshold if strict else value >= threshold
+        rows.append({'tier': tier, 'criterion': text, 'measured': round(value, 4),
+                     'status': 'N/A' if not np.isfinite(value) else 'PASS' if passed else 'FAIL'})
+    return pd.DataFrame(rows)
+
+
+def md_table(frame):
+    """A DataFrame as a Markdown table (no extra dependency)."""
+    frame = frame.reset_index() if frame.index.name or not isinstance(frame.index, pd.RangeIndex) else frame
+    cells = [[str(c) for c in frame.columns]] + [[f'{v:.4g}' if isinstance(v, float) else str(v) for v in row]
+                                                 for row in frame.itertuples(index=False)]
+    lines = ['| ' + ' | '.join(r) + ' |' for r in cells]
+    return '\n'.join([lines[0], '|' + '---|' * len(frame.columns)] + lines[1:])
+
+
+def data_source(config):
+    marker = Path(config['data_root']) / 'GENERATED_BY.txt'
+    return f'generated study set ({marker.read_text().strip()})' if marker.exists() else 'competition data'
+
+
+def machine_description(device):
+    gpu = torch.cuda.get_device_name() if device.type == 'cuda' else 'no GPU (float32 on CPU)'
+    return f'{gpu}; {os.cpu_count()} CPU cores; torch {torch.__version__}, torchvision {torchvision.__version__}'
+
+
+def write_report(config, samples, skipped, failures, results, oof, final, comparison, analysis, confused):
+    """v9_Results.md (from this run only), metrics.json and oof.csv in output_dir; returns the report text."""
+    out = Path(config['output_dir'])
+    success = success_table(final, results, analysis)
+    counts = samples['label'].map(dict(enumerate(CLASSES))).value_counts().reindex(CLASSES, fill_value=0)
+    history = pd.concat([pd.DataFrame(r['history']).assign(fold=r['fold']) for r in results], ignore_index=True)
+    history_cols = [c for c in ['fold', 'epoch', 'train_loss', 'val_loss', 'train_ba', 'val_ba', 'recall_0',
+                                'recall_1', 'recall_2', 'pred_counts', 'lr_head', 'grad_norm_mean', 'clipped_frac',
+                                'saved', 'swa', 'seconds'] if c in history]
+    checkpoints = pd.DataFrame([dict(row, fold=r['fold']) for r in results for row in r['checkpoints']])
+    fold_ba = {r['fold']: r['evaluations'][final_kind(r, config)]['ba'] for r in results}
+    figures = sorted(p.name for p in FIGURES.glob('*.png'))
+    text = [
+        '# le3ba v9 results', '',
+        (f"Written by le3ba_v9.ipynb on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
+        f'Machine: {machine_description(DEVICE)}.'), '',
+        '## Data', '',
+        f"- Source: {data_source(config)} at `{config['data_root']}`",
+        f"- Condition: {config['condition']} on {config['series_description']}; {samples['study_id'].nunique()} "
+        f'studies, {len(samples)} samples; classes: ' + ', '.join(f'{c} {n}' for c, n in counts.items()),
+        (f"- Rows not used: {int(skipped['rows'].sum()) if len(skipped) else 0}; series that failed preprocessing: "
+        f'{len(failures)} samples'), '',
+        md_table(skipped) if len(skipped) else '', '',
+        '## Configuration', '', '```json', json.dumps(config, indent=1, default=str), '```', '',
+        '## Per-epoch history', '', md_table(history[history_cols]), '',
+        "## Final metrics (validation folds " + ', '.join(map(str, fold_ba)) + ')', '',
+        f"Final model: {', '.join(sorted(set(oof['model'])))}. Balanced accuracy {final['ba']:.4f}; recall "
+        + ', '.join(f'{c} {r:.4f}' for c, r in zip(CLASSES, final['recall']))
+        + f"; predictions per class {final['pred_counts']}.",
+        'Competition loss terms on these out-of-fold probabilities (lower is better): '
+        + ', '.join(f'{k} {v:.4f}' for k, v in final['competition_terms'].items()) + '.', '',
+        'All model kinds, pooled over folds (best = chosen on the same fold, so optimistic):', '',
+        md_table(comparison), '',
+        'Per-fold balanced accuracy of the final model: ' + ', '.join(f'fold {f}: {v:.4f}' for f, v in fold_ba.items())
+        + (f' (std {np.std(list(fold_ba.values())):.4f}).' if len(fold_ba) > 1 else '.'), '',
+        '## Success criteria (the plan)', '', md_table(success), '',
+        "## Critical checkpoints (the plan's epochs 1, 3, 10)", '',
+        md_table(checkpoints) if len(checkpoints) else 'No checkpoint epoch was reached.', '',
+        'Class-weight actions applied: ' + ('; '.join(a for r in results for a in r['actions']) or 'none') + '.', '',
+        '## Analysis', '',
+        '### Attention', '', md_table(analysis['profile'].round(4)), '',
+        (f"- Centre slice mean weight {analysis['centre_mean']:.3f}; edge slices {analysis['edge_mean']:.3f}; "
+        f"uniform would be {analysis['uniform']:.3f} (edge / uniform = {analysis['edge_vs_uniform']:.2f})."),
+        (f"- Spearman correlation of severity with the centre slice's weight: "
+        f"{analysis['spearman_label_vs_centre_weight']:.3f} (p = {analysis['spearman_p']:.3g})."),
+        '- Most attended slice per class: ' + ', '.join(f'{c} {v:+d}' for c, v in
+                                                       analysis['argmax_slice_by_class'].items()), '',
+        '### Errors', '', md_table(confused), '',
+        '### Ensemble potential', '',
+        f"{len(results)} fold(s) trained. " + ('A fold ensemble needs all folds (train_folds = list(range(num_folds))) '
+                                              'and a held-out set to measure its gain honestly.'
+                                              if len(results) < config['num_folds'] else
+                                              'All folds trained: the out-of-fold figures above cover every sample.'),
+        '', '## Figures', '', *[f'- [{f}](figures/{f})' for f in figures], '',
+        '## Warnings', '', *([f'- {w}' for w in WARNINGS] or ['none']), '']
+    report = '\n'.join(text)
+    (out / 'v9_Results.md').write_text(report)
+    oof.drop(columns='cache_index').to_csv(out / 'oof.csv', index=False)
+    metrics = {'config': config, 'final': {k: v for k, v in final.items()}, 'comparison': comparison.to_dict('index'),
+               'success': success.to_dict('records'), 'checkpoints': checkpoints.to_dict('records'),
+               'history': {r['fold']: r['history'] for r in results},
+               'attention': {k: v for k, v in analysis.items() if not hasattr(v, 'to_dict')},
+               'warnings': WARNINGS}
+    (out / 'metrics.json').write_text(json.dumps(metrics, indent=1, default=str))
+    return report
+
+
+# %%
+REPORT = write_report(CONFIG, SAMPLES, SKIPPED, CACHE_FAILURES, FOLD_RESULTS, OOF, FINAL, COMPARISON, ANALYSIS,
+                      CONFUSED)
+print(f"wrote {OUTPUT_DIR / 'v9_Results.md'}, metrics.json, oof.csv")
+print(success_table(FINAL, FOLD_RESULTS, ANALYSIS).to_string(index=False))

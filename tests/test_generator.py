@@ -1,0 +1,265 @@
+"""Tests of tools/make_demo_studies.py: the generated set must look like the competition data."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import make_demo_studies as gen  # tools/ is put on sys.path by conftest.py
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless
+
+CONDITION_SPELLINGS = {
+    "Spinal Canal Stenosis",
+    "Left Neural Foraminal Narrowing",
+    "Right Neural Foraminal Narrowing",
+    "Left Subarticular Stenosis",
+    "Right Subarticular Stenosis",
+}
+LEVEL_SPELLINGS = {"L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1"}
+SEVERITIES = {"Normal/Mild", "Moderate", "Severe"}
+CSVS = ["train.csv", "train_label_coordinates.csv", "train_series_descriptions.csv",
+        "test_series_descriptions.csv", "sample_submission.csv"]
+
+
+@pytest.fixture(scope="module")
+def tables(study_set):
+    return {name: pd.read_csv(study_set / name) for name in CSVS}
+
+
+@pytest.fixture(scope="module")
+def headers(study_set):
+    """Every train DICOM read once: (study, series, file instance) -> dataset with pixels."""
+    out = {}
+    for f in sorted(study_set.glob("train_images/*/*/*.dcm")):
+        ds = pydicom.dcmread(f)
+        ds.arr = ds.pixel_array  # decode now: every file must decode
+        out[(int(f.parts[-3]), int(f.parts[-2]), int(f.stem))] = ds
+    return out
+
+
+@pytest.fixture(scope="module")
+def series(headers):
+    """(study, series) -> list of datasets in anatomical order (IPP projected on the normal)."""
+    groups = {}
+    for (st, se, _), ds in headers.items():
+        groups.setdefault((st, se), []).append(ds)
+
+    def along_normal(ds):
+        iop = np.array(ds.ImageOrientationPatient, float)
+        return float(np.dot(ds.ImagePositionPatient, np.cross(iop[:3], iop[3:])))
+
+    return {k: sorted(v, key=along_normal) for k, v in groups.items()}
+
+
+def test_constants():
+    assert gen.CONDITIONS[0] == "spinal_canal_stenosis" and len(gen.CONDITIONS) == 5
+    assert gen.LEVELS == ["l1_l2", "l2_l3", "l3_l4", "l4_l5", "l5_s1"]
+    assert set(gen.CONDITION_NAMES.values()) == CONDITION_SPELLINGS
+    assert gen.LEVEL_NAMES["l5_s1"] == "L5/S1"
+    assert gen.SEVERITIES == ["Normal/Mild", "Moderate", "Severe"]
+
+
+def test_csv_columns_and_spellings(tables):
+    train = tables["train.csv"]
+    assert len(train.columns) == 26
+    assert list(train.columns[:3]) == ["study_id", "spinal_canal_stenosis_l1_l2",
+                                       "spinal_canal_stenosis_l2_l3"]
+    assert train.columns[6] == "left_neural_foraminal_narrowing_l1_l2"
+    assert train.columns[-1] == "right_subarticular_stenosis_l5_s1"
+    assert list(train.columns[1:]) == [f"{c}_{lv}" for c in gen.CONDITIONS for lv in gen.LEVELS]
+    labels = train.iloc[:, 1:]
+    assert set(labels.stack().dropna()) <= SEVERITIES
+    assert labels.isna().values.sum() >= 1
+    assert labels.filter(like="spinal_canal").isna().values.sum() >= 1
+    assert train.study_id.is_unique and train.study_id.between(10**6, 10**7 - 1).all()
+
+    coords = tables["train_label_coordinates.csv"]
+    assert list(coords.columns) == ["study_id", "series_id", "instance_number", "condition",
+                                    "level", "x", "y"]
+    assert set(coords.condition) == CONDITION_SPELLINGS
+    assert set(coords.level) == LEVEL_SPELLINGS
+    assert coords.x.dtype == float and (coords.x % 1 != 0).any()
+    # One row per labelled (study, condition, level) cell and none for an empty cell.
+    assert not coords.duplicated(["study_id", "condition", "level"]).any()
+    assert len(coords) == labels.notna().values.sum()
+
+    desc = tables["train_series_descriptions.csv"]
+    assert list(desc.columns) == ["study_id", "series_id", "series_description"]
+    assert desc.series_id.is_unique and desc.series_id.between(10**7, 10**10 - 1).all()
+    per_study = desc.groupby("study_id").series_description.apply(sorted)
+    assert (per_study.apply(tuple) == ("Axial T2", "Sagittal T1", "Sagittal T2/STIR")).all()
+    assert set(desc.study_id) == set(train.study_id)
+    # Each condition is annotated on its own series type.
+    kind = coords.merge(desc, on=["study_id", "series_id"]).groupby("condition")
+    assert kind.series_description.unique().apply(list).to_dict() == {
+        "Spinal Canal Stenosis": ["Sagittal T2/STIR"],
+        "Left Neural Foraminal Narrowing": ["Sagittal T1"],
+        "Right Neural Foraminal Narrowing": ["Sagittal T1"],
+        "Left Subarticular Stenosis": ["Axial T2"],
+        "Right Subarticular Stenosis": ["Axial T2"],
+    }
+
+    test_desc, sub = tables["test_series_descriptions.csv"], tables["sample_submission.csv"]
+    assert list(test_desc.columns) == list(desc.columns) and len(test_desc) >= 3
+    assert list(sub.columns) == ["row_id", "normal_mild", "moderate", "severe"]
+    assert len(sub) == 25 * test_desc.study_id.nunique()
+    first = test_desc.study_id.iloc[0]
+    assert sub.row_id.iloc[0] == f"{first}_spinal_canal_stenosis_l1_l2"
+    assert np.allclose(sub[["normal_mild", "moderate", "severe"]].sum(axis=1), 1.0)
+
+
+def test_files_exist(study_set, tables):
+    coords = tables["train_label_coordinates.csv"]
+    for r in coords.itertuples():
+        path = study_set / f"train_images/{r.study_id}/{r.series_id}/{r.instance_number}.dcm"
+        assert path.is_file()
+    for r in tables["train_series_descriptions.csv"].itertuples():
+        assert (study_set / f"train_images/{r.study_id}/{r.series_id}").is_dir()
+    for r in tables["test_series_descriptions.csv"].itertuples():
+        assert any((study_set / f"test_images/{r.study_id}/{r.series_id}").glob("*.dcm"))
+
+
+def test_dicom_attributes(headers, tables):
+    desc = tables["train_series_descriptions.csv"].set_index("series_id").series_description
+    syntaxes = {}
+    for (_, se, inst), ds in headers.items():
+        assert ds.file_meta.MediaStorageSOPClassUID == pydicom.uid.MRImageStorage
+        assert ds.Modality == "MR" and ds.PhotometricInterpretation == "MONOCHROME2"
+        assert (ds.BitsAllocated, ds.BitsStored, ds.PixelRepresentation) == (16, 12, 0)
+        assert (ds.RescaleSlope, ds.RescaleIntercept) == (1, 0)
+        assert ds.InstanceNumber == inst and ds.SeriesDescription == desc[se]
+        assert len(ds.ImageOrientationPatient) == 6 and len(ds.ImagePositionPatient) == 3
+        assert len(ds.PixelSpacing) == 2 and ds.SliceThickness > 0
+        assert 0 < ds.WindowCenter < 4096 and ds.WindowWidth > 0
+        assert ds.arr.dtype == np.uint16 and ds.arr.shape == (ds.Rows, ds.Columns)
+        assert ds.arr.max() <= 4095
+        syntaxes.setdefault(se, set()).add(ds.file_meta.TransferSyntaxUID)
+    assert all(len(s) == 1 for s in syntaxes.values())  # one syntax per series
+    used = set.union(*syntaxes.values())
+    assert used == {RLELossless, ExplicitVRLittleEndian}
+    uids = [ds.SOPInstanceUID for ds in headers.values()]
+    assert len(set(uids)) == len(uids)
+
+
+def test_series_quirks(series):
+    maxima, shapes, spacings = [], set(), set()
+    reversed_kinds = []
+    for dss in series.values():
+        inst = [int(ds.InstanceNumber) for ds in dss]
+        assert sorted(inst) == list(range(min(inst), min(inst) + len(inst)))
+        if inst[0] > inst[-1]:
+            reversed_kinds.append(dss[0].SeriesDescription)
+        shapes.add((dss[0].Rows, dss[0].Columns))
+        spacings.add(round(float(dss[0].PixelSpacing[0]), 3))
+        maxima.append(max(int(ds.arr.max()) for ds in dss))
+        if dss[0].SeriesDescription == "Sagittal T2/STIR":
+            assert 15 <= len(dss) <= 17
+            assert dss[0].ImageOrientationPatient == [0, 1, 0, 0, 0, -1]
+            assert len({float(ds.ImagePositionPatient[0]) for ds in dss}) == len(dss)
+        if dss[0].SeriesDescription == "Axial T2":
+            assert dss[0].ImageOrientationPatient == [1, 0, 0, 0, 1, 0]
+    assert min(min(int(ds.InstanceNumber) for ds in d) for d in series.values()) >= 1
+    assert any(min(int(ds.InstanceNumber) for ds in d) > 1 for d in series.values())
+    assert "Sagittal T2/STIR" in reversed_kinds
+    assert len(reversed_kinds) < len(series) / 2
+    assert len(shapes) > 1 and len(spacings) > 1
+    assert max(maxima) > 2 * min(maxima)  # intensity scale differs between series
+
+
+def _slice_index(series, row):
+    """Anatomical index of the annotated slice, and its series in anatomical order."""
+    dss = series[(row.study_id, row.series_id)]
+    order = [int(ds.InstanceNumber) for ds in dss]
+    return order.index(row.instance_number), dss
+
+
+def test_spinal_slice_placement(series, tables):
+    coords = tables["train_label_coordinates.csv"]
+    spinal = coords[coords.condition == "Spinal Canal Stenosis"]
+    at_edge = 0
+    for r in spinal.drop_duplicates("series_id").itertuples():
+        k, dss = _slice_index(series, r)
+        n = len(dss)
+        at_edge += k <= 1 or k >= n - 2
+        # Otherwise the annotated slice is the midline slice +/- 1.
+        assert k <= 1 or k >= n - 2 or abs(k - n // 2) <= 1
+    assert at_edge >= 1
+
+
+def test_coordinates_inside_image(series, tables):
+    for r in tables["train_label_coordinates.csv"].itertuples():
+        _, dss = _slice_index(series, r)
+        assert 0 <= r.x < dss[0].Columns and 0 <= r.y < dss[0].Rows
+
+
+def _window(img, x, y, sp, half_x=4.0, half_y=1.5):
+    """Mean of a box of +/-half_x mm across the canal and +/-half_y mm along it at (x, y)."""
+    r, c, hy, hx = round(y), round(x), max(1, round(half_y / sp)), max(1, round(half_x / sp))
+    return float(img[max(r - hy, 0):r + hy + 1, max(c - hx, 0):c + hx + 1].mean())
+
+
+def test_canal_signal(series, tables):
+    coords = tables["train_label_coordinates.csv"]
+    train = tables["train.csv"].set_index("study_id")
+    spinal = coords[coords.condition == "Spinal Canal Stenosis"]
+    by_sev = {s: [] for s in SEVERITIES}
+    near, far = [], []
+    for r in spinal.itertuples():
+        k, dss = _slice_index(series, r)
+        sev = train.loc[r.study_id, f"spinal_canal_stenosis_{r.level.lower().replace('/', '_')}"]
+        sp = float(dss[0].PixelSpacing[0])
+        img = dss[k].arr.astype(float)
+        by_sev[sev].append(_window(img, r.x, r.y, sp) / max(d.arr.max() for d in dss))
+        if sev == "Normal/Mild":
+            # Canal vs tissue 15 mm posterior: strong on the annotated slice, faded 3 away.
+            k3 = k + 3 if k + 3 < len(dss) else k - 3
+            x_post = min(r.x + 15 / sp, dss[0].Columns - 1)
+            for lst, a in ((near, img), (far, dss[k3].arr.astype(float))):
+                lst.append(_window(a, r.x, r.y, sp) / _window(a, x_post, r.y, sp))
+    assert min(len(v) for v in by_sev.values()) >= 3
+    normal, moderate, severe = (np.mean(by_sev[s]) for s in ["Normal/Mild", "Moderate", "Severe"])
+    assert normal > moderate > severe
+    assert normal > 1.5 * severe
+    assert np.mean(near) > 3 and np.mean(far) < 0.5 * np.mean(near)
+
+
+def test_determinism_and_summary(tmp_path):
+    a = gen.make_study_set(tmp_path / "a", n_studies=3, seed=5)
+    b = gen.make_study_set(tmp_path / "b", n_studies=3, seed=5)
+    gen.make_study_set(tmp_path / "c", n_studies=3, seed=6)
+    for name in CSVS:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert (tmp_path / "a/train.csv").read_bytes() != (tmp_path / "c/train.csv").read_bytes()
+    files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.dcm"))
+    files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*.dcm"))
+    assert files_a == files_b
+    for rel in files_a:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
+    assert {k: v for k, v in a.items() if k != "out_dir"} == {
+        k: v for k, v in b.items() if k != "out_dir"}
+
+    train = pd.read_csv(tmp_path / "a/train.csv")
+    assert a["n_studies"] == 3 and a["n_series"] == 9
+    assert a["n_dicom_files"] == len(list((tmp_path / "a").glob("train_images/*/*/*.dcm")))
+    counts = train.filter(like="spinal_canal").stack().value_counts().to_dict()
+    assert {k: v for k, v in a["spinal_canal_counts"].items() if v} == counts
+    series_ids = set(pd.read_csv(tmp_path / "a/train_series_descriptions.csv").series_id)
+    assert a["reversed_series"] and set(a["reversed_series"]) <= series_ids
+    assert a["rle_series"] and set(a["rle_series"]) < series_ids
+    assert set(a["edge_studies"]) <= set(train.study_id)
+
+
+def test_cli(tmp_path):
+    script = Path(gen.__file__)
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "cli"), "--studies", "2",
+                          "--seed", "3", "--mix", "0,0,1"],
+                         capture_output=True, text=True, timeout=120, check=True)
+    summary = json.loads(out.stdout)
+    assert summary["n_studies"] == 2
+    assert summary["spinal_canal_counts"]["Normal/Mild"] == 0
+    assert summary["spinal_canal_counts"]["Severe"] >= 9  # all 10 unless one cell is empty
+    assert (tmp_path / "cli/train.csv").is_file()
