@@ -24,17 +24,18 @@ LIBRARY_TAGS = ("parameters", "setup", "defs")
 
 
 def notebook_namespace(overrides, tags=LIBRARY_TAGS):
-    """Execute the notebook's own cells tagged `tags` in-process, with CONFIG_OVERRIDES set as papermill
-    would (tags=None: every code cell), and return the resulting namespace (a dict): tests call the notebook's definitions, never copies.
-    The namespace is a registered module, so worker processes can find its functions by name, as they
-    find them in a kernel's __main__."""
+    """Execute the notebook's own cells tagged `tags` (None: every code cell) in-process, with
+    CONFIG_OVERRIDES set as papermill would, and return the resulting namespace (a dict): tests call the
+    notebook's definitions, never copies. The namespace is a registered module, so worker processes
+    find its functions by name, as they find them in a kernel's __main__."""
     import types
 
     import nbformat
 
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    module = types.ModuleType("le3ba_v9")
-    sys.modules["le3ba_v9"] = module
+    name = f"le3ba_v9_{len([m for m in sys.modules if m.startswith('le3ba_v9_')])}"  # one per call
+    module = types.ModuleType(name)
+    sys.modules[name] = module
     namespace = module.__dict__
     for cell in nb.cells:
         cell_tags = set(cell.metadata.get("tags", []))

@@ -1,0 +1,174 @@
+"""Task 3.1: the training pipeline (issue 5), driven through the notebook's own definitions on CPU."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import notebook_namespace
+from make_demo_studies import make_study_set
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def cached(nb, tmp_path_factory):
+    """Samples (with folds) and the crop cache of the session's study set, at the fixture's img_size."""
+    config = {**nb["CONFIG"], "cache_dir": str(tmp_path_factory.mktemp("cache")), "num_folds": 4}
+    samples, _ = nb["build_sample_table"](config)
+    samples = nb["assign_folds"](samples, config)
+    samples, images, masks, failures = nb["build_cache"](samples, config, workers=1)
+    assert failures.empty
+    return samples, images, masks
+
+
+def small_config(nb, out, **changes):
+    """A run small enough for CPU: 3 epochs, SWA from epoch 2, narrow GRU/attention."""
+    return {**nb["CONFIG"], "output_dir": str(out), "epochs": 3, "batch_size": 8, "num_folds": 4,
+            "warmup_epochs": 1, "swa_start_epoch": 2, "gru_hidden": 32, "attention_hidden": 16,
+            "learning_rate": 1e-3, "backbone_lr": 1e-3, "swa_lr": 5e-4, "patience": 10, **changes}
+
+
+def train(nb, cached, config, interrupt_after=None):
+    """train_fold on fold 0; `interrupt_after` raises KeyboardInterrupt after that epoch (a killed run)."""
+    def stop(epoch):
+        if epoch == interrupt_after:
+            raise KeyboardInterrupt
+    return nb["train_fold"](0, *cached, config, CPU, on_epoch_end=stop)
+
+
+def test_lr_schedule_warmup_then_cosine_per_step(nb):
+    weights = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
+    optimizer = torch.optim.SGD([{"params": [weights[0]], "lr": 1e-5}, {"params": [weights[1]], "lr": 1e-4}])
+    scheduler = nb["warmup_cosine"](optimizer, {"epochs": 5, "warmup_epochs": 2}, steps_per_epoch=10)
+    seen = []
+    for _ in range(50):
+        seen.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    seen = np.array(seen)
+    for base, column in ((1e-5, 0), (1e-4, 1)):
+        # linear warmup over 20 steps: (step + 1) / 20 of the base LR
+        for step in (0, 9, 19):
+            assert seen[step, column] == pytest.approx(base * (step + 1) / 20, rel=1e-6)
+        # cosine over the remaining 30 steps
+        for step in (20, 35, 49):
+            assert seen[step, column] == pytest.approx(base * 0.5 * (1 + math.cos(math.pi * (step - 20) / 30)),
+                                                       rel=1e-6, abs=1e-12)
+    assert seen[35, 1] == pytest.approx(0.5e-4)
+    assert np.all(np.diff(seen[20:, 1]) < 0)
+
+
+def epoch_pieces(nb, cached, config):
+    samples, images, masks = cached
+    subset = samples[samples["fold"] != 0].head(32)
+    dataset = nb["RSNADatasetV9"](subset, images, masks, config, train=True)
+    loader = nb["make_loader"](dataset, config, CPU, train=True, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = nb["SpineModelV9"](config)
+    criterion = nb["CompetitionWeightedCE"](config["class_weights"])
+    optimizer = nb["make_optimizer"](model, config)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return model, loader, criterion, optimizer, scaler
+
+
+@pytest.mark.parametrize("clip, clipped", [(1e-6, 1.0), (1e9, 0.0)])
+def test_gradient_clipping_is_active_and_logged(nb, cached, tmp_path, clip, clipped):
+    config = small_config(nb, tmp_path, clip_grad_norm=clip)
+    model, loader, criterion, optimizer, scaler = epoch_pieces(nb, cached, config)
+    stats, lrs = nb["train_one_epoch"](model, loader, criterion, optimizer, None, scaler, CPU, config,
+                                       {"nonfinite": 0}, 1)
+    assert len(lrs) == len(loader) == 4
+    assert stats["clipped_frac"] == clipped
+    assert stats["grad_norm_max"] >= stats["grad_norm_mean"] > 1e-6  # pre-clip norms are what is logged
+    assert math.isfinite(stats["train_loss"])
+
+
+def test_nonfinite_loss_is_reported_skipped_and_stops_the_run(nb, cached, tmp_path):
+    config = small_config(nb, tmp_path, max_nonfinite_steps=2)
+    model, loader, _, optimizer, scaler = epoch_pieces(nb, cached, config)
+
+    class NaNLoss(nb["CompetitionWeightedCE"]):
+        def forward(self, logits, labels):
+            return super().forward(logits, labels) * float("nan")
+
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    nb["WARNINGS"].clear()
+    with pytest.raises(FloatingPointError, match="3 non-finite losses"):
+        nb["train_one_epoch"](model, loader, NaNLoss(config["class_weights"]), optimizer, None, scaler, CPU,
+                              config, {"nonfinite": 0}, 1)
+    assert all(torch.equal(before[k], v) for k, v in model.named_parameters())  # no step was taken
+    assert len(nb["WARNINGS"]) == 3
+    assert all("batch skipped; samples ['" in w for w in nb["WARNINGS"])
+    # the batch's samples are named as study_level
+    assert any(f"'{s}_l" in nb["WARNINGS"][0] for s in loader.dataset.study_ids)
+
+
+def test_swa_batchnorm_statistics_are_recomputed(nb, cached, tmp_path):
+    config = small_config(nb, tmp_path)
+    model, train_loader, *_ = epoch_pieces(nb, cached, config)
+    loader = nb["make_loader"](train_loader.dataset, config, CPU, train=False)  # fixed batches, no shuffling
+    swa = torch.optim.swa_utils.AveragedModel(model)
+    swa.update_parameters(model)
+    bn = [m for m in swa.module.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    copied = [m.running_mean.clone() for m in bn]
+    assert all(torch.equal(c, torch.zeros_like(c)) for c in copied)  # a fresh model's statistics
+    nb["recompute_swa_batchnorm"](swa, loader, CPU)
+    assert sum(not torch.allclose(c, m.running_mean) for c, m in zip(copied, bn)) > 0.9 * len(bn)
+    # the first BatchNorm now holds the mean of the per-batch channel means of its input
+    conv = swa.module.backbone[0][0]
+    with torch.no_grad():
+        means = [conv(nb["to_model_input"](b["image"]).flatten(0, 1)).mean((0, 2, 3)) for b in loader]
+    torch.testing.assert_close(bn[0].running_mean, torch.stack(means).mean(0), rtol=1e-4, atol=1e-5)
+
+
+def test_interrupted_run_resumes_to_identical_history_and_weights(nb, cached, tmp_path):
+    config = small_config(nb, tmp_path / "straight")
+    straight = train(nb, cached, config)
+    resumed_config = small_config(nb, tmp_path / "resumed")
+    with pytest.raises(KeyboardInterrupt):
+        train(nb, cached, resumed_config, interrupt_after=2)
+    assert torch.load(tmp_path / "resumed/fold0/last.pt", weights_only=False)["state"]["epoch"] == 2
+    resumed = train(nb, cached, resumed_config)
+
+    def without_time(history):
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+    assert [row["epoch"] for row in resumed["history"]] == [1, 2, 3]
+    assert without_time(resumed["history"]) == without_time(straight["history"])
+    assert resumed["lr_steps"] == straight["lr_steps"]
+    for name in ("last.pt", "swa.pt"):
+        a = torch.load(tmp_path / "straight/fold0" / name, weights_only=False)["model"]
+        b = torch.load(tmp_path / "resumed/fold0" / name, weights_only=False)["model"]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert set(straight["evaluations"]) >= {"last", "swa"}
+    np.testing.assert_array_equal(straight["evaluations"]["swa"]["probs"], resumed["evaluations"]["swa"]["probs"])
+    # a changed setting refuses to resume instead of silently mixing two runs
+    with pytest.raises(ValueError, match="other settings"):
+        train(nb, cached, {**resumed_config, "learning_rate": 5e-4})
+
+
+def test_save_gate_refuses_dead_minority_and_early_stopping(nb, cached, tmp_path):
+    config = small_config(nb, tmp_path, epochs=5, patience=2, min_minority_recall=1.01, use_swa=False)
+    result = train(nb, cached, config)
+    assert [row["epoch"] for row in result["history"]] == [1, 2]  # stopped early: nothing ever saved
+    assert not any(row["saved"] for row in result["history"])
+    assert not (tmp_path / "fold0/best.pt").exists()
+    assert set(result["evaluations"]) == {"last"}
+
+
+def test_learns_a_clear_signal_to_balanced_accuracy_080(tmp_path):
+    """A generated set whose canal narrowing carries the label: a short CPU run (the demo preset, 48
+    studies, fold 0 of 4) must reach balanced accuracy >= 0.8 with a model not selected on validation."""
+    root = tmp_path / "data"
+    make_study_set(root, n_studies=48, seed=7, class_mix=(0.5, 0.25, 0.25))
+    ns = notebook_namespace({"demo": True, "data_root": str(root), "output_dir": str(tmp_path / "run"),
+                             "num_workers": 2})
+    config = ns["CONFIG"]
+    samples, _ = ns["build_sample_table"](config)
+    cached = ns["build_cache"](ns["assign_folds"](samples, config), config, 2)[:3]
+    result = ns["train_fold"](0, *cached, config, CPU)
+    final = result["evaluations"][ns["final_kind"](result, config)]
+    assert ns["final_kind"](result, config) == "swa"
+    assert min(final["pred_counts"]) > 0  # all three classes predicted
+    assert final["ba"] >= 0.8, final
