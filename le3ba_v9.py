@@ -404,7 +404,10 @@ def preprocess_series(job):
     try:
         headers = {}
         for file in Path(series_dir).glob('*.dcm'):
-            ds = pydicom.dcmread(file, stop_before_pixels=True)
+            try:
+                ds = pydicom.dcmread(file, stop_before_pixels=True)
+            except Exception as error:
+                raise ValueError(f'cannot read DICOM header {file}: {type(error).__name__}: {error}') from error
             headers[int(ds.InstanceNumber)] = ds
         decoded = {}
         for k, (instance, x, y) in enumerate(rows[['instance_number', 'x', 'y']].itertuples(index=False)):
@@ -459,8 +462,9 @@ def build_cache(samples, config, workers):
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('fork')) if workers > 1 else None
         results = pool.map(preprocess_series, jobs, chunksize=4) if pool else map(preprocess_series, jobs)
         for rows, stacks, series_masks, failure in tqdm(results, total=len(jobs), desc='cache (series)'):
+            rows = samples.index.get_indexer(rows)  # index labels -> positions in the cache arrays
             if failure:
-                error[rows] = failure
+                error.iloc[rows] = failure
             else:
                 images[rows], masks[rows] = stacks, series_masks
         if pool:
@@ -521,6 +525,7 @@ class RSNADatasetV9(Dataset):
         stack = np.array(self.images[self.cache_index[i]])  # a writable copy out of the memory map
         if self.train:
             stack = augment_stack(stack, np.random.default_rng([self.config['seed'], self.epoch, i]), self.config)
+            stack[~self.masks[i].numpy()] = 0  # padded slices stay black whatever the brightness shift
         image = torch.from_numpy(stack).unsqueeze(1).expand(-1, 3, -1, -1)
         return {'image': image, 'mask': self.masks[i], 'level': self.levels[i], 'label': self.labels[i], 'index': i}
 

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import notebook_namespace
 from make_demo_studies import make_study_set
+from notebook_cells import notebook_namespace
 
 CPU = torch.device("cpu")
 

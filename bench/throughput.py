@@ -1,0 +1,464 @@
+"""Throughput of the le3ba_v9 notebook's training pipeline, measured with the notebook's own functions.
+
+One run, on whatever device is present (CUDA if available, else CPU), prints a table:
+
+  (a)  the bare training step on random tensors already on the device: SpineModelV9 + AdamW (2 groups) +
+       CompetitionWeightedCE, AMP + GradScaler + channels_last on CUDA, gradient clipping; exactly the
+       per-step work of the notebook's train_one_epoch without the loader
+  (a') the bare inference step on random tensors (model.eval, inference_mode, autocast)
+  (b)  the notebook's train_one_epoch on a cached generated study set at the same settings
+  (b') the notebook's predict (the evaluation loop) on the same cache
+  (c)  the ratio (b)/(a): how much of the model's speed the real loop keeps
+  (d)  the cached loader alone (RSNADatasetV9 with augmentation through make_loader), in-process and
+       with workers: samples/s in total and per worker
+  (e)  the cache build (build_cache on a generated, part RLE-compressed study set): slices/s
+
+Loop rates (b, b', d) are steady-state: from the arrival of the first batch to the end. The time to the
+first batch (worker start and prefetch, paid once per epoch since the loader's workers are not
+persistent) is printed beside them and added to the estimate of an RSNA-sized fold's epoch.
+
+Usage (from the repository root):
+  python bench/throughput.py                 # plan settings on CUDA; a scaled-down set on CPU
+  python bench/throughput.py --tiny          # CI: finishes in well under a minute on 2 CPU cores
+  python bench/throughput.py --img-size 256 --json runs/bench/cpu256.json
+The generated study set is kept under --work (default runs/bench) and reused by later runs.
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+
+from make_demo_studies import make_study_set  # noqa: E402  (needs tools/ on sys.path)
+from notebook_cells import notebook_namespace  # noqa: E402
+
+RSNA_TRAIN, RSNA_VAL = 7900, 2000  # samples of one fold of the competition data (spinal canal, 5 folds)
+CPUS = os.cpu_count() or 1
+
+# Settings per mode; each is overridable on the command line. CUDA: the plan's model and sizes.
+PRESETS = {
+    "cuda": dict(backbone="efficientnet_v2_s", img_size=256, batch_size=12, num_slices=7, precision="fp16",
+                 gru_hidden=512, attention_hidden=256, studies=64, train_steps=60, bare_steps=40, warmup=8,
+                 eval_batches=30, loader_batches=400, loader_workers=f"0,{CPUS}", cache_workers=f"{CPUS}"),
+    "cpu": dict(backbone="mobilenet_v3_small", img_size=128, batch_size=8, num_slices=7, precision="fp16",
+                gru_hidden=512, attention_hidden=256, studies=16, train_steps=20, bare_steps=12, warmup=3,
+                eval_batches=8, loader_batches=100, loader_workers=f"0,{CPUS}", cache_workers=f"1,{CPUS}"),
+    "tiny": dict(backbone="mobilenet_v3_small", img_size=64, batch_size=4, num_slices=7, precision="fp16",
+                 gru_hidden=64, attention_hidden=32, studies=3, train_steps=4, bare_steps=3, warmup=1,
+                 eval_batches=2, loader_batches=8, loader_workers="0,1", cache_workers=f"{min(2, CPUS)}",
+                 threads=1),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--tiny", action="store_true", help="CI size: tiny study set, few steps, small model")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--work", help="folder for the generated study set (reused) and run files "
+                                  "(default runs/bench; --tiny: a temporary folder)")
+    p.add_argument("--json", help="also write every figure and setting to this JSON file")
+    p.add_argument("--backbone", choices=["efficientnet_v2_s", "mobilenet_v3_small"])
+    p.add_argument("--pretrained", default="none", help="CONFIG['pretrained'] (speed does not depend on it)")
+    p.add_argument("--img-size", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--slices", type=int, dest="num_slices")
+    p.add_argument("--precision", choices=["fp16", "bf16"], help="CUDA autocast dtype (CPU runs float32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA only, as the notebook)")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    p.add_argument("--gru-hidden", type=int)
+    p.add_argument("--attention-hidden", type=int)
+    p.add_argument("--studies", type=int, help="studies in the generated set")
+    p.add_argument("--rle", type=float, default=0.5, help="fraction of RLE Lossless series in the generated set")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-steps", type=int, help="steps of (b) (the cached rows are repeated as needed)")
+    p.add_argument("--bare-steps", type=int, help="timed steps of (a)")
+    p.add_argument("--warmup", type=int, help="untimed warm-up steps before (a), (a'), (b), (b')")
+    p.add_argument("--eval-batches", type=int, help="batches of (b') (eval batch = 2 x batch size)")
+    p.add_argument("--loader-batches", type=int, help="batches per loader measurement (d)")
+    p.add_argument("--loader-workers", help="comma-separated num_workers values for (d); 0 = in-process")
+    p.add_argument("--cache-workers", help="comma-separated worker counts for (e); the last one's cache is used")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads in the main process (default: torch's "
+                                               "own choice, as in the notebook; --tiny: 1, robust on a busy machine)")
+    args = p.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    args.mode = "tiny" if args.tiny else args.device
+    args.threads = args.threads or PRESETS[args.mode].get("threads") or torch.get_num_threads()
+    for key, value in PRESETS[args.mode].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.loader_workers = [int(w) for w in str(args.loader_workers).split(",")]
+    args.cache_workers = [int(w) for w in str(args.cache_workers).split(",")]
+    return args
+
+
+def quiet():
+    """The notebook's own prints go to stderr so that stdout holds only the table."""
+    return contextlib.redirect_stdout(sys.stderr)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class TimedLoader:
+    """A DataLoader passed through unchanged, recording when each batch arrives."""
+
+    def __init__(self, loader):
+        self.loader, self.dataset, self.arrivals = loader, loader.dataset, []
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.arrivals.append(time.perf_counter())
+            yield batch
+
+
+def repeated(samples, n):
+    """The first n rows of the cached samples repeated as often as needed (a longer epoch, same cache)."""
+    reps = math.ceil(n / len(samples))
+    return pd.concat([samples] * reps, ignore_index=True).head(n)
+
+
+def study_set(args, work):
+    """A generated competition-layout study set under `work`, reused when already complete."""
+    root = work / f"studies{args.studies}_seed{args.seed}_rle{args.rle:g}"
+    if not (root / "GENERATED_BY.txt").exists():
+        start = time.perf_counter()
+        make_study_set(root, n_studies=args.studies, seed=args.seed, rle_fraction=args.rle)
+        print(f"generated {root} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return root
+
+
+def peak_memory(device):
+    if device.type != "cuda":
+        return None
+    sync(device)
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def reset_memory(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def new_model(nb, config, device):
+    """The model, criterion, optimizer and scaler exactly as the notebook's train_fold sets them up."""
+    model = nb["SpineModelV9"](config).to(device)
+    if config["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    step_model = torch.compile(model) if config["compile"] and device.type == "cuda" else model
+    criterion = nb["CompetitionWeightedCE"](config["class_weights"]).to(device)
+    optimizer = nb["make_optimizer"](model, config)
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and config["precision"] == "fp16")
+    return model, step_model, criterion, optimizer, scaler
+
+
+def bench_bare(nb, config, device, args):
+    """(a) training steps and (a') inference steps on random uint8 batches already on the device: the
+    per-step work of train_one_epoch / predict (to_model_input, autocast, loss.item(), scaler, clipping)."""
+    reset_memory(device)
+    model, step_model, criterion, optimizer, scaler = new_model(nb, config, device)
+    b, n, s = config["batch_size"], config["num_slices"], config["img_size"]
+    g = torch.Generator(device=device).manual_seed(0)
+    images = torch.randint(0, 256, (b, n, 3, s, s), dtype=torch.uint8, device=device, generator=g)
+    levels = torch.randint(0, 5, (b,), device=device, generator=g)
+    labels = torch.randint(0, 3, (b,), device=device, generator=g)
+    mask = torch.ones(b, n, dtype=torch.bool, device=device)
+
+    def train_step():
+        x = nb["to_model_input"](images, config["aug_noise"])
+        with nb["autocast"](device, config):
+            logits, _ = step_model(x, levels, mask)
+            loss = criterion(logits, labels)
+        loss.item()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config["clip_grad_norm"])
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    step_model.train()
+    for _ in range(args.warmup):
+        train_step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(args.bare_steps):
+        train_step()
+    sync(device)
+    seconds = time.perf_counter() - start
+    train = {"samples_per_s": args.bare_steps * b / seconds, "ms_per_step": 1000 * seconds / args.bare_steps,
+             "steps": args.bare_steps, "warmup": args.warmup, "batch": b, "peak_gib": peak_memory(device)}
+
+    reset_memory(device)
+    eval_images = images.repeat(2, 1, 1, 1, 1)  # the evaluation loader's batch is twice the training batch
+    eval_levels, eval_mask = levels.repeat(2), mask.repeat(2, 1)
+
+    @torch.inference_mode()
+    def infer_step():
+        x = nb["to_model_input"](eval_images)
+        with nb["autocast"](device, config):
+            out, _ = step_model(x, eval_levels, eval_mask)
+        return out.float().cpu()  # predict keeps its outputs; one copy to the host stands in for that
+
+    step_model.eval()
+    for _ in range(args.warmup):
+        infer_step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(args.bare_steps):
+        infer_step()
+    sync(device)
+    seconds = time.perf_counter() - start
+    infer = {"samples_per_s": args.bare_steps * 2 * b / seconds, "ms_per_step": 1000 * seconds / args.bare_steps,
+             "steps": args.bare_steps, "warmup": args.warmup, "batch": 2 * b, "peak_gib": peak_memory(device)}
+    del model, step_model, optimizer
+    return train, infer
+
+
+def bench_loop(nb, samples, images, masks, config, device, args):
+    """(b) train_one_epoch and (b') predict, the notebook's own loops, on the cache."""
+    reset_memory(device)
+    model, step_model, criterion, optimizer, scaler = new_model(nb, config, device)
+    b = config["batch_size"]
+    state = {"nonfinite": 0}
+
+    def loader(rows, train):
+        dataset = nb["RSNADatasetV9"](rows, images, masks, config, train=train)
+        dataset.set_epoch(1)
+        generator = torch.Generator().manual_seed(0) if train else None
+        return TimedLoader(nb["make_loader"](dataset, config, device, train=train, generator=generator))
+
+    with quiet():  # warm-up: a few steps through the same code (first-call costs, compilation)
+        nb["train_one_epoch"](step_model, loader(repeated(samples, args.warmup * b), True), criterion, optimizer,
+                              None, scaler, device, config, state, 0)
+    sync(device)
+    timed = loader(repeated(samples, args.train_steps * b), True)
+    start = time.perf_counter()
+    with quiet():
+        stats, _ = nb["train_one_epoch"](step_model, timed, criterion, optimizer, None, scaler, device, config,
+                                         state, 1)
+    sync(device)
+    end = time.perf_counter()
+    steps = len(timed.arrivals)
+    train = {"samples_per_s": steps * b / (end - timed.arrivals[0]),
+             "ms_per_step": 1000 * (end - timed.arrivals[0]) / steps,
+             "first_batch_s": timed.arrivals[0] - start, "epoch_samples_per_s": steps * b / (end - start),
+             "steps": steps, "batch": b, "workers": nb["worker_count"](config), "train_loss": stats["train_loss"],
+             "peak_gib": peak_memory(device)}
+
+    reset_memory(device)
+    with quiet():
+        nb["predict"](step_model, loader(repeated(samples, 2 * b), False), criterion, device, config)
+    timed = loader(repeated(samples, args.eval_batches * 2 * b), False)
+    sync(device)
+    start = time.perf_counter()
+    with quiet():
+        out = nb["predict"](step_model, timed, criterion, device, config)
+    sync(device)
+    end = time.perf_counter()
+    n = len(out["labels"])
+    infer = {"samples_per_s": n / (end - timed.arrivals[0]),
+             "ms_per_step": 1000 * (end - timed.arrivals[0]) / len(timed.arrivals),
+             "first_batch_s": timed.arrivals[0] - start, "epoch_samples_per_s": n / (end - start),
+             "steps": len(timed.arrivals), "batch": 2 * b, "workers": nb["worker_count"](config),
+             "peak_gib": peak_memory(device)}
+    del model, step_model, optimizer
+    return train, infer
+
+
+def bench_loader(nb, samples, images, masks, config, device, args, workers):
+    """(d) the training loader alone: RSNADatasetV9 (augmentation on) through make_loader."""
+    config = {**config, "num_workers": workers}
+    b = config["batch_size"]
+    dataset = nb["RSNADatasetV9"](repeated(samples, args.loader_batches * b), images, masks, config, train=True)
+    dataset.set_epoch(1)
+    loader = nb["make_loader"](dataset, config, device, train=True, generator=torch.Generator().manual_seed(0))
+    arrivals = []
+    start = time.perf_counter()
+    for batch in loader:
+        assert batch["image"].dtype == torch.uint8
+        arrivals.append(time.perf_counter())
+    steady = (len(arrivals) - 1) * b / (arrivals[-1] - arrivals[0]) if len(arrivals) > 1 else float("nan")
+    return {"samples_per_s": steady, "per_worker": steady / max(workers, 1), "workers": workers,
+            "first_batch_s": arrivals[0] - start, "epoch_samples_per_s": len(arrivals) * b / (arrivals[-1] - start),
+            "batches": len(arrivals), "batch": b}
+
+
+def bench_cache(nb, samples, config, workers, cache_dir):
+    """(e) build_cache from the DICOM files into a fresh cache folder."""
+    config = {**config, "cache_dir": str(cache_dir)}
+    start = time.perf_counter()
+    with quiet():
+        kept, images, masks, failures = nb["build_cache"](samples, config, workers)
+    seconds = time.perf_counter() - start
+    slices = int(masks.sum())
+    result = {"slices_per_s": slices / seconds, "per_worker": slices / seconds / workers, "workers": workers,
+              "seconds": seconds, "slices": slices, "samples": len(kept), "series": int(samples["series_id"].nunique()),
+              "failures": len(failures)}
+    return result, (kept, images, masks)
+
+
+def fmt(value, digits=1):
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    return f"{value:.{digits}f}" if abs(value) >= 10 else f"{value:.3f}"
+
+
+def device_words(device):
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+    return f"{CPUS}-core CPU, no GPU"
+
+
+def table(rows):
+    header = ("row", "measurement", "value", "unit", "ms/step", "workers", "per worker", "note")
+    cells = [header] + [tuple(str(c) for c in r) for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header) - 1)]
+    return "\n".join(" | ".join(c.ljust(w) for c, w in zip(r, widths)) + " | " + r[-1] for r in cells)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    temporary = None
+    if args.work:
+        work = Path(args.work)
+    elif args.tiny:
+        temporary = tempfile.TemporaryDirectory(prefix="le3ba_bench_")
+        work = Path(temporary.name)
+    else:
+        work = REPO / "runs" / "bench"
+    work.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(tempfile.mkdtemp(prefix="run_", dir=work))  # this run's output and caches, removed at the end
+    started = time.time()
+    try:
+        root = study_set(args, work)
+        overrides = {"data_root": str(root), "output_dir": str(run_dir / "out"), "cache_dir": str(run_dir / "cache"),
+                     "backbone": args.backbone, "pretrained": args.pretrained, "img_size": args.img_size,
+                     "batch_size": args.batch_size, "num_slices": args.num_slices, "precision": args.precision,
+                     "compile": args.compile, "channels_last": args.channels_last, "gru_hidden": args.gru_hidden,
+                     "attention_hidden": args.attention_hidden, "seed": args.seed}
+        with quiet():
+            nb = notebook_namespace(overrides)
+            config = nb["CONFIG"]
+            samples, _ = nb["build_sample_table"](config)
+
+        # (e) first: the process pool forks before anything touches CUDA
+        caches = []
+        for workers in args.cache_workers:
+            result, cached = bench_cache(nb, samples, config, workers, run_dir / f"cache_w{workers}")
+            caches.append(result)
+        kept, images, masks = cached
+        loaders = [bench_loader(nb, kept, images, masks, config, device, args, w) for w in args.loader_workers]
+        config = {**config, "num_workers": max(args.loader_workers)}  # (b) runs with the most loader workers
+        bare_train, bare_infer = bench_bare(nb, config, device, args)
+        loop_train, loop_infer = bench_loop(nb, kept, images, masks, config, device, args)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        if temporary is not None:
+            temporary.cleanup()
+    ratio = loop_train["samples_per_s"] / bare_train["samples_per_s"]
+    estimate = {"train_s": RSNA_TRAIN / loop_train["samples_per_s"] + loop_train["first_batch_s"],
+                "val_s": RSNA_VAL / loop_infer["samples_per_s"] + loop_infer["first_batch_s"]}
+    estimate["epoch_s"] = estimate["train_s"] + estimate["val_s"]
+
+    precision = (f"autocast {args.precision}" + (" + GradScaler" if args.precision == "fp16" else "")
+                 if device.type == "cuda" else "float32 (the notebook uses AMP on CUDA only)")
+    settings = {"mode": args.mode, "device": str(device), "device_words": device_words(device),
+                "torch": torch.__version__, "cpu_count": CPUS, "torch_threads": torch.get_num_threads(),
+                "backbone": args.backbone, "pretrained": args.pretrained, "batch_size": args.batch_size,
+                "num_slices": args.num_slices, "img_size": args.img_size, "precision": precision,
+                "channels_last": args.channels_last, "compile": args.compile and device.type == "cuda",
+                "gru_hidden": args.gru_hidden, "attention_hidden": args.attention_hidden,
+                "studies": args.studies, "rle_fraction": args.rle, "cached_samples": len(kept),
+                "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(started)),
+                "command": " ".join([Path(sys.argv[0]).name if argv is None else "throughput.py",
+                                     *(sys.argv[1:] if argv is None else argv)])}
+
+    b = args.batch_size
+    rows = [
+        ("(a)", "bare train step, random tensors on device", fmt(bare_train["samples_per_s"]), "samples/s",
+         fmt(bare_train["ms_per_step"]), "-", "-",
+         f"batch {b}; {args.bare_steps} steps after {args.warmup} warm-up"),
+        ("(a')", "bare inference step, random tensors", fmt(bare_infer["samples_per_s"]), "samples/s",
+         fmt(bare_infer["ms_per_step"]), "-", "-", f"batch {2 * b}; {args.bare_steps} steps"),
+        ("(b)", "train_one_epoch on the cache (steady)", fmt(loop_train["samples_per_s"]), "samples/s",
+         fmt(loop_train["ms_per_step"]), loop_train["workers"], "-",
+         f"{loop_train['steps']} steps; first batch after {loop_train['first_batch_s']:.2f} s; "
+         f"with it {fmt(loop_train['epoch_samples_per_s'])} samples/s"),
+        ("(b')", "predict (eval loop) on the cache (steady)", fmt(loop_infer["samples_per_s"]), "samples/s",
+         fmt(loop_infer["ms_per_step"]), loop_infer["workers"], "-",
+         f"batch {2 * b}; {loop_infer['steps']} batches; first batch after {loop_infer['first_batch_s']:.2f} s"),
+        ("(c)", "ratio (b)/(a)", f"{ratio:.3f}", "-", "-", "-", "-",
+         "share of the bare model's speed the real training loop keeps"),
+    ]
+    for r in loaders:
+        rows.append(("(d)", f"loader alone + augmentation, num_workers={r['workers']}", fmt(r["samples_per_s"]),
+                     "samples/s", "-", r["workers"] or "0 (in-process)", fmt(r["per_worker"]),
+                     f"{r['batches']} batches of {r['batch']}; first batch after {r['first_batch_s']:.2f} s"))
+    for r in caches:
+        rows.append(("(e)", f"cache build (build_cache), {r['workers']} worker(s)", fmt(r["slices_per_s"]),
+                     "slices/s", "-", r["workers"], fmt(r["per_worker"]),
+                     f"{r['slices']} slices ({r['samples']} samples, {r['series']} series) in {r['seconds']:.1f} s"))
+
+    lines = [
+        f"le3ba_v9 throughput | {settings['date_utc']} UTC | device {device} = {settings['device_words']} | "
+        f"torch {torch.__version__} | {CPUS} CPUs, {settings['torch_threads']} torch threads",
+        f"settings ({args.mode} preset + overrides): backbone {args.backbone} (pretrained {args.pretrained}), "
+        f"batch {b}, {args.num_slices} slices, img {args.img_size}, {precision}, channels_last {args.channels_last}, "
+        f"compile {settings['compile']}, GRU {args.gru_hidden}, attention {args.attention_hidden}; data: "
+        f"{args.studies} generated studies (RLE fraction {args.rle:g}), {len(kept)} samples cached",
+        "",
+        table(rows),
+        "",
+    ]
+    if device.type == "cuda":
+        lines.append("peak GPU memory (torch.cuda.max_memory_allocated): " + ", ".join(
+            f"{name} {fmt(r['peak_gib'])} GiB" for name, r in
+            (("(a)", bare_train), ("(a')", bare_infer), ("(b)", loop_train), ("(b')", loop_infer))))
+    used = next(r for r in loaders if r["workers"] == loop_train["workers"])
+    lines.append(f"loader headroom: (d) with num_workers={used['workers']} (as in (b)) / (a) = "
+                 f"{used['samples_per_s'] / bare_train['samples_per_s']:.2f} (below 1: the loader limits training)")
+    lines.append(
+        f"estimated epoch of an RSNA-sized fold ({RSNA_TRAIN} train + {RSNA_VAL} val samples) at these settings: "
+        f"{RSNA_TRAIN} / (b) {fmt(loop_train['samples_per_s'])} + first batch {loop_train['first_batch_s']:.1f} s "
+        f"+ {RSNA_VAL} / (b') {fmt(loop_infer['samples_per_s'])} + first batch {loop_infer['first_batch_s']:.1f} s "
+        f"= {estimate['train_s']:.0f} + {estimate['val_s']:.0f} = {estimate['epoch_s']:.0f} s "
+        "(checkpoint writing not included)")
+    print("\n".join(lines))
+    if args.json:
+        figures = {"settings": settings, "a_bare_train": bare_train, "a_bare_inference": bare_infer,
+                   "b_train_one_epoch": loop_train, "b_predict": loop_infer, "c_ratio": ratio, "d_loader": loaders,
+                   "e_cache_build": caches, "rsna_fold_epoch_estimate": estimate}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(figures, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""Run the notebook's own cells in-process, so that tests and benchmarks call its definitions and
+never copy them. Used by tests/ and bench/."""
+
+import sys
+import types
+from pathlib import Path
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "le3ba_v9.ipynb"
+LIBRARY_TAGS = ("parameters", "setup", "defs")
+
+
+def notebook_namespace(overrides, tags=LIBRARY_TAGS):
+    """Execute the notebook's own cells tagged `tags` (None: every code cell) in-process, with
+    CONFIG_OVERRIDES set as papermill would, and return the resulting namespace (a dict): tests call the
+    notebook's definitions, never copies. The namespace is a registered module, so worker processes
+    find its functions by name, as they find them in a kernel's __main__."""
+
+    import nbformat
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    name = f"le3ba_v9_{len([m for m in sys.modules if m.startswith('le3ba_v9_')])}"  # one per call
+    module = types.ModuleType(name)
+    sys.modules[name] = module
+    namespace = module.__dict__
+    for cell in nb.cells:
+        cell_tags = set(cell.metadata.get("tags", []))
+        if cell.cell_type != "code" or (tags is not None and not cell_tags & set(tags)):
+            continue
+        exec(compile(cell.source, f"le3ba_v9.ipynb[{'/'.join(sorted(cell_tags))}]", "exec"), namespace)
+        if "parameters" in cell_tags:
+            namespace["CONFIG_OVERRIDES"] = dict(overrides)
+    return namespace
