@@ -29,29 +29,29 @@
 # %% tags=["parameters"]
 CONFIG = {
     # --- the plan's CONFIG, at the plan's values ---
-    'seed': 42,
+    'seed': 42,                  # folds, initial weights, shuffling and augmentation all follow it
     'img_size': 256,             # side of each slice crop fed to the backbone
     'num_slices': 7,             # neighbouring sagittal slices per sample (annotated one in the middle)
-    'batch_size': 12,
-    'epochs': 25,
+    'batch_size': 12,            # samples (x 7 slices) per step: fits a 16 GB GPU at 256 px in fp16
+    'epochs': 25,                # ~8-9 min each on a Kaggle GPU by the plan's estimate
     'learning_rate': 1e-4,       # GRU, attention, level embedding, classifier
     'backbone_lr': 1e-5,         # 10x slower: the pretrained backbone needs only gentle adaptation
-    'weight_decay': 0.03,
+    'weight_decay': 0.03,        # AdamW decoupled decay on every parameter group
     'class_weights': [1.0, 4.0, 6.0],  # Normal/Mild, Moderate, Severe: counters ~88/6/5 % imbalance
     'freeze_backbone_epochs': 0,  # the plan trains the backbone from the first epoch
     'warmup_epochs': 2,          # linear LR warmup, then cosine decay (stepped per batch)
-    'clip_grad_norm': 1.0,
+    'clip_grad_norm': 1.0,       # max global gradient norm; the pre-clip norm is logged
     'patience': 12,              # early stop after this many epochs without a saved improvement
-    'use_swa': True,
+    'use_swa': True,             # stochastic weight averaging over the last epochs
     'swa_start_epoch': 18,       # 1-based: SWA averages epochs 18..25
     'swa_lr': 5e-6,              # head LR during SWA; the backbone keeps its 10x smaller ratio
     'gru_hidden': 512,           # bidirectional -> 1024-d per slice
-    'gru_layers': 2,
-    'gru_dropout': 0.3,
-    'attention_hidden': 256,
+    'gru_layers': 2,             # GRU layers over the slice sequence
+    'gru_dropout': 0.3,          # between the GRU layers
+    'attention_hidden': 256,     # width of the attention-MIL scoring MLP
     'dropout': 0.35,             # in the classifier head
-    'num_folds': 5,
-    'train_folds': [0],
+    'num_folds': 5,              # cross-validation folds, grouped by study, stratified by label
+    'train_folds': [0],          # folds to train now; list(range(5)) for the full out-of-fold run
     # --- added by this project ---
     'data_root': None,           # competition folder; None = auto-detect on Kaggle (see Setup)
     'output_dir': None,          # None = /kaggle/working/le3ba_v9 on Kaggle, ./runs/v9 elsewhere
@@ -62,7 +62,7 @@ CONFIG = {
     'series_description': 'Sagittal T2/STIR',  # series type the condition is read on
     'intensity': 'minmax',       # minmax (v4's choice) | window | percentile | dicom: see Task 1.1
     'window_center': 50,         # used by intensity='window' (the plan's literal WC/WW)
-    'window_width': 350,
+    'window_width': 350,         # (WW 350 keeps values in [-125, 225] only)
     'percentiles': (1.0, 99.0),  # used by intensity='percentile'
     'clahe_clip': 2.0,           # CLAHE clip limit (OpenCV's default is 40; 2 is the usual for MR)
     'clahe_grid': 8,             # CLAHE tiles per side
@@ -129,8 +129,8 @@ KAGGLE_DATA_ROOTS = [Path('/kaggle/input') / COMPETITION, Path('/kaggle/input/co
 CLASSES = ['Normal/Mild', 'Moderate', 'Severe']
 LEVELS = ['l1_l2', 'l2_l3', 'l3_l4', 'l4_l5', 'l5_s1']
 DEMO_PRESET = {  # small enough to train on 2 CPU cores in a few minutes, big enough to learn
-    'epochs': 6, 'img_size': 64, 'batch_size': 8, 'num_folds': 4, 'warmup_epochs': 1,
-    'swa_start_epoch': 5, 'patience': 6, 'backbone': 'mobilenet_v3_small', 'pretrained': 'none',
+    'epochs': 8, 'img_size': 64, 'batch_size': 8, 'num_folds': 4, 'warmup_epochs': 1,
+    'swa_start_epoch': 6, 'patience': 8, 'backbone': 'mobilenet_v3_small', 'pretrained': 'none',
     'gru_hidden': 64, 'attention_hidden': 32, 'learning_rate': 1e-3, 'backbone_lr': 1e-3,
     'swa_lr': 5e-4, 'output_dir': 'runs/demo',
 }

@@ -1,0 +1,74 @@
+"""Section 0-1 of the notebook: the CONFIG of the plan, override merging and path detection."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+PLAN_CONFIG = {  # the plan's CONFIG block, verbatim values
+    "seed": 42, "img_size": 256, "num_slices": 7, "batch_size": 12, "epochs": 25, "learning_rate": 1e-4,
+    "backbone_lr": 1e-5, "weight_decay": 0.03, "class_weights": [1.0, 4.0, 6.0], "freeze_backbone_epochs": 0,
+    "warmup_epochs": 2, "clip_grad_norm": 1.0, "patience": 12, "use_swa": True, "swa_start_epoch": 18,
+    "swa_lr": 5e-6, "gru_hidden": 512, "gru_layers": 2, "gru_dropout": 0.3, "attention_hidden": 256,
+    "dropout": 0.35, "num_folds": 5, "train_folds": [0],
+}
+
+
+@pytest.fixture(scope="module")
+def params():
+    """The parameters and definition cells, without setup: CONFIG exactly as the user sees it."""
+    from notebook_cells import notebook_namespace
+
+    return notebook_namespace({}, tags=("parameters", "defs"))
+
+
+def test_config_holds_the_plan_at_its_values(params):
+    for key, value in PLAN_CONFIG.items():
+        assert params["CONFIG"][key] == value, key
+    assert params["CONFIG_OVERRIDES"] == {}
+
+
+def test_every_config_key_has_a_why_comment():
+    source = (Path(__file__).resolve().parents[1] / "le3ba_v9.py").read_text()
+    block = source[source.index("CONFIG = {"):source.index("CONFIG_OVERRIDES = {}")]
+    for line in block.splitlines()[1:-1]:
+        if re.match(r"\s+'\w+':", line):
+            assert "#" in line, f"no comment: {line.strip()}"
+
+
+def test_unknown_override_names_the_key_and_the_nearest(nb):
+    with pytest.raises(KeyError, match="Unknown CONFIG key 'learning_rat'.*Did you mean 'learning_rate'"):
+        nb["merge_config"](nb["CONFIG"], {"learning_rat": 1e-3})
+    with pytest.raises(KeyError, match="Unknown CONFIG key 'zzz'"):
+        nb["merge_config"](nb["CONFIG"], {"zzz": 1})
+
+
+def test_overrides_and_demo_preset_merge_in_order(params):
+    config, preset = params["CONFIG"], params["DEMO_PRESET"]
+    merged = params["merge_config"](config, {"batch_size": 4})
+    assert merged["batch_size"] == 4 and merged["epochs"] == config["epochs"]
+    assert config["batch_size"] == 12  # the user's CONFIG is not modified
+    demo = params["merge_config"](config, {"demo": True, "epochs": 2})
+    assert demo["epochs"] == 2  # the user's override sits above the preset
+    assert demo["img_size"] == preset["img_size"] != config["img_size"]
+    assert set(preset) <= set(config)  # the preset only sets known keys
+
+
+def test_kaggle_data_root_is_found_in_both_layouts(params, tmp_path, monkeypatch):
+    for layout in ("input/rsna", "input/competitions/rsna"):
+        root = tmp_path / layout
+        root.mkdir(parents=True)
+        (root / "train.csv").write_text("study_id\n")
+        monkeypatch.setitem(params, "KAGGLE_DATA_ROOTS", [tmp_path / "input/rsna-missing", root])
+        config = params["resolve_paths"]({**params["CONFIG"], "output_dir": str(tmp_path / "out")})
+        assert config["data_root"] == str(root)
+        assert config["cache_dir"] == str(tmp_path / "out" / "cache")
+        (root / "train.csv").unlink()
+
+
+def test_missing_data_root_says_what_to_do(params, tmp_path, monkeypatch):
+    monkeypatch.setitem(params, "KAGGLE_DATA_ROOTS", [tmp_path / "nowhere"])
+    with pytest.raises(FileNotFoundError, match="demo"):
+        params["resolve_paths"]({**params["CONFIG"], "output_dir": str(tmp_path / "out")})
+    with pytest.raises(FileNotFoundError, match="no train.csv"):
+        params["resolve_paths"]({**params["CONFIG"], "output_dir": str(tmp_path / "out"), "data_root": str(tmp_path)})
