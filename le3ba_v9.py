@@ -31,8 +31,8 @@ CONFIG = {
     # --- the plan's CONFIG, at the plan's values ---
     'seed': 42,                  # folds, initial weights, shuffling and augmentation all follow it
     'img_size': 256,             # side of each slice crop fed to the backbone
-    'num_slices': 7,             # neighbouring sagittal slices per sample (annotated one in the middle)
-    'batch_size': 12,            # samples (x 7 slices) per step: fits a 16 GB GPU at 256 px in fp16
+    'num_slices': 7,             # neighbouring sagittal slices per sample, odd: the annotated one in the middle
+    'batch_size': 12,            # samples (x 7 slices = 84 backbone images) per optimiser step
     'epochs': 25,                # ~8-9 min each on a Kaggle GPU by the plan's estimate
     'learning_rate': 1e-4,       # GRU, attention, level embedding, classifier
     'backbone_lr': 1e-5,         # 10x slower: the pretrained backbone needs only gentle adaptation
@@ -128,7 +128,7 @@ COMPETITION = 'rsna-2024-lumbar-spine-degenerative-classification'
 KAGGLE_DATA_ROOTS = [Path('/kaggle/input') / COMPETITION, Path('/kaggle/input/competitions') / COMPETITION]
 CLASSES = ['Normal/Mild', 'Moderate', 'Severe']
 LEVELS = ['l1_l2', 'l2_l3', 'l3_l4', 'l4_l5', 'l5_s1']
-DEMO_PRESET = {  # small enough to train on 2 CPU cores in a few minutes, big enough to learn
+DEMO_PRESET = {  # small enough to train on 2 CPU cores, big enough to learn the synthetic signal
     'epochs': 8, 'img_size': 64, 'batch_size': 8, 'num_folds': 4, 'warmup_epochs': 1,
     'swa_start_epoch': 6, 'patience': 8, 'backbone': 'mobilenet_v3_small', 'pretrained': 'none',
     'gru_hidden': 64, 'attention_hidden': 32, 'learning_rate': 1e-3, 'backbone_lr': 1e-3,
@@ -142,6 +142,9 @@ def warn(message):
     print(f'WARNING: {message}')
 
 
+INTENSITY_MODES = ('minmax', 'window', 'percentile', 'dicom')
+
+
 def merge_config(config, overrides):
     """The plan's CONFIG with overrides applied; an unknown key is an error naming the nearest valid key."""
     for key in overrides:
@@ -152,6 +155,14 @@ def merge_config(config, overrides):
     merged = {**config, **overrides}
     if merged['demo']:  # the preset sits under the user's own overrides
         merged = {**config, **DEMO_PRESET, **overrides}
+    choices = {'intensity': INTENSITY_MODES, 'precision': ('fp16', 'bf16'),
+               'final_model': ('swa', 'best', 'last')}
+    for key, allowed in choices.items():
+        if merged[key] not in allowed:
+            raise ValueError(f"CONFIG['{key}'] = {merged[key]!r}; choose one of {allowed}")
+    if merged['num_slices'] % 2 == 0:
+        raise ValueError(f"CONFIG['num_slices'] = {merged['num_slices']}: use an odd number, the annotated "
+                         'slice sits in the middle')
     return merged
 
 
@@ -172,7 +183,8 @@ def resolve_paths(config):
     out.mkdir(parents=True, exist_ok=True)
     config = {**config, 'output_dir': str(out), 'cache_dir': str(config['cache_dir'] or out / 'cache')}
     if config['demo']:
-        config['data_root'] = str(make_demo_data(out / 'demo_data', config))
+        config['data_root'] = str(make_demo_data(out / f"demo_data_{config['demo_studies']}_seed{config['seed']}",
+                                                 config))
     elif config['data_root'] is None:
         found = [p for p in KAGGLE_DATA_ROOTS if (p / 'train.csv').exists()]
         if not found:
@@ -306,7 +318,6 @@ print(pd.crosstab(SAMPLES['fold'], SAMPLES['label'].map(dict(enumerate(CLASSES))
 # unchanged rerun starts training at once.
 
 # %% tags=["defs"]
-INTENSITY_MODES = ('minmax', 'window', 'percentile', 'dicom')
 PREPROCESS_KEYS = ('img_size', 'num_slices', 'intensity', 'window_center', 'window_width', 'percentiles',
                    'clahe_clip', 'clahe_grid', 'crop_mm', 'condition', 'series_description')
 
@@ -646,9 +657,9 @@ class CompetitionWeightedCE(nn.Module):
 # ## 6. Task 2.1: the model
 # Per slice, EfficientNet-V2-S features (1280-d, average-pooled; unfrozen) -> 2-layer bidirectional GRU
 # across the slices (1024-d per slice) -> attention-MIL (1024-d) -> concat a level embedding (256-d)
-# -> classifier 1280 -> 512 -> 3. The last bias starts at [2.0, -2.5, -3.0]: softmax
-# [0.982, 0.011, 0.007], close to the class prior, so early epochs do not spend their gradient learning
-# it and the weighted loss starts near its equilibrium.
+# -> classifier 1280 -> 512 -> 3. The last bias starts at [2.0, -2.5, -3.0] (the plan's): softmax
+# [0.982, 0.011, 0.007], so the untrained head already predicts mostly Normal/Mild, as the data are
+# (~88 %), instead of a uniform 1/3; the class weights then pull the minority classes up.
 
 # %% tags=["defs"]
 BACKBONES = {  # name -> (torchvision constructor, ImageNet weights, feature channels)
@@ -672,6 +683,8 @@ def build_backbone(config):
 
 
 def load_backbone(config):
+    if config['backbone'] not in BACKBONES:
+        raise ValueError(f"CONFIG['backbone'] = {config['backbone']!r}; choose one of {list(BACKBONES)}")
     build, imagenet, channels = BACKBONES[config['backbone']]
     weights = config['pretrained']
     if weights == 'imagenet':
@@ -752,7 +765,8 @@ del _model, _logits, _weights
 
 # %% tags=["defs"]
 DEAD_BELOW, MARGINAL_BELOW = 3, 10  # predictions of a class in one validation pass
-RESUME_EXEMPT = {'resume', 'num_workers', 'compile', 'output_dir', 'cache_dir', 'data_root', 'train_folds'}
+RESUME_EXEMPT = {'resume', 'num_workers', 'compile', 'output_dir', 'cache_dir', 'data_root', 'train_folds',
+                 'final_model'}  # settings that do not change what is trained
 PLAN_CHECKPOINTS = [  # (epoch, quantity, expected low, expected high, the plan's action when below)
     (1, 'classes predicted', 3, 3, 'a class has 0 predictions: increase that class weight 2x'),
     (1, 'recall Normal/Mild', 0.75, 0.85, ''),

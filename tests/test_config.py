@@ -72,3 +72,11 @@ def test_missing_data_root_says_what_to_do(params, tmp_path, monkeypatch):
         params["resolve_paths"]({**params["CONFIG"], "output_dir": str(tmp_path / "out")})
     with pytest.raises(FileNotFoundError, match="no train.csv"):
         params["resolve_paths"]({**params["CONFIG"], "output_dir": str(tmp_path / "out"), "data_root": str(tmp_path)})
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"num_slices": 6}, "odd number"), ({"intensity": "ct"}, "intensity"), ({"precision": "fp8"}, "precision"),
+    ({"final_model": "ema"}, "final_model")])
+def test_invalid_settings_stop_with_a_clear_message(params, change, message):
+    with pytest.raises(ValueError, match=message):
+        params["merge_config"](params["CONFIG"], change)

@@ -172,3 +172,33 @@ def test_learns_a_clear_signal_to_balanced_accuracy_080(tmp_path):
     assert ns["final_kind"](result, config) == "swa"
     assert min(final["pred_counts"]) > 0  # all three classes predicted
     assert final["ba"] >= 0.8, final
+
+
+def test_two_lr_groups_split_backbone_from_the_rest(nb, tmp_path):
+    config = small_config(nb, tmp_path, backbone_lr=1e-5, learning_rate=1e-4)
+    model = nb["SpineModelV9"](config)
+    groups = nb["make_optimizer"](model, config).param_groups
+    assert [g["lr"] for g in groups] == [1e-5, 1e-4]
+    assert [g["weight_decay"] for g in groups] == [config["weight_decay"]] * 2
+    backbone = {id(p) for p in model.backbone.parameters()}
+    assert {id(p) for p in groups[0]["params"]} == backbone
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model.parameters()} - backbone
+
+
+def test_frozen_backbone_epoch_and_validation_every_n_epochs(nb, cached, tmp_path):
+    config = small_config(nb, tmp_path, epochs=5, freeze_backbone_epochs=1, val_every=5, use_swa=False)
+    after_epoch = {}
+
+    def snapshot(epoch):
+        after_epoch[epoch] = torch.load(tmp_path / "fold0/last.pt", weights_only=False)["model"]
+
+    result = nb["train_fold"](0, *cached, config, CPU, on_epoch_end=snapshot)
+    # validated: the plan's checkpoint epochs 1 and 3, and the last; epochs 2 and 4 are skipped
+    assert ["val_ba" in row for row in result["history"]] == [True, False, True, False, True]
+    assert nb["final_kind"](result, {**config, "final_model": "swa"}) in {"best", "last"}  # no SWA: falls back
+    nb["seed_everything"](config["seed"])  # train_fold's seed for fold 0: the same initial weights
+    initial = nb["SpineModelV9"](config).state_dict()
+    weights = [k for k in initial if k.startswith("backbone.") and k.endswith("weight")]
+    assert all(torch.equal(after_epoch[1][k], initial[k]) for k in weights)  # frozen in epoch 1
+    assert not all(torch.equal(after_epoch[2][k], initial[k]) for k in weights)  # trained from epoch 2
+    assert not torch.equal(after_epoch[1]["classifier.0.weight"], initial["classifier.0.weight"])
