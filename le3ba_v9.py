@@ -87,6 +87,8 @@ CONFIG = {
     'resume': True,              # continue an interrupted fold from its last epoch checkpoint
     'max_nonfinite_steps': 5,    # stop the run after this many non-finite losses
     'final_model': 'swa',        # model reported as final: swa | best | last (falls back if absent)
+    'holdout_frac': 0.0,         # share of studies kept out of every fold to measure a fold ensemble
+                                 # honestly (0 = none; 0.2 keeps ~1/5 of the studies aside)
 }
 CONFIG_OVERRIDES = {}
 
@@ -129,8 +131,8 @@ KAGGLE_DATA_ROOTS = [Path('/kaggle/input') / COMPETITION, Path('/kaggle/input/co
 CLASSES = ['Normal/Mild', 'Moderate', 'Severe']
 LEVELS = ['l1_l2', 'l2_l3', 'l3_l4', 'l4_l5', 'l5_s1']
 DEMO_PRESET = {  # small enough to train on 2 CPU cores, big enough to learn the synthetic signal
-    'epochs': 8, 'img_size': 64, 'batch_size': 8, 'num_folds': 4, 'warmup_epochs': 1,
-    'swa_start_epoch': 6, 'patience': 8, 'backbone': 'mobilenet_v3_small', 'pretrained': 'none',
+    'epochs': 10, 'img_size': 64, 'batch_size': 8, 'num_folds': 4, 'warmup_epochs': 1,
+    'swa_start_epoch': 7, 'patience': 10, 'backbone': 'mobilenet_v3_small', 'pretrained': 'none',
     'gru_hidden': 64, 'attention_hidden': 32, 'learning_rate': 1e-3, 'backbone_lr': 1e-3,
     'swa_lr': 5e-4, 'output_dir': 'runs/demo',
 }
@@ -281,12 +283,17 @@ def build_sample_table(config):
 
 
 def assign_folds(samples, config):
-    """Fold index per row: grouped by study, stratified by label."""
+    """Fold index per row: grouped by study, stratified by label; -1 marks held-out studies (holdout_frac)."""
+    samples = samples.assign(fold=-1)
+    pool = samples
+    if config['holdout_frac'] > 0:  # the first part of a stratified group split is the hold-out set
+        split = StratifiedGroupKFold(n_splits=round(1 / config['holdout_frac']), shuffle=True,
+                                     random_state=config['seed'] + 1)
+        _, held = next(split.split(samples, samples['label'], groups=samples['study_id']))
+        pool = samples.drop(samples.index[held])
     folds = StratifiedGroupKFold(n_splits=config['num_folds'], shuffle=True, random_state=config['seed'])
-    samples = samples.copy()
-    for fold, (_, val) in enumerate(folds.split(samples, samples['label'], groups=samples['study_id'])):
-        samples.loc[samples.index[val], 'fold'] = fold
-    samples['fold'] = samples['fold'].astype(int)
+    for fold, (_, val) in enumerate(folds.split(pool, pool['label'], groups=pool['study_id'])):
+        samples.loc[pool.index[val], 'fold'] = fold
     return samples
 
 
@@ -984,7 +991,8 @@ def train_fold(fold, samples, images, masks, config, device, on_epoch_end=None):
     fold_dir = Path(config['output_dir']) / f'fold{fold}'
     fold_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(config['seed'] + fold)
-    train_rows, val_rows = samples[samples['fold'] != fold], samples[samples['fold'] == fold]
+    train_rows = samples[(samples['fold'] != fold) & (samples['fold'] >= 0)]
+    val_rows, holdout_rows = samples[samples['fold'] == fold], samples[samples['fold'] < 0]
     train_set = RSNADatasetV9(train_rows, images, masks, config, train=True)
     generator = torch.Generator()
     train_loader = make_loader(train_set, config, device, train=True, generator=generator)
@@ -1087,21 +1095,34 @@ def train_fold(fold, samples, images, masks, config, device, on_epoch_end=None):
         if on_epoch_end is not None:
             on_epoch_end(epoch)
 
-    evaluations = {'last': evaluate(model, val_loader, criterion, device, config)}
+    models = {'last': model}
     if (fold_dir / 'best.pt').exists() and state['best_epoch'] is not None:
-        best = SpineModelV9({**config, 'pretrained': 'none'}).to(device)
-        best.load_state_dict(torch.load(fold_dir / 'best.pt', map_location=device, weights_only=False)['model'])
-        evaluations['best'] = evaluate(best, val_loader, criterion, device, config)
-        del best
+        models['best'] = SpineModelV9({**config, 'pretrained': 'none'}).to(device)
+        models['best'].load_state_dict(torch.load(fold_dir / 'best.pt', map_location=device,
+                                                  weights_only=False)['model'])
     if swa_model is not None and swa_model.n_averaged.item() > 0:
         bn_loader = make_loader(RSNADatasetV9(train_rows, images, masks, config, train=False), config, device, False)
         with autocast(device, config):
             recompute_swa_batchnorm(swa_model, bn_loader, device)
         torch.save({'model': swa_model.module.state_dict(), 'config': config}, fold_dir / 'swa.pt')
-        evaluations['swa'] = evaluate(swa_model.module, val_loader, criterion, device, config)
-    return {'fold': fold, 'history': state['history'], 'checkpoints': state['checkpoints'],
-            'actions': state['actions'], 'lr_steps': state['lr_steps'], 'best_epoch': state['best_epoch'],
-            'evaluations': evaluations, 'val_rows': val_rows, 'class_weights': criterion.weights.tolist()}
+        models['swa'] = swa_model.module
+    evaluations = {kind: evaluate(m, val_loader, criterion, device, config) for kind, m in models.items()}
+    result = {'fold': fold, 'history': state['history'], 'checkpoints': state['checkpoints'],
+              'actions': state['actions'], 'lr_steps': state['lr_steps'], 'best_epoch': state['best_epoch'],
+              'evaluations': evaluations, 'val_rows': val_rows, 'class_weights': criterion.weights.tolist()}
+    if len(holdout_rows):  # the final model's view of the studies no fold saw, for the ensemble evaluation
+        kind = final_kind(result, config)
+        holdout_loader = make_loader(RSNADatasetV9(holdout_rows, images, masks, config, train=False), config,
+                                     device, False)
+        result['holdout'] = {'kind': kind, 'rows': holdout_rows,
+                             'probs': predict(models[kind], holdout_loader, criterion, device, config)['probs']}
+    return result
+
+
+def final_kind(result, config):
+    """The model reported as final: CONFIG['final_model'] when it exists, else swa > best > last."""
+    order = [config['final_model']] + ['swa', 'best', 'last']
+    return next(k for k in order if k in result['evaluations'])
 
 
 def epoch_summary(row):
@@ -1178,12 +1199,6 @@ def kaggle_frames(oof, condition):
     return solution, submission.assign(row_id=row_id.to_numpy())
 
 
-def final_kind(result, config):
-    """The model reported as final: CONFIG['final_model'] when it exists, else swa > best > last."""
-    order = [config['final_model']] + ['swa', 'best', 'last']
-    return next(k for k in order if k in result['evaluations'])
-
-
 def oof_frame(results, kind_of):
     """One row per validation sample: ids, label, probabilities, attention per slice, fold, model."""
     frames = []
@@ -1217,6 +1232,25 @@ def model_comparison(results, condition):
                 **({'any_severe_spinal': s['competition_terms']['any_severe_spinal']}
                    if 'any_severe_spinal' in s['competition_terms'] else {})}
     return pd.DataFrame(rows).T.round(4)
+
+
+def holdout_evaluation(results, condition):
+    """Each fold's final model, and the average of their probabilities, on the held-out studies: the only
+    honest measure of what a fold ensemble adds (out-of-fold predictions come from one model each)."""
+    rows = {}
+    frames = []
+    for r in results:
+        frame = r['holdout']['rows'][['study_id', 'level', 'label']].reset_index(drop=True)
+        frame[[f'p_{c}' for c in PROB_COLUMNS]] = r['holdout']['probs']
+        frames.append(frame)
+        rows[f"fold {r['fold']} ({r['holdout']['kind']})"] = summarize(frame, condition)
+    ensemble = frames[0].copy()
+    ensemble[[f'p_{c}' for c in PROB_COLUMNS]] = np.mean([f[[f'p_{c}' for c in PROB_COLUMNS]].to_numpy()
+                                                         for f in frames], axis=0)
+    rows[f'ensemble of {len(frames)} folds'] = summarize(ensemble, condition)
+    return pd.DataFrame({name: {'BA': s['ba'], **{f'recall {c}': v for c, v in zip(CLASSES, s['recall'])},
+                                'competition part': s['competition_score_part']}
+                         for name, s in rows.items()}).T.round(4)
 
 
 def plot_curves(results, name='training_curves'):
@@ -1303,6 +1337,10 @@ OOF = oof_frame(FOLD_RESULTS, lambda r: final_kind(r, CONFIG))
 FINAL = summarize(OOF, CONFIG['condition'])
 COMPARISON = model_comparison(FOLD_RESULTS, CONFIG['condition'])
 print(COMPARISON.to_string())
+HOLDOUT = holdout_evaluation(FOLD_RESULTS, CONFIG['condition']) if 'holdout' in FOLD_RESULTS[0] else None
+if HOLDOUT is not None:
+    print(f"held-out studies ({FOLD_RESULTS[0]['holdout']['rows']['study_id'].nunique()}):")
+    print(HOLDOUT.to_string())
 for message in dead_class_warnings(FINAL['pred_counts']):
     warn(f'final model: {message}')
 plot_curves(FOLD_RESULTS)
@@ -1316,7 +1354,8 @@ plot_strips(OOF, IMAGES, 'attention weight of each slice (examples per class)', 
 # 1. **Attention:** which slices get the weight; does it follow severity; are the edge slices ignored?
 # 2. **Errors:** the most confused class pairs, and a gallery of the worst errors to look for failure
 #    modes (motion, poor crop, wrong level).
-# 3. **Ensemble potential:** per-fold spread, and what a 5-fold ensemble needs.
+# 3. **Ensemble potential:** per-fold spread and, with `holdout_frac` > 0, each fold model against
+#    their average on studies that no fold saw (printed in section 8, reported in section 10).
 
 # %% tags=["defs"]
 def attention_analysis(oof):
@@ -1431,7 +1470,7 @@ def machine_description(device):
     return f'{gpu}; {os.cpu_count()} CPU cores; torch {torch.__version__}, torchvision {torchvision.__version__}'
 
 
-def write_report(config, samples, skipped, failures, results, oof, final, comparison, analysis, confused):
+def write_report(config, samples, skipped, failures, results, oof, final, comparison, holdout, analysis, confused):
     """v9_Results.md (from this run only), metrics.json and oof.csv in output_dir; returns the report text."""
     out = Path(config['output_dir'])
     success = success_table(final, results, analysis)
@@ -1480,17 +1519,20 @@ def write_report(config, samples, skipped, failures, results, oof, final, compar
                                                        analysis['argmax_slice_by_class'].items()), '',
         '### Errors', '', md_table(confused), '',
         '### Ensemble potential', '',
-        f"{len(results)} fold(s) trained. " + ('A fold ensemble needs all folds (train_folds = list(range(num_folds))) '
-                                              'and a held-out set to measure its gain honestly.'
-                                              if len(results) < config['num_folds'] else
-                                              'All folds trained: the out-of-fold figures above cover every sample.'),
+        f"{len(results)} of {config['num_folds']} fold(s) trained. " + (
+            'Each fold model and their average on the held-out studies (holdout_frac '
+            f"{config['holdout_frac']:g}), which no fold trained or validated on:\n\n" + md_table(holdout)
+            if holdout is not None else
+            'No held-out studies (holdout_frac = 0): out-of-fold predictions come from one model each, so '
+            'an ensemble gain cannot be measured; set holdout_frac (e.g. 0.2) and train several folds.'),
         '', '## Figures', '', *[f'- [{f}](figures/{f})' for f in figures], '',
         '## Warnings', '', *([f'- {w}' for w in WARNINGS] or ['none']), '']
     report = '\n'.join(text)
     (out / 'v9_Results.md').write_text(report)
     oof.drop(columns='cache_index').to_csv(out / 'oof.csv', index=False)
-    metrics = {'config': config, 'final': {k: v for k, v in final.items()}, 'comparison': comparison.to_dict('index'),
+    metrics = {'config': config, 'final': final, 'comparison': comparison.to_dict('index'),
                'success': success.to_dict('records'), 'checkpoints': checkpoints.to_dict('records'),
+               'holdout': None if holdout is None else holdout.to_dict('index'),
                'history': {r['fold']: r['history'] for r in results},
                'attention': {k: v for k, v in analysis.items() if not hasattr(v, 'to_dict')},
                'warnings': WARNINGS}
@@ -1499,7 +1541,7 @@ def write_report(config, samples, skipped, failures, results, oof, final, compar
 
 
 # %%
-REPORT = write_report(CONFIG, SAMPLES, SKIPPED, CACHE_FAILURES, FOLD_RESULTS, OOF, FINAL, COMPARISON, ANALYSIS,
-                      CONFUSED)
+REPORT = write_report(CONFIG, SAMPLES, SKIPPED, CACHE_FAILURES, FOLD_RESULTS, OOF, FINAL, COMPARISON, HOLDOUT,
+                      ANALYSIS, CONFUSED)
 print(f"wrote {OUTPUT_DIR / 'v9_Results.md'}, metrics.json, oof.csv")
 print(success_table(FINAL, FOLD_RESULTS, ANALYSIS).to_string(index=False))

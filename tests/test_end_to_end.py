@@ -19,11 +19,11 @@ SECTIONS = ["## Data", "## Configuration", "## Per-epoch history", "## Final met
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A short demo run: 16 generated studies, 3 folds, 3 epochs with SWA from epoch 2."""
+    """A short demo run: 16 generated studies, a quarter held out, 3 folds, 3 epochs with SWA from epoch 2."""
     tmp = tmp_path_factory.mktemp("e2e")
     out = tmp / "run"
     overrides = {"demo": True, "demo_studies": 16, "num_folds": 3, "epochs": 3, "swa_start_epoch": 2,
-                 "output_dir": str(out)}
+                 "holdout_frac": 0.25, "output_dir": str(out)}
     papermill.execute_notebook(str(REPO / "le3ba_v9.ipynb"), str(tmp / "executed.ipynb"),
                                parameters={"CONFIG_OVERRIDES": overrides}, cwd=str(REPO), kernel_name="python3",
                                progress_bar=False)
@@ -36,6 +36,7 @@ def test_report_has_every_section_and_no_nan(run):
         assert section in report, section
     assert not re.search(r"\bnan\b", report, flags=re.IGNORECASE)
     assert "generated study set (tools/make_demo_studies.py, 16 studies" in report
+    assert re.search(r"\| ensemble of 1 folds \| [0-9.]+ \|", report)  # the held-out evaluation
     for tier in ("Minimum", "Target", "Stretch"):
         assert re.search(rf"\| {tier} \| .* \| (PASS|FAIL) \|", report), tier
 

@@ -202,3 +202,31 @@ def test_frozen_backbone_epoch_and_validation_every_n_epochs(nb, cached, tmp_pat
     assert all(torch.equal(after_epoch[1][k], initial[k]) for k in weights)  # frozen in epoch 1
     assert not all(torch.equal(after_epoch[2][k], initial[k]) for k in weights)  # trained from epoch 2
     assert not torch.equal(after_epoch[1]["classifier.0.weight"], initial["classifier.0.weight"])
+
+
+def test_holdout_studies_are_kept_out_of_every_fold(nb, cached):
+    samples = cached[0]
+    config = {**nb["CONFIG"], "num_folds": 3, "holdout_frac": 0.25}
+    folds = nb["assign_folds"](samples, config)
+    held = folds[folds["fold"] == -1]
+    assert 0.15 < held["study_id"].nunique() / folds["study_id"].nunique() < 0.35
+    assert set(folds["fold"]) == {-1, 0, 1, 2}
+    assert folds.groupby("study_id")["fold"].nunique().max() == 1  # a study never straddles two parts
+    assert nb["assign_folds"](samples, {**config, "holdout_frac": 0.0})["fold"].min() == 0
+
+
+def test_holdout_evaluation_averages_the_fold_models(nb):
+    import pandas as pd
+
+    rows = pd.DataFrame({"study_id": [1, 1, 2, 3], "level": ["l1_l2", "l2_l3", "l1_l2", "l1_l2"],
+                         "label": [0, 1, 2, 0]})
+    a = np.array([[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.2, 0.2, 0.6], [0.3, 0.6, 0.1]])
+    b = np.array([[0.9, 0.05, 0.05], [0.2, 0.7, 0.1], [0.5, 0.1, 0.4], [0.7, 0.2, 0.1]])
+    results = [{"fold": k, "holdout": {"kind": "swa", "rows": rows, "probs": p}} for k, p in ((0, a), (1, b))]
+    table = nb["holdout_evaluation"](results, "spinal_canal_stenosis")
+    # fold 0 gets label 1 and 0 wrong -> recalls [0.5, 0, 1]; fold 1 gets label 2 wrong -> [1, 1, 0];
+    # the average [[.85,.075,.075],[.4,.5,.1],[.35,.15,.5],[.5,.4,.1]] is right on all four
+    assert table.loc["fold 0 (swa)", "BA"] == pytest.approx(0.5)
+    assert table.loc["fold 1 (swa)", "BA"] == pytest.approx(round(2 / 3, 4))
+    assert table.loc["ensemble of 2 folds", "BA"] == pytest.approx(1.0)
+    assert table.loc["ensemble of 2 folds", "competition part"] < table.loc["fold 0 (swa)", "competition part"]
