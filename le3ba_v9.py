@@ -1231,7 +1231,7 @@ def model_comparison(results, condition):
                 'weighted log loss': next(iter(s['competition_terms'].values())),
                 **({'any_severe_spinal': s['competition_terms']['any_severe_spinal']}
                    if 'any_severe_spinal' in s['competition_terms'] else {})}
-    return pd.DataFrame(rows).T.round(4)
+    return pd.DataFrame(rows).T.rename_axis('model').round(4)
 
 
 def holdout_evaluation(results, condition):
@@ -1250,7 +1250,7 @@ def holdout_evaluation(results, condition):
     rows[f'ensemble of {len(frames)} folds'] = summarize(ensemble, condition)
     return pd.DataFrame({name: {'BA': s['ba'], **{f'recall {c}': v for c, v in zip(CLASSES, s['recall'])},
                                 'competition part': s['competition_score_part']}
-                         for name, s in rows.items()}).T.round(4)
+                         for name, s in rows.items()}).T.rename_axis('model').round(4)
 
 
 def plot_curves(results, name='training_curves'):
