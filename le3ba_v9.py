@@ -226,6 +226,7 @@ def pick_device():
 CONFIG = resolve_paths(merge_config(CONFIG, CONFIG_OVERRIDES))
 seed_everything(CONFIG['seed'])
 DEVICE = pick_device()
+cv2.setNumThreads(1)  # parallelism comes from the loader/cache workers; set before any OpenCV call
 NUM_WORKERS = CONFIG['num_workers'] if CONFIG['num_workers'] is not None else (os.cpu_count() or 1)
 OUTPUT_DIR = Path(CONFIG['output_dir'])
 FIGURES = OUTPUT_DIR / 'figures'
@@ -415,7 +416,6 @@ def preprocess_series(job):
     """All samples of one series: (row ids, stacks (n, slices, S, S) uint8, masks (n, slices), error or None).
     Headers are read for every file (to order the slices); pixels are decoded once, only where needed."""
     series_dir, rows, config = job
-    cv2.setNumThreads(1)  # parallelism comes from the process pool
     n, size = config['num_slices'], config['img_size']
     stacks = np.zeros((len(rows), n, size, size), np.uint8)
     masks = np.zeros((len(rows), n), bool)
@@ -510,20 +510,26 @@ def augment_stack(stack, rng, config):
                                      rng.uniform(-1, 1) * config['aug_rotate'],
                                      1 + rng.uniform(-1, 1) * config['aug_scale'])
     affine[:, 2] += rng.uniform(-1, 1, 2) * config['aug_shift'] * size
-    warped = cv2.warpAffine(np.ascontiguousarray(stack.transpose(1, 2, 0)), affine, (size, size),
-                            flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    # slice by slice: OpenCV's fast bilinear path takes 1, 3 or 4 channels (its path for 7 is slower and
+    # rounds up to 6 grey levels off); each slice is written in place, no (H, W, slices) transposes
+    warped = np.empty(stack.shape, np.uint8)
+    for src, dst in zip(stack, warped):
+        cv2.warpAffine(src, affine, (size, size), dst=dst, flags=cv2.INTER_LINEAR,
+                       borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     levels = np.linspace(0, 1, 256) ** (1 + rng.uniform(-1, 1) * config['aug_gamma'])
     levels = (levels - 0.5) * (1 + rng.uniform(-1, 1) * config['aug_contrast']) + 0.5
     levels += rng.uniform(-1, 1) * config['aug_brightness']
     lut = np.round(np.clip(levels, 0, 1) * 255).astype(np.uint8)
-    return lut[warped.transpose(2, 0, 1)]
+    flat = warped.reshape(-1, size)
+    cv2.LUT(flat, lut, dst=flat)  # in place; 3-5x faster than numpy's lut[warped]
+    return warped
 
 
 class RSNADatasetV9(Dataset):
-    """Cached samples as uint8 (slices, 3, S, S); normalisation for the ImageNet backbone happens on the
-    device (`to_model_input`), which keeps host-to-device copies 4x smaller than float32.
-    Augmentation randomness is a function of (seed, epoch, sample), so runs and resumes are reproducible
-    whatever the number of workers."""
+    """Cached samples as uint8 (slices, 3, S, S), the plan's sample shape. Normalisation for the ImageNet
+    backbone happens on the device (`to_model_input`) and the loader ships one of the 3 identical channels
+    (`collate_one_channel`): 12x fewer bytes to copy than float32 samples. Augmentation randomness is a
+    function of (seed, epoch, sample), so runs and resumes are reproducible whatever the number of workers."""
 
     def __init__(self, samples, images, masks, config, train):
         self.images, self.config, self.train, self.epoch = images, config, train, 0
@@ -552,9 +558,16 @@ IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 1, 3, 1, 1)
 
 
+def collate_one_channel(batch):
+    """default_collate, except that the images keep one of their 3 identical channels: (B, slices, 1, S, S).
+    A third of the bytes to write into the workers' shared memory, to pin and to copy to the device;
+    to_model_input broadcasts the channel back to 3 on the device."""
+    return torch.utils.data.default_collate([{**sample, 'image': sample['image'][:, :1]} for sample in batch])
+
+
 def to_model_input(images, noise_std=0.0):
-    """uint8 (B, slices, 3, S, S) on the device -> float normalised for the ImageNet backbone,
-    with optional Gaussian noise (a training augmentation, far cheaper here than in the loader)."""
+    """uint8 (B, slices, 3 or 1, S, S) on the device -> float (B, slices, 3, S, S) normalised for the
+    ImageNet backbone, with optional Gaussian noise (a training augmentation, cheaper here than in the loader)."""
     x = images.float().div_(255)
     if noise_std:
         x.add_(torch.randn_like(x[:, :, :1]) * noise_std)  # same noise in the 3 identical channels
@@ -882,7 +895,7 @@ def make_loader(dataset, config, device, train, generator=None):
                       generator=generator, drop_last=train and len(dataset) > config['batch_size'],
                       num_workers=workers, pin_memory=device.type == 'cuda',
                       multiprocessing_context='fork' if workers else None,
-                      prefetch_factor=4 if workers else None)
+                      prefetch_factor=4 if workers else None, collate_fn=collate_one_channel)
 
 
 def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, device, config, state, epoch):

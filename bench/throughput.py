@@ -10,8 +10,10 @@ One run, on whatever device is present (CUDA if available, else CPU), prints a t
   (b') the notebook's predict (the evaluation loop) on the same cache
   (c)  the ratio (b)/(a): how much of the model's speed the real loop keeps
   (d)  the cached loader alone (RSNADatasetV9 with augmentation through make_loader), in-process and
-       with workers: samples/s in total and per worker
-  (e)  the cache build (build_cache on a generated, part RLE-compressed study set): slices/s
+       with workers: samples/s in total and per worker, and the workers' CPU time per sample (steady on a
+       shared machine, where the wall rate per worker depends on the share of a core each one gets)
+  (e)  the cache build (build_cache from the DICOM files of a generated study set, --rle of its series
+       RLE Lossless) with each worker count: slices (crops written) per second
 
 Loop rates (b, b', d) are steady-state: from the arrival of the first batch to the end. The time to the
 first batch (worker start and prefetch, paid once per epoch since the loader's workers are not
@@ -35,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+import cv2
 import pandas as pd
 import torch
 
@@ -52,10 +54,10 @@ CPUS = os.cpu_count() or 1
 PRESETS = {
     "cuda": dict(backbone="efficientnet_v2_s", img_size=256, batch_size=12, num_slices=7, precision="fp16",
                  gru_hidden=512, attention_hidden=256, studies=64, train_steps=60, bare_steps=40, warmup=8,
-                 eval_batches=30, loader_batches=400, loader_workers=f"0,{CPUS}", cache_workers=f"{CPUS}"),
+                 eval_batches=30, loader_batches=150, loader_workers=f"0,{CPUS}", cache_workers=f"1,{CPUS}"),
     "cpu": dict(backbone="mobilenet_v3_small", img_size=128, batch_size=8, num_slices=7, precision="fp16",
-                gru_hidden=512, attention_hidden=256, studies=16, train_steps=20, bare_steps=12, warmup=3,
-                eval_batches=8, loader_batches=100, loader_workers=f"0,{CPUS}", cache_workers=f"1,{CPUS}"),
+                gru_hidden=512, attention_hidden=256, studies=16, train_steps=30, bare_steps=20, warmup=3,
+                eval_batches=10, loader_batches=100, loader_workers=f"0,{CPUS}", cache_workers=f"1,{CPUS}"),
     "tiny": dict(backbone="mobilenet_v3_small", img_size=64, batch_size=4, num_slices=7, precision="fp16",
                  gru_hidden=64, attention_hidden=32, studies=3, train_steps=4, bare_steps=3, warmup=1,
                  eval_batches=2, loader_batches=8, loader_workers="0,1", cache_workers=f"{min(2, CPUS)}",
@@ -233,7 +235,6 @@ def bench_bare(nb, config, device, args):
     seconds = time.perf_counter() - start
     infer = {"samples_per_s": args.bare_steps * 2 * b / seconds, "ms_per_step": 1000 * seconds / args.bare_steps,
              "steps": args.bare_steps, "warmup": args.warmup, "batch": 2 * b, "peak_gib": peak_memory(device)}
-    del model, step_model, optimizer
     return train, infer
 
 
@@ -284,37 +285,59 @@ def bench_loop(nb, samples, images, masks, config, device, args):
              "first_batch_s": timed.arrivals[0] - start, "epoch_samples_per_s": n / (end - start),
              "steps": len(timed.arrivals), "batch": 2 * b, "workers": nb["worker_count"](config),
              "peak_gib": peak_memory(device)}
-    del model, step_model, optimizer
     return train, infer
 
 
+def cpu_seconds(pid):
+    """User + system CPU seconds of a process so far (Linux /proc; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def bench_loader(nb, samples, images, masks, config, device, args, workers):
-    """(d) the training loader alone: RSNADatasetV9 (augmentation on) through make_loader."""
+    """(d) the training loader alone: RSNADatasetV9 (augmentation on) through make_loader. Besides the wall
+    rate, the CPU time the workers (or, in-process, the main process) spent per sample: on a busy machine
+    the wall rate per worker falls with the share of a core a worker gets, the CPU cost per sample does not."""
     config = {**config, "num_workers": workers}
     b = config["batch_size"]
     dataset = nb["RSNADatasetV9"](repeated(samples, args.loader_batches * b), images, masks, config, train=True)
     dataset.set_epoch(1)
     loader = nb["make_loader"](dataset, config, device, train=True, generator=torch.Generator().manual_seed(0))
-    arrivals = []
-    start = time.perf_counter()
-    for batch in loader:
+    arrivals, worker_cpu = [], None
+    start, cpu_start = time.perf_counter(), time.process_time()
+    iterator = iter(loader)
+    for k in range(len(loader)):
+        batch = next(iterator)
         assert batch["image"].dtype == torch.uint8
         arrivals.append(time.perf_counter())
+        if k == len(loader) - 1 and workers:  # every sample is made; the workers are not shut down yet
+            worker_cpu = [cpu_seconds(w.pid) for w in iterator._workers]
+    main_cpu = time.process_time() - cpu_start
+    del iterator
+    samples_made = len(arrivals) * b
+    cpu = main_cpu if not workers else (sum(worker_cpu) if None not in worker_cpu else float("nan"))
     steady = (len(arrivals) - 1) * b / (arrivals[-1] - arrivals[0]) if len(arrivals) > 1 else float("nan")
     return {"samples_per_s": steady, "per_worker": steady / max(workers, 1), "workers": workers,
-            "first_batch_s": arrivals[0] - start, "epoch_samples_per_s": len(arrivals) * b / (arrivals[-1] - start),
+            "cpu_ms_per_sample": 1000 * cpu / samples_made, "per_core_samples_per_s": samples_made / cpu,
+            "main_cpu_ms_per_sample": 1000 * main_cpu / samples_made,
+            "first_batch_s": arrivals[0] - start, "epoch_samples_per_s": samples_made / (arrivals[-1] - start),
             "batches": len(arrivals), "batch": b}
 
 
 def bench_cache(nb, samples, config, workers, cache_dir):
     """(e) build_cache from the DICOM files into a fresh cache folder."""
     config = {**config, "cache_dir": str(cache_dir)}
+    cv2_threads = cv2.getNumThreads()
     start = time.perf_counter()
     with quiet():
         kept, images, masks, failures = nb["build_cache"](samples, config, workers)
     seconds = time.perf_counter() - start
+    cv2.setNumThreads(cv2_threads)  # built in-process (workers <= 1), preprocess_series set it to 1 here
     slices = int(masks.sum())
-    result = {"slices_per_s": slices / seconds, "per_worker": slices / seconds / workers, "workers": workers,
+    result = {"slices_per_s": slices / seconds, "per_worker": slices / seconds / max(workers, 1), "workers": workers,
               "seconds": seconds, "slices": slices, "samples": len(kept), "series": int(samples["series_id"].nunique()),
               "failures": len(failures)}
     return result, (kept, images, masks)
@@ -409,8 +432,8 @@ def main(argv=None):
          fmt(bare_infer["ms_per_step"]), "-", "-", f"batch {2 * b}; {args.bare_steps} steps"),
         ("(b)", "train_one_epoch on the cache (steady)", fmt(loop_train["samples_per_s"]), "samples/s",
          fmt(loop_train["ms_per_step"]), loop_train["workers"], "-",
-         f"{loop_train['steps']} steps; first batch after {loop_train['first_batch_s']:.2f} s; "
-         f"with it {fmt(loop_train['epoch_samples_per_s'])} samples/s"),
+         (f"{loop_train['steps']} steps; first batch after {loop_train['first_batch_s']:.2f} s; "
+          f"with it {fmt(loop_train['epoch_samples_per_s'])} samples/s")),
         ("(b')", "predict (eval loop) on the cache (steady)", fmt(loop_infer["samples_per_s"]), "samples/s",
          fmt(loop_infer["ms_per_step"]), loop_infer["workers"], "-",
          f"batch {2 * b}; {loop_infer['steps']} batches; first batch after {loop_infer['first_batch_s']:.2f} s"),
@@ -420,19 +443,23 @@ def main(argv=None):
     for r in loaders:
         rows.append(("(d)", f"loader alone + augmentation, num_workers={r['workers']}", fmt(r["samples_per_s"]),
                      "samples/s", "-", r["workers"] or "0 (in-process)", fmt(r["per_worker"]),
-                     f"{r['batches']} batches of {r['batch']}; first batch after {r['first_batch_s']:.2f} s"))
+                     (f"CPU {r['cpu_ms_per_sample']:.2f} ms/sample in the {'workers' if r['workers'] else 'process'}"
+                      f" = {fmt(r['per_core_samples_per_s'])} samples/s per busy core"
+                      + (f", main process {r['main_cpu_ms_per_sample']:.2f} ms/sample" if r["workers"] else "")
+                      + f"; {r['batches']} batches of {r['batch']}; first batch after {r['first_batch_s']:.2f} s")))
     for r in caches:
-        rows.append(("(e)", f"cache build (build_cache), {r['workers']} worker(s)", fmt(r["slices_per_s"]),
-                     "slices/s", "-", r["workers"], fmt(r["per_worker"]),
+        rows.append(("(e)", f"cache build (build_cache), workers={r['workers']}", fmt(r["slices_per_s"]),
+                     "slices/s", "-", r["workers"] if r["workers"] > 1 else f"{r['workers']} (in-process)",
+                     fmt(r["per_worker"]),
                      f"{r['slices']} slices ({r['samples']} samples, {r['series']} series) in {r['seconds']:.1f} s"))
 
     lines = [
-        f"le3ba_v9 throughput | {settings['date_utc']} UTC | device {device} = {settings['device_words']} | "
-        f"torch {torch.__version__} | {CPUS} CPUs, {settings['torch_threads']} torch threads",
-        f"settings ({args.mode} preset + overrides): backbone {args.backbone} (pretrained {args.pretrained}), "
-        f"batch {b}, {args.num_slices} slices, img {args.img_size}, {precision}, channels_last {args.channels_last}, "
-        f"compile {settings['compile']}, GRU {args.gru_hidden}, attention {args.attention_hidden}; data: "
-        f"{args.studies} generated studies (RLE fraction {args.rle:g}), {len(kept)} samples cached",
+        (f"le3ba_v9 throughput | {settings['date_utc']} UTC | device {device} = {settings['device_words']} | "
+         f"torch {torch.__version__} | {CPUS} CPUs, {settings['torch_threads']} torch threads"),
+        (f"settings ({args.mode} preset + overrides): backbone {args.backbone} (pretrained {args.pretrained}), "
+         f"batch {b}, {args.num_slices} slices, img {args.img_size}, {precision}, channels_last {args.channels_last}, "
+         f"compile {settings['compile']}, GRU {args.gru_hidden}, attention {args.attention_hidden}; data: "
+         f"{args.studies} generated studies (RLE fraction {args.rle:g}), {len(kept)} samples cached"),
         "",
         table(rows),
         "",

@@ -1,0 +1,57 @@
+"""bench/throughput.py (issue 7): the --tiny run prints every row of its table with usable numbers."""
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ROW = re.compile(r"^\((a|a'|b|b'|c|d|e)\)\s*\|")
+
+
+def half_unit(text):
+    """Half a unit of the last printed digit: the rounding error of a printed number."""
+    decimals = len(text.split(".")[1]) if "." in text else 0
+    return 0.5 * 10.0**-decimals
+
+
+def test_tiny_benchmark_prints_every_row_with_positive_finite_numbers(tmp_path):
+    figures = tmp_path / "figures.json"
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "throughput.py"), "--tiny", "--work", str(tmp_path),
+                          "--json", str(figures)], cwd=REPO, capture_output=True, text=True, timeout=150)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("le3ba_v9 throughput") and "device " in lines[0] and "torch " in lines[0]
+    assert "batch 4" in lines[1] and "img 64" in lines[1] and "mobilenet_v3_small" in lines[1]
+
+    rows = {}
+    for line in lines:
+        if ROW.match(line):
+            cells = [c.strip() for c in line.split("|")]
+            rows.setdefault(cells[0], []).append(cells)
+    assert set(rows) == {"(a)", "(a')", "(b)", "(b')", "(c)", "(d)", "(e)"}, run.stdout
+    for cells in (cells for found in rows.values() for cells in found):
+        value = float(cells[2])
+        assert math.isfinite(value) and value > 0, cells
+    units = {key: {cells[3] for cells in found} for key, found in rows.items()}
+    assert units["(a)"] == units["(b)"] == units["(d)"] == {"samples/s"} and units["(e)"] == {"slices/s"}
+    for key in ("(a)", "(b)"):
+        assert float(rows[key][0][4]) > 0  # ms/step
+
+    a, b, c = (rows[k][0][2] for k in ("(a)", "(b)", "(c)"))
+    expected = float(b) / float(a)
+    tolerance = half_unit(c) + expected * (half_unit(b) / float(b) + half_unit(a) / float(a))
+    assert abs(float(c) - expected) <= tolerance * 1.001, (a, b, c)
+
+    loaders = {cells[1]: cells for cells in rows["(d)"]}
+    assert any("num_workers=0" in name for name in loaders) and any("num_workers=1" in name for name in loaders)
+    for cells in rows["(d)"] + rows["(e)"]:
+        assert float(cells[6]) > 0  # per worker
+    assert "estimated epoch of an RSNA-sized fold" in run.stdout
+
+    dumped = json.loads(figures.read_text())
+    assert dumped["c_ratio"] == dumped["b_train_one_epoch"]["samples_per_s"] / dumped["a_bare_train"]["samples_per_s"]
+    assert dumped["rsna_fold_epoch_estimate"]["epoch_s"] > 0
+    assert not list(tmp_path.glob("run_*"))  # the run's caches and outputs are removed
