@@ -212,6 +212,10 @@ def make_demo_data(folder, config):
     return folder
 
 
+def worker_count(config):
+    return config['num_workers'] if config['num_workers'] is not None else (os.cpu_count() or 1)
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -227,7 +231,7 @@ CONFIG = resolve_paths(merge_config(CONFIG, CONFIG_OVERRIDES))
 seed_everything(CONFIG['seed'])
 DEVICE = pick_device()
 cv2.setNumThreads(1)  # parallelism comes from the loader/cache workers; set before any OpenCV call
-NUM_WORKERS = CONFIG['num_workers'] if CONFIG['num_workers'] is not None else (os.cpu_count() or 1)
+NUM_WORKERS = worker_count(CONFIG)
 OUTPUT_DIR = Path(CONFIG['output_dir'])
 FIGURES = OUTPUT_DIR / 'figures'
 FIGURES.mkdir(exist_ok=True)
@@ -800,10 +804,6 @@ PLAN_CHECKPOINTS = [  # (epoch, quantity, expected low, expected high, the plan'
     (10, 'min class recall', 0.60, 1.00, ''),
     (10, 'train - val BA gap', None, 0.05, 'if overfitting (gap > 5 %): increase dropout to 0.4'),
 ]
-
-
-def worker_count(config):
-    return config['num_workers'] if config['num_workers'] is not None else (os.cpu_count() or 1)
 
 
 def classification_metrics(labels, probs):

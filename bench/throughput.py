@@ -115,6 +115,18 @@ def quiet():
     return contextlib.redirect_stdout(sys.stderr)
 
 
+def timed(step, warmup, steps, device):
+    """Seconds taken by `steps` calls of step after `warmup` untimed ones, device work included."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return time.perf_counter() - start
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -202,14 +214,7 @@ def bench_bare(nb, config, device, args):
         optimizer.zero_grad(set_to_none=True)
 
     step_model.train()
-    for _ in range(args.warmup):
-        train_step()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(args.bare_steps):
-        train_step()
-    sync(device)
-    seconds = time.perf_counter() - start
+    seconds = timed(train_step, args.warmup, args.bare_steps, device)
     train = {"samples_per_s": args.bare_steps * b / seconds, "ms_per_step": 1000 * seconds / args.bare_steps,
              "steps": args.bare_steps, "warmup": args.warmup, "batch": b, "peak_gib": peak_memory(device)}
 
@@ -225,14 +230,7 @@ def bench_bare(nb, config, device, args):
         return out.float().cpu()  # predict keeps its outputs; one copy to the host stands in for that
 
     step_model.eval()
-    for _ in range(args.warmup):
-        infer_step()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(args.bare_steps):
-        infer_step()
-    sync(device)
-    seconds = time.perf_counter() - start
+    seconds = timed(infer_step, args.warmup, args.bare_steps, device)
     infer = {"samples_per_s": args.bare_steps * 2 * b / seconds, "ms_per_step": 1000 * seconds / args.bare_steps,
              "steps": args.bare_steps, "warmup": args.warmup, "batch": 2 * b, "peak_gib": peak_memory(device)}
     return train, infer
