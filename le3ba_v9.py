@@ -1162,6 +1162,7 @@ FOLD_RESULTS = [train_fold(fold, SAMPLES, IMAGES, MASKS, CONFIG, DEVICE) for fol
 
 # %% tags=["defs"]
 PROB_COLUMNS = ['normal_mild', 'moderate', 'severe']
+P_COLUMNS = [f'p_{c}' for c in PROB_COLUMNS]  # the same probabilities in oof.csv
 ROW_WEIGHTS = [1.0, 2.0, 4.0]  # official sample weight by true label
 METRIC_GROUPS = {'spinal': 'spinal_canal_stenosis', 'foraminal': 'neural_foraminal_narrowing',
                  'subarticular': 'subarticular_stenosis'}
@@ -1208,7 +1209,7 @@ def kaggle_frames(oof, condition):
     row_id = oof['study_id'].astype(str) + f'_{condition}_' + oof['level']
     solution = pd.DataFrame(np.eye(3)[oof['label']], columns=PROB_COLUMNS).assign(
         row_id=row_id.to_numpy(), sample_weight=np.array(ROW_WEIGHTS)[oof['label']])
-    submission = pd.DataFrame(oof[[f'p_{c}' for c in PROB_COLUMNS]].to_numpy(), columns=PROB_COLUMNS)
+    submission = pd.DataFrame(oof[P_COLUMNS].to_numpy(), columns=PROB_COLUMNS)
     return solution, submission.assign(row_id=row_id.to_numpy())
 
 
@@ -1219,7 +1220,7 @@ def oof_frame(results, kind_of):
         kind = kind_of(result)
         ev = result['evaluations'][kind]
         frame = result['val_rows'][['study_id', 'level', 'label', 'cache_index']].reset_index(drop=True)
-        frame[[f'p_{c}' for c in PROB_COLUMNS]] = ev['probs']
+        frame[P_COLUMNS] = ev['probs']
         frame[[f'attn_{j}' for j in range(ev['attention'].shape[1])]] = ev['attention']
         frames.append(frame.assign(fold=result['fold'], model=kind))
     return pd.concat(frames, ignore_index=True)
@@ -1227,7 +1228,7 @@ def oof_frame(results, kind_of):
 
 def summarize(oof, condition):
     """Classification metrics and the competition terms of one OOF frame."""
-    probs = oof[[f'p_{c}' for c in PROB_COLUMNS]].to_numpy()
+    probs = oof[P_COLUMNS].to_numpy()
     metrics = classification_metrics(oof['label'].to_numpy(), probs)
     terms = competition_terms(*kaggle_frames(oof, condition))
     return {**metrics, 'competition_terms': terms, 'competition_score_part': float(np.mean(list(terms.values())))}
@@ -1254,12 +1255,11 @@ def holdout_evaluation(results, condition):
     frames = []
     for r in results:
         frame = r['holdout']['rows'][['study_id', 'level', 'label']].reset_index(drop=True)
-        frame[[f'p_{c}' for c in PROB_COLUMNS]] = r['holdout']['probs']
+        frame[P_COLUMNS] = r['holdout']['probs']
         frames.append(frame)
         rows[f"fold {r['fold']} ({r['holdout']['kind']})"] = summarize(frame, condition)
     ensemble = frames[0].copy()
-    ensemble[[f'p_{c}' for c in PROB_COLUMNS]] = np.mean([f[[f'p_{c}' for c in PROB_COLUMNS]].to_numpy()
-                                                         for f in frames], axis=0)
+    ensemble[P_COLUMNS] = np.mean([f[P_COLUMNS].to_numpy() for f in frames], axis=0)
     rows[f'ensemble of {len(frames)} folds'] = summarize(ensemble, condition)
     return pd.DataFrame({name: {'BA': s['ba'], **{f'recall {c}': v for c, v in zip(CLASSES, s['recall'])},
                                 'competition part': s['competition_score_part']}
@@ -1333,7 +1333,7 @@ def plot_strips(oof, images, title, name, per_class=2, rows=None):
     n = images.shape[1]
     fig, axes = plt.subplots(len(rows), n, figsize=(1.7 * n, 1.9 * len(rows)), squeeze=False)
     for ax_row, (_, row) in zip(axes, rows.iterrows()):
-        probs = row[[f'p_{c}' for c in PROB_COLUMNS]].to_numpy(float)
+        probs = row[P_COLUMNS].to_numpy(float)
         for j, ax in enumerate(ax_row):
             ax.imshow(images[int(row['cache_index']), j], cmap='gray', vmin=0, vmax=255)
             ax.set_title(f"w={row[f'attn_{j}']:.2f}", fontsize=8)
@@ -1400,7 +1400,7 @@ def confused_pairs(confusion):
 
 def worst_errors(oof, k=6):
     """Misclassified samples with the lowest probability on their true class."""
-    probs = oof[[f'p_{c}' for c in PROB_COLUMNS]].to_numpy()
+    probs = oof[P_COLUMNS].to_numpy()
     wrong = oof.assign(p_true=probs[np.arange(len(oof)), oof['label']])[probs.argmax(1) != oof['label']]
     return wrong.sort_values('p_true').head(k)
 
