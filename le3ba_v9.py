@@ -328,6 +328,11 @@ print(pd.crosstab(SAMPLES['fold'], SAMPLES['label'].map(dict(enumerate(CLASSES))
 # **Cache:** every series is decoded once, in parallel; the crops are stored as uint8 in a memory-mapped
 # file whose folder name is a hash of every preprocessing setting, so a changed setting rebuilds and an
 # unchanged rerun starts training at once.
+#
+# **Augmentation** (training only): crop-centre shift, zoom and rotation, one transform for all 7 slices
+# of a sample, then gamma / contrast / brightness and light noise. The loader workers only draw each
+# sample's parameters (from seed, epoch and sample index) and copy uint8 bytes; the pixel work runs on
+# the GPU as part of `to_model_input`, so a few CPU cores keep up with the model.
 
 # %% tags=["defs"]
 PREPROCESS_KEYS = ('img_size', 'num_slices', 'intensity', 'window_center', 'window_width', 'percentiles',
@@ -506,34 +511,26 @@ def build_cache(samples, config, workers):
     return kept, np.load(folder / 'images.npy', mmap_mode='r'), np.load(folder / 'masks.npy'), failures
 
 
-def augment_stack(stack, rng, config):
-    """One random geometric transform for all slices of a sample (crop-centre jitter, scale, rotation),
-    then brightness/contrast/gamma as a lookup table: stays uint8 and fast."""
-    size = stack.shape[-1]
-    affine = cv2.getRotationMatrix2D(((size - 1) / 2, (size - 1) / 2),
-                                     rng.uniform(-1, 1) * config['aug_rotate'],
-                                     1 + rng.uniform(-1, 1) * config['aug_scale'])
-    affine[:, 2] += rng.uniform(-1, 1, 2) * config['aug_shift'] * size
-    # slice by slice: OpenCV's fast bilinear path takes 1, 3 or 4 channels (its path for 7 is slower and
-    # rounds up to 6 grey levels off); each slice is written in place, no (H, W, slices) transposes
-    warped = np.empty(stack.shape, np.uint8)
-    for src, dst in zip(stack, warped):
-        cv2.warpAffine(src, affine, (size, size), dst=dst, flags=cv2.INTER_LINEAR,
-                       borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    levels = np.linspace(0, 1, 256) ** (1 + rng.uniform(-1, 1) * config['aug_gamma'])
-    levels = (levels - 0.5) * (1 + rng.uniform(-1, 1) * config['aug_contrast']) + 0.5
-    levels += rng.uniform(-1, 1) * config['aug_brightness']
-    lut = np.round(np.clip(levels, 0, 1) * 255).astype(np.uint8)
-    flat = warped.reshape(-1, size)
-    cv2.LUT(flat, lut, dst=flat)  # in place; 3-5x faster than numpy's lut[warped]
-    return warped
+AUG_PARAMS = ('angle_deg', 'scale', 'shift_x', 'shift_y', 'gamma', 'contrast', 'brightness')
+
+
+def draw_augmentation(rng, config):
+    """The random part of the training augmentation of one sample, as AUG_PARAMS: cheap to draw in a loader
+    worker. `augment_on_device` applies it to the whole batch on the GPU."""
+    u = rng.uniform(-1, 1, 7)
+    return np.array([u[0] * config['aug_rotate'], 1 + u[1] * config['aug_scale'],
+                     u[2] * config['aug_shift'], u[3] * config['aug_shift'],
+                     1 + u[4] * config['aug_gamma'], 1 + u[5] * config['aug_contrast'],
+                     u[6] * config['aug_brightness']], np.float32)
 
 
 class RSNADatasetV9(Dataset):
-    """Cached samples as uint8 (slices, 3, S, S), the plan's sample shape. Normalisation for the ImageNet
-    backbone happens on the device (`to_model_input`) and the loader ships one of the 3 identical channels
-    (`collate_one_channel`): 12x fewer bytes to copy than float32 samples. Augmentation randomness is a
-    function of (seed, epoch, sample), so runs and resumes are reproducible whatever the number of workers."""
+    """Cached samples as uint8 (slices, 3, S, S), the plan's sample shape, plus mask, level, label and, for
+    training, the sample's augmentation parameters ('aug'). The pixel work (augmentation, normalisation for
+    the ImageNet backbone) happens on the device in `to_model_input`, and the loader ships one of the 3
+    identical channels (`collate_one_channel`): a worker only copies bytes out of the memory map. The
+    augmentation is a function of (seed, epoch, sample), so runs and resumes are reproducible whatever
+    the number of workers."""
 
     def __init__(self, samples, images, masks, config, train):
         self.images, self.config, self.train, self.epoch = images, config, train, 0
@@ -550,12 +547,13 @@ class RSNADatasetV9(Dataset):
         return len(self.cache_index)
 
     def __getitem__(self, i):
-        stack = np.array(self.images[self.cache_index[i]])  # a writable copy out of the memory map
-        if self.train:
-            stack = augment_stack(stack, np.random.default_rng([self.config['seed'], self.epoch, i]), self.config)
-            stack[~self.masks[i].numpy()] = 0  # padded slices stay black whatever the brightness shift
+        stack = np.array(self.images[self.cache_index[i]])  # a copy out of the memory map
         image = torch.from_numpy(stack).unsqueeze(1).expand(-1, 3, -1, -1)
-        return {'image': image, 'mask': self.masks[i], 'level': self.levels[i], 'label': self.labels[i], 'index': i}
+        sample = {'image': image, 'mask': self.masks[i], 'level': self.levels[i], 'label': self.labels[i], 'index': i}
+        if self.train:
+            rng = np.random.default_rng([self.config['seed'], self.epoch, i])
+            sample['aug'] = torch.from_numpy(draw_augmentation(rng, self.config))
+        return sample
 
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 1, 3, 1, 1)
@@ -569,10 +567,33 @@ def collate_one_channel(batch):
     return torch.utils.data.default_collate([{**sample, 'image': sample['image'][:, :1]} for sample in batch])
 
 
-def to_model_input(images, noise_std=0.0):
+def augment_on_device(x, aug, mask):
+    """Training augmentation of a float batch x (B, slices, C, S, S) in [0, 1], on x's device. Per sample
+    (aug rows, AUG_PARAMS): one rotation + zoom about the centre + shift, the same for all its slices
+    (they are neighbours in one volume; cv2.getRotationMatrix2D's convention), bilinear, black outside;
+    then gamma, contrast about mid-grey and brightness. Padded slices (mask False) stay black."""
+    b, n, c, s, _ = x.shape
+    angle, scale, shift = torch.deg2rad(aug[:, 0]), aug[:, 1], aug[:, 2:4]
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    # affine_grid wants the inverse map (output -> input) in [-1, 1] coordinates, where a shift of
+    # f x side is 2f; inverse of (s R p + 2f) is R^T (p - 2f) / s
+    inverse = torch.stack([torch.stack([cos, -sin], 1), torch.stack([sin, cos], 1)], 1)
+    theta = torch.cat([inverse, -(inverse @ (2 * shift).unsqueeze(2))], 2)
+    grid = F.affine_grid(theta, (b, n * c, s, s), align_corners=False)
+    x = F.grid_sample(x.reshape(b, n * c, s, s), grid, mode='bilinear', padding_mode='zeros',
+                      align_corners=False).view(b, n, c, s, s)
+    gamma, contrast, brightness = (aug[:, k].view(b, 1, 1, 1, 1) for k in (4, 5, 6))
+    x = ((x.clamp(0, 1) ** gamma - 0.5) * contrast + 0.5 + brightness).clamp_(0, 1)
+    return x * mask.view(b, n, 1, 1, 1)
+
+
+def to_model_input(images, aug=None, mask=None, noise_std=0.0):
     """uint8 (B, slices, 3 or 1, S, S) on the device -> float (B, slices, 3, S, S) normalised for the
-    ImageNet backbone, with optional Gaussian noise (a training augmentation, cheaper here than in the loader)."""
+    ImageNet backbone. Training batches pass their `aug` parameters and slice mask (geometric and
+    intensity augmentation) and a Gaussian noise std; evaluation batches pass only the images."""
     x = images.float().div_(255)
+    if aug is not None:
+        x = augment_on_device(x, aug.float(), mask)
     if noise_std:
         x.add_(torch.randn_like(x[:, :, :1]) * noise_std)  # same noise in the 3 identical channels
     return (x - IMAGENET_MEAN.to(x.device)) / IMAGENET_STD.to(x.device)
@@ -904,11 +925,12 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, devi
     losses, norms, preds, labels, lrs = [], [], [], [], []
     bar = tqdm(loader, desc=f'epoch {epoch}', leave=False, mininterval=2)
     for step, batch in enumerate(bar):
-        images = to_model_input(batch['image'].to(device, non_blocking=True), config['aug_noise'])
+        mask = batch['mask'].to(device, non_blocking=True)
+        images = to_model_input(batch['image'].to(device, non_blocking=True),
+                                batch['aug'].to(device, non_blocking=True), mask, config['aug_noise'])
         target = batch['label'].to(device, non_blocking=True)
         with autocast(device, config):
-            logits, _ = model(images, batch['level'].to(device, non_blocking=True),
-                              batch['mask'].to(device, non_blocking=True))
+            logits, _ = model(images, batch['level'].to(device, non_blocking=True), mask)
             loss = criterion(logits, target)
         loss_value = loss.item()  # the one host sync per step: needed to catch a non-finite loss
         if not math.isfinite(loss_value):

@@ -9,9 +9,12 @@ One run, on whatever device is present (CUDA if available, else CPU), prints a t
   (b)  the notebook's train_one_epoch on a cached generated study set at the same settings
   (b') the notebook's predict (the evaluation loop) on the same cache
   (c)  the ratio (b)/(a): how much of the model's speed the real loop keeps
-  (d)  the cached loader alone (RSNADatasetV9 with augmentation through make_loader), in-process and
-       with workers: samples/s in total and per worker, and the workers' CPU time per sample (steady on a
-       shared machine, where the wall rate per worker depends on the share of a core each one gets)
+  (d)  the cached loader alone (RSNADatasetV9 in training mode through make_loader: it copies the uint8
+       crops and draws each sample's augmentation parameters), in-process and with workers: samples/s in
+       total and per worker, and the workers' CPU time per sample (steady on a shared machine, where the
+       wall rate per worker depends on the share of a core each one gets)
+  (f)  the training augmentation's pixel work on the device: to_model_input with a batch's augmentation
+       parameters and mask (warp, gamma/contrast/brightness, noise, normalisation), part of (b)
   (e)  the cache build (build_cache from the DICOM files of a generated study set, --rle of its series
        RLE Lossless) with each worker count: slices (crops written) per second
 
@@ -38,6 +41,7 @@ import time
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pandas as pd
 import torch
 
@@ -201,7 +205,7 @@ def bench_bare(nb, config, device, args):
     mask = torch.ones(b, n, dtype=torch.bool, device=device)
 
     def train_step():
-        x = nb["to_model_input"](images, config["aug_noise"])
+        x = nb["to_model_input"](images, noise_std=config["aug_noise"])
         with nb["autocast"](device, config):
             logits, _ = step_model(x, levels, mask)
             loss = criterion(logits, labels)
@@ -234,6 +238,22 @@ def bench_bare(nb, config, device, args):
     infer = {"samples_per_s": args.bare_steps * 2 * b / seconds, "ms_per_step": 1000 * seconds / args.bare_steps,
              "steps": args.bare_steps, "warmup": args.warmup, "batch": 2 * b, "peak_gib": peak_memory(device)}
     return train, infer
+
+
+def bench_augment(nb, config, device, args):
+    """(f) to_model_input on a training batch (1-channel uint8, as the loader ships it) with its augmentation
+    parameters and mask, on the device."""
+    b, n, s = config["batch_size"], config["num_slices"], config["img_size"]
+    g = torch.Generator(device=device).manual_seed(1)
+    images = torch.randint(0, 256, (b, n, 1, s, s), dtype=torch.uint8, device=device, generator=g)
+    rng = np.random.default_rng(0)
+    aug = torch.from_numpy(np.stack([nb["draw_augmentation"](rng, config) for _ in range(b)])).to(device)
+    mask = torch.ones(b, n, dtype=torch.bool, device=device)
+    steps = max(args.bare_steps, 10)
+    seconds = timed(lambda: nb["to_model_input"](images, aug, mask, config["aug_noise"]), args.warmup, steps,
+                    device)
+    return {"samples_per_s": steps * b / seconds, "ms_per_step": 1000 * seconds / steps, "steps": steps,
+            "batch": b}
 
 
 def bench_loop(nb, samples, images, masks, config, device, args):
@@ -398,6 +418,7 @@ def main(argv=None):
         loaders = [bench_loader(nb, kept, images, masks, config, device, args, w) for w in args.loader_workers]
         config = {**config, "num_workers": max(args.loader_workers)}  # (b) runs with the most loader workers
         bare_train, bare_infer = bench_bare(nb, config, device, args)
+        augment = bench_augment(nb, config, device, args)
         loop_train, loop_infer = bench_loop(nb, kept, images, masks, config, device, args)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -438,8 +459,11 @@ def main(argv=None):
         ("(c)", "ratio (b)/(a)", f"{ratio:.3f}", "-", "-", "-", "-",
          "share of the bare model's speed the real training loop keeps"),
     ]
+    rows.append(("(f)", "augmentation on the device (to_model_input)", fmt(augment["samples_per_s"]), "samples/s",
+                 fmt(augment["ms_per_step"]), "-", "-",
+                 f"batch {b}; {augment['steps']} calls; warp + intensity + noise + normalisation; inside (b)"))
     for r in loaders:
-        rows.append(("(d)", f"loader alone + augmentation, num_workers={r['workers']}", fmt(r["samples_per_s"]),
+        rows.append(("(d)", f"loader alone (train mode), num_workers={r['workers']}", fmt(r["samples_per_s"]),
                      "samples/s", "-", r["workers"] or "0 (in-process)", fmt(r["per_worker"]),
                      (f"CPU {r['cpu_ms_per_sample']:.2f} ms/sample in the {'workers' if r['workers'] else 'process'}"
                       f" = {fmt(r['per_core_samples_per_s'])} samples/s per busy core"
@@ -479,7 +503,7 @@ def main(argv=None):
     if args.json:
         figures = {"settings": settings, "a_bare_train": bare_train, "a_bare_inference": bare_infer,
                    "b_train_one_epoch": loop_train, "b_predict": loop_infer, "c_ratio": ratio, "d_loader": loaders,
-                   "e_cache_build": caches, "rsna_fold_epoch_estimate": estimate}
+                   "e_cache_build": caches, "f_device_augmentation": augment, "rsna_fold_epoch_estimate": estimate}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(figures, indent=1))
     return 0

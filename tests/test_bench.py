@@ -7,8 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
-ROW = re.compile(r"^\((a|a'|b|b'|c|d|e)\)\s*\|")
+ROW = re.compile(r"^\((a|a'|b|b'|c|d|e|f)\)\s*\|")
 
 
 def half_unit(text):
@@ -31,12 +33,13 @@ def test_tiny_benchmark_prints_every_row_with_positive_finite_numbers(tmp_path):
         if ROW.match(line):
             cells = [c.strip() for c in line.split("|")]
             rows.setdefault(cells[0], []).append(cells)
-    assert set(rows) == {"(a)", "(a')", "(b)", "(b')", "(c)", "(d)", "(e)"}, run.stdout
+    assert set(rows) == {"(a)", "(a')", "(b)", "(b')", "(c)", "(d)", "(e)", "(f)"}, run.stdout
     for cells in (cells for found in rows.values() for cells in found):
         value = float(cells[2])
         assert math.isfinite(value) and value > 0, cells
     units = {key: {cells[3] for cells in found} for key, found in rows.items()}
-    assert units["(a)"] == units["(b)"] == units["(d)"] == {"samples/s"} and units["(e)"] == {"slices/s"}
+    assert units["(a)"] == units["(b)"] == units["(d)"] == units["(f)"] == {"samples/s"}
+    assert units["(e)"] == {"slices/s"}
     for key in ("(a)", "(b)"):
         assert float(rows[key][0][4]) > 0  # ms/step
 
@@ -54,4 +57,6 @@ def test_tiny_benchmark_prints_every_row_with_positive_finite_numbers(tmp_path):
     dumped = json.loads(figures.read_text())
     assert dumped["c_ratio"] == dumped["b_train_one_epoch"]["samples_per_s"] / dumped["a_bare_train"]["samples_per_s"]
     assert dumped["rsna_fold_epoch_estimate"]["epoch_s"] > 0
+    augment = dumped["f_device_augmentation"]
+    assert augment["samples_per_s"] == pytest.approx(1000 * augment["batch"] / augment["ms_per_step"], rel=1e-9)
     assert not list(tmp_path.glob("run_*"))  # the run's caches and outputs are removed

@@ -405,47 +405,139 @@ def test_unknown_intensity_mode_raises(nb, config, one_file):
 
 
 # --------------------------------------------------------------------------------------- 8. augmentation
+AUG_KEYS = ("angle_deg", "scale", "shift_x", "shift_y", "gamma", "contrast", "brightness")
+
+
+def aug_row(**values):
+    """One sample's augmentation parameters: identity except the values given."""
+    params = {"angle_deg": 0.0, "scale": 1.0, "shift_x": 0.0, "shift_y": 0.0, "gamma": 1.0, "contrast": 1.0,
+              "brightness": 0.0, **values}
+    return torch.tensor([[params[k] for k in AUG_KEYS]], dtype=torch.float32)
+
+
+def smooth_image(size, seed=0):
+    rng = np.random.default_rng(seed)
+    return cv2.GaussianBlur(rng.integers(0, 256, (size, size), dtype=np.uint8), (9, 9), 0)
+
+
+def test_aug_params_are_named_in_the_order_used(nb):
+    assert nb["AUG_PARAMS"] == AUG_KEYS
+
+
 def test_training_augmentation_deterministic_by_seed_epoch_index(nb, cache, config):
     kept, images, masks, _ = cache
     train = nb["RSNADatasetV9"](kept, images, masks, config, train=True)
     val = nb["RSNADatasetV9"](kept, images, masks, config, train=False)
     for i in (0, 7):
         row = kept.iloc[i]
-        cached = torch.from_numpy(np.asarray(images[row["cache_index"]]))
+        cached = torch.from_numpy(np.array(images[row["cache_index"]]))
         v1, v2 = val[i], val[i]
         assert torch.equal(v1["image"], v2["image"]) and torch.equal(v1["image"][:, 0], cached)
+        assert "aug" not in v1  # validation is deterministic: nothing to augment with
         assert v1["label"].item() == row["label"] and v1["level"].item() == row["level_idx"]
         assert torch.equal(v1["mask"], torch.from_numpy(masks[row["cache_index"]]))
-        t0 = train[i]["image"]
-        assert not torch.equal(t0, v1["image"])
-        assert torch.equal(t0, train[i]["image"])  # same (seed, epoch, index): same sample
+        t0 = train[i]
+        assert torch.equal(t0["image"], v1["image"])  # the worker ships the cached bytes; pixels change on the device
+        assert t0["aug"].shape == (7,) and t0["aug"].dtype == torch.float32
+        assert torch.equal(t0["aug"], train[i]["aug"])  # same (seed, epoch, index): same parameters
         again = nb["RSNADatasetV9"](kept, images, masks, config, train=True)
-        assert torch.equal(t0, again[i]["image"])  # no hidden state in the instance
+        assert torch.equal(t0["aug"], again[i]["aug"])  # no hidden state in the instance
         train.set_epoch(1)
-        t1 = train[i]["image"]
-        assert not torch.equal(t0, t1)
-        assert torch.equal(t1, train[i]["image"])
+        t1 = train[i]["aug"]
+        assert not torch.equal(t0["aug"], t1) and torch.equal(t1, train[i]["aug"])
         train.set_epoch(0)
         other_seed = nb["RSNADatasetV9"](kept, images, masks, {**config, "seed": config["seed"] + 1}, train=True)
-        assert not torch.equal(t0, other_seed[i]["image"])
-        assert torch.equal(torch.from_numpy(np.asarray(images[row["cache_index"]])), cached)  # cache untouched
+        assert not torch.equal(t0["aug"], other_seed[i]["aug"])
+        # the model input: augmented, different from validation's, and the same for the same parameters
+        batch = t0["image"][None]
+        mask = t0["mask"][None]
+        augmented = nb["to_model_input"](batch, t0["aug"][None], mask)
+        assert not torch.allclose(augmented, nb["to_model_input"](batch))
+        assert torch.equal(augmented, nb["to_model_input"](batch, train[i]["aug"][None], mask))
+        assert torch.equal(torch.from_numpy(np.array(images[row["cache_index"]])), cached)  # cache untouched
+
+
+def test_draw_augmentation_spans_the_configured_ranges(nb, config):
+    draws = np.stack([nb["draw_augmentation"](np.random.default_rng([1, k]), config) for k in range(2000)])
+    bounds = [(config["aug_rotate"], 0), (config["aug_scale"], 1), (config["aug_shift"], 0),
+              (config["aug_shift"], 0), (config["aug_gamma"], 1), (config["aug_contrast"], 1),
+              (config["aug_brightness"], 0)]
+    for column, (half_width, centre) in zip(draws.T, bounds):
+        assert column.min() >= centre - half_width and column.max() <= centre + half_width
+        assert column.min() < centre - 0.95 * half_width and column.max() > centre + 0.95 * half_width
+    no_ranges = {**config, **{key: 0.0 for key in config if key.startswith("aug_")}}
+    off = nb["draw_augmentation"](np.random.default_rng(0), no_ranges)
+    np.testing.assert_array_equal(off, aug_row().numpy()[0])  # every range at 0: the identity
+
+
+def test_identity_parameters_leave_the_input_unchanged(nb):
+    images = torch.from_numpy(np.stack([smooth_image(48, seed) for seed in range(7)]))[None, :, None]
+    mask = torch.ones(1, 7, dtype=torch.bool)
+    torch.testing.assert_close(nb["to_model_input"](images, aug_row(), mask), nb["to_model_input"](images),
+                               atol=1e-5, rtol=0)
+
+
+def test_device_warp_matches_opencv_warp_affine(nb):
+    size = 96
+    base = smooth_image(size)
+    x = torch.from_numpy(base).float().div(255).view(1, 1, 1, size, size)
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    for angle, scale, sx, sy in [(7.5, 1.08, 0.05, -0.03), (-10.0, 0.9, -0.06, 0.02), (90.0, 1.0, 0.0, 0.0)]:
+        out = nb["augment_on_device"](x, aug_row(angle_deg=angle, scale=scale, shift_x=sx, shift_y=sy), mask)
+        affine = cv2.getRotationMatrix2D(((size - 1) / 2, (size - 1) / 2), angle, scale)
+        affine[:, 2] += np.array([sx, sy]) * size
+        expected = cv2.warpAffine(base.astype(np.float32) / 255, affine, (size, size), flags=cv2.INTER_LINEAR,
+                                  borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        inner = slice(size // 5, size - size // 5)  # away from the border, where both pad with black
+        diff = np.abs(out[0, 0, 0].numpy() - expected)[inner, inner]
+        assert diff.max() < 0.01 and diff.mean() < 0.002, (angle, diff.max(), diff.mean())
+    # exact directions: 90 degrees is numpy's rot90 (counter-clockwise on screen), a 3-pixel shift moves right
+    rotated = nb["augment_on_device"](x, aug_row(angle_deg=90.0), mask)[0, 0, 0].numpy()
+    np.testing.assert_allclose(rotated, np.rot90(base).astype(np.float32) / 255, atol=1e-4)
+    shifted = nb["augment_on_device"](x, aug_row(shift_x=3 / size), mask)[0, 0, 0].numpy()
+    np.testing.assert_allclose(shifted[:, 3:], base[:, :-3].astype(np.float32) / 255, atol=1e-5)
+    assert np.all(shifted[:, :3] == 0)
+
+
+def test_device_intensity_matches_hand_formula_and_keeps_padding_black(nb):
+    values = torch.tensor([0, 51, 102, 204, 255], dtype=torch.uint8)
+    images = values.view(1, 5, 1, 1, 1).expand(1, 5, 1, 8, 8).clone()
+    mask = torch.tensor([[True, True, True, True, False]])  # the last slice is padding
+    gamma, contrast, brightness = 1.2, 1.3, 0.2
+    out = nb["augment_on_device"](images.float() / 255, aug_row(gamma=gamma, contrast=contrast,
+                                                                  brightness=brightness), mask)
+    for k, value in enumerate(values.tolist()[:4]):
+        expected = min(max(((value / 255) ** gamma - 0.5) * contrast + 0.5 + brightness, 0.0), 1.0)
+        assert out[0, k].flatten().numpy() == pytest.approx(np.full(64, expected), abs=1e-5)
+    assert out[0, 3].max().item() == 1.0  # 204 brightened past white: clipped at 1
+    assert out[0, 4].abs().max().item() == 0.0  # padded slice stays black despite the brightness shift
 
 
 def test_augmentation_applies_one_transform_to_all_slices(nb, config):
-    rng = np.random.default_rng(0)
     size = config["img_size"]
-    base = cv2.GaussianBlur(rng.integers(0, 256, (size, size), dtype=np.uint8), (5, 5), 0)
-    images = np.repeat(base[None, None], 7, axis=1)  # one sample of 7 equal slices
-    masks = np.ones((1, 7), bool)
-    rows = pd.DataFrame({"cache_index": [0], "study_id": [1], "level_idx": [2], "label": [1]})
-    dataset = nb["RSNADatasetV9"](rows, images, masks, config, train=True)
+    base = smooth_image(size)
+    images = torch.from_numpy(np.repeat(base[None, None, None], 7, axis=1))  # (1, 7, 1, S, S), equal slices
+    mask = torch.ones(1, 7, dtype=torch.bool)
     for epoch in range(4):
-        dataset.set_epoch(epoch)
-        image = dataset[0]["image"][:, 0].numpy()
+        aug = torch.from_numpy(nb["draw_augmentation"](np.random.default_rng([0, epoch, 0]), config))[None]
+        out = nb["to_model_input"](images, aug, mask)
         for j in range(1, 7):
-            np.testing.assert_array_equal(image[j], image[0])
-        assert np.mean(image[0] != base) > 0.5  # the sample really was transformed
-    assert np.array_equal(images[0, 3], base)
+            torch.testing.assert_close(out[0, j], out[0, 0], atol=0, rtol=0)
+        plain = nb["to_model_input"](images)
+        assert (out[0, 0] - plain[0, 0]).abs().gt(0.02).float().mean() > 0.5  # really transformed
+
+
+def test_training_batches_carry_aug_and_evaluation_batches_do_not(nb, cache, config):
+    kept, images, masks, _ = cache
+    device = torch.device("cpu")
+    train = nb["make_loader"](nb["RSNADatasetV9"](kept, images, masks, config, train=True), config, device, True,
+                              generator=torch.Generator().manual_seed(0))
+    batch = next(iter(train))
+    assert batch["aug"].shape == (config["batch_size"], 7)
+    assert batch["image"].shape == (config["batch_size"], 7, 1, config["img_size"], config["img_size"])
+    evaluation = nb["make_loader"](nb["RSNADatasetV9"](kept, images, masks, config, train=False), config, device,
+                                   False)
+    assert "aug" not in next(iter(evaluation))
 
 
 # ------------------------------------------------------------------------------- 9. crop near a border
