@@ -84,6 +84,28 @@ def test_gradient_clipping_is_active_and_logged(nb, cached, tmp_path, clip, clip
     assert math.isfinite(stats["train_loss"])
 
 
+def test_training_steps_see_device_augmented_batches_and_predict_plain_ones(nb, cached, tmp_path):
+    config = small_config(nb, tmp_path, aug_noise=0.0)
+    model, loader, criterion, optimizer, scaler = epoch_pieces(nb, cached, config)
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    nb["train_one_epoch"](model, loader, criterion, optimizer, None, scaler, CPU, config, {"nonfinite": 0}, 0)
+    same_order = nb["make_loader"](loader.dataset, config, CPU, train=True, generator=torch.Generator().manual_seed(0))
+    batches = list(same_order)
+    assert len(seen) == len(batches) == 4
+    for images, batch in zip(seen, batches):
+        augmented = nb["to_model_input"](batch["image"], batch["aug"], batch["mask"])
+        torch.testing.assert_close(images, augmented, atol=1e-6, rtol=0)
+        assert (images - nb["to_model_input"](batch["image"])).abs().mean() > 0.05  # not the plain crops
+    seen.clear()
+    plain = nb["make_loader"](nb["RSNADatasetV9"](cached[0].head(16), *cached[1:], config, train=False),
+                              config, CPU, False)
+    nb["predict"](model, plain, criterion, CPU, config)
+    for images, batch in zip(seen, plain):
+        torch.testing.assert_close(images, nb["to_model_input"](batch["image"]), atol=0, rtol=0)
+    assert len(seen) == len(plain) == 1  # 16 samples, evaluation batch 2 x 8
+
+
 def test_nonfinite_loss_is_reported_skipped_and_stops_the_run(nb, cached, tmp_path):
     config = small_config(nb, tmp_path, max_nonfinite_steps=2)
     model, loader, _, optimizer, scaler = epoch_pieces(nb, cached, config)
