@@ -627,6 +627,27 @@ def plot_class_crops(samples, images, masks, name='crops_by_class'):
     show(fig, name)
 
 
+def plot_augmentations(samples, images, masks, config, views=6, name='augmentation'):
+    """The middle slice of one training sample as cached and as the model sees it in `views` epochs
+    (the device augmentation, here run on the CPU; noise included)."""
+    dataset = RSNADatasetV9(samples.head(1), images, masks, config, train=True)
+    middle = images.shape[1] // 2
+    fig, axes = plt.subplots(1, views + 1, figsize=(2.2 * (views + 1), 2.6))
+    axes[0].imshow(images[samples['cache_index'].iloc[0], middle], cmap='gray', vmin=0, vmax=255)
+    axes[0].set_title('cached', fontsize=9)
+    for epoch, ax in enumerate(axes[1:]):
+        dataset.set_epoch(epoch)
+        item = dataset[0]
+        x = to_model_input(item['image'][None], item['aug'][None], item['mask'][None], config['aug_noise'])
+        grey = (x[0, middle, 0] * IMAGENET_STD[0, 0, 0] + IMAGENET_MEAN[0, 0, 0]).clamp(0, 1)
+        ax.imshow(grey.numpy(), cmap='gray', vmin=0, vmax=1)
+        angle, scale, *_ = item['aug'].tolist()
+        ax.set_title(f'epoch {epoch}: {angle:+.0f} deg, x{scale:.2f}', fontsize=8)
+    for ax in axes:
+        ax.axis('off')
+    show(fig, name)
+
+
 def plot_preprocessing(path, config, name='intensity_and_clahe'):
     """One slice under every intensity choice, before and after CLAHE, with the clipped fraction.
     Returns {mode: clipped fraction}."""
@@ -662,6 +683,7 @@ print(f'{len(SAMPLES)} samples cached; {int((~MASKS[SAMPLES["cache_index"]]).sum
 _check = RSNADatasetV9(SAMPLES.head(5), IMAGES, MASKS, CONFIG, train=True)
 print('5 training samples:', [tuple(_check[i]['image'].shape) for i in range(len(_check))])
 plot_class_crops(SAMPLES, IMAGES, MASKS)
+plot_augmentations(SAMPLES, IMAGES, MASKS, CONFIG)
 CLIPPED = plot_preprocessing(SAMPLES['path'].iloc[0], CONFIG)
 
 # %% [markdown]

@@ -142,6 +142,16 @@ def test_plot_class_crops_writes_one_row_per_class(nb, cache):
     assert width3 == width1 and height3 == 3 * height1  # three rows of the same slices
 
 
+def test_plot_augmentations_writes_cached_plus_one_panel_per_view(nb, cache, config):
+    kept, images, masks, _ = cache
+    nb["plot_augmentations"](kept, images, masks, config, views=3, name="test_aug3")
+    nb["plot_augmentations"](kept, images, masks, config, views=6, name="test_aug6")
+    small = mpimg.imread(nb["FIGURES"] / "test_aug3.png")
+    large = mpimg.imread(nb["FIGURES"] / "test_aug6.png")
+    assert large.shape[1] / small.shape[1] == pytest.approx(7 / 4, rel=0.05)  # panel count sets the width
+    assert small.std() > 0.05  # images drawn, not a blank canvas
+
+
 def test_read_slice_is_minmax_then_opencv_clahe(nb, samples, config):
     grid = config["clahe_grid"]
     clahe = cv2.createCLAHE(clipLimit=config["clahe_clip"], tileGridSize=(grid, grid))
