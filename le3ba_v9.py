@@ -98,6 +98,7 @@ CONFIG_OVERRIDES = {}
 
 # %% tags=["defs"]
 import difflib
+import functools
 import hashlib
 import json
 import math
@@ -560,6 +561,15 @@ IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 1, 3, 1, 1)
 
 
+@functools.lru_cache
+def imagenet_stats(device):
+    """IMAGENET_MEAN and IMAGENET_STD on `device`, copied once: a blocking host-to-GPU copy on every batch
+    would wait for all queued GPU work each time. Made outside inference mode (predict may be the first
+    caller), so training may use them too."""
+    with torch.inference_mode(False):
+        return IMAGENET_MEAN.to(device), IMAGENET_STD.to(device)
+
+
 def collate_one_channel(batch):
     """default_collate, except that the images keep one of their 3 identical channels: (B, slices, 1, S, S).
     A third of the bytes to write into the workers' shared memory, to pin and to copy to the device;
@@ -596,7 +606,8 @@ def to_model_input(images, aug=None, mask=None, noise_std=0.0):
         x = augment_on_device(x, aug.float(), mask)
     if noise_std:
         x.add_(torch.randn_like(x[:, :, :1]) * noise_std)  # same noise in the 3 identical channels
-    return (x - IMAGENET_MEAN.to(x.device)) / IMAGENET_STD.to(x.device)
+    mean, std = imagenet_stats(x.device)
+    return (x - mean) / std
 
 # %% [markdown]
 # ### Task 1.1 visual checks
@@ -998,10 +1009,11 @@ def predict(model, loader, criterion, device, config):
     for batch in loader:
         images = to_model_input(batch['image'].to(device, non_blocking=True))
         with autocast(device, config):
-            out, attn = model(images, batch['level'].to(device), batch['mask'].to(device))
+            out, attn = model(images, batch['level'].to(device, non_blocking=True),
+                              batch['mask'].to(device, non_blocking=True))
         logits.append(out.float())
         weights.append(attn.float())
-        labels.append(batch['label'].to(device))
+        labels.append(batch['label'].to(device, non_blocking=True))
     logits, labels = torch.cat(logits), torch.cat(labels)
     return {'loss': float(criterion(logits, labels)), 'probs': F.softmax(logits, 1).cpu().numpy(),
             'attention': torch.cat(weights).cpu().numpy(), 'labels': labels.cpu().numpy()}

@@ -119,6 +119,8 @@ def test_to_model_input_normalises_with_imagenet_mean_std(nb, cache256):
     std = torch.tensor(IMAGENET_STD).view(1, 1, 3, 1, 1)
     torch.testing.assert_close(out, (batch.double() / 255 - mean) / std, check_dtype=False, atol=1e-5, rtol=0)
     assert torch.equal(batch, torch.stack([dataset[i]["image"] for i in range(5)]))  # input left untouched
+    cpu = torch.device("cpu")
+    assert all(a is b for a, b in zip(nb["imagenet_stats"](cpu), nb["imagenet_stats"](cpu)))  # made once per device
     # training noise: the same noise in the 3 identical channels, so they stay identical once de-normalised
     torch.manual_seed(0)
     noisy = nb["to_model_input"](batch, noise_std=0.1) * std + mean
