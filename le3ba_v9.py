@@ -518,7 +518,7 @@ AUG_PARAMS = ('angle_deg', 'scale', 'shift_x', 'shift_y', 'gamma', 'contrast', '
 def draw_augmentation(rng, config):
     """The random part of the training augmentation of one sample, as AUG_PARAMS: cheap to draw in a loader
     worker. `augment_on_device` applies it to the whole batch on the GPU."""
-    u = rng.uniform(-1, 1, 7)
+    u = rng.uniform(-1, 1, len(AUG_PARAMS))
     return np.array([u[0] * config['aug_rotate'], 1 + u[1] * config['aug_scale'],
                      u[2] * config['aug_shift'], u[3] * config['aug_shift'],
                      1 + u[4] * config['aug_gamma'], 1 + u[5] * config['aug_contrast'],
@@ -1065,7 +1065,11 @@ def train_fold(fold, samples, images, masks, config, device, on_epoch_end=None):
     train_set = RSNADatasetV9(train_rows, images, masks, config, train=True)
     generator = torch.Generator()
     train_loader = make_loader(train_set, config, device, train=True, generator=generator)
-    val_loader = make_loader(RSNADatasetV9(val_rows, images, masks, config, train=False), config, device, False)
+
+    def eval_loader(rows):  # fixed order, no augmentation
+        return make_loader(RSNADatasetV9(rows, images, masks, config, train=False), config, device, False)
+
+    val_loader = eval_loader(val_rows)
 
     model = SpineModelV9(config).to(device)
     if config['channels_last']:
@@ -1170,9 +1174,8 @@ def train_fold(fold, samples, images, masks, config, device, on_epoch_end=None):
         models['best'].load_state_dict(torch.load(fold_dir / 'best.pt', map_location=device,
                                                   weights_only=False)['model'])
     if swa_model is not None and swa_model.n_averaged.item() > 0:
-        bn_loader = make_loader(RSNADatasetV9(train_rows, images, masks, config, train=False), config, device, False)
         with autocast(device, config):
-            recompute_swa_batchnorm(swa_model, bn_loader, device)
+            recompute_swa_batchnorm(swa_model, eval_loader(train_rows), device)
         torch.save({'model': swa_model.module.state_dict(), 'config': config}, fold_dir / 'swa.pt')
         models['swa'] = swa_model.module
     evaluations = {kind: evaluate(m, val_loader, criterion, device, config) for kind, m in models.items()}
@@ -1181,10 +1184,8 @@ def train_fold(fold, samples, images, masks, config, device, on_epoch_end=None):
               'evaluations': evaluations, 'val_rows': val_rows, 'class_weights': criterion.weights.tolist()}
     if len(holdout_rows):  # the final model's view of the studies no fold saw, for the ensemble evaluation
         kind = final_kind(result, config)
-        holdout_loader = make_loader(RSNADatasetV9(holdout_rows, images, masks, config, train=False), config,
-                                     device, False)
-        result['holdout'] = {'kind': kind, 'rows': holdout_rows,
-                             'probs': predict(models[kind], holdout_loader, criterion, device, config)['probs']}
+        probs = predict(models[kind], eval_loader(holdout_rows), criterion, device, config)['probs']
+        result['holdout'] = {'kind': kind, 'rows': holdout_rows, 'probs': probs}
     return result
 
 
