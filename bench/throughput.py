@@ -316,7 +316,8 @@ def cpu_seconds(pid):
 
 
 def bench_loader(nb, samples, images, masks, config, device, args, workers):
-    """(d) the training loader alone: RSNADatasetV9 (augmentation on) through make_loader. Besides the wall
+    """(d) the training loader alone: RSNADatasetV9 in training mode (uint8 crops + augmentation parameters;
+    the pixels are augmented on the device, (f)) through make_loader. Besides the wall
     rate, the CPU time the workers (or, in-process, the main process) spent per sample: on a busy machine
     the wall rate per worker falls with the share of a core a worker gets, the CPU cost per sample does not."""
     config = {**config, "num_workers": workers}
@@ -458,10 +459,10 @@ def main(argv=None):
          f"batch {2 * b}; {loop_infer['steps']} batches; first batch after {loop_infer['first_batch_s']:.2f} s"),
         ("(c)", "ratio (b)/(a)", f"{ratio:.3f}", "-", "-", "-", "-",
          "share of the bare model's speed the real training loop keeps"),
+        ("(f)", "augmentation on the device (to_model_input)", fmt(augment["samples_per_s"]), "samples/s",
+         fmt(augment["ms_per_step"]), "-", "-",
+         f"batch {b}; {augment['steps']} calls; warp + intensity + noise + normalisation; inside (b)"),
     ]
-    rows.append(("(f)", "augmentation on the device (to_model_input)", fmt(augment["samples_per_s"]), "samples/s",
-                 fmt(augment["ms_per_step"]), "-", "-",
-                 f"batch {b}; {augment['steps']} calls; warp + intensity + noise + normalisation; inside (b)"))
     for r in loaders:
         rows.append(("(d)", f"loader alone (train mode), num_workers={r['workers']}", fmt(r["samples_per_s"]),
                      "samples/s", "-", r["workers"] or "0 (in-process)", fmt(r["per_worker"]),
