@@ -79,7 +79,7 @@ CONFIG = {
     'pretrained': 'imagenet',    # 'imagenet' (torchvision download) | path to a .pth file | 'none'
     'min_minority_recall': 0.20,  # save gate: min(Moderate, Severe) recall needed to save a best model
     'auto_class_weight_actions': False,  # apply the plan's class-weight actions at checkpoints 1 and 3
-    'precision': 'fp16',         # CUDA autocast dtype: fp16 (with GradScaler) | bf16; CPU runs float32
+    'precision': 'fp16',         # autocast: fp16 (CUDA, GradScaler) | bf16 (CUDA or CPU) | fp32; CPU runs fp16 as fp32
     'compile': False,            # torch.compile the model (CUDA; faster after a slow first epoch)
     'channels_last': True,       # faster convolutions on tensor cores
     'val_every': 1,              # validate every N epochs (and always on the last)
@@ -146,6 +146,7 @@ def warn(message):
 
 
 INTENSITY_MODES = ('minmax', 'window', 'percentile', 'dicom')
+AMP_DTYPES = {'fp16': torch.float16, 'bf16': torch.bfloat16, 'fp32': None}  # autocast dtype; None = float32
 
 
 def merge_config(config, overrides):
@@ -158,7 +159,7 @@ def merge_config(config, overrides):
     merged = {**config, **overrides}
     if merged['demo']:  # the preset sits under the user's own overrides
         merged = {**config, **DEMO_PRESET, **overrides}
-    choices = {'intensity': INTENSITY_MODES, 'precision': ('fp16', 'bf16'),
+    choices = {'intensity': INTENSITY_MODES, 'precision': tuple(AMP_DTYPES),
                'final_model': ('swa', 'best', 'last')}
     for key, allowed in choices.items():
         if merged[key] not in allowed:
@@ -422,11 +423,16 @@ def crop_slice(image, ds, point_mm, config):
                           borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
+def crop_side(config):
+    """Side in pixels of the crops stored in the cache."""
+    return config['img_size']
+
+
 def preprocess_series(job):
     """All samples of one series: (row ids, stacks (n, slices, S, S) uint8, masks (n, slices), error or None).
     Headers are read for every file (to order the slices); pixels are decoded once, only where needed."""
     series_dir, rows, config = job
-    n, size = config['num_slices'], config['img_size']
+    n, size = config['num_slices'], crop_side(config)
     stacks = np.zeros((len(rows), n, size, size), np.uint8)
     masks = np.zeros((len(rows), n), bool)
     try:
@@ -480,7 +486,7 @@ def build_cache(samples, config, workers):
     if not (folder / 'done.json').exists():
         tmp = folder.with_name(folder.name + '.partial')
         tmp.mkdir(parents=True, exist_ok=True)
-        n, size = config['num_slices'], config['img_size']
+        n, size = config['num_slices'], crop_side(config)
         images = np.lib.format.open_memmap(tmp / 'images.npy', 'w+', np.uint8, (len(samples), n, size, size))
         masks = np.zeros((len(samples), n), bool)
         error = pd.Series('', index=samples.index, dtype=object)
@@ -938,9 +944,17 @@ def make_optimizer(model, config):
                              weight_decay=config['weight_decay'])
 
 
+def precision_in_use(device, config):
+    """The precision that really runs: CONFIG['precision'] on CUDA; on the CPU bf16 when asked for (it has
+    no fast fp16), else fp32. Reports name this, not the setting."""
+    if device.type == 'cuda' or config['precision'] != 'fp16':
+        return config['precision']
+    return 'fp32'
+
+
 def autocast(device, config):
-    dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}[config['precision']]
-    return torch.autocast(device.type, dtype=dtype, enabled=device.type == 'cuda')
+    dtype = AMP_DTYPES[precision_in_use(device, config)]
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 def make_loader(dataset, config, device, train, generator=None):
@@ -1078,7 +1092,7 @@ def train_fold(fold, samples, images, masks, config, device, on_epoch_end=None):
     criterion = CompetitionWeightedCE(config['class_weights']).to(device)
     optimizer = make_optimizer(model, config)
     scheduler = warmup_cosine(optimizer, config, len(train_loader))
-    scaler = torch.amp.GradScaler(device.type, enabled=device.type == 'cuda' and config['precision'] == 'fp16')
+    scaler = torch.amp.GradScaler(device.type, enabled=precision_in_use(device, config) == 'fp16')
     swa_model = AveragedModel(model) if config['use_swa'] else None
     swa_scheduler = None
     state = {'epoch': 0, 'history': [], 'checkpoints': [], 'actions': [], 'lr_steps': [], 'best_ba': -1.0,
