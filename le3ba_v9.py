@@ -60,10 +60,12 @@ CONFIG = {
     'demo_studies': 48,          # size of that synthetic set
     'condition': 'spinal_canal_stenosis',  # train.csv column prefix of the condition trained
     'series_description': 'Sagittal T2/STIR',  # series type the condition is read on
-    'intensity': 'minmax',       # minmax (v4's choice) | window | percentile | dicom: see Task 1.1
+    'intensity': 'minmax',       # minmax (v4's choice) | window | percentile | series_percentile | dicom: Task 1.1
     'window_center': 50,         # used by intensity='window' (the plan's literal WC/WW)
     'window_width': 350,         # (WW 350 keeps values in [-125, 225] only)
     'percentiles': (1.0, 99.0),  # used by intensity='percentile'
+    'series_percentiles': (0.5, 99.5),  # intensity='series_percentile': one range per series, so a sample's
+                                 # slices share one scale and a few outlier pixels do not squeeze the anatomy
     'clahe_clip': 2.0,           # CLAHE clip limit (OpenCV's default is 40; 2 is the usual for MR)
     'clahe_grid': 8,             # CLAHE tiles per side
     'crop_mm': 60.0,             # crop side in millimetres (PixelSpacing): the disc level plus
@@ -107,6 +109,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -145,7 +148,7 @@ def warn(message):
     print(f'WARNING: {message}')
 
 
-INTENSITY_MODES = ('minmax', 'window', 'percentile', 'dicom')
+INTENSITY_MODES = ('minmax', 'window', 'percentile', 'series_percentile', 'dicom')
 AMP_DTYPES = {'fp16': torch.float16, 'bf16': torch.bfloat16, 'fp32': None}  # autocast dtype; None = float32
 
 
@@ -338,16 +341,22 @@ print(pd.crosstab(SAMPLES['fold'], SAMPLES['label'].map(dict(enumerate(CLASSES))
 
 # %% tags=["defs"]
 PREPROCESS_KEYS = ('img_size', 'num_slices', 'intensity', 'window_center', 'window_width', 'percentiles',
+                   'series_percentiles',
                    'clahe_clip', 'clahe_grid', 'crop_mm', 'condition', 'series_description')
 
 
 def decode_dicom(path):
-    """(dataset, float32 pixels in modality units, bright = high). Errors name the file."""
-    try:
-        ds = pydicom.dcmread(path)
-        pixels = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
-    except Exception as error:  # pydicom raises many types: missing pixels, no decoder, truncated file
-        raise ValueError(f'cannot read DICOM {path}: {type(error).__name__}: {error}') from error
+    """(dataset, float32 pixels in modality units, bright = high). Errors name the file and the cause: pydicom's
+    warnings while reading (e.g. a truncated file) come before the error they lead to."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        try:
+            ds = pydicom.dcmread(path)
+            pixels = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
+        except Exception as error:  # pydicom raises many types: missing pixels, no decoder, truncated file
+            cause = '; '.join(dict.fromkeys(str(w.message) for w in caught))
+            cause = f'{cause} (file truncated or damaged), then ' if cause else ''
+            raise ValueError(f'cannot read DICOM {path}: {cause}{type(error).__name__}: {error}') from error
     if pixels.ndim != 2:
         raise ValueError(f'cannot read DICOM {path}: expected one 2-D frame, got shape {pixels.shape}')
     if ds.get('PhotometricInterpretation') == 'MONOCHROME1':
@@ -356,15 +365,16 @@ def decode_dicom(path):
 
 
 def intensity_range(pixels, ds, config):
-    """(lo, hi) of the modality values mapped to 0..255 under CONFIG['intensity']."""
+    """(lo, hi) of the modality values mapped to 0..255 under CONFIG['intensity']. `pixels` may hold several
+    slices: 'series_percentile' gets those of a whole series (one slice alone gives its own percentiles)."""
     mode = config['intensity']
     if mode == 'minmax':
         lo, hi = float(pixels.min()), float(pixels.max())
     elif mode == 'window':
         lo = config['window_center'] - config['window_width'] / 2
         hi = lo + config['window_width']
-    elif mode == 'percentile':
-        lo, hi = np.percentile(pixels, config['percentiles'])
+    elif mode in ('percentile', 'series_percentile'):
+        lo, hi = np.percentile(pixels, config['percentiles' if mode == 'percentile' else 'series_percentiles'])
     elif mode == 'dicom':
         if 'WindowCenter' not in ds or 'WindowWidth' not in ds:
             raise ValueError(f"{ds.filename} has no WindowCenter/WindowWidth: use intensity='minmax'")
@@ -376,11 +386,19 @@ def intensity_range(pixels, ds, config):
     return float(lo), float(max(hi, lo + 1e-6))  # a constant image maps to black, not NaN
 
 
-def map_intensity(pixels, ds, config):
-    """uint8 image and the fraction of pixels clipped at either end of the range."""
-    lo, hi = intensity_range(pixels, ds, config)
+def map_intensity(pixels, ds, config, window=None):
+    """uint8 image and the fraction of pixels clipped at either end of the range (`window`: a (lo, hi) computed
+    beforehand, e.g. over the series; None: from this slice under CONFIG['intensity'])."""
+    lo, hi = window or intensity_range(pixels, ds, config)
     clipped = float(np.mean((pixels < lo) | (pixels > hi)))
     return np.round(np.clip((pixels - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8), clipped
+
+
+def series_window(pixels, config):
+    """(lo, hi) shared by the given slices of one series under intensity='series_percentile', else None."""
+    if config['intensity'] != 'series_percentile' or not pixels:
+        return None
+    return intensity_range(np.concatenate([p.ravel() for p in pixels]), None, config)
 
 
 def apply_clahe(image, config):
@@ -388,20 +406,22 @@ def apply_clahe(image, config):
     return cv2.createCLAHE(clipLimit=config['clahe_clip'], tileGridSize=(grid, grid)).apply(image)
 
 
-def read_slice(path, config):
+def read_slice(path, config, window=None):
     """One DICOM slice as uint8 (H, W): modality LUT, intensity mapping, CLAHE."""
     ds, pixels = decode_dicom(path)
-    return apply_clahe(map_intensity(pixels, ds, config)[0], config)
+    return apply_clahe(map_intensity(pixels, ds, config, window)[0], config)
 
 
 def slice_geometry(ds):
-    """Row and column direction, position and pixel size (x, y) in mm of one slice."""
+    """Row and column direction, position and pixel size (x, y) in mm of one slice. Errors name the file."""
     try:
         iop = np.asarray(ds.ImageOrientationPatient, float)
         position = np.asarray(ds.ImagePositionPatient, float)
         spacing_y, spacing_x = (float(v) for v in ds.PixelSpacing)  # DICOM order: between rows, columns
-    except AttributeError as error:
-        raise ValueError(f'{ds.filename}: no slice geometry ({error})') from error
+        if iop.shape != (6,) or position.shape != (3,) or min(spacing_x, spacing_y) <= 0:
+            raise ValueError(f'orientation {list(iop)}, position {list(position)}, spacing {ds.PixelSpacing}')
+    except (AttributeError, TypeError, ValueError) as error:
+        raise ValueError(f'{ds.filename}: no usable slice geometry ({error})') from error
     return iop[:3], iop[3:], position, np.array([spacing_x, spacing_y])
 
 
@@ -428,45 +448,134 @@ def crop_side(config):
     return config['img_size']
 
 
+ISSUE_COLUMNS = ['study_id', 'series_id', 'level', 'file', 'what', 'reason']  # DATA_ISSUES: one row per problem
+EDGE_TOLERANCE = 0.25  # an annotated point may lie up to this fraction of crop_mm outside its image: the crop
+#                        still holds at least a quarter of its side of image (real annotations near the border)
+
+
+def read_series_headers(series_dir):
+    """({instance: header} of the slices with usable geometry, {file name: reason} of the files skipped).
+    Keyed by the file name, which is the competition's instance number (the InstanceNumber tag may differ)."""
+    headers, skipped = {}, {}
+    for file in sorted(Path(series_dir).glob('*.dcm')):
+        try:
+            instance = int(file.stem)
+            with warnings.catch_warnings(record=True):  # a damaged file is reported below, not warned twice
+                ds = pydicom.dcmread(file, stop_before_pixels=True)
+            slice_geometry(ds)
+            int(ds.Rows), int(ds.Columns)
+            headers[instance] = ds
+        except Exception as error:  # unreadable header, name not a number, a geometry tag missing
+            skipped[file.name] = f'{type(error).__name__}: {error}'
+    return headers, skipped
+
+
+def stack_slots(headers, skipped, anchor):
+    """The anchor's stack in anatomical order: slices of its orientation sorted along the patient axis closest
+    to their normal, in that axis's positive direction (sagittal: patient right to left, i.e. increasing LPS x;
+    axial: feet to head), so slot j is the same side in every series whatever the sign of its normal. One slice
+    per position (a repeated stack keeps the anchor's acquisition and image size); a step of k times the series'
+    own spacing (median step) leaves k - 1 gap slots, each a (file, reason) for the slice that should be there."""
+    ref = headers[anchor]
+    normal = slice_normal(ref)
+    direction = normal * np.sign(normal[np.argmax(np.abs(normal))])
+    positions = sorted((float(np.asarray(ds.ImagePositionPatient, float) @ direction), i)
+                       for i, ds in headers.items() if abs(slice_normal(ds) @ normal) > 0.99)
+    steps = np.diff([p for p, _ in positions])
+    spacing = float(np.median(steps[steps > 0.5])) if (steps > 0.5).any() else 1.0  # < 0.5 mm: same position
+
+    def preference(i):  # at one position: the anchor, its image size, its acquisition, the nearest number
+        ds = headers[i]
+        return (i != anchor, (ds.Rows, ds.Columns) != (ref.Rows, ref.Columns),
+                ds.get('AcquisitionNumber') != ref.get('AcquisitionNumber'), abs(i - anchor))
+
+    groups = []
+    for p, i in positions:
+        if groups and p - groups[-1][0][0] < max(0.5, 0.25 * spacing):
+            groups[-1].append((p, i))
+        else:
+            groups.append([(p, i)])
+    kept = [min(group, key=lambda item: preference(item[1])) for group in groups]
+    slots = [kept[0][1]]  # instances, and (file, reason) where a slice is missing
+    for (p0, a), (p1, b) in zip(kept, kept[1:]):
+        gap = round((p1 - p0) / spacing) - 1
+        absent = [f'{i}.dcm' for i in range(min(a, b) + 1, max(a, b)) if i not in headers][::1 if a < b else -1]
+        for g in range(gap):
+            file = absent[g] if len(absent) == gap else ''
+            cause = skipped.get(file, 'file missing') if file else 'no file found for it'
+            reason = f'gap in the slice positions ({p1 - p0:.1f} mm from {a}.dcm to {b}.dcm, spacing {spacing:.1f} mm)'
+            slots.append((file, f'{reason}: {cause}'))
+        slots.append(b)
+    return slots
+
+
 def preprocess_series(job):
-    """All samples of one series: (row ids, stacks (n, slices, S, S) uint8, masks (n, slices), error or None).
-    Headers are read for every file (to order the slices); pixels are decoded once, only where needed."""
+    """All samples of one series: (row ids, stacks (n, slices, S, S) uint8, masks (n, slices), issues: one dict
+    of ISSUE_COLUMNS per dropped sample, masked slice and skipped file). A sample is dropped only when its own
+    slice or point is unusable; a neighbour that is missing, skipped or unreadable is a masked (black) slice.
+    Headers are read once per file; pixels are decoded once, only for the slices some sample uses."""
     series_dir, rows, config = job
     n, size = config['num_slices'], crop_side(config)
     stacks = np.zeros((len(rows), n, size, size), np.uint8)
     masks = np.zeros((len(rows), n), bool)
+    issues = []
+
+    def note(level, file, what, reason):
+        issues.append(dict(zip(ISSUE_COLUMNS, (int(rows['study_id'].iloc[0]), int(rows['series_id'].iloc[0]),
+                                               level, file, what, reason))))
+
     try:
-        headers = {}
-        for file in Path(series_dir).glob('*.dcm'):
-            try:
-                ds = pydicom.dcmread(file, stop_before_pixels=True)
-            except Exception as error:
-                raise ValueError(f'cannot read DICOM header {file}: {type(error).__name__}: {error}') from error
-            headers[int(ds.InstanceNumber)] = ds
-        decoded = {}
-        for k, (instance, x, y) in enumerate(rows[['instance_number', 'x', 'y']].itertuples(index=False)):
+        headers, skipped = read_series_headers(series_dir)
+        for file, reason in skipped.items():
+            note('', file, 'slice skipped', reason)
+        plans, slots_of = {}, {}  # row position -> (level, anchor, point in mm, [(slice j, slot)])
+        for k, (instance, x, y, level) in enumerate(rows[['instance_number', 'x', 'y', 'level']].itertuples(False)):
+            file = f'{instance}.dcm'
             if instance not in headers:
-                raise ValueError(f'{series_dir}: instance {instance} not found')
-            anchor = headers[instance]
-            row_dir, col_dir, position, spacing = slice_geometry(anchor)
-            normal = slice_normal(anchor)
-            point_mm = position + x * spacing[0] * row_dir + y * spacing[1] * col_dir
-            # same-orientation slices only (a series may hold several stacks), in anatomical order
-            stack = sorted((float(np.asarray(ds.ImagePositionPatient, float) @ normal), i)
-                           for i, ds in headers.items()
-                           if abs(slice_normal(ds) @ normal) > 0.99)
-            order = [i for _, i in stack]
-            centre = order.index(instance)
-            for j, pos in enumerate(range(centre - n // 2, centre + n // 2 + 1)):
-                if 0 <= pos < len(order):
-                    inst = order[pos]
-                    if inst not in decoded:
-                        decoded[inst] = read_slice(headers[inst].filename, config)
-                    stacks[k, j] = crop_slice(decoded[inst], headers[inst], point_mm, config)
+                note(level, file, 'sample dropped', skipped.get(file, 'annotated file not found'))
+                continue
+            ds = headers[instance]
+            row_dir, col_dir, position, spacing = slice_geometry(ds)
+            margin = EDGE_TOLERANCE * config['crop_mm'] / spacing  # pixels, along x and y
+            if not (-margin[0] <= x <= ds.Columns - 1 + margin[0] and -margin[1] <= y <= ds.Rows - 1 + margin[1]):
+                note(level, file, 'sample dropped', f'annotated point ({x:g}, {y:g}) outside the {ds.Columns}x'
+                     f'{ds.Rows} image by more than {EDGE_TOLERANCE:g} of the crop' if np.isfinite([x, y]).all()
+                     else f'annotated point ({x:g}, {y:g}) is not a number')
+                continue
+            if instance not in slots_of:
+                slots_of[instance] = stack_slots(headers, skipped, instance)
+            slots = slots_of[instance]
+            centre = slots.index(instance)
+            plans[k] = (level, instance, position + x * spacing[0] * row_dir + y * spacing[1] * col_dir,
+                        [(j, slots[s]) for j, s in enumerate(range(centre - n // 2, centre + n // 2 + 1))
+                         if 0 <= s < len(slots)])  # beyond the series edge: padding, not an issue
+        decoded, failed = {}, {}
+        for instance in sorted({slot for *_, plan in plans.values() for _, slot in plan if isinstance(slot, int)}):
+            try:
+                decoded[instance] = decode_dicom(headers[instance].filename)
+            except ValueError as error:
+                failed[instance] = str(error)
+        window = series_window([pixels for _, pixels in decoded.values()], config)
+        images = {i: apply_clahe(map_intensity(pixels, ds, config, window)[0], config)
+                  for i, (ds, pixels) in decoded.items()}
+        for k, (level, anchor, point_mm, plan) in plans.items():
+            if anchor in failed:
+                note(level, f'{anchor}.dcm', 'sample dropped', failed[anchor])
+                continue
+            for j, slot in plan:
+                if not isinstance(slot, int):
+                    note(level, slot[0], 'slice masked', slot[1])
+                elif slot in failed:
+                    note(level, f'{slot}.dcm', 'slice masked', failed[slot])
+                else:
+                    stacks[k, j] = crop_slice(images[slot], headers[slot], point_mm, config)
                     masks[k, j] = True
-        return rows.index.to_numpy(), stacks, masks, None
-    except Exception as error:  # reported per series by the caller; the other series go on
-        return rows.index.to_numpy(), None, None, str(error)
+    except Exception as error:  # unexpected: the series' samples are reported dropped; the other series go on
+        masks[:] = False
+        issues.clear()
+        for level in rows['level']:
+            note(level, '', 'sample dropped', f'series failed: {type(error).__name__}: {error}')
+    return rows.index.to_numpy(), stacks, masks, issues
 
 
 def cache_folder(samples, config):
@@ -481,7 +590,8 @@ def cache_folder(samples, config):
 
 def build_cache(samples, config, workers):
     """Crops of every sample as a memory-mapped uint8 array; built once per settings, then reused.
-    Returns (samples that have a crop, images memmap, masks, failures table)."""
+    Returns (samples that have a crop, images memmap, masks, issues: every dropped sample and masked or
+    skipped slice with its file and reason, ISSUE_COLUMNS)."""
     folder, settings = cache_folder(samples, config)
     if not (folder / 'done.json').exists():
         tmp = folder.with_name(folder.name + '.partial')
@@ -489,33 +599,32 @@ def build_cache(samples, config, workers):
         n, size = config['num_slices'], crop_side(config)
         images = np.lib.format.open_memmap(tmp / 'images.npy', 'w+', np.uint8, (len(samples), n, size, size))
         masks = np.zeros((len(samples), n), bool)
-        error = pd.Series('', index=samples.index, dtype=object)
+        issues = []
         jobs = [(str(Path(group['path'].iloc[0]).parent), group, config)
                 for _, group in samples.groupby(['study_id', 'series_id'])]
         start = time.time()
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('fork')) if workers > 1 else None
         results = pool.map(preprocess_series, jobs, chunksize=4) if pool else map(preprocess_series, jobs)
-        for rows, stacks, series_masks, failure in tqdm(results, total=len(jobs), desc='cache (series)'):
+        for rows, stacks, series_masks, series_issues in tqdm(results, total=len(jobs), desc='cache (series)'):
             rows = samples.index.get_indexer(rows)  # index labels -> positions in the cache arrays
-            if failure:
-                error.iloc[rows] = failure
-            else:
-                images[rows], masks[rows] = stacks, series_masks
+            images[rows], masks[rows] = stacks, series_masks
+            issues += series_issues
         if pool:
             pool.shutdown()
         images.flush()
         np.save(tmp / 'masks.npy', masks)
-        error.to_frame('error').to_csv(tmp / 'errors.csv')
+        pd.DataFrame(issues, columns=ISSUE_COLUMNS).to_csv(tmp / 'issues.csv', index=False)
         seconds = time.time() - start
         (tmp / 'done.json').write_text(json.dumps({**settings, 'seconds': seconds, 'slices': int(masks.sum())}))
         tmp.rename(folder)
         print(f'cache built in {seconds:.0f} s: {masks.sum() / seconds:.0f} slices/s -> {folder}')
     else:
         print(f'cache reused: {folder}')
-    error = pd.read_csv(folder / 'errors.csv', index_col=0, keep_default_na=False)['error']
-    failures = samples.loc[error != '', ['study_id', 'series_id', 'level']].assign(error=error[error != ''])
-    kept = samples[error == ''].assign(cache_index=np.flatnonzero(error.to_numpy() == ''))
-    return kept, np.load(folder / 'images.npy', mmap_mode='r'), np.load(folder / 'masks.npy'), failures
+    issues = pd.read_csv(folder / 'issues.csv', keep_default_na=False, dtype={'level': str, 'file': str})
+    dropped = issues.loc[issues['what'] == 'sample dropped', ['study_id', 'level']]
+    ok = ~pd.MultiIndex.from_frame(samples[['study_id', 'level']]).isin(pd.MultiIndex.from_frame(dropped))
+    kept = samples[ok].assign(cache_index=np.flatnonzero(ok))
+    return kept, np.load(folder / 'images.npy', mmap_mode='r'), np.load(folder / 'masks.npy'), issues
 
 
 AUG_PARAMS = ('angle_deg', 'scale', 'shift_x', 'shift_y', 'gamma', 'contrast', 'brightness')
@@ -692,11 +801,13 @@ def plot_preprocessing(path, config, name='intensity_and_clahe'):
 
 
 # %%
-SAMPLES, IMAGES, MASKS, CACHE_FAILURES = build_cache(SAMPLES, CONFIG, NUM_WORKERS)
-if len(CACHE_FAILURES):
-    warn(f'{len(CACHE_FAILURES)} samples skipped: their series could not be preprocessed')
-    print(CACHE_FAILURES.to_string(index=False))
-print(f'{len(SAMPLES)} samples cached; {int((~MASKS[SAMPLES["cache_index"]]).sum())} padded slices at series edges')
+SAMPLES, IMAGES, MASKS, DATA_ISSUES = build_cache(SAMPLES, CONFIG, NUM_WORKERS)
+if len(DATA_ISSUES):  # every dropped sample, masked and skipped slice, with its file and reason (also in the report)
+    warn('preprocessing: ' + ', '.join(f'{n} {what}' for what, n in DATA_ISSUES.groupby('what').size().items()))
+    print(DATA_ISSUES.to_string(index=False))
+_masked = int((DATA_ISSUES['what'] == 'slice masked').sum())
+print(f'{len(SAMPLES)} samples cached; black slices: {_masked} masked (listed above), '
+      f'{int((~MASKS[SAMPLES["cache_index"]]).sum()) - _masked} padding beyond a series edge')
 _check = RSNADatasetV9(SAMPLES.head(5), IMAGES, MASKS, CONFIG, train=True)
 print('5 training samples:', [tuple(_check[i]['image'].shape) for i in range(len(_check))])
 plot_class_crops(SAMPLES, IMAGES, MASKS)
@@ -1574,9 +1685,9 @@ def write_report(config, samples, skipped, failures, results, oof, final, compar
         f"- Source: {data_source(config)} at `{config['data_root']}`",
         f"- Condition: {config['condition']} on {config['series_description']}; {samples['study_id'].nunique()} "
         f'studies, {len(samples)} samples; classes: ' + ', '.join(f'{c} {n}' for c, n in counts.items()),
-        (f"- Rows not used: {int(skipped['rows'].sum()) if len(skipped) else 0}; series that failed preprocessing: "
-        f'{len(failures)} samples'), '',
-        md_table(skipped) if len(skipped) else '', '',
+        (f"- Rows not used: {int(skipped['rows'].sum()) if len(skipped) else 0}; preprocessing: "
+        + (', '.join(f'{n} {w}' for w, n in failures.groupby('what').size().items()) or 'no data issue')), '',
+        md_table(skipped) if len(skipped) else '', '', md_table(failures) if len(failures) else '', '',
         '## Configuration', '', '```json', json.dumps(config, indent=1, default=str), '```', '',
         '## Per-epoch history', '', md_table(history[history_cols]), '',
         "## Final metrics (validation folds " + ', '.join(map(str, fold_ba)) + ')', '',
@@ -1625,7 +1736,7 @@ def write_report(config, samples, skipped, failures, results, oof, final, compar
 
 
 # %%
-REPORT = write_report(CONFIG, SAMPLES, SKIPPED, CACHE_FAILURES, FOLD_RESULTS, OOF, FINAL, COMPARISON, HOLDOUT,
+REPORT = write_report(CONFIG, SAMPLES, SKIPPED, DATA_ISSUES, FOLD_RESULTS, OOF, FINAL, COMPARISON, HOLDOUT,
                       ANALYSIS, CONFUSED)
 print(f"wrote {OUTPUT_DIR / 'v9_Results.md'}, metrics.json, oof.csv")
 print(success_table(FINAL, FOLD_RESULTS, ANALYSIS).to_string(index=False))

@@ -58,10 +58,11 @@ def cache256(nb, samples, config, tmp_path_factory):
     return cfg, nb["build_cache"](samples.head(5), cfg, 0)
 
 
-def along_normal(ds):
-    """Position of a slice along its own normal (ImagePositionPatient . (row x col)): anatomical order."""
+def along_patient_axis(ds):
+    """Anatomical order: the ImagePositionPatient coordinate on the patient axis (LPS) closest to the slice normal
+    (row x col), increasing (sagittal: right to left), whatever the sign of the normal."""
     iop = np.asarray(ds.ImageOrientationPatient, float)
-    return float(np.asarray(ds.ImagePositionPatient, float) @ np.cross(iop[:3], iop[3:]))
+    return float(ds.ImagePositionPatient[int(np.argmax(np.abs(np.cross(iop[:3], iop[3:]))))])
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def series_order(samples):
     out = {}
     for series_id, path in samples.groupby("series_id")["path"].first().items():
         headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in Path(path).parent.glob("*.dcm")]
-        headers.sort(key=along_normal)
+        headers.sort(key=along_patient_axis)
         out[series_id] = [(int(ds.InstanceNumber), ds.filename, ds) for ds in headers]
     return out
 
@@ -265,13 +266,19 @@ def damaged(nb, tmp_path_factory):
     deleted = Path(before.loc[before["study_id"] == b, "path"].iloc[0])
     deleted.unlink()
     annotated = Path(before.loc[before["study_id"] == c, "path"].iloc[0])
-    garbage = annotated.with_name(f"{int(annotated.stem) + 1}.dcm")  # a neighbour slice of the same series
-    assert garbage.exists() and garbage != annotated
+    series_c = sorted((pydicom.dcmread(f, stop_before_pixels=True) for f in annotated.parent.glob("*.dcm")),
+                      key=along_patient_axis)  # read while intact
+    names = [Path(ds.filename).name for ds in series_c]
+    rank = names.index(annotated.name)
+    # a neighbour slice of the same series, not at the series edge (a lost edge slice leaves no gap to see)
+    garbage = annotated.with_name(names[rank + 1 if rank + 2 < len(names) else rank - 1])
+    assert garbage.exists() and garbage != annotated and 0 < names.index(garbage.name) < len(names) - 1
     garbage.write_bytes(np.random.default_rng(0).integers(0, 256, garbage.stat().st_size, np.uint8).tobytes())
     samples, skipped = nb["build_sample_table"](cfg)
-    kept, _, _, failures = nb["build_cache"](samples, cfg, 0)
+    kept, images, masks, issues = nb["build_cache"](samples, cfg, 0)
     return {"config": cfg, "before": before, "studies": (a, b, c, d), "truncated": truncated, "deleted": deleted,
-            "garbage": garbage, "samples": samples, "skipped": skipped, "kept": kept, "failures": failures}
+            "garbage": garbage, "series_c": series_c, "samples": samples, "skipped": skipped, "kept": kept,
+            "images": images, "masks": masks, "issues": issues}
 
 
 def test_read_slice_corrupt_file_raises_valueerror_naming_it(nb, damaged):
@@ -293,25 +300,44 @@ def test_missing_dicom_counted_in_skipped_table(damaged):
     assert len(samples) == len(before) - n_b
 
 
-def test_truncated_dicom_fails_its_series_only(damaged):
-    samples, kept, failures = damaged["samples"], damaged["kept"], damaged["failures"]
+def test_truncated_annotated_file_drops_only_the_samples_it_anchors(damaged):
+    samples, kept, issues = damaged["samples"], damaged["kept"], damaged["issues"]
     a, b, c, d = damaged["studies"]
-    failed_a = failures[failures["study_id"] == a]
-    assert sorted(failed_a["level"]) == sorted(samples.loc[samples["study_id"] == a, "level"])
-    assert failed_a["error"].str.contains(str(damaged["truncated"]), regex=False).all()
-    assert a not in set(kept["study_id"])
+    truncated = damaged["truncated"]
+    anchored = samples[(samples["study_id"] == a) & (samples["instance_number"] == int(truncated.stem))]
+    dropped = issues[issues["what"] == "sample dropped"]
+    assert sorted(dropped.loc[dropped["study_id"] == a, "level"]) == sorted(anchored["level"])
+    assert (dropped["file"] == truncated.name).all()
+    # the message names the file and the real cause (bytes missing), not "no Pixel Data element"
+    assert dropped["reason"].str.contains(str(truncated), regex=False).all()
+    assert dropped["reason"].str.contains("truncated|less than expected").all()
+    assert not dropped["reason"].str.contains("no 'Pixel Data'").any()
+    assert set(dropped["study_id"]) == {a}
+    assert len(kept) == len(samples) - len(anchored)
     kept_d = kept[kept["study_id"] == d]
     assert sorted(kept_d["level"]) == sorted(samples.loc[samples["study_id"] == d, "level"])
-    assert set(failures["study_id"]) <= {a, c}
-    assert len(kept) + len(failures) == len(samples)
 
 
-def test_garbage_dicom_named_in_cache_failures(damaged):
-    samples, failures = damaged["samples"], damaged["failures"]
-    c = damaged["studies"][2]
-    failed_c = failures[failures["study_id"] == c]
-    assert sorted(failed_c["level"]) == sorted(samples.loc[samples["study_id"] == c, "level"])
-    assert failed_c["error"].str.contains(str(damaged["garbage"]), regex=False).all()
+def test_unreadable_neighbour_is_a_masked_slice_not_a_lost_sample(nb, damaged):
+    """Issue 12 point 2: a garbage neighbour file costs one masked slice per sample, named with its file."""
+    samples, kept, issues, masks, images = (damaged[k] for k in ("samples", "kept", "issues", "masks", "images"))
+    c, garbage = damaged["studies"][2], damaged["garbage"]
+    kept_c = kept[kept["study_id"] == c]
+    assert sorted(kept_c["level"]) == sorted(samples.loc[samples["study_id"] == c, "level"])  # none lost
+    skipped = issues[(issues["what"] == "slice skipped")]
+    assert skipped[["study_id", "file"]].values.tolist() == [[c, garbage.name]]
+    assert skipped["reason"].str.contains("InvalidDicomError|cannot|header", case=False).all()
+    order = [int(Path(ds.filename).stem) for ds in damaged["series_c"]]  # the intact series, anatomical order
+    n_masked = 0
+    for row in kept_c.itertuples():
+        rank = order.index(row.instance_number)
+        window = [order[r] if 0 <= r < len(order) else None for r in range(rank - HALF, rank + HALF + 1)]
+        expected = np.array([inst is not None and inst != int(garbage.stem) for inst in window])
+        np.testing.assert_array_equal(masks[row.cache_index], expected)
+        assert (np.asarray(images[row.cache_index])[~expected] == 0).all()
+        n_masked += int(int(garbage.stem) in window)
+    masked = issues[(issues["what"] == "slice masked") & (issues["study_id"] == c)]
+    assert n_masked >= 1 and len(masked) == n_masked and (masked["file"] == garbage.name).all()
 
 
 # ------------------------------------------------------------------------------------------- 6. cache
