@@ -354,9 +354,11 @@ def decode_dicom(path):
             ds = pydicom.dcmread(path)
             pixels = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
         except Exception as error:  # pydicom raises many types: missing pixels, no decoder, truncated file
+            # a file cut short shows as pydicom warnings (then a misleading 'no Pixel Data') or too few pixel bytes
             cause = '; '.join(dict.fromkeys(str(w.message) for w in caught))
-            cause = f'{cause} (file truncated or damaged), then ' if cause else ''
-            raise ValueError(f'cannot read DICOM {path}: {cause}{type(error).__name__}: {error}') from error
+            if cause or 'less than expected' in str(error):
+                cause = f'file truncated or damaged: {cause or error}'
+            raise ValueError(f'cannot read DICOM {path}: {cause or f"{type(error).__name__}: {error}"}') from error
     if pixels.ndim != 2:
         raise ValueError(f'cannot read DICOM {path}: expected one 2-D frame, got shape {pixels.shape}')
     if ds.get('PhotometricInterpretation') == 'MONOCHROME1':
