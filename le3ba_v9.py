@@ -323,12 +323,25 @@ print(pd.crosstab(SAMPLES['fold'], SAMPLES['label'].map(dict(enumerate(CLASSES))
 # (WC 50 / WW 350), which keeps only values in [-125, 225]; MR values here run 0-4095 with a scale
 # that differs per scanner, so that window saturates most of the image. The plan's own foundation
 # (v4, 74.9 % BA) used per-slice min-max + CLAHE, which is the default here; `window` reproduces the
-# plan's literal text, `percentile` is a robust 1-99 % stretch, `dicom` uses each file's own window.
+# plan's literal text, `percentile` is a robust 1-99 % stretch, `dicom` uses each file's own window, and
+# `series_percentile` maps every slice of a series with one 0.5-99.5 % range taken over the slices its
+# samples use, so a sample's 7 slices share one scale and a few outlier pixels cannot squeeze the anatomy.
 # The figures below show the same slice under each choice with its clipped fraction.
 #
-# **Slices** are ordered by ImagePositionPatient along the slice normal (file names and instance
-# numbers are not anatomical order on every scanner). Neighbours beyond the series edge are black and
-# flagged in a per-slice mask, which the attention pooling uses to ignore them.
+# **Slices** are ordered by ImagePositionPatient along the patient axis closest to the slice normal, in
+# that axis's positive direction: sagittal slices from the patient's right to left (increasing LPS x),
+# axial ones from feet to head. Slice j therefore means the same side in every sample, whatever the sign
+# of a scanner's normal (file names and instance numbers are not anatomical order on every scanner).
+# Files are keyed by their name, the competition's instance number (the InstanceNumber tag may differ).
+# A repeated stack keeps one slice per position (the annotated slice's acquisition and image size); a
+# step of k times the series' own spacing (median step) marks k - 1 missing positions.
+#
+# **Messy data loses as little as possible.** A file without usable geometry is skipped; a neighbour
+# that is missing, skipped or unreadable becomes a black slice with mask False; only a sample whose own
+# slice cannot be read, or whose point lies more than a quarter of `crop_mm` outside its image (or is
+# NaN), is dropped. Neighbours beyond the series edge are black and masked too. The mask tells the
+# attention pooling to ignore those slices. Every dropped sample, masked and skipped slice is listed
+# with its file and reason in `DATA_ISSUES`, printed below and in the report.
 #
 # **Cache:** every series is decoded once, in parallel; the crops are stored as uint8 in a memory-mapped
 # file whose folder name is a hash of every preprocessing setting, so a changed setting rebuilds and an
@@ -777,20 +790,32 @@ def plot_augmentations(samples, images, masks, config, views=6, name='augmentati
 
 
 def plot_preprocessing(path, config, name='intensity_and_clahe'):
-    """One slice under every intensity choice, before and after CLAHE, with the clipped fraction.
-    Returns {mode: clipped fraction}."""
+    """One slice under every intensity choice, before and after CLAHE, with the clipped fraction; the
+    series_percentile range comes from the slice and its neighbours (the cache: every slice its series' samples
+    use). Returns {mode: clipped fraction}."""
     ds, pixels = decode_dicom(path)
+    headers, skipped = read_series_headers(Path(path).parent)
+    slots = stack_slots(headers, skipped, int(Path(path).stem))
+    centre, half = slots.index(int(Path(path).stem)), config['num_slices'] // 2
+    series = []
+    for slot in slots[max(0, centre - half):centre + half + 1]:
+        try:
+            series.append(decode_dicom(headers[slot].filename)[1])
+        except (KeyError, ValueError):  # a gap or a damaged neighbour: the range comes from the others
+            pass
+    windows = {'series_percentile': series_window(series, {**config, 'intensity': 'series_percentile'})}
     fig, axes = plt.subplots(2, len(INTENSITY_MODES), figsize=(3.2 * len(INTENSITY_MODES), 6.4))
     clipped = {}
     for col, mode in enumerate(INTENSITY_MODES):
         try:
-            mapped, clipped[mode] = map_intensity(pixels, ds, {**config, 'intensity': mode})
+            mapped, clipped[mode] = map_intensity(pixels, ds, {**config, 'intensity': mode}, windows.get(mode))
         except ValueError as error:
             axes[0, col].set_title(f'{mode}: {error}', fontsize=7)
             continue
         chosen = ' (chosen)' if mode == config['intensity'] else ''
         axes[0, col].imshow(mapped, cmap='gray', vmin=0, vmax=255)
-        axes[0, col].set_title(f'{mode}{chosen}: {clipped[mode]:.0%} clipped', fontsize=9)
+        over = f' ({len(series)} slices)' if mode in windows else ''
+        axes[0, col].set_title(f'{mode}{over}{chosen}: {clipped[mode]:.0%} clipped', fontsize=9)
         axes[1, col].imshow(apply_clahe(mapped, config), cmap='gray', vmin=0, vmax=255)
         axes[1, col].set_title('after CLAHE', fontsize=9)
     for ax in axes.flat:

@@ -410,7 +410,7 @@ def one_file(samples):
     return path, ds, pixels
 
 
-@pytest.mark.parametrize("mode", ["minmax", "window", "percentile", "dicom"])
+@pytest.mark.parametrize("mode", ["minmax", "window", "percentile", "series_percentile", "dicom"])
 def test_every_intensity_mode_gives_uint8_of_the_input_size(nb, config, one_file, mode):
     path, ds, _ = one_file
     image = nb["read_slice"](path, {**config, "intensity": mode})
@@ -435,6 +435,26 @@ def test_intensity_modes_differ_and_clip_as_expected(nb, config, one_file):
     assert np.mean(mapped["window"] != window) < 1e-3
     assert not np.array_equal(mapped["minmax"], mapped["window"])
     assert not np.array_equal(mapped["minmax"], mapped["percentile"])
+
+
+def test_plot_preprocessing_shows_series_percentile_over_the_slice_and_its_neighbours(nb, config, samples,
+                                                                                      series_order):
+    row = samples.iloc[0]
+    order = series_order[row["series_id"]]
+    rank = [inst for inst, _, _ in order].index(row["instance_number"])
+    modality = [pydicom.dcmread(path) for _, path, _ in order[max(0, rank - HALF):rank + HALF + 1]]
+    modality = [ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in modality]
+    assert len(modality) >= 4
+    lo, hi = np.percentile(np.concatenate([p.ravel() for p in modality]), (0.5, 99.5))
+    own = modality[min(rank, HALF)]
+    png = nb["FIGURES"] / "test_intensity.png"
+    clipped = nb["plot_preprocessing"](row["path"], config, name="test_intensity")
+    width = mpimg.imread(png).shape[1]
+    png.unlink()  # only intensity_and_clahe.png is the notebook's own figure
+    assert list(clipped) == ["minmax", "window", "percentile", "series_percentile", "dicom"]
+    assert clipped["series_percentile"] == pytest.approx(np.mean((own < lo) | (own > hi)), abs=1e-6)
+    assert 0 < clipped["series_percentile"] < 0.1
+    assert width == pytest.approx(5 * 3.2 * 90, rel=0.02)  # one column per mode
 
 
 def test_unknown_intensity_mode_raises(nb, config, one_file):
