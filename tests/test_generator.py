@@ -263,3 +263,188 @@ def test_cli(tmp_path):
     assert summary["spinal_canal_counts"]["Normal/Mild"] == 0
     assert summary["spinal_canal_counts"]["Severe"] >= 9  # all 10 unless one cell is empty
     assert (tmp_path / "cli/train.csv").is_file()
+
+
+# --- the realistic preset: every quirk of the real data, each where the summary says -------------------
+
+@pytest.fixture(scope="module")
+def realistic(tmp_path_factory):
+    """(root, summary) of a 12-study set on the REALISTIC preset (seed 0)."""
+    root = tmp_path_factory.mktemp("realistic")
+    return root, gen.make_study_set(root, n_studies=12, seed=0, **gen.REALISTIC)
+
+
+def _header(root, item):
+    return pydicom.dcmread(root / item["file"], stop_before_pixels=True)
+
+
+def _any_file(root, item):
+    """Header of one readable file of the item's series (the annotated-stack quirks spare most files)."""
+    for f in sorted((root / f"train_images/{item['study_id']}/{item['series_id']}").glob("*.dcm")):
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        if all(tag in ds for tag in gen.GEOMETRY_TAGS):
+            return ds
+    raise AssertionError(f"no complete header in {item}")
+
+
+def _position(ds):
+    iop = np.array(ds.ImageOrientationPatient, float)
+    return float(np.dot(np.array(ds.ImagePositionPatient, float), np.cross(iop[:3], iop[3:])))
+
+
+def test_realistic_lists_every_quirk(realistic):
+    root, summary = realistic
+    assert set(summary["quirks"]) == set(gen.QUIRKS)
+    for name, items in summary["quirks"].items():
+        assert items, name
+        assert all({"study_id", "series_id"} <= set(it) for it in items)
+    t2 = {name: [it for it in summary["quirks"][name] if it["series_description"] == "Sagittal T2/STIR"]
+          for name in gen.GEOMETRY_QUIRKS}
+    assert all(t2.values())  # every geometry quirk reaches the trained series type
+    assert "realistic preset" in (root / "GENERATED_BY.txt").read_text()
+    json.dumps(summary, allow_nan=False)  # the CLI prints it: valid JSON
+
+
+def test_realistic_geometry_quirks(realistic):
+    root, summary = realistic
+    q = summary["quirks"]
+    for it in q["anisotropic"]:
+        ds = _any_file(root, it)
+        row_sp, col_sp = (float(v) for v in ds.PixelSpacing)
+        assert 1.09 < col_sp / row_sp < 1.31
+    sizes = set()
+    for f in root.glob("train_images/*/*/*.dcm"):
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        sizes.add((ds.Rows, ds.Columns))
+    assert max(max(s) for s in sizes) == 1024 and any(r != c for r, c in sizes) and len(sizes) >= 6
+    for it in q["flipped_normal"]:
+        iop = np.array(_any_file(root, it).ImageOrientationPatient, float)
+        clean = np.array(gen.SAG_IOP if it["series_description"].startswith("Sagittal") else gen.AX_IOP)
+        assert np.dot(iop[:3], clean[:3]) < -0.98 and np.allclose(iop[3:], clean[3:])
+    for it in q["oblique"]:
+        iop = np.array(_any_file(root, it).ImageOrientationPatient, float)
+        angle = np.degrees(np.arccos(abs(iop[1])))  # row direction against patient y, rotated about z
+        assert 0.99 < angle < 8.01 and iop[2] == 0 and np.allclose(iop[3:], [0, 0, -1])
+
+
+def _box(img, x, y, row_sp, col_sp):
+    """Mean of +/-4 mm across the canal (columns) and +/-1.5 mm along it (rows) at pixel (x, y)."""
+    hx, hy, r, c = max(1, round(4 / col_sp)), max(1, round(1.5 / row_sp)), round(y), round(x)
+    return float(img[max(r - hy, 0):r + hy + 1, max(c - hx, 0):c + hx + 1].mean())
+
+
+def test_realistic_anatomy_in_patient_space(realistic):
+    """Flipped, oblique, anisotropic and resized series alike: the labelled point is on the bright canal
+    and 15 mm posterior of it (patient +y, mapped back through each file's own geometry) is dark."""
+    root, summary = realistic
+    coords = pd.read_csv(root / "train_label_coordinates.csv")
+    desc = pd.read_csv(root / "train_series_descriptions.csv")
+    train = pd.read_csv(root / "train.csv").set_index("study_id")
+    rows = coords[coords.condition == "Spinal Canal Stenosis"].merge(desc, on=["study_id", "series_id"])
+    rows = rows[rows.series_description == "Sagittal T2/STIR"].dropna(subset=["x", "y"])
+    quirky = {it["series_id"] for name in ("flipped_normal", "oblique", "anisotropic", "varied_sizes",
+                                          "repeated_stack") for it in summary["quirks"][name]}
+    ratios, seen = [], set()
+    for r in rows.itertuples():
+        sev = train.loc[r.study_id, f"spinal_canal_stenosis_{r.level.lower().replace('/', '_')}"]
+        ds = pydicom.dcmread(root / f"train_images/{r.study_id}/{r.series_id}/{r.instance_number}.dcm")
+        if sev != "Normal/Mild" or not (0 <= r.x < ds.Columns and 0 <= r.y < ds.Rows):
+            continue
+        img, iop = ds.pixel_array.astype(float), np.array(ds.ImageOrientationPatient, float)
+        sr, sc = (float(v) for v in ds.PixelSpacing)
+        offset = r.x * sc * iop[:3] + r.y * sr * iop[3:] + np.array([0.0, 15.0, 0.0])
+        px, py = offset @ iop[:3] / sc, offset @ iop[3:] / sr
+        ratios.append(_box(img, r.x, r.y, sr, sc) / _box(img, px, py, sr, sc))
+        seen.add(r.series_id)
+    assert len(ratios) >= 20 and len(seen & quirky) >= 4
+    assert min(ratios) > 3
+
+
+def test_realistic_repeated_stack(realistic):
+    root, summary = realistic
+    coords = pd.read_csv(root / "train_label_coordinates.csv")
+    for it in summary["quirks"]["repeated_stack"]:
+        folder = root / f"train_images/{it['study_id']}/{it['series_id']}"
+        stacks = [[pydicom.dcmread(folder / f"{i}.dcm", stop_before_pixels=True) for i in inst
+                   if (folder / f"{i}.dcm").exists()] for inst in it["stacks"]]
+        assert len(it["stacks"][0]) == len(it["stacks"][1]) and not set(it["stacks"][0]) & set(it["stacks"][1])
+        assert {(ds.Rows, ds.Columns) for ds in stacks[1]} == {tuple(it["sizes"][1])}
+        positions = [{round(_position(ds), 2) for ds in st if "ImagePositionPatient" in ds} for st in stacks]
+        assert positions[0] == positions[1] and len(positions[0]) >= 14  # same slice positions twice
+        annotated = set(coords[coords.series_id == it["series_id"]].instance_number)
+        assert annotated and annotated <= set(it["stacks"][it["annotated_stack"] - 1])
+    assert any(it["annotated_stack"] == 2 for it in summary["quirks"]["repeated_stack"])
+
+
+def test_realistic_file_quirks(realistic):
+    root, summary = realistic
+    q = summary["quirks"]
+    coords = pd.read_csv(root / "train_label_coordinates.csv")
+    annotated = set(zip(coords.series_id, coords.instance_number))
+    for it in q["missing_geometry"]:
+        ds = _header(root, it)
+        assert it["tag"] not in ds and (it["series_id"], it["instance_number"]) not in annotated
+        assert (1 <= abs(it["offset"]) <= 3) == it["neighbour"]
+    assert {it["neighbour"] for it in q["missing_geometry"]} == {True, False}
+    for it in q["instance_mismatch"]:
+        ds = _header(root, it)
+        assert int(Path(it["file"]).stem) == it["instance_number"] != ds.InstanceNumber
+    assert any((it["series_id"], it["instance_number"]) in annotated for it in q["instance_mismatch"])
+    for it in q["outlier_pixels"]:
+        arr = pydicom.dcmread(root / it["file"]).pixel_array
+        assert all(arr[r, c] == 4095 for r, c in it["pixels"]) and len(it["pixels"]) >= 3
+    for it in q["missing_slice"]:
+        assert not (root / it["file"]).exists() and 1 <= abs(it["offset"]) <= 3
+        folder = (root / it["file"]).parent
+        pos = np.sort([_position(pydicom.dcmread(f, stop_before_pixels=True)) for f in folder.glob("*.dcm")
+                       if "ImagePositionPatient" in pydicom.dcmread(f, stop_before_pixels=True)])
+        steps = np.diff(np.unique(pos.round(2)))
+        assert steps.max() > 1.8 * np.median(steps)  # a gap where the slice was
+    for it in q["truncated_file"]:
+        assert 1 <= abs(it["offset"]) <= 3 and (root / it["file"]).stat().st_size == it["bytes_kept"]
+        with pytest.warns(UserWarning), pytest.raises(AttributeError):
+            pydicom.dcmread(root / it["file"]).pixel_array  # noqa: B018  (the truncation loses Pixel Data)
+
+
+def test_realistic_coordinate_quirks(realistic):
+    root, summary = realistic
+    q = summary["quirks"]
+    coords = pd.read_csv(root / "train_label_coordinates.csv")
+    desc = pd.read_csv(root / "train_series_descriptions.csv").set_index("series_id").series_description
+    for it in q["duplicate_coordinates"]:
+        rows = coords[(coords.study_id == it["study_id"]) & (coords.level == it["level"])
+                      & (coords.condition == "Spinal Canal Stenosis")]
+        assert list(rows.series_id.map(desc)) == ["Sagittal T1", "Sagittal T2/STIR"]  # the T1 row first
+        assert rows.index[0] == it["row"] and rows.series_id.iloc[1] == it["valid_series_id"]
+    kinds = {}
+    for it in q["bad_coordinates"]:
+        r = coords.loc[it["row"]]
+        assert (r.study_id, r.series_id, r.level) == (it["study_id"], it["series_id"], it["level"])
+        cols = pydicom.dcmread(root / f"train_images/{r.study_id}/{r.series_id}/{r.instance_number}.dcm",
+                               stop_before_pixels=True).Columns
+        kinds[it["kind"]] = {"x_far": r.x > 10 * cols, "y_negative": r.y < -100, "x_nan": np.isnan(r.x),
+                             "edge": cols <= r.x <= cols + 3}[it["kind"]]
+    assert kinds == {"x_far": True, "y_negative": True, "x_nan": True, "edge": True}
+
+
+def test_realistic_class_mix(tmp_path):
+    """The preset's labels follow the real mix (checked on 40 studies: 200 spinal labels, uncompressed
+    to write faster)."""
+    s = gen.make_study_set(tmp_path, n_studies=40, seed=1, rle_fraction=0.0,
+                           class_mix=gen.REALISTIC["class_mix"], missing_label_frac=gen.REALISTIC["missing_label_frac"])
+    counts = np.array(list(s["spinal_canal_counts"].values()), float)
+    share = counts / counts.sum()
+    assert abs(share[0] - 0.88 / 0.99) < 0.05 and 0.02 < share[1] < 0.11 and 0.02 < share[2] < 0.10
+    assert s["n_missing_labels"] / (25 * 40) < 0.03
+
+
+def test_realistic_deterministic_and_cli(tmp_path):
+    a = gen.make_study_set(tmp_path / "a", n_studies=2, seed=4, **gen.REALISTIC)
+    script = Path(gen.__file__)
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "b"), "--studies", "2", "--seed", "4",
+                          "--realistic"], capture_output=True, text=True, timeout=120, check=True)
+    b = json.loads(out.stdout)
+    assert {k: v for k, v in a.items() if k != "out_dir"} == {k: v for k, v in b.items() if k != "out_dir"}
+    for rel in sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.*")):
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+    assert all(b["quirks"].values())  # forced even on 2 studies

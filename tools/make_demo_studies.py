@@ -13,12 +13,14 @@ label's (x, y) is the canal centre there. Anatomy is defined in patient millimet
 sampled on each series' own pixel grid, so fixed-size crops in mm look alike across series.
 Foraminal (Sagittal T1) and subarticular (Axial T2) severities are reflected more loosely.
 
-Usage: ``python tools/make_demo_studies.py OUT_DIR --studies 40 --seed 0 --mix 0.6,0.2,0.2``
+Usage: ``python tools/make_demo_studies.py OUT_DIR --studies 40 --seed 0 --mix 0.6,0.2,0.2 [--realistic]``
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import json
 import shutil
 import sys
@@ -68,6 +70,25 @@ AX_IOP = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]  # rows run to patient left, columns pos
 EDGE_FRAC = 0.10  # studies whose annotated spinal slice lies at or next to the series edge
 REVERSED_FRAC = 0.15  # series whose instance numbers run against anatomical order
 CANAL_FADE_SLICES = 1.5  # sigma (in slices) of the canal contrast around the midline slice
+
+QUIRKS = ("anisotropic", "varied_sizes", "flipped_normal", "oblique", "repeated_stack", "missing_geometry",
+          "instance_mismatch", "duplicate_coordinates", "outlier_pixels", "missing_slice", "bad_coordinates",
+          "truncated_file")
+GEOMETRY_QUIRKS = QUIRKS[:4]  # drawn per series, all three series types (oblique: sagittal ones only)
+# The preset the tests and the realistic demo use: real class mix, real share of empty label cells
+# (about 1-2 % of the 1,975 x 25 cells), every quirk on, each at least once (see _quirk_flags).
+REALISTIC = {
+    "class_mix": (0.88, 0.06, 0.05),
+    "missing_label_frac": 0.015,
+    "quirks": {"anisotropic": 0.3, "varied_sizes": 0.3, "flipped_normal": 0.4, "oblique": 0.3,
+               "repeated_stack": 0.1, "missing_geometry": 0.1, "instance_mismatch": 0.05,
+               "duplicate_coordinates": 0.05, "outlier_pixels": 0.1, "missing_slice": 0.05,
+               "bad_coordinates": 0.02, "truncated_file": 0.05},
+}
+LARGE_SIZES = [384, 512, 640, 768, 1024]  # varied_sizes: real series run 384-1024 px
+GEOMETRY_TAGS = ["ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"]
+BAD_KINDS = {"x_far": ("x", 5000.0), "y_negative": ("y", -300.0), "x_nan": ("x", float("nan")),
+             "edge": ("x", None)}  # edge: 2 px beyond the last column, must stay usable
 
 
 def _ramp(inside_mm, edge_mm=1.0):
@@ -143,15 +164,37 @@ def _geometry(rng, size_choices, fov_range):
     return rows, cols, spacing
 
 
-def _sagittal(rng, anat, kind, n, mid, gap):
-    """Sagittal series: pixel volume, per-slice IPP (anatomical order) and pixel-frame info."""
-    rows, cols, sp = _geometry(rng, [256, 320, 384, 448], (220, 300))
+def _grid(rows, cols, sp, q):
+    """Rows, columns and (row, column) spacing after the series' size and anisotropy quirks.
+
+    varied_sizes keeps the field of view (so a 1024 px image has fine spacing); anisotropic widens
+    the column spacing, the anatomy being sampled on that grid either way."""
+    sp_r = sp_c = sp
+    if "size" in q:
+        fov = sp * max(rows, cols)
+        rows, cols = q["size"]
+        sp_r = sp_c = fov / max(rows, cols)
+    if "aniso" in q:
+        sp_c = sp_r * q["aniso"]
+    return rows, cols, sp_r, sp_c
+
+
+def _sagittal(rng, anat, kind, n, mid, gap, q=None, x_off=None):
+    """Sagittal series: pixel volume, per-slice IPP (anatomical order), IOP and the pixel grid g.
+
+    q: the series' geometry quirks (size, aniso, tilt in degrees about patient z); x_off: the slice
+    positions' offset, given for a repeated stack so that it lies at the first stack's positions."""
+    q = q or {}
+    rows, cols, sp_r, sp_c = _grid(*_geometry(rng, [256, 320, 384, 448], (220, 300)), q)
+    tilt = np.radians(q.get("tilt", 0.0))
+    ystep = float(sp_c * np.cos(tilt))  # patient y per column: the row direction leans by `tilt`
     # Canal sits a bit posterior of the image centre, spine vertically centred +/- 10 mm.
-    y0 = anat.y_canal - rng.uniform(0.5, 0.62) * cols * sp
-    z0 = rng.uniform(-10, 10) + rows * sp / 2
-    y = (y0 + np.arange(cols, dtype=np.float32) * sp)[None, :]
-    z = (z0 - np.arange(rows, dtype=np.float32) * sp)[:, None]
-    x = -(np.arange(n) - mid) * gap + rng.uniform(-0.5, 0.5)  # slice `mid` is the midline
+    y0 = anat.y_canal - rng.uniform(0.5, 0.62) * cols * ystep
+    z0 = rng.uniform(-10, 10) + rows * sp_r / 2
+    y = (y0 + np.arange(cols, dtype=np.float32) * ystep)[None, :]
+    z = (z0 - np.arange(rows, dtype=np.float32) * sp_r)[:, None]
+    x_off = rng.uniform(-0.5, 0.5) if x_off is None else x_off
+    x = -(np.arange(n) - mid) * gap + x_off  # slice `mid` is the midline
     d = np.arange(n) - mid  # slice distance from the midline, in slices
 
     yc = anat.yc(z)
@@ -186,23 +229,29 @@ def _sagittal(rng, anat, kind, n, mid, gap):
             amp = np.exp(-((x - sign * anat.fora_x) ** 2) / (2 * 3.0**2))[:, None, None]
             vol = vol + amp * mask * (0.75 - vol)
             k = int(np.argmin(np.abs(x - sign * anat.fora_x)))
-            fora_pts.append((k, (yf - y0) / sp, (z0 - zf) / sp))
+            fora_pts.append((k, (yf - y0) / ystep, (z0 - zf) / sp_r))
 
+    iop = SAG_IOP
+    if tilt:  # rows lean toward -x; shift each slice so that it still crosses the canal at x
+        iop = [-float(np.sin(tilt)), float(np.cos(tilt)), 0.0, 0.0, 0.0, -1.0]
+        x = x + (anat.y_canal - y0) / ystep * sp_c * np.sin(tilt)
     ipp = [[float(xi), float(y0), float(z0)] for xi in x]
-    return vol.astype(np.float32), ipp, (rows, cols, sp, y0, z0), fora_pts
+    g = {"rows": rows, "cols": cols, "sp_r": sp_r, "sp_c": sp_c, "ystep": ystep, "y0": y0, "z0": z0,
+         "x_off": x_off}
+    return vol.astype(np.float32), ipp, iop, g, fora_pts
 
 
-def _axial(rng, anat):
+def _axial(rng, anat, q=None):
     """Axial T2: 2-4 slices per disc level, canal, vertebra and subarticular recesses."""
-    rows, cols, sp = _geometry(rng, [256, 320], (160, 220))
+    rows, cols, sp_r, sp_c = _grid(*_geometry(rng, [256, 320], (160, 220)), q or {})
     per, gap = int(rng.integers(2, 5)), rng.uniform(3, 4)
     stack = (np.arange(per) - (per - 1) / 2) * gap  # a short stack centred on each disc
     z = np.sort(np.concatenate([zi + stack for zi in anat.z_disc]) + rng.uniform(-1, 1, 5 * per))
     z = z.astype(np.float32)
-    x0 = -cols * sp / 2 + rng.uniform(-8, 8)
-    y0 = anat.y_canal - rng.uniform(0.55, 0.65) * rows * sp
-    xx = (x0 + np.arange(cols, dtype=np.float32) * sp)[None, None, :]
-    yy = (y0 + np.arange(rows, dtype=np.float32) * sp)[None, :, None]
+    x0 = -cols * sp_c / 2 + rng.uniform(-8, 8)
+    y0 = anat.y_canal - rng.uniform(0.55, 0.65) * rows * sp_r
+    xx = (x0 + np.arange(cols, dtype=np.float32) * sp_c)[None, None, :]
+    yy = (y0 + np.arange(rows, dtype=np.float32) * sp_r)[None, :, None]
     zz = z[:, None, None]
     yc = anat.yc(zz)
 
@@ -219,11 +268,14 @@ def _axial(rng, anat):
         g = anat.narrowing(zz, anat.sub_open[side])
         vol = vol + ellipse(sign * anat.recess_x, ry, 3.0 * g, 2.5 * g) * (0.9 - vol)
     ipp = [[float(x0), float(y0), float(zk)] for zk in z]
-    return vol.astype(np.float32), ipp, (rows, cols, sp, x0, y0), z
+    g = {"rows": rows, "cols": cols, "sp_r": sp_r, "sp_c": sp_c, "x0": x0, "y0": y0}
+    return vol.astype(np.float32), ipp, g, z
 
 
-def _write_series(folder, vol, ipp, iop, spacing, thickness, instances, meta, rle):
-    """Write one series, one file per slice named by its instance number."""
+def _write_series(folder, vol, ipp, iop, spacing, thickness, instances, meta, rle, edits=None):
+    """Write one series, one file per slice named by its instance number.
+
+    spacing: (row, column) PixelSpacing; edits: instance -> {tag: value, or None to leave it out}."""
     folder.mkdir(parents=True, exist_ok=True)
     row, col = np.array(iop[:3]), np.array(iop[3:])
     normal = np.cross(row, col)
@@ -253,13 +305,18 @@ def _write_series(folder, vol, ipp, iop, spacing, thickness, instances, meta, rl
         ds.ImagePositionPatient = [round(v, 4) for v in ipp[k]]
         ds.SliceLocation = round(float(np.dot(ipp[k], normal)), 4)
         ds.SliceThickness = round(thickness, 3)
-        ds.PixelSpacing = [round(spacing, 6)] * 2
+        ds.PixelSpacing = [round(spacing[0], 6), round(spacing[1], 6)]
         ds.Rows, ds.Columns = vol.shape[1:]
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
         ds.RescaleIntercept, ds.RescaleSlope = 0, 1
         ds.WindowCenter, ds.WindowWidth = int((lo + hi) / 2), max(1, int(hi - lo))
+        for tag, value in (edits or {}).get(int(inst), {}).items():
+            if value is None:
+                delattr(ds, tag)
+            else:
+                setattr(ds, tag, value)
         if rle:  # UID kept: compress() would otherwise draw a random one and break determinism
             ds.compress(RLELossless, vol[k], encoding_plugin=plugin, generate_instance_uid=False)
         else:
@@ -285,16 +342,101 @@ def _force_one(rng, flags, value=True):
     return flags
 
 
+def _quirk_flags(rng, quirks, n_studies):
+    """Where each quirk that is on goes: a (study, series type) bool array for the geometry quirks, one
+    bool per study (its Sagittal T2/STIR series) for the others. Each occurs on at least one Sagittal
+    T2/STIR series; missing_geometry on two (one slice far from an annotated one, one next to it)."""
+    flags = {}
+    for name in QUIRKS:
+        if name not in quirks or name == "bad_coordinates":  # bad coordinates are drawn over the rows
+            continue
+        f = rng.random((n_studies, 3) if name in GEOMETRY_QUIRKS else n_studies) < quirks[name]
+        if name == "oblique":
+            f[:, 2] = False  # an oblique axial series would need an in-plane rotation: not modelled
+        t2 = f[:, 1] if f.ndim == 2 else f  # a view: forcing writes through
+        while t2.sum() < min(2 if name == "missing_geometry" else 1, n_studies):
+            t2[rng.integers(n_studies)] = True
+        flags[name] = f
+    return flags
+
+
+def _series_quirks(rng, flags, s, t):
+    """Geometry quirk parameters of one series (see _grid, _sagittal and _flip)."""
+    on = {name: name in flags and bool(flags[name][s, t]) for name in GEOMETRY_QUIRKS}
+    q = {}
+    if on["anisotropic"]:
+        q["aniso"] = float(rng.uniform(1.1, 1.3))  # column spacing / row spacing
+    if on["varied_sizes"]:
+        rows = int(rng.choice(LARGE_SIZES))
+        q["size"] = (rows, int(rng.choice(LARGE_SIZES)) if rng.random() < 0.5 else rows)
+    if on["flipped_normal"]:
+        q["flip"] = True
+    if on["oblique"]:
+        q["tilt"] = float(rng.uniform(1, 8) * rng.choice([-1, 1]))
+    return q
+
+
+def _flip(vol, ipp, iop, g):
+    """Mirror the columns and negate the row direction: same anatomy in patient space, normal reversed."""
+    shift = (g["cols"] - 1) * g["sp_c"] * np.asarray(iop[:3])
+    ipp = [[float(v) for v in np.add(p, shift)] for p in ipp]
+    return np.ascontiguousarray(vol[:, :, ::-1]), ipp, [-v + 0.0 for v in iop[:3]] + list(iop[3:])
+
+
+def _canal_points(anat, g, k, jit_mm):
+    """(slice, col px, row px) of the canal centre at each disc on a sagittal grid, plus jitter in mm."""
+    return [(k, (anat.yc(zi) - g["y0"]) / g["ystep"] + jit_mm[0, i] / g["ystep"],
+             (g["z0"] - zi) / g["sp_r"] + jit_mm[1, i] / g["sp_r"]) for i, zi in enumerate(anat.z_disc)]
+
+
+def _plan_file_quirks(rng, flags, s, n, mid, count):
+    """Anatomical slice indices (of the annotated stack) that this series' file quirks hit, all distinct:
+    neighbours are 1-3 slices from the annotated one `mid`, far slices more than 3 away."""
+    near = [mid + d for d in (-3, -2, -1, 1, 2, 3) if 0 <= mid + d < n]
+    far = [k for k in range(n) if abs(k - mid) > 3]
+    rng.shuffle(near)
+    rng.shuffle(far)
+    plan = {}
+    on = {name: name in flags and bool(flags[name][s]) for name in QUIRKS if name not in GEOMETRY_QUIRKS}
+    for name in ("missing_slice", "truncated_file"):
+        if on[name]:
+            plan[name] = near.pop()
+    if on["missing_geometry"]:  # alternately far from and next to the annotated slice
+        i = count["missing_geometry"] = count.get("missing_geometry", -1) + 1
+        pool = near if i % 2 and near else far
+        plan["missing_geometry"] = (pool.pop(), GEOMETRY_TAGS[i % len(GEOMETRY_TAGS)])
+    if on["instance_mismatch"]:  # alternately the annotated slice and a neighbour
+        i = count["instance_mismatch"] = count.get("instance_mismatch", -1) + 1
+        plan["instance_mismatch"] = near.pop() if i % 2 and near else mid
+    if on["outlier_pixels"]:
+        plan["outlier_pixels"] = [mid, (near + far)[0]]
+    return plan
+
+
+def _file_item(where, inst_of, mid, k, **extra):
+    """The summary's record of a quirk on one file: anatomical slice k, `offset` slices from the annotated one."""
+    inst = int(inst_of[k])
+    return {**where, "file": f"train_images/{where['study_id']}/{where['series_id']}/{inst}.dcm",
+            "instance_number": inst, "offset": int(k - mid), **extra}
+
+
 def make_study_set(out_dir, n_studies=40, seed=0, class_mix=(0.6, 0.2, 0.2),
-                   missing_label_frac=0.03, rle_fraction=0.5) -> dict:
+                   missing_label_frac=0.03, rle_fraction=0.5, quirks=None) -> dict:
     """Write a competition-layout study set under out_dir and return a summary dict.
 
     class_mix: probabilities of Normal/Mild, Moderate, Severe for the spinal canal labels.
-    The same seed gives byte-identical CSVs and DICOM files.
+    quirks: {name in QUIRKS: fraction of the series, studies or (bad_coordinates) spinal rows hit};
+    None = a clean set. The summary's `quirks` lists, per quirk, the study, series, file, instance
+    and level it hit. The same seed gives byte-identical CSVs and DICOM files; without quirks, the
+    same files as before quirks existed (quirks draw from their own random stream).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    quirks = {k: float(v) for k, v in (quirks or {}).items() if v}
+    if set(quirks) - set(QUIRKS):
+        raise ValueError(f"unknown quirks {sorted(set(quirks) - set(QUIRKS))}; choose from {QUIRKS}")
     rng = np.random.default_rng(seed)
+    qrng = np.random.default_rng([seed, 12])  # quirk draws: the clean set's stream stays as it was
     mix = np.asarray(class_mix, float) / np.sum(class_mix)
     taken: set[int] = set()
     study_ids = _unique_ints(rng, n_studies, 1_000_000, 10_000_000, taken)
@@ -319,50 +461,83 @@ def make_study_set(out_dir, n_studies=40, seed=0, class_mix=(0.6, 0.2, 0.2),
         _force_one(rng, rle, True)
         _force_one(rng, rle, False)
     uid_seed = f"rsna-demo-{seed}"
+    flags = _quirk_flags(qrng, quirks, n_studies)
+    found = {name: [] for name in quirks}  # the summary's record of where each quirk is
+    count, large_done = {}, False
+    spinal_rows, protected = [], set()  # (row index, image columns) of spinal rows; rows bad_coordinates spares
 
     desc_rows, coord_rows, n_files = [], [], 0
     for s, study in enumerate(study_ids):
         anat = _Anatomy(rng, *sev[s, [0, 3, 4, 1, 2]])  # spinal, subarticular L/R, foraminal L/R
         study_uid = generate_uid(entropy_srcs=[uid_seed, str(study)])
         pts = {}  # condition -> list of (anatomical slice index, col px, row px) per level
+        qs = [_series_quirks(qrng, flags, s, t) for t in range(3)]
+        if "size" in qs[1] and not large_done:  # the first resized T2/STIR series is the largest real size
+            qs[1]["size"], large_done = (1024, 1024), True
 
         n2 = int(rng.integers(15, 18))
         mid2 = int(rng.choice([0, 1, n2 - 2, n2 - 1]) if edge[s] else n2 // 2 + rng.integers(-1, 2))
         gap2 = rng.uniform(3.3, 4.4)
         n1 = int(rng.integers(10, 16))
         gap1 = rng.uniform(4.0, 5.5)
-        series = {}
-        vol, ipp, (rows, cols, sp, y0, z0), _ = _sagittal(rng, anat, "Sagittal T2/STIR",
-                                                          n2, mid2, gap2)
-        jit = rng.normal(0, 1.0, (2, 5)) / sp  # ~1 mm annotation jitter
-        pts["spinal_canal_stenosis"] = [
-            (mid2, (anat.yc(zi) - y0) / sp + jit[0, i], (z0 - zi) / sp + jit[1, i])
-            for i, zi in enumerate(anat.z_disc)]
-        series["Sagittal T2/STIR"] = (vol, ipp, SAG_IOP, sp, gap2 - 0.3, rows, cols)
+        series = {}  # kind -> list of stacks (vol, ipp, iop, grid), thickness
+        kind = "Sagittal T2/STIR"
+        vol, ipp, iop, g, _ = _sagittal(rng, anat, kind, n2, mid2, gap2, qs[1])
+        jit_mm = rng.normal(0, 1.0, (2, 5))  # ~1 mm annotation jitter
+        stacks, annotated = [(vol, ipp, iop, g)], 0
+        if "repeated_stack" in flags and flags["repeated_stack"][s]:  # same positions, another size
+            q2 = {**qs[1], "size": tuple(int(v) for v in qrng.choice([256, 320, 384, 448, 512], 2))}
+            stacks.append(_sagittal(qrng, anat, kind, n2, mid2, gap2, q2, x_off=g["x_off"])[:4])
+            i = count["repeated_stack"] = count.get("repeated_stack", -1) + 1
+            annotated = 1 - i % 2  # the first such series is annotated on its second stack
+        pts["spinal_canal_stenosis"] = _canal_points(anat, stacks[annotated][3], mid2, jit_mm)
+        series[kind] = (stacks, annotated, gap2 - 0.3)
 
-        vol, ipp, (rows, cols, sp, y0, z0), fora = _sagittal(rng, anat, "Sagittal T1",
-                                                             n1, n1 // 2, gap1)
+        kind = "Sagittal T1"
+        vol, ipp, iop, g, fora = _sagittal(rng, anat, kind, n1, n1 // 2, gap1, qs[0])
         for side, cond in enumerate(CONDITIONS[1:3]):
             k, cx, cy = fora[side]
-            jit = rng.normal(0, 0.7, (2, 5)) / sp
+            jit = rng.normal(0, 0.7, (2, 5)) / np.array([[g["ystep"]], [g["sp_r"]]])
             pts[cond] = [(k, cx[i] + jit[0, i], cy[i] + jit[1, i]) for i in range(5)]
-        series["Sagittal T1"] = (vol, ipp, SAG_IOP, sp, gap1 - 0.5, rows, cols)
+        pts["spinal_on_t1"] = _canal_points(anat, g, n1 // 2, np.zeros((2, 5)))  # duplicate_coordinates
+        series[kind] = ([(vol, ipp, iop, g)], 0, gap1 - 0.5)
 
-        vol, ipp, (rows, cols, sp, x0, y0), z = _axial(rng, anat)
+        kind = "Axial T2"
+        vol, ipp, g, z = _axial(rng, anat, qs[2])
         for side, cond in enumerate(CONDITIONS[3:5]):
             sign = 1 if side == 0 else -1
             ks = [int(np.argmin(np.abs(z - zi))) for zi in anat.z_disc]
-            pts[cond] = [(k, (sign * anat.recess_x - x0) / sp,
-                          (anat.yc(z[k]) - anat.hw0 * 0.3 - y0) / sp) for k in ks]
-        series["Axial T2"] = (vol, ipp, AX_IOP, sp, 3.0, rows, cols)
+            pts[cond] = [(k, (sign * anat.recess_x - g["x0"]) / g["sp_c"],
+                          (anat.yc(z[k]) - anat.hw0 * 0.3 - g["y0"]) / g["sp_r"]) for k in ks]
+        series[kind] = ([(vol, ipp, AX_IOP, g)], 0, 3.0)
+
+        for t, kind in enumerate(SERIES_TYPES):  # geometry quirks, recorded where they are
+            stacks, annotated, thick = series[kind]
+            sid = int(series_ids[s, t])
+            if qs[t].get("flip"):
+                stacks = [(*_flip(vol, ipp, iop, g), g) for vol, ipp, iop, g in stacks]
+                cols = stacks[annotated][3]["cols"]
+                for cond in pts:
+                    if CONDITION_SERIES.get(cond, "Sagittal T1") == kind:
+                        pts[cond] = [(k, cols - 1 - cx, cy) for k, cx, cy in pts[cond]]
+                series[kind] = (stacks, annotated, thick)
+            g, iop = stacks[0][3], stacks[0][2]
+            where = {"study_id": study, "series_id": sid, "series_description": kind}
+            for name, key in (("anisotropic", "aniso"), ("varied_sizes", "size"), ("flipped_normal", "flip"),
+                              ("oblique", "tilt")):
+                if key in qs[t]:
+                    found[name].append({**where, "pixel_spacing": [g["sp_r"], g["sp_c"]],
+                                        "size": [g["rows"], g["cols"]], "orientation": list(iop),
+                                        name: list(qs[t][key]) if key == "size" else qs[t][key]})
 
         instances = {}
         for t, kind in enumerate(SERIES_TYPES):
-            vol, ipp, iop, sp, thick, rows, cols = series[kind]
-            n = len(vol)
+            stacks, annotated, thick = series[kind]
+            n = len(stacks[0][0])
             start = int(rng.integers(1, 21))  # real instance numbers rarely start at 1
             order = np.arange(n)[::-1] if reversed_[s, t] else np.arange(n)
-            instances[kind] = start + order  # instance number of each anatomical index
+            stack_inst = [start + j * n + order for j in range(len(stacks))]  # a second stack follows on
+            instances[kind] = stack_inst[annotated]  # instance number of each anatomical index
             scale = rng.uniform(600, 3800) / 0.95  # brightest tissue lands near this max
             sid = int(series_ids[s, t])
             meta = {"study_id": study, "series_id": sid, "description": kind,
@@ -370,22 +545,94 @@ def make_study_set(out_dir, n_studies=40, seed=0, class_mix=(0.6, 0.2, 0.2),
                     "series_number": t + 1 + int(rng.integers(0, 10)),
                     "series_uid": generate_uid(entropy_srcs=[uid_seed, str(sid)]),
                     "for_uid": generate_uid(entropy_srcs=[uid_seed, str(study), "for"])}
-            _write_series(out / "train_images" / str(study) / str(sid), _finish(rng, vol, scale),
-                          ipp, iop, sp, thick, instances[kind], meta, bool(rle[s, t]))
-            n_files += n
+            folder = out / "train_images" / str(study) / str(sid)
+            pixels = [_finish(rng, stacks[0][0], scale)]
+            pixels += [_finish(qrng, v, qrng.uniform(600, 3800) / 0.95) for v, *_ in stacks[1:]]
+            where = {"study_id": study, "series_id": sid}
+            if len(stacks) > 1:
+                found["repeated_stack"].append({
+                    **where, "stacks": [[int(v) for v in si] for si in stack_inst],
+                    "sizes": [[st[3]["rows"], st[3]["cols"]] for st in stacks], "annotated_stack": annotated + 1,
+                    "instance_number": int(instances[kind][mid2])})
+            plan = (_plan_file_quirks(qrng, flags, s, n, mid2, count) if kind == "Sagittal T2/STIR" else {})
+            inst_of = instances[kind]
+            item = functools.partial(_file_item, where, inst_of, mid2)
+            edits = {}
+            if "missing_geometry" in plan:
+                k, tag = plan["missing_geometry"]
+                edits[int(inst_of[k])] = {tag: None}
+                found["missing_geometry"].append(item(k, tag=tag, neighbour=abs(k - mid2) <= 3))
+            if "instance_mismatch" in plan:
+                k = plan["instance_mismatch"]
+                edits[int(inst_of[k])] = {"InstanceNumber": int(inst_of[k]) + 1000}
+                found["instance_mismatch"].append(item(k, tag_instance_number=int(inst_of[k]) + 1000))
+            for k in plan.get("outlier_pixels", []):
+                px = pixels[annotated]
+                m = int(qrng.integers(3, 9))
+                rr, cc = qrng.integers(0, px.shape[1], m), qrng.integers(0, px.shape[2], m)
+                px[k, rr, cc] = 4095
+                found["outlier_pixels"].append(item(k, pixels=[[int(r), int(c)] for r, c in zip(rr, cc)]))
+            for j, (_, ipp, iop, g) in enumerate(stacks):
+                _write_series(folder, pixels[j], ipp, iop, (g["sp_r"], g["sp_c"]), thick, stack_inst[j], meta,
+                              bool(rle[s, t]), edits if j == annotated else None)
+                n_files += n
+            if "truncated_file" in plan:  # cut the pixel data (the last element) in half
+                k = plan["truncated_file"]
+                f = folder / f"{int(inst_of[k])}.dcm"
+                data = f.read_bytes()
+                at = data.find(b"\xe0\x7f\x10\x00")  # tag (7FE0,0010) Pixel Data, little endian
+                f.write_bytes(data[:at + (len(data) - at) // 2])
+                found["truncated_file"].append(item(k, bytes_kept=at + (len(data) - at) // 2, bytes=len(data)))
+            if "missing_slice" in plan:
+                k = plan["missing_slice"]
+                (folder / f"{int(inst_of[k])}.dcm").unlink()
+                n_files -= 1
+                found["missing_slice"].append(item(k))
             desc_rows.append((study, sid, kind))
 
+        dup_level = None
+        if "duplicate_coordinates" in flags and flags["duplicate_coordinates"][s]:
+            labelled = np.flatnonzero(~missing[s, 0])
+            dup_level = int(qrng.choice(labelled)) if labelled.size else None
         for c, cond in enumerate(CONDITIONS):
             kind = CONDITION_SERIES[cond]
             t = SERIES_TYPES.index(kind)
-            _, _, _, _, _, rows, cols = series[kind]
+            stacks, annotated, _ = series[kind]
+            rows, cols = stacks[annotated][3]["rows"], stacks[annotated][3]["cols"]
             for i, (k, cx, cy) in enumerate(pts[cond]):
                 if missing[s, c, i]:
                     continue
+                if c == 0 and i == dup_level:  # the same level on Sagittal T1, listed first
+                    g1 = series["Sagittal T1"][0][0][3]
+                    k1, x1, y1 = pts["spinal_on_t1"][i]
+                    inst1 = int(instances["Sagittal T1"][k1])
+                    coord_rows.append((study, int(series_ids[s, 0]), inst1, CONDITION_NAMES[cond],
+                                       LEVEL_NAMES[LEVELS[i]], round(float(np.clip(x1, 0, g1["cols"] - 1)), 6),
+                                       round(float(np.clip(y1, 0, g1["rows"] - 1)), 6)))
+                    found["duplicate_coordinates"].append({
+                        "study_id": study, "series_id": int(series_ids[s, 0]), "instance_number": inst1,
+                        "level": LEVEL_NAMES[LEVELS[i]], "row": len(coord_rows) - 1,
+                        "valid_series_id": int(series_ids[s, 1]), "valid_instance_number": int(instances[kind][k])})
+                    protected.add(len(coord_rows))
+                if c == 0:
+                    spinal_rows.append((len(coord_rows), cols))
                 coord_rows.append((study, int(series_ids[s, t]), int(instances[kind][k]),
                                    CONDITION_NAMES[cond], LEVEL_NAMES[LEVELS[i]],
                                    round(float(np.clip(cx, 0, cols - 1)), 6),
                                    round(float(np.clip(cy, 0, rows - 1)), 6)))
+
+    if "bad_coordinates" in quirks:  # spinal rows whose point is unusable, plus one just past the edge
+        pool = [(j, cols) for j, cols in spinal_rows if j not in protected]
+        n_bad = min(len(pool), max(len(BAD_KINDS), round(quirks["bad_coordinates"] * len(pool))))
+        for pick, kind in zip(qrng.choice(len(pool), n_bad, replace=False), itertools.cycle(BAD_KINDS)):
+            j, cols = pool[pick]
+            axis, value = BAD_KINDS[kind]
+            row = list(coord_rows[j])
+            row[5 if axis == "x" else 6] = cols + 2.0 if value is None else value
+            coord_rows[j] = tuple(row)
+            found["bad_coordinates"].append({  # NaN listed as None: the summary stays valid JSON
+                "study_id": row[0], "series_id": row[1], "instance_number": row[2], "level": row[4], "kind": kind,
+                "x": None if np.isnan(row[5]) else row[5], "y": row[6], "row": j})
 
     # --- CSVs, in the competition's spellings and column order ---
     label_cols = [f"{c}_{lv}" for c in CONDITIONS for lv in LEVELS]
@@ -411,8 +658,11 @@ def make_study_set(out_dir, n_studies=40, seed=0, class_mix=(0.6, 0.2, 0.2),
                   "normal_mild": 1 / 3, "moderate": 1 / 3, "severe": 1 / 3}).to_csv(
         out / "sample_submission.csv", index=False)
     # lets a results report say the data were generated, never mistaken for the competition's
-    (out / "GENERATED_BY.txt").write_text(
-        f"tools/make_demo_studies.py, {n_studies} studies, seed {seed}, class mix {tuple(class_mix)}\n")
+    marker = f"tools/make_demo_studies.py, {n_studies} studies, seed {seed}, class mix {tuple(class_mix)}\n"
+    if quirks:
+        preset = "realistic preset, " if quirks == REALISTIC["quirks"] else ""
+        marker += f"{preset}quirks: " + ", ".join(f"{k} {v:g}" for k, v in quirks.items()) + "\n"
+    (out / "GENERATED_BY.txt").write_text(marker)
 
     spinal = sev[:, 0][~missing[:, 0]]
     return {
@@ -428,6 +678,7 @@ def make_study_set(out_dir, n_studies=40, seed=0, class_mix=(0.6, 0.2, 0.2),
         "rle_series": [int(v) for v in series_ids[rle]],
         "edge_studies": [study_ids[i] for i in np.flatnonzero(edge)],
         "test_study_ids": list(test_ids),
+        "quirks": found,
     }
 
 
@@ -436,15 +687,20 @@ def main(argv=None):
     p.add_argument("out_dir")
     p.add_argument("--studies", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mix", default="0.6,0.2,0.2", help="Normal/Mild,Moderate,Severe (spinal)")
-    p.add_argument("--missing", type=float, default=0.03, help="fraction of empty label cells")
+    p.add_argument("--mix", help="Normal/Mild,Moderate,Severe (spinal); default 0.6,0.2,0.2, realistic 0.88,0.06,0.05")
+    p.add_argument("--missing", type=float, help="fraction of empty label cells (default 0.03, realistic 0.015)")
     p.add_argument("--rle", type=float, default=0.5, help="fraction of RLE Lossless series")
+    p.add_argument("--realistic", action="store_true", help="the REALISTIC preset: real class mix, every quirk on")
     a = p.parse_args(argv)
-    mix = tuple(float(v) for v in a.mix.split(","))
-    if len(mix) != 3:
-        p.error("--mix needs three comma-separated probabilities")
+    kwargs = dict(REALISTIC) if a.realistic else {}
+    if a.mix is not None:
+        kwargs["class_mix"] = tuple(float(v) for v in a.mix.split(","))
+        if len(kwargs["class_mix"]) != 3:
+            p.error("--mix needs three comma-separated probabilities")
+    if a.missing is not None:
+        kwargs["missing_label_frac"] = a.missing
     t0 = time.perf_counter()
-    summary = make_study_set(a.out_dir, a.studies, a.seed, mix, a.missing, a.rle)
+    summary = make_study_set(a.out_dir, a.studies, a.seed, rle_fraction=a.rle, **kwargs)
     print(json.dumps(summary, indent=1))
     print(f"written in {time.perf_counter() - t0:.1f} s (pydicom {pydicom.__version__})",
           file=sys.stderr)
