@@ -344,3 +344,69 @@ def test_series_percentile_keeps_a_samples_slices_on_one_scale_despite_an_outlie
     anatomy[5:9, 5:9] = False
     assert np.percentile(per_slice[anatomy], 99) < 128 and len(np.unique(per_slice[anatomy])) < 128
     assert np.percentile(per_series[anatomy], 99) > 200 and len(np.unique(per_series[anatomy])) > 200
+
+
+# --------------------------------------------------------------------------- the generator's realistic preset
+@pytest.fixture(scope="module")
+def realistic(nb, tmp_path_factory):
+    """12 studies under make_demo_studies.REALISTIC (every quirk at least once), cached once at img_size 64."""
+    from make_demo_studies import REALISTIC
+
+    root = tmp_path_factory.mktemp("realistic")
+    summary = make_study_set(root, n_studies=12, seed=0, **REALISTIC)
+    cfg = {**nb["CONFIG"], "data_root": str(root), "cache_dir": str(root / "cache")}
+    samples, _ = nb["build_sample_table"](cfg)
+    kept, images, masks, issues = nb["build_cache"](samples, cfg, 0)
+    return summary["quirks"], samples, kept, images, masks, issues, cfg
+
+
+def test_realistic_preset_drops_only_the_samples_that_cannot_be_built(realistic):
+    quirks, samples, kept, _, _, issues, _ = realistic
+    assert list(issues.columns) == ["study_id", "series_id", "level", "file", "what", "reason"]
+    dropped = issues[issues["what"] == "sample dropped"]
+    level_name = {lv.upper().replace("_", "/"): lv for lv in samples["level"].unique()}
+    unusable = {(q["study_id"], level_name[q["level"]]) for q in quirks["bad_coordinates"] if q["kind"] != "edge"}
+    in_table = {(s, lv) for s, lv in zip(samples["study_id"], samples["level"])}
+    assert set(zip(dropped["study_id"], dropped["level"])) == unusable & in_table  # far, negative or NaN points
+    assert len(unusable & in_table) >= 2 and len(kept) == len(samples) - len(dropped)
+    assert {q["study_id"] for q in quirks["bad_coordinates"] if q["kind"] == "edge"} <= set(kept["study_id"])
+
+
+def test_realistic_preset_records_every_skipped_and_masked_slice_with_its_file(realistic):
+    quirks, samples, kept, images, masks, issues, _ = realistic
+    rel = {name: {(q["study_id"], Path(q["file"]).name): q for q in quirks[name]}
+           for name in ("missing_geometry", "truncated_file", "missing_slice")}
+    skipped = issues[issues["what"] == "slice skipped"]
+    assert set(zip(skipped["study_id"], skipped["file"])) == set(rel["missing_geometry"])
+    masked = issues[issues["what"] == "slice masked"]
+    recorded = set(zip(masked["study_id"], masked["file"]))
+    checked = 0
+    for name, items in rel.items():
+        for (study, file), q in items.items():
+            series_kept = kept[kept["series_id"] == q["series_id"]]
+            if q.get("neighbour", True):  # a neighbour of the annotated slice: its slot is black in every sample
+                slot = HALF - q["offset"]  # the generator's slice index runs against increasing patient x
+                assert len(series_kept) and not masks[series_kept["cache_index"], slot].any(), (name, q)
+                assert (np.asarray(images[series_kept["cache_index"], slot]) == 0).all()
+                assert (study, file) in recorded or name != "truncated_file", (name, q)
+                checked += 1
+    assert checked >= 3
+    assert masked.loc[masked["file"].isin([Path(q["file"]).name for q in quirks["truncated_file"]]),
+                      "reason"].str.contains("truncated").all()
+
+
+def test_realistic_preset_repeated_stacks_give_the_annotated_acquisitions_slices(nb, realistic):
+    """Each slice of a sample on a repeated-stack series is the annotated stack's slice at that position."""
+    quirks, _, kept, images, masks, _, config = realistic
+    checked = 0
+    for q in quirks["repeated_stack"]:
+        stack = q["stacks"][q["annotated_stack"] - 1]  # instance number of each anatomical slice index
+        for row in kept[kept["series_id"] == q["series_id"]].itertuples():
+            folder = Path(row.path).parent
+            mid = stack.index(row.instance_number)
+            anchor = pydicom.dcmread(row.path, stop_before_pixels=True)
+            expected = [f"{stack[mid + HALF - j]}.dcm" if 0 <= mid + HALF - j < len(stack) else None for j in range(7)]
+            check_stack(nb, folder, np.asarray(images[row.cache_index]), masks[row.cache_index], expected, anchor,
+                        row.x, row.y, config)
+            checked += 1
+    assert checked >= 4 and {q["annotated_stack"] for q in quirks["repeated_stack"]} >= {2}
