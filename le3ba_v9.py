@@ -481,7 +481,7 @@ def read_series_headers(series_dir):
             int(ds.Rows), int(ds.Columns)
             headers[instance] = ds
         except Exception as error:  # unreadable header, name not a number, a geometry tag missing
-            skipped[file.name] = f'{type(error).__name__}: {error}'
+            skipped[file.name] = str(error) if isinstance(error, ValueError) else f'{type(error).__name__}: {error}'
     return headers, skipped
 
 

@@ -144,6 +144,27 @@ def test_neighbour_without_geometry_is_a_masked_slice(nb, messy, tmp_path):
                     row["x"], row["y"], config)
 
 
+def test_annotated_slice_without_geometry_drops_only_its_own_samples(nb, messy, tmp_path):
+    config = messy[0]
+    folder, rows = copy_series(messy, tmp_path)
+    names = ordered_names(folder)
+    anchor, _, _ = anchor_of(folder, rows)
+    other = names[names.index(anchor) + 1]
+    rows = rows.copy()
+    moved = rows.index[0]
+    rows.loc[moved, "instance_number"] = int(Path(other).stem)  # one level annotated on the next slice
+    rewrite(folder / anchor, lambda ds: delattr(ds, "PixelSpacing"))
+    stacks, masks, issues = run(nb, folder, rows, config)
+    dropped = issues[issues["what"] == "sample dropped"]
+    assert sorted(dropped["level"]) == sorted(rows["level"].iloc[1:]) and (dropped["file"] == anchor).all()
+    assert dropped["reason"].str.contains(str(folder / anchor), regex=False).all()
+    assert dropped["reason"].str.contains("PixelSpacing").all()
+    assert not masks[1:].any() and (stacks[1:] == 0).all()
+    _, ds, row = anchor_of(folder, rows, 0)
+    check_stack(nb, folder, stacks[0], masks[0], window(names, other, missing={anchor}), ds, row["x"], row["y"],
+                config)
+
+
 # --------------------------------------------------------------------------- point 12: a missing neighbour file
 def test_missing_neighbour_file_is_a_masked_gap_not_a_shifted_stack(nb, messy, tmp_path):
     config = messy[0]
