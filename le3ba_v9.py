@@ -490,7 +490,9 @@ def stack_slots(headers, skipped, anchor):
     to their normal, in that axis's positive direction (sagittal: patient right to left, i.e. increasing LPS x;
     axial: feet to head), so slot j is the same side in every series whatever the sign of its normal. One slice
     per position (a repeated stack keeps the anchor's acquisition and image size); a step of k times the series'
-    own spacing (median step) leaves k - 1 gap slots, each a (file, reason) for the slice that should be there."""
+    own spacing (median step) leaves k - 1 gap slots: a (file, reason) for the slice that should be there, or
+    None (padding) where no file number is missing between the two sides (a planned gap, e.g. between the
+    per-disc stacks of an axial series)."""
     ref = headers[anchor]
     normal = slice_normal(ref)
     direction = normal * np.sign(normal[np.argmax(np.abs(normal))])
@@ -515,11 +517,12 @@ def stack_slots(headers, skipped, anchor):
     for (p0, a), (p1, b) in zip(kept, kept[1:]):
         gap = round((p1 - p0) / spacing) - 1
         absent = [f'{i}.dcm' for i in range(min(a, b) + 1, max(a, b)) if i not in headers][::1 if a < b else -1]
-        for g in range(gap):
-            file = absent[g] if len(absent) == gap else ''
-            cause = skipped.get(file, 'file missing') if file else 'no file found for it'
-            reason = f'gap in the slice positions ({p1 - p0:.1f} mm from {a}.dcm to {b}.dcm, spacing {spacing:.1f} mm)'
+        reason = f'gap in the slice positions ({p1 - p0:.1f} mm from {a}.dcm to {b}.dcm, spacing {spacing:.1f} mm)'
+        for g in range(gap if absent else 0):
+            file = absent[g] if len(absent) == gap else ' or '.join(absent)
+            cause = skipped.get(file, 'file missing') if len(absent) == gap else 'files missing or skipped'
             slots.append((file, f'{reason}: {cause}'))
+        slots += [None] * (0 if absent else gap)
         slots.append(b)
     return slots
 
@@ -563,7 +566,7 @@ def preprocess_series(job):
             centre = slots.index(instance)
             plans[k] = (level, instance, position + x * spacing[0] * row_dir + y * spacing[1] * col_dir,
                         [(j, slots[s]) for j, s in enumerate(range(centre - n // 2, centre + n // 2 + 1))
-                         if 0 <= s < len(slots)])  # beyond the series edge: padding, not an issue
+                         if 0 <= s < len(slots) and slots[s] is not None])  # padding, not an issue
         decoded, failed = {}, {}
         for instance in sorted({slot for *_, plan in plans.values() for _, slot in plan if isinstance(slot, int)}):
             try:
@@ -834,7 +837,7 @@ if len(DATA_ISSUES):  # every dropped sample, masked and skipped slice, with its
     print(DATA_ISSUES.to_string(index=False))
 _masked = int((DATA_ISSUES['what'] == 'slice masked').sum())
 print(f'{len(SAMPLES)} samples cached; black slices: {_masked} masked (listed above), '
-      f'{int((~MASKS[SAMPLES["cache_index"]]).sum()) - _masked} padding beyond a series edge')
+      f'{int((~MASKS[SAMPLES["cache_index"]]).sum()) - _masked} padding (beyond a series edge or in a planned gap)')
 _check = RSNADatasetV9(SAMPLES.head(5), IMAGES, MASKS, CONFIG, train=True)
 print('5 training samples:', [tuple(_check[i]['image'].shape) for i in range(len(_check))])
 plot_class_crops(SAMPLES, IMAGES, MASKS)

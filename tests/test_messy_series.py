@@ -182,6 +182,30 @@ def test_missing_neighbour_file_is_a_masked_gap_not_a_shifted_stack(nb, messy, t
     assert issues["reason"].str.contains("file missing").all() and len(issues) == len(rows)
 
 
+def test_planned_gap_with_contiguous_file_numbers_is_padding_not_an_issue(nb, messy, tmp_path):
+    """As between the per-disc stacks of an axial series: no file number is missing, so nothing is reported lost,
+    but the positions inside the gap stay empty instead of pulling in far slices."""
+    config = messy[0]
+    folder, rows = copy_series(messy, tmp_path)
+    names = ordered_names(folder)
+    anchor, _, _ = anchor_of(folder, rows)
+    x = [float(pydicom.dcmread(folder / n, stop_before_pixels=True).ImagePositionPatient[0]) for n in names]
+    step = float(np.median(np.diff(x)))
+    def move(ds):
+        ds.ImagePositionPatient = [ds.ImagePositionPatient[0] + 2 * step, *ds.ImagePositionPatient[1:]]
+
+    for name in names[names.index(anchor) + 2:]:  # two positions left empty beyond the anchor's next slice
+        rewrite(folder / name, move)
+    stacks, masks, issues = run(nb, folder, rows, config)
+    assert len(issues) == 0
+    rank = names.index(anchor)
+    expected = window(names, anchor)[:HALF + 2] + [None, None]  # slots +2 and +3 fall in the gap
+    assert expected[HALF + 1] == names[rank + 1]
+    for k in range(len(rows)):
+        _, ds, row = anchor_of(folder, rows, k)
+        check_stack(nb, folder, stacks[k], masks[k], expected, ds, row["x"], row["y"], config)
+
+
 # --------------------------------------------------------------------------- point 3: a repeated stack
 def test_repeated_stack_gives_one_slice_per_position_from_the_anchors_acquisition(nb, messy, tmp_path):
     """A second acquisition at the same positions (half the image size, other instance numbers, other contrast);
