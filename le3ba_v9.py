@@ -334,7 +334,8 @@ print(pd.crosstab(SAMPLES['fold'], SAMPLES['label'].map(dict(enumerate(CLASSES))
 # of a scanner's normal (file names and instance numbers are not anatomical order on every scanner).
 # Files are keyed by their name, the competition's instance number (the InstanceNumber tag may differ).
 # A repeated stack keeps one slice per position (the annotated slice's acquisition and image size); a
-# step of k times the series' own spacing (median step) marks k - 1 missing positions.
+# step of k times the series' own spacing (median step) marks k - 1 missing positions (a planned gap,
+# with no file number missing, e.g. between per-disc axial stacks, is padding rather than a data issue).
 #
 # **Messy data loses as little as possible.** A file without usable geometry is skipped; a neighbour
 # that is missing, skipped or unreadable becomes a black slice with mask False; only a sample whose own
