@@ -590,7 +590,7 @@ def preprocess_series(job):
                     stacks[k, j] = crop_slice(images[slot], headers[slot], point_mm, config)
                     masks[k, j] = True
     except Exception as error:  # unexpected: the series' samples are reported dropped; the other series go on
-        masks[:] = False
+        stacks[:], masks[:] = 0, False
         issues.clear()
         for level in rows['level']:
             note(level, '', 'sample dropped', f'series failed: {type(error).__name__}: {error}')
