@@ -455,3 +455,19 @@ def test_realistic_preset_repeated_stacks_give_the_annotated_acquisitions_slices
                         row.x, row.y, config)
             checked += 1
     assert checked >= 4 and {q["annotated_stack"] for q in quirks["repeated_stack"]} >= {2}
+
+
+def test_realistic_preset_flipped_and_oblique_series_run_along_increasing_patient_x(nb, realistic):
+    quirks, _, kept, images, masks, _, config = realistic
+    messy_files = {q["series_id"] for name in ("repeated_stack", "missing_slice", "truncated_file", "missing_geometry")
+                   for q in quirks[name]}
+    series = {q["series_id"] for name in ("flipped_normal", "oblique") for q in quirks[name]
+              if q["series_description"] == "Sagittal T2/STIR"} - messy_files
+    checked = 0
+    for row in kept[kept["series_id"].isin(series)].itertuples():
+        folder = Path(row.path).parent
+        anchor = pydicom.dcmread(row.path, stop_before_pixels=True)
+        check_stack(nb, folder, np.asarray(images[row.cache_index]), masks[row.cache_index],
+                    window(ordered_names(folder), Path(row.path).name), anchor, row.x, row.y, config)
+        checked += 1
+    assert checked >= 5
