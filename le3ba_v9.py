@@ -58,6 +58,8 @@ CONFIG = {
     'cache_dir': None,           # None = <output_dir>/cache; preprocessed crops, reused across runs
     'demo': False,               # True: generate a synthetic study set and train a short CPU preset
     'demo_studies': 48,          # size of that synthetic set
+    'demo_data': 'clean',        # clean: learnable in minutes | realistic: the real class mix and data quirks
+                                 # (tools/make_demo_studies.py REALISTIC): tests the data handling, learns little
     'condition': 'spinal_canal_stenosis',  # train.csv column prefix of the condition trained
     'series_description': 'Sagittal T2/STIR',  # series type the condition is read on
     'intensity': 'minmax',       # minmax (v4's choice) | window | percentile | dicom: see Task 1.1
@@ -203,14 +205,27 @@ def resolve_paths(config):
 
 
 def make_demo_data(folder, config):
-    """A synthetic study set in the competition's layout, from the repository's generator."""
-    if not (folder / 'train.csv').exists():
-        tools = Path.cwd() / 'tools'
-        if not (tools / 'make_demo_studies.py').exists():
-            raise FileNotFoundError('demo=True needs tools/make_demo_studies.py: run from the repository root.')
-        sys.path.insert(0, str(tools))
-        from make_demo_studies import make_study_set
-        print(make_study_set(folder, n_studies=config['demo_studies'], seed=config['seed']))
+    """A synthetic study set in the competition's layout, from the repository's generator; one folder per preset."""
+    presets = ('clean', 'realistic')
+    if config['demo_data'] not in presets:
+        raise ValueError(f"CONFIG['demo_data'] = {config['demo_data']!r}; choose one of {presets}")
+    if config['demo_data'] != 'clean':
+        folder = folder.with_name(f"{folder.name}_{config['demo_data']}")
+    if (folder / 'train.csv').exists():
+        print(f'demo data: reusing {folder}')
+        return folder
+    tools = Path.cwd() / 'tools'
+    if not (tools / 'make_demo_studies.py').exists():
+        raise FileNotFoundError('demo=True needs tools/make_demo_studies.py: run from the repository root.')
+    sys.path.insert(0, str(tools))
+    from make_demo_studies import REALISTIC, make_study_set
+    preset = REALISTIC if config['demo_data'] == 'realistic' else {}
+    made = make_study_set(folder, n_studies=config['demo_studies'], seed=config['seed'], **preset)
+    (folder / 'generator_summary.json').write_text(json.dumps(made, indent=1))  # where each quirk is
+    quirks = sum(len(v) for v in made['quirks'].values())
+    quirks = f"{quirks} quirks of {len(made['quirks'])} kinds (generator_summary.json)" if quirks else 'no quirks'
+    print(f"demo data ({config['demo_data']}): {made['n_studies']} studies, {made['n_dicom_files']} DICOM files, "
+          f"spinal canal labels {made['spinal_canal_counts']}, {quirks}, in {folder}")
     return folder
 
 
