@@ -58,6 +58,8 @@ CONFIG = {
     'cache_dir': None,           # None = <output_dir>/cache; preprocessed crops, reused across runs
     'demo': False,               # True: generate a synthetic study set and train a short CPU preset
     'demo_studies': 48,          # size of that synthetic set
+    'demo_data': 'clean',        # clean: learnable in minutes | realistic: the real class mix and data quirks
+                                 # (tools/make_demo_studies.py REALISTIC): tests the data handling, learns little
     'condition': 'spinal_canal_stenosis',  # train.csv column prefix of the condition trained
     'series_description': 'Sagittal T2/STIR',  # series type the condition is read on
     'intensity': 'minmax',       # minmax (v4's choice) | window | percentile | series_percentile | dicom: Task 1.1
@@ -206,14 +208,27 @@ def resolve_paths(config):
 
 
 def make_demo_data(folder, config):
-    """A synthetic study set in the competition's layout, from the repository's generator."""
-    if not (folder / 'train.csv').exists():
-        tools = Path.cwd() / 'tools'
-        if not (tools / 'make_demo_studies.py').exists():
-            raise FileNotFoundError('demo=True needs tools/make_demo_studies.py: run from the repository root.')
-        sys.path.insert(0, str(tools))
-        from make_demo_studies import make_study_set
-        print(make_study_set(folder, n_studies=config['demo_studies'], seed=config['seed']))
+    """A synthetic study set in the competition's layout, from the repository's generator; one folder per preset."""
+    presets = ('clean', 'realistic')
+    if config['demo_data'] not in presets:
+        raise ValueError(f"CONFIG['demo_data'] = {config['demo_data']!r}; choose one of {presets}")
+    if config['demo_data'] != 'clean':
+        folder = folder.with_name(f"{folder.name}_{config['demo_data']}")
+    if (folder / 'train.csv').exists():
+        print(f'demo data: reusing {folder}')
+        return folder
+    tools = Path.cwd() / 'tools'
+    if not (tools / 'make_demo_studies.py').exists():
+        raise FileNotFoundError('demo=True needs tools/make_demo_studies.py: run from the repository root.')
+    sys.path.insert(0, str(tools))
+    from make_demo_studies import REALISTIC, make_study_set
+    preset = REALISTIC if config['demo_data'] == 'realistic' else {}
+    made = make_study_set(folder, n_studies=config['demo_studies'], seed=config['seed'], **preset)
+    (folder / 'generator_summary.json').write_text(json.dumps(made, indent=1))  # where each quirk is
+    quirks = sum(len(v) for v in made['quirks'].values())
+    quirks = f"{quirks} quirks of {len(made['quirks'])} kinds (generator_summary.json)" if quirks else 'no quirks'
+    print(f"demo data ({config['demo_data']}): {made['n_studies']} studies, {made['n_dicom_files']} DICOM files, "
+          f"spinal canal labels {made['spinal_canal_counts']}, {quirks}, in {folder}")
     return folder
 
 
@@ -250,40 +265,75 @@ print(f"device {DEVICE} ({torch.cuda.get_device_name() if DEVICE.type == 'cuda' 
 # Folds are grouped by study (no study on both sides) and stratified by label.
 
 # %% tags=["defs"]
+def official_labels(values):
+    """Label cells in the official spelling: a value differing only by case or spaces is mapped, and the
+    mapping is counted in a warning; an empty string is no label; other values are left for the caller to
+    report as unknown, with the value."""
+    official = {''.join(c.split()).lower(): c for c in CLASSES}
+
+    def fix(value):
+        key = ''.join(value.split()).lower() if isinstance(value, str) else None
+        return value if key is None else official.get(key, value) if key else np.nan
+
+    fixed = values.map(fix)
+    changed = fixed.isin(CLASSES) & (fixed != values)
+    if changed.any():
+        pairs = (values[changed].map(repr) + ' -> ' + fixed[changed]).value_counts()
+        warn(f'train.csv: {int(changed.sum())} labels normalised to the official spelling: '
+             + ', '.join(f'{pair} ({n})' for pair, n in pairs.items()))
+    return fixed
+
+
 def build_sample_table(config):
-    """(samples, skipped): usable rows, and a count of the dropped ones by reason."""
+    """(samples, skipped): usable rows, and a count of the dropped ones (label rows or coordinate rows) by reason."""
     root = Path(config['data_root'])
-    cond = config['condition']
+    cond, wanted = config['condition'], config['series_description']
     labels = pd.read_csv(root / 'train.csv')
     coords = pd.read_csv(root / 'train_label_coordinates.csv')
     series = pd.read_csv(root / 'train_series_descriptions.csv')
-    table = labels.melt(id_vars='study_id', value_vars=[f'{cond}_{lv}' for lv in LEVELS],
-                        var_name='column', value_name='severity')
+    columns = [f'{cond}_{lv}' for lv in LEVELS]
+    if not set(columns) <= set(labels.columns):
+        raise ValueError(f"train.csv has no columns {sorted(set(columns) - set(labels.columns))}: "
+                         f"check CONFIG['condition'] = {cond!r}")
+    table = labels.melt(id_vars='study_id', value_vars=columns, var_name='column', value_name='severity')
     table['level'] = table['column'].str[len(cond) + 1:]
-    coords = coords[coords['condition'] == cond.replace('_', ' ').title()].copy()
-    coords['level'] = coords['level'].str.lower().str.replace('/', '_')
-    duplicated = coords.duplicated(['study_id', 'level'])  # keep the first annotation of a level
-    table = (table.merge(coords[~duplicated], on=['study_id', 'level'], how='left')
-             .merge(series, on=['study_id', 'series_id'], how='left'))
+    table['severity'] = official_labels(table['severity'])
+    # One coordinate per (study, level): a row on the trained series type wins over rows on other series
+    # (the real data has levels annotated on Sagittal T1 too); among equals the first in the file.
+    coords = coords[coords['condition'] == cond.replace('_', ' ').title()]
+    coords = (coords.assign(level=coords['level'].str.lower().str.replace('/', '_'))
+              .merge(series, on=['study_id', 'series_id'], how='left'))
+    coords['on_series'] = coords['series_description'] == wanted
+    coords = coords.sort_values('on_series', ascending=False, kind='stable')
+    extra = coords.duplicated(['study_id', 'level'])
+    kept_on_series = coords.groupby(['study_id', 'level'])['on_series'].transform('first')
+    extra_reason = np.where(coords['on_series'], 'duplicate coordinate on the trained series (first kept)',
+                            np.where(kept_on_series, f'coordinate on another series (ignored: one on {wanted} exists)',
+                                     'duplicate coordinate on another series (first kept)'))[extra.to_numpy()]
+    table = table.merge(coords[~extra].drop(columns='on_series'), on=['study_id', 'level'], how='left')
     table['path'] = [root / 'train_images' / f'{s}/{int(r)}/{int(i)}.dcm' if pd.notna(r) and pd.notna(i) else None
                      for s, r, i in zip(table['study_id'], table['series_id'], table['instance_number'])]
-    # the first matching reason wins, in this order
+    unknown = sorted(set(table['severity'].dropna()) - set(CLASSES), key=str)
+    # the first matching reason wins, in this order; points outside the image need its size: preprocess_series
     reasons = [
         ('no label', table['severity'].isna()),
-        ('unknown label', ~table['severity'].isin(CLASSES)),
+        *[(f'unknown label {value!r}', table['severity'] == value) for value in unknown],
         ('no coordinate', table['series_id'].isna()),
         ('series not in train_series_descriptions.csv', table['series_description'].isna()),
-        (f"annotated on a series other than {config['series_description']}",
-         table['series_description'] != config['series_description']),
+        (f'annotated on a series other than {wanted}', table['series_description'] != wanted),
+        ('coordinate x or y missing (NaN)', table[['x', 'y']].isna().any(axis=1)),
         ('DICOM file missing', ~table['path'].map(lambda p: p is not None and p.exists())),
     ]
     table['skip'] = ''
     for reason, hit in reasons:
         table.loc[hit & (table['skip'] == ''), 'skip'] = reason
-    skipped = table.loc[table['skip'] != '', 'skip'].value_counts().rename_axis('reason').reset_index(name='rows')
-    if duplicated.any():
-        skipped.loc[len(skipped)] = ['duplicate coordinate (first kept)', int(duplicated.sum())]
+    skipped = (pd.concat([table.loc[table['skip'] != '', 'skip'], pd.Series(extra_reason, dtype=object)])
+               .value_counts().rename_axis('reason').reset_index(name='rows'))
     samples = table[table['skip'] == ''].copy()
+    if samples.empty:
+        why = '; '.join(f'{r}: {n}' for r, n in zip(skipped['reason'], skipped['rows'])) or 'train.csv has no rows'
+        raise ValueError(f"No usable sample of {cond} in {root}: every (study, level) row was dropped ({why}). "
+                         "Check the CSVs and CONFIG['condition'] / CONFIG['series_description'].")
     samples['label'] = samples['severity'].map(CLASSES.index).astype(int)
     samples['level_idx'] = samples['level'].map(LEVELS.index).astype(int)
     samples[['series_id', 'instance_number']] = samples[['series_id', 'instance_number']].astype(int)

@@ -1,0 +1,110 @@
+"""Section 2 (issues 12.1, 12.11, 13.9): the sample table on the data's quirks, through the notebook's own
+build_sample_table. The quirks come from the generator (duplicate and bad coordinates) or from edits of a
+copy of the CSVs (label spellings, an empty label set), with train_images shared by a symlink."""
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from make_demo_studies import make_study_set  # tools/ is put on sys.path by conftest.py
+
+T2 = "Sagittal T2/STIR"
+CSVS = ["train.csv", "train_label_coordinates.csv", "train_series_descriptions.csv"]
+
+
+def reasons(skipped):
+    return dict(zip(skipped["reason"], skipped["rows"]))
+
+
+@pytest.fixture(scope="module")
+def quirky(tmp_path_factory):
+    """3 studies, each with a Sagittal T1 spinal row listed before its valid T2/STIR row, and 4 bad points."""
+    root = tmp_path_factory.mktemp("quirky_table")
+    summary = make_study_set(root, n_studies=3, seed=2,
+                             quirks={"duplicate_coordinates": 1.0, "bad_coordinates": 0.01})
+    return root, summary
+
+
+def copy_set(src, dst):
+    """The CSVs of a study set copied (to be edited), its images linked."""
+    dst.mkdir()
+    for name in CSVS:
+        shutil.copy(src / name, dst / name)
+    (dst / "train_images").symlink_to(src / "train_images")
+    return dst
+
+
+def test_valid_row_wins_over_an_earlier_row_on_another_series(nb, quirky):
+    root, summary = quirky
+    dups = summary["quirks"]["duplicate_coordinates"]
+    assert len(dups) == 3
+    samples, skipped = nb["build_sample_table"]({**nb["CONFIG"], "data_root": str(root)})
+    for d in dups:
+        level = d["level"].lower().replace("/", "_")
+        row = samples[(samples["study_id"] == d["study_id"]) & (samples["level"] == level)]
+        assert len(row) == 1 and row["series_id"].item() == d["valid_series_id"]
+        assert row["instance_number"].item() == d["valid_instance_number"]
+    got = reasons(skipped)
+    assert got[f"coordinate on another series (ignored: one on {T2} exists)"] == 3
+    assert not any(r.startswith("annotated on a series other than") for r in got)
+
+
+def test_duplicate_on_the_trained_series_keeps_the_first(nb, study_set, tmp_path):
+    root = copy_set(study_set, tmp_path / "dup")
+    coords = pd.read_csv(root / "train_label_coordinates.csv")
+    first = coords[coords["condition"] == "Spinal Canal Stenosis"].iloc[[0]]
+    second = first.assign(x=first["x"] + 7.0)  # a second point on the same file, listed after the first
+    at = first.index[0]
+    coords = pd.concat([coords.loc[:at], second, coords.loc[at + 1:]])
+    coords.to_csv(root / "train_label_coordinates.csv", index=False)
+    samples, skipped = nb["build_sample_table"]({**nb["CONFIG"], "data_root": str(root)})
+    row = samples[(samples["study_id"] == first["study_id"].item())
+                  & (samples["level"] == first["level"].item().lower().replace("/", "_"))]
+    assert row["x"].item() == pytest.approx(first["x"].item())
+    assert reasons(skipped)["duplicate coordinate on the trained series (first kept)"] == 1
+
+
+def test_nan_coordinate_is_a_counted_skip_other_bad_points_stay_for_preprocessing(nb, quirky):
+    root, summary = quirky
+    bad = {b["kind"]: b for b in summary["quirks"]["bad_coordinates"]}
+    assert set(bad) == {"x_far", "y_negative", "x_nan", "edge"}
+    samples, skipped = nb["build_sample_table"]({**nb["CONFIG"], "data_root": str(root)})
+    assert not samples[["x", "y"]].isna().any().any()
+    assert reasons(skipped)["coordinate x or y missing (NaN)"] == 1
+    keys = set(zip(samples["study_id"], samples["level"]))
+    for kind, b in bad.items():  # out-of-image points need the image size: preprocess_series judges them
+        assert ((b["study_id"], b["level"].lower().replace("/", "_")) in keys) == (kind != "x_nan")
+
+
+def test_label_spellings_normalised_and_reported_unknown_values_named(nb, study_set, tmp_path):
+    root = copy_set(study_set, tmp_path / "labels")
+    train = pd.read_csv(root / "train.csv")
+    cols = [f"spinal_canal_stenosis_{lv}" for lv in ["l1_l2", "l2_l3", "l3_l4", "l4_l5", "l5_s1"]]
+    cells = [(i, c) for i in range(len(train)) for c in cols if isinstance(train.at[i, c], str)][:6]
+    truth = [train.at[i, c] for i, c in cells]
+    spelled = {"Normal/Mild": "normal/mild", "Moderate": "MODERATE ", "Severe": " Severe"}
+    for (i, c), t in zip(cells[:4], truth[:4]):
+        train.at[i, c] = spelled[t]
+    train.at[cells[4][0], cells[4][1]] = "Mild"
+    train.at[cells[5][0], cells[5][1]] = "Mild"
+    train.to_csv(root / "train.csv", index=False)
+    nb["WARNINGS"].clear()
+    samples, skipped = nb["build_sample_table"]({**nb["CONFIG"], "data_root": str(root)})
+    for (i, c), t in zip(cells[:4], truth[:4]):
+        row = samples[(samples["study_id"] == train.at[i, "study_id"]) & (samples["level"] == c[-5:])]
+        assert row["label"].item() == ["Normal/Mild", "Moderate", "Severe"].index(t)
+    assert reasons(skipped)["unknown label 'Mild'"] == 2
+    assert len([w for w in nb["WARNINGS"] if "4 labels normalised" in w]) == 1
+    assert all(repr(spelled[t]) in nb["WARNINGS"][0] for t in truth[:4])
+
+
+def test_no_usable_row_stops_with_the_reason(nb, study_set, tmp_path):
+    root = copy_set(study_set, tmp_path / "empty")
+    train = pd.read_csv(root / "train.csv")
+    train[[c for c in train.columns if c.startswith("spinal_canal")]] = np.nan
+    train.to_csv(root / "train.csv", index=False)
+    with pytest.raises(ValueError, match=r"No usable sample of spinal_canal_stenosis .*no label: 60"):
+        nb["build_sample_table"]({**nb["CONFIG"], "data_root": str(root)})
+    with pytest.raises(ValueError, match="annotated on a series other than Sagittal T2"):
+        nb["build_sample_table"]({**nb["CONFIG"], "series_description": "Sagittal T2"})
