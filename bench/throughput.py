@@ -241,17 +241,17 @@ def bench_bare(nb, config, device, args):
 
 
 def bench_augment(nb, config, device, args):
-    """(f) to_model_input on a training batch (1-channel uint8, as the loader ships it) with its augmentation
-    parameters and mask, on the device."""
-    b, n, s = config["batch_size"], config["num_slices"], config["img_size"]
+    """(f) to_model_input on a training batch (1-channel uint8 at the cached side, as the loader ships it) with
+    its augmentation parameters and mask, on the device: warped and cropped to img_size."""
+    b, n, s = config["batch_size"], config["num_slices"], nb["crop_side"](config)
     g = torch.Generator(device=device).manual_seed(1)
     images = torch.randint(0, 256, (b, n, 1, s, s), dtype=torch.uint8, device=device, generator=g)
     rng = np.random.default_rng(0)
     aug = torch.from_numpy(np.stack([nb["draw_augmentation"](rng, config) for _ in range(b)])).to(device)
     mask = torch.ones(b, n, dtype=torch.bool, device=device)
     steps = max(args.bare_steps, 10)
-    seconds = timed(lambda: nb["to_model_input"](images, aug, mask, config["aug_noise"]), args.warmup, steps,
-                    device)
+    seconds = timed(lambda: nb["to_model_input"](images, aug, mask, config["aug_noise"], config["img_size"]),
+                    args.warmup, steps, device)
     return {"samples_per_s": steps * b / seconds, "ms_per_step": 1000 * seconds / steps, "steps": steps,
             "batch": b}
 

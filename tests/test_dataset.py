@@ -87,15 +87,20 @@ def point_mm(ds, x, y):
 def test_five_samples_at_256_are_uint8_7x3x256x256_with_identical_channels(nb, cache256):
     cfg, (kept, images, masks, failures) = cache256
     assert len(kept) == 5 and len(failures) == 0
-    for train in (True, False):
+    side = nb["crop_side"](cfg)  # training samples carry the cached margin, the model input is 256
+    for train, shipped in ((True, side), (False, 256)):
         dataset = nb["RSNADatasetV9"](kept, images, masks, cfg, train=train)
         assert len(dataset) == 5
         for i in range(5):
-            image = dataset[i]["image"]
-            assert tuple(image.shape) == (7, 3, 256, 256)
+            item = dataset[i]
+            image = item["image"]
+            assert tuple(image.shape) == (7, 3, shipped, shipped)
             assert image.dtype == torch.uint8
             assert torch.equal(image[:, 0], image[:, 1]) and torch.equal(image[:, 0], image[:, 2])
             assert image.float().std() > 10  # real anatomy, not a blank crop
+            x = nb["to_model_input"](image[None], item.get("aug", torch.zeros(7))[None] if train else None,
+                                     item["mask"][None], 0.0, cfg["img_size"])
+            assert tuple(x.shape) == (1, 7, 3, 256, 256)
 
 
 def test_to_model_input_normalises_with_imagenet_mean_std(nb, cache256):
@@ -364,7 +369,9 @@ def test_cache_is_memory_mapped_uint8(nb, samples, config, cache):
     assert isinstance(images, np.memmap)
     assert Path(images.filename).resolve() == (folder / "images.npy").resolve()
     assert not images.flags.writeable
-    assert images.dtype == np.uint8 and images.shape == (len(samples), 7, 64, 64)
+    side = nb["crop_side"](config)
+    assert side % 2 == 0 and 1.4 * 64 <= side <= 1.5 * 64  # the cached margin around img_size 64
+    assert images.dtype == np.uint8 and images.shape == (len(samples), 7, side, side)
     assert masks.shape == (len(samples), 7) and masks.dtype == bool
     assert len(failures) == 0 and kept["cache_index"].tolist() == list(range(len(samples)))
 
@@ -486,16 +493,19 @@ def test_training_augmentation_deterministic_by_seed_epoch_index(nb, cache, conf
     kept, images, masks, _ = cache
     train = nb["RSNADatasetV9"](kept, images, masks, config, train=True)
     val = nb["RSNADatasetV9"](kept, images, masks, config, train=False)
+    size = config["img_size"]
+    start = (nb["crop_side"](config) - size) // 2
     for i in (0, 7):
         row = kept.iloc[i]
         cached = torch.from_numpy(np.array(images[row["cache_index"]]))
         v1, v2 = val[i], val[i]
-        assert torch.equal(v1["image"], v2["image"]) and torch.equal(v1["image"][:, 0], cached)
+        assert torch.equal(v1["image"], v2["image"])
+        assert torch.equal(v1["image"][:, 0], cached[:, start:start + size, start:start + size])  # the centre
         assert "aug" not in v1  # validation is deterministic: nothing to augment with
         assert v1["label"].item() == row["label"] and v1["level"].item() == row["level_idx"]
         assert torch.equal(v1["mask"], torch.from_numpy(masks[row["cache_index"]]))
         t0 = train[i]
-        assert torch.equal(t0["image"], v1["image"])  # the worker ships the cached bytes; pixels change on the device
+        assert torch.equal(t0["image"][:, 0], cached)  # the worker ships the cached bytes; pixels change on the device
         assert t0["aug"].shape == (7,) and t0["aug"].dtype == torch.float32
         assert torch.equal(t0["aug"], train[i]["aug"])  # same (seed, epoch, index): same parameters
         again = nb["RSNADatasetV9"](kept, images, masks, config, train=True)
@@ -509,9 +519,10 @@ def test_training_augmentation_deterministic_by_seed_epoch_index(nb, cache, conf
         # the model input: augmented, different from validation's, and the same for the same parameters
         batch = t0["image"][None]
         mask = t0["mask"][None]
-        augmented = nb["to_model_input"](batch, t0["aug"][None], mask)
-        assert not torch.allclose(augmented, nb["to_model_input"](batch))
-        assert torch.equal(augmented, nb["to_model_input"](batch, train[i]["aug"][None], mask))
+        augmented = nb["to_model_input"](batch, t0["aug"][None], mask, size=size)
+        assert augmented.shape[-1] == size
+        assert not torch.allclose(augmented, nb["to_model_input"](v1["image"][None]))
+        assert torch.equal(augmented, nb["to_model_input"](batch, train[i]["aug"][None], mask, size=size))
         assert torch.equal(torch.from_numpy(np.array(images[row["cache_index"]])), cached)  # cache untouched
 
 
@@ -541,7 +552,7 @@ def test_device_warp_matches_opencv_warp_affine(nb):
     x = torch.from_numpy(base).float().div(255).view(1, 1, 1, size, size)
     mask = torch.ones(1, 1, dtype=torch.bool)
     for angle, scale, sx, sy in [(7.5, 1.08, 0.05, -0.03), (-10.0, 0.9, -0.06, 0.02), (90.0, 1.0, 0.0, 0.0)]:
-        out = nb["augment_on_device"](x, aug_row(angle_deg=angle, scale=scale, shift_x=sx, shift_y=sy), mask)
+        out = nb["augment_on_device"](x, aug_row(angle_deg=angle, scale=scale, shift_x=sx, shift_y=sy), mask, size)
         affine = cv2.getRotationMatrix2D(((size - 1) / 2, (size - 1) / 2), angle, scale)
         affine[:, 2] += np.array([sx, sy]) * size
         expected = cv2.warpAffine(base.astype(np.float32) / 255, affine, (size, size), flags=cv2.INTER_LINEAR,
@@ -550,9 +561,9 @@ def test_device_warp_matches_opencv_warp_affine(nb):
         diff = np.abs(out[0, 0, 0].numpy() - expected)[inner, inner]
         assert diff.max() < 0.01 and diff.mean() < 0.002, (angle, diff.max(), diff.mean())
     # exact directions: 90 degrees is numpy's rot90 (counter-clockwise on screen), a 3-pixel shift moves right
-    rotated = nb["augment_on_device"](x, aug_row(angle_deg=90.0), mask)[0, 0, 0].numpy()
+    rotated = nb["augment_on_device"](x, aug_row(angle_deg=90.0), mask, size)[0, 0, 0].numpy()
     np.testing.assert_allclose(rotated, np.rot90(base).astype(np.float32) / 255, atol=1e-4)
-    shifted = nb["augment_on_device"](x, aug_row(shift_x=3 / size), mask)[0, 0, 0].numpy()
+    shifted = nb["augment_on_device"](x, aug_row(shift_x=3 / size), mask, size)[0, 0, 0].numpy()
     np.testing.assert_allclose(shifted[:, 3:], base[:, :-3].astype(np.float32) / 255, atol=1e-5)
     assert np.all(shifted[:, :3] == 0)
 
@@ -563,7 +574,7 @@ def test_device_intensity_matches_hand_formula_and_keeps_padding_black(nb):
     mask = torch.tensor([[True, True, True, True, False]])  # the last slice is padding
     gamma, contrast, brightness = 1.2, 1.3, 0.2
     out = nb["augment_on_device"](images.float() / 255, aug_row(gamma=gamma, contrast=contrast,
-                                                                  brightness=brightness), mask)
+                                                                  brightness=brightness), mask, 8)
     for k, value in enumerate(values.tolist()[:4]):
         expected = min(max(((value / 255) ** gamma - 0.5) * contrast + 0.5 + brightness, 0.0), 1.0)
         assert out[0, k].flatten().numpy() == pytest.approx(np.full(64, expected), abs=1e-5)
@@ -592,10 +603,12 @@ def test_training_batches_carry_aug_and_evaluation_batches_do_not(nb, cache, con
                               generator=torch.Generator().manual_seed(0))
     batch = next(iter(train))
     assert batch["aug"].shape == (config["batch_size"], 7)
-    assert batch["image"].shape == (config["batch_size"], 7, 1, config["img_size"], config["img_size"])
+    side, size = nb["crop_side"](config), config["img_size"]
+    assert batch["image"].shape == (config["batch_size"], 7, 1, side, side)  # warped and cropped on the device
     evaluation = nb["make_loader"](nb["RSNADatasetV9"](kept, images, masks, config, train=False), config, device,
                                    False)
-    assert "aug" not in next(iter(evaluation))
+    batch = next(iter(evaluation))
+    assert "aug" not in batch and batch["image"].shape[-2:] == (size, size)  # the centre crop only
 
 
 # ------------------------------------------------------------------------------- 9. crop near a border
@@ -614,7 +627,8 @@ def test_crop_slice_at_a_corner_pads_black_outside(nb, config, corner):
     image = np.random.default_rng(1).integers(1, 256, (rows, cols), dtype=np.uint8)  # no black pixel inside
     ds = _fake_header(rows, cols, spacing)
     cfg = {**config, "img_size": size, "crop_mm": size * spacing}  # one output pixel per input pixel
-    half = size // 2
+    side = nb["crop_side"](cfg)  # the cached crop: the field of view plus the margin, at the same scale
+    half = side // 2
     if corner == "top-left":
         out = nb["crop_slice"](image, ds, point_mm(ds, 0, 0), cfg)
         inner, outer_rows, outer_cols = out[half:, half:], out[:half], out[:, :half]
@@ -623,7 +637,7 @@ def test_crop_slice_at_a_corner_pads_black_outside(nb, config, corner):
         out = nb["crop_slice"](image, ds, point_mm(ds, cols - 1, rows - 1), cfg)
         inner, outer_rows, outer_cols = out[:half + 1, :half + 1], out[half + 1:], out[:, half + 1:]
         expected = image[-(half + 1):, -(half + 1):]
-    assert out.shape == (size, size) and out.dtype == np.uint8
+    assert out.shape == (side, side) and out.dtype == np.uint8
     np.testing.assert_array_equal(inner, expected)
     assert (outer_rows == 0).all() and (outer_cols == 0).all()
 
@@ -632,7 +646,7 @@ def test_crop_slice_on_a_real_slice_at_its_corner(nb, config, one_file):
     path, ds, _ = one_file
     image = nb["read_slice"](path, config)
     out = nb["crop_slice"](image, ds, point_mm(ds, 0, 0), config)
-    half = config["img_size"] // 2
+    half = nb["crop_side"](config) // 2
     assert (out[: half - 1] == 0).all() and (out[:, : half - 1] == 0).all()
     assert out[half + 1:, half + 1:].mean() > 5 and out.std() > 0
 

@@ -94,9 +94,10 @@ def test_training_steps_see_device_augmented_batches_and_predict_plain_ones(nb, 
     batches = list(same_order)
     assert len(seen) == len(batches) == 4
     for images, batch in zip(seen, batches):
-        augmented = nb["to_model_input"](batch["image"], batch["aug"], batch["mask"])
+        size = config["img_size"]  # the loader ships the cached margin; the model sees img_size
+        augmented = nb["to_model_input"](batch["image"], batch["aug"], batch["mask"], size=size)
         torch.testing.assert_close(images, augmented, atol=1e-6, rtol=0)
-        assert (images - nb["to_model_input"](batch["image"])).abs().mean() > 0.05  # not the plain crops
+        assert (images - nb["to_model_input"](batch["image"], size=size)).abs().mean() > 0.05  # not the plain crops
     seen.clear()
     plain = nb["make_loader"](nb["RSNADatasetV9"](cached[0].head(16), *cached[1:], config, train=False),
                               config, CPU, False)
