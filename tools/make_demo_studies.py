@@ -658,11 +658,11 @@ def make_study_set(out_dir, n_studies=40, seed=0, class_mix=(0.6, 0.2, 0.2),
                   "normal_mild": 1 / 3, "moderate": 1 / 3, "severe": 1 / 3}).to_csv(
         out / "sample_submission.csv", index=False)
     # lets a results report say the data were generated, never mistaken for the competition's
-    marker = f"tools/make_demo_studies.py, {n_studies} studies, seed {seed}, class mix {tuple(class_mix)}\n"
-    if quirks:
+    marker = f"tools/make_demo_studies.py, {n_studies} studies, seed {seed}, class mix {tuple(class_mix)}"
+    if quirks:  # one line: the report quotes it inside a list item
         preset = "realistic preset, " if quirks == REALISTIC["quirks"] else ""
-        marker += f"{preset}quirks: " + ", ".join(f"{k} {v:g}" for k, v in quirks.items()) + "\n"
-    (out / "GENERATED_BY.txt").write_text(marker)
+        marker += f", {preset}quirks: " + ", ".join(f"{k} {v:g}" for k, v in quirks.items())
+    (out / "GENERATED_BY.txt").write_text(marker + "\n")
 
     spinal = sev[:, 0][~missing[:, 0]]
     return {
