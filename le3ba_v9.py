@@ -796,8 +796,8 @@ if len(CACHE_FAILURES):
     warn(f'{len(CACHE_FAILURES)} samples skipped: their series could not be preprocessed')
     print(CACHE_FAILURES.to_string(index=False))
 print(f'{len(SAMPLES)} samples cached; {int((~MASKS[SAMPLES["cache_index"]]).sum())} padded slices at series edges')
-_check = RSNADatasetV9(SAMPLES.head(5), IMAGES, MASKS, CONFIG, train=True)
-print('5 training samples:', [tuple(_check[i]['image'].shape) for i in range(len(_check))])
+_check = RSNADatasetV9(SAMPLES.head(5), IMAGES, MASKS, CONFIG, train=False)  # training ones carry the margin
+print('5 samples:', [tuple(_check[i]['image'].shape) for i in range(len(_check))])
 plot_class_crops(SAMPLES, IMAGES, MASKS)
 plot_augmentations(SAMPLES, IMAGES, MASKS, CONFIG)
 CLIPPED = plot_preprocessing(SAMPLES['path'].iloc[0], CONFIG)
