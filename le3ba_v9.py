@@ -994,8 +994,8 @@ if len(DATA_ISSUES):  # every dropped sample, masked and skipped slice, with its
 _masked = int((DATA_ISSUES['what'] == 'slice masked').sum())
 print(f'{len(SAMPLES)} samples cached; black slices: {_masked} masked (listed above), '
       f'{int((~MASKS[SAMPLES["cache_index"]]).sum()) - _masked} padding (beyond a series edge or in a planned gap)')
-_check = RSNADatasetV9(SAMPLES.head(5), IMAGES, MASKS, CONFIG, train=True)
-print('5 training samples:', [tuple(_check[i]['image'].shape) for i in range(len(_check))])
+_check = RSNADatasetV9(SAMPLES.head(5), IMAGES, MASKS, CONFIG, train=False)  # training ones carry the margin
+print('5 samples:', [tuple(_check[i]['image'].shape) for i in range(len(_check))])
 plot_class_crops(SAMPLES, IMAGES, MASKS)
 plot_augmentations(SAMPLES, IMAGES, MASKS, CONFIG)
 CLIPPED = plot_preprocessing(SAMPLES['path'].iloc[0], CONFIG)

@@ -98,7 +98,7 @@ def test_five_samples_at_256_are_uint8_7x3x256x256_with_identical_channels(nb, c
             assert image.dtype == torch.uint8
             assert torch.equal(image[:, 0], image[:, 1]) and torch.equal(image[:, 0], image[:, 2])
             assert image.float().std() > 10  # real anatomy, not a blank crop
-            x = nb["to_model_input"](image[None], item.get("aug", torch.zeros(7))[None] if train else None,
+            x = nb["to_model_input"](image[None], item["aug"][None] if train else None,
                                      item["mask"][None], 0.0, cfg["img_size"])
             assert tuple(x.shape) == (1, 7, 3, 256, 256)
 
