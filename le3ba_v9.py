@@ -799,6 +799,12 @@ def draw_augmentation(rng, config):
                      u[6] * config['aug_brightness']], np.float32)
 
 
+def centre_crop(images, size):
+    """The size x size centre of the last two axes (array or tensor): the field of view the model sees."""
+    start = (images.shape[-1] - size) // 2
+    return images[..., start:start + size, start:start + size]
+
+
 class RSNADatasetV9(Dataset):
     """Cached samples as uint8 (slices, 3, S, S), the plan's sample shape, plus mask, level, label and, for
     training, the sample's augmentation parameters ('aug'). Evaluation samples are the img_size centre of
@@ -810,8 +816,6 @@ class RSNADatasetV9(Dataset):
 
     def __init__(self, samples, images, masks, config, train):
         self.images, self.config, self.train, self.epoch = images, config, train, 0
-        start = (images.shape[-1] - config['img_size']) // 2
-        self.window = slice(0, None) if train else slice(start, start + config['img_size'])
         self.cache_index = samples['cache_index'].to_numpy()
         self.study_ids = samples['study_id'].to_numpy()
         self.masks = torch.from_numpy(masks[self.cache_index])
@@ -825,7 +829,8 @@ class RSNADatasetV9(Dataset):
         return len(self.cache_index)
 
     def __getitem__(self, i):
-        stack = np.array(self.images[self.cache_index[i], :, self.window, self.window])  # a copy out of the memmap
+        stack = self.images[self.cache_index[i]]
+        stack = np.array(stack if self.train else centre_crop(stack, self.config['img_size']))  # a copy, not a view
         image = torch.from_numpy(stack).unsqueeze(1).expand(-1, 3, -1, -1)
         sample = {'image': image, 'mask': self.masks[i], 'level': self.levels[i], 'label': self.labels[i], 'index': i}
         if self.train:
@@ -886,8 +891,7 @@ def to_model_input(images, aug=None, mask=None, noise_std=0.0, size=None):
     if aug is not None:
         x = augment_on_device(images.float().div_(255), aug.float(), mask, size)
     else:
-        start = (images.shape[-1] - size) // 2
-        x = images[..., start:start + size, start:start + size].float().div_(255)
+        x = centre_crop(images, size).float().div_(255)
     if noise_std:
         noise = torch.randn_like(x[:, :, :1]) * noise_std  # same noise in the 3 identical channels
         x.add_(noise if mask is None else noise * mask.view(*mask.shape, 1, 1, 1))
@@ -908,14 +912,14 @@ def show(fig, name):
     plt.close(fig)
 
 
-def plot_class_crops(samples, images, masks, name='crops_by_class'):
-    """The slices of one sample per class (padded slices marked)."""
+def plot_class_crops(samples, images, masks, size, name='crops_by_class'):
+    """The slices of one sample per class as the model sees them (the img_size centre; padded slices marked)."""
     picks = [samples[samples['label'] == c].iloc[0] for c in range(3) if (samples['label'] == c).any()]
     n = images.shape[1]
     fig, axes = plt.subplots(len(picks), n, figsize=(1.8 * n, 2.0 * len(picks)), squeeze=False)
     for ax_row, row in zip(axes, picks):
         for j, ax in enumerate(ax_row):
-            ax.imshow(images[row['cache_index'], j], cmap='gray', vmin=0, vmax=255)
+            ax.imshow(centre_crop(images[row['cache_index'], j], size), cmap='gray', vmin=0, vmax=255)
             ax.set_title(('' if masks[row['cache_index'], j] else 'padded ') + f'slice {j - n // 2:+d}', fontsize=8)
             ax.axis('off')
         ax_row[0].text(-0.1, 0.5, f"{CLASSES[row['label']]}\n{row['study_id']} {row['level']}",
@@ -996,7 +1000,7 @@ print(f'{len(SAMPLES)} samples cached; black slices: {_masked} masked (listed ab
       f'{int((~MASKS[SAMPLES["cache_index"]]).sum()) - _masked} padding (beyond a series edge or in a planned gap)')
 _check = RSNADatasetV9(SAMPLES.head(5), IMAGES, MASKS, CONFIG, train=False)  # training ones carry the margin
 print('5 samples:', [tuple(_check[i]['image'].shape) for i in range(len(_check))])
-plot_class_crops(SAMPLES, IMAGES, MASKS)
+plot_class_crops(SAMPLES, IMAGES, MASKS, CONFIG['img_size'])
 plot_augmentations(SAMPLES, IMAGES, MASKS, CONFIG)
 CLIPPED = plot_preprocessing(SAMPLES['path'].iloc[0], CONFIG)
 

@@ -140,10 +140,10 @@ def test_plot_class_crops_writes_one_row_per_class(nb, cache):
     assert set(kept["label"]) == {0, 1, 2}
     png = nb["FIGURES"] / "crops_by_class.png"
     png.unlink(missing_ok=True)
-    nb["plot_class_crops"](kept, images, masks)
+    nb["plot_class_crops"](kept, images, masks, 64)
     assert png.exists() and png.stat().st_size > 20_000
     one = nb["FIGURES"] / "test_one_class.png"
-    nb["plot_class_crops"](kept[kept["label"] == 2], images, masks, name="test_one_class")
+    nb["plot_class_crops"](kept[kept["label"] == 2], images, masks, 64, name="test_one_class")
     height3, width3 = mpimg.imread(png).shape[:2]
     height1, width1 = mpimg.imread(one).shape[:2]
     one.unlink()  # only crops_by_class.png is the notebook's own figure
