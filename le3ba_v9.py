@@ -96,7 +96,9 @@ CONFIG_OVERRIDES = {}
 
 # %% [markdown]
 # ## 1. Setup
-# Merge overrides (an unknown key stops the run), seed, pick the device and the paths.
+# Merge overrides (an unknown key or a setting that would fail late stops the run here, naming the key), seed,
+# pick the device and the paths, and say which fold resumes and which starts again (before any work).
+# A fresh start moves the earlier run's checkpoints, report, metrics and figures to `output_dir/superseded`.
 
 # %% tags=["defs"]
 import difflib
@@ -961,7 +963,9 @@ del _model, _logits, _weights
 # BatchNorm statistics recomputed before the averaged model is evaluated.
 # Each validated epoch prints the predictions per class (a class predicted < 3 times is *dead*, < 10
 # *marginal*) and saves a best model only when balanced accuracy improves **and** both minority recalls
-# reach `min_minority_recall`. The plan's Critical Checkpoints (epochs 1, 3, 10) are checked as they pass.
+# reach `min_minority_recall`. The plan's Critical Checkpoints (epochs 1, 3, 10) are checked as they pass,
+# with train BA measured in eval mode on a fixed training subset (not the running BA over augmented batches).
+# With SWA on, early stopping never ends a run before SWA has averaged its epochs (a warning says so).
 # A checkpoint after every epoch holds everything needed to resume an interrupted run exactly.
 
 # %% tags=["defs"]
