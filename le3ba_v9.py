@@ -294,8 +294,9 @@ def resume_check(config, fingerprint=None):
             shutil.move(str(path), str(target))
             print(f'  moved {path} (an earlier run) to {target}')
 
-    for name in RUN_OUTPUTS:
-        supersede(out / name)
+    if fingerprint is None:  # the setup cell's call: nothing of this run exists yet
+        for name in RUN_OUTPUTS:
+            supersede(out / name)
     for fold in config['train_folds']:
         last = out / f'fold{fold}' / 'last.pt'
         if not last.exists():
