@@ -1836,7 +1836,8 @@ def write_report(config, samples, skipped, failures, results, oof, final, compar
         f'{len(failures)} samples'), '',
         md_table(skipped) if len(skipped) else '', '',
         '## Configuration', '', '```json', json.dumps(shown, indent=1, default=str), '```', '',
-        '## Per-epoch history', '', md_table(history[history_cols]), '',
+        '## Per-epoch history', '', md_table(history[history_cols].astype(object).where(history[history_cols].notna(),
+                                                                               '-')), '',
         "## Final metrics (validation folds " + ', '.join(map(str, fold_ba)) + ')', '',
         f"Final model: {', '.join(sorted(set(oof['model'])))}. Balanced accuracy {final['ba']:.4f}; recall "
         + ', '.join(f'{c} {r:.4f}' for c, r in zip(CLASSES, final['recall']))
