@@ -48,7 +48,7 @@ def test_overrides_and_demo_preset_merge_in_order(params):
     merged = params["merge_config"](config, {"batch_size": 4})
     assert merged["batch_size"] == 4 and merged["epochs"] == config["epochs"]
     assert config["batch_size"] == 12  # the user's CONFIG is not modified
-    demo = params["merge_config"](config, {"demo": True, "epochs": 2})
+    demo = params["merge_config"](config, {"demo": True, "epochs": 2, "swa_start_epoch": 2})
     assert demo["epochs"] == 2  # the user's override sits above the preset
     assert demo["img_size"] == preset["img_size"] != config["img_size"]
     assert set(preset) <= set(config)  # the preset only sets known keys
@@ -76,7 +76,46 @@ def test_missing_data_root_says_what_to_do(params, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("change, message", [
     ({"num_slices": 6}, "odd number"), ({"intensity": "ct"}, "intensity"), ({"precision": "fp8"}, "precision"),
-    ({"final_model": "ema"}, "final_model")])
+    ({"final_model": "ema"}, "final_model"), ({"pooling": "max"}, "pooling"),
+    # issue 13.9: mistakes that used to fail after the cache build or a whole epoch stop at merge time
+    ({"train_folds": [5]}, r"train_folds.*range\(num_folds=5\)"), ({"train_folds": [-1]}, "train_folds"),
+    ({"class_weights": [1.0, 4.0]}, "class_weights.*3 positive"), ({"img_size": 0}, "img_size"),
+    ({"epochs": 3}, r"swa_start_epoch'\] = 18 > epochs = 3 with use_swa on")])
 def test_invalid_settings_stop_with_a_clear_message(params, change, message):
     with pytest.raises(ValueError, match=message):
         params["merge_config"](params["CONFIG"], change)
+
+
+def test_missing_pretrained_file_stops_at_merge(params, tmp_path):
+    with pytest.raises(FileNotFoundError, match="pretrained.*no such file"):
+        params["merge_config"](params["CONFIG"], {"pretrained": str(tmp_path / "missing.pth")})
+    (tmp_path / "there.pth").write_bytes(b"")
+    assert params["merge_config"](params["CONFIG"], {"pretrained": str(tmp_path / "there.pth")})
+
+
+def test_settings_that_switch_a_planned_feature_off_are_reported_at_merge(params, capsys):
+    params["WARNINGS"].clear()
+    params["merge_config"](params["CONFIG"], {"use_swa": False})
+    assert any("use_swa is off: the final model will be 'last'" in w for w in params["WARNINGS"])
+    params["merge_config"](params["CONFIG"], {"epochs": 5, "swa_start_epoch": 4})
+    assert "checkpoint epoch(s) [10] lie beyond epochs = 5" in capsys.readouterr().out
+
+
+def test_default_workers_follow_the_cpu_affinity(params, monkeypatch):
+    monkeypatch.setattr(params["os"], "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(params["os"], "cpu_count", lambda: 64)
+    assert params["worker_count"]({"num_workers": None}) == 2
+    assert params["worker_count"]({"num_workers": 5}) == 5
+
+
+def test_kaggle_cache_goes_to_kaggle_temp(params, tmp_path, monkeypatch):
+    root = tmp_path / "input"
+    root.mkdir()
+    (root / "train.csv").write_text("study_id\n")
+    monkeypatch.setitem(params, "runtime_environment", lambda: "kaggle")
+    monkeypatch.setitem(params, "KAGGLE_TEMP", tmp_path / "kaggle_temp")
+    config = params["resolve_paths"]({**params["CONFIG"], "output_dir": str(tmp_path / "out"), "data_root": str(root)})
+    assert config["cache_dir"] == str(tmp_path / "kaggle_temp" / "le3ba_v9_cache")
+    own = params["resolve_paths"]({**params["CONFIG"], "output_dir": str(tmp_path / "out"), "data_root": str(root),
+                                   "cache_dir": str(tmp_path / "mine")})
+    assert own["cache_dir"] == str(tmp_path / "mine")

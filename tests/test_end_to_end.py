@@ -12,7 +12,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 FIGURES = ["crops_by_class", "intensity_and_clahe", "training_curves", "confusion_matrix", "attention_heatmap",
            "attention_strips", "attention_profile", "worst_errors"]
-SECTIONS = ["## Data", "## Configuration", "## Per-epoch history", "## Final metrics", "## Success criteria",
+SECTIONS = ["## Headline", "## Data", "## Configuration", "## Per-epoch history", "## Final metrics",
+            "## Success criteria",
             "## Critical checkpoints", "## Analysis", "### Attention", "### Errors", "### Ensemble potential",
             "## Figures", "## Warnings"]
 
@@ -37,6 +38,13 @@ def test_report_has_every_section_and_no_nan(run):
     assert not re.search(r"\bnan\b", report, flags=re.IGNORECASE)
     assert "generated study set (tools/make_demo_studies.py, 16 studies" in report
     assert re.search(r"\| ensemble of 1 folds \| [0-9.]+ \|", report)  # the held-out evaluation
+    # issue 13: the headline names the final model and how it was chosen, pooling, class weights, precision
+    # and both competition figures with what they are
+    assert "- Final model: fold 0: swa (the SWA average of the last epochs, not selected on validation)" in report
+    assert "- Pooling: attention; class weights: fold 0: [1.0, 4.0, 6.0]." in report
+    assert re.search(r"spinal terms of the official metric, oracle localisation \(lower is better\): raw [0-9.]+, "
+                     r"prior-corrected [0-9.]+\. \(.*not comparable with leaderboard scores\)", report)
+    assert '"precision": "fp32 (CONFIG: fp16)"' in report
     for tier in ("Minimum", "Target", "Stretch"):
         assert re.search(rf"\| {tier} \| .* \| (PASS|FAIL) \|", report), tier
 
@@ -51,6 +59,9 @@ def test_oof_and_metrics_agree(run):
     oof = pd.read_csv(run / "oof.csv")
     metrics = json.loads((run / "metrics.json").read_text())
     probs = oof[["p_normal_mild", "p_moderate", "p_severe"]].to_numpy()
+    corrected = oof[["pc_normal_mild", "pc_moderate", "pc_severe"]].to_numpy()
+    expected = probs * np.array([1, 2, 4]) / np.array([1, 4, 6])
+    np.testing.assert_allclose(corrected, expected / expected.sum(1, keepdims=True), atol=1e-6)
     attention = oof[[f"attn_{j}" for j in range(7)]].to_numpy()
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
     np.testing.assert_allclose(attention.sum(1), 1, atol=1e-5)
