@@ -21,10 +21,60 @@
 # bidirectional GRU over slices -> attention-MIL pooling -> + level embedding -> classifier
 # (Normal/Mild, Moderate, Severe). The plan: `v9_Implementation_Plan.md`; components: `v9_Architecture.md`.
 #
-# **Use:** edit `CONFIG` (or put changes in `CONFIG_OVERRIDES`) in the next cell, then *Run all*.
+# **Use:** edit `CONFIG` (or put changes in `CONFIG_OVERRIDES`) in the parameters cell below, then *Run all*;
+# the cell before it installs whatever packages the runtime lacks (Colab: pydicom), and nothing on Kaggle.
 # Without the competition data, set `CONFIG_OVERRIDES = {'demo': True}`: a small synthetic study set in
 # the competition's layout is generated and a short CPU-sized preset is trained.
 # Cells tagged `defs` only define things; the cells between them do the work.
+
+# %% tags=["install"]
+# Installs only what this runtime lacks (a bare Colab has no pydicom); on Kaggle, in the README's venv and in
+# papermill runs everything is present and it does nothing. Standard library only: it runs before the imports.
+import importlib
+import importlib.metadata
+import importlib.util
+import subprocess
+
+RUNTIME_PACKAGES = {  # import name: what pip installs if it is missing (floors: requirements.txt)
+    'torch': 'torch', 'torchvision': 'torchvision', 'cv2': 'opencv-python-headless', 'numpy': 'numpy',
+    'pandas': 'pandas', 'sklearn': 'scikit-learn', 'scipy': 'scipy', 'matplotlib': 'matplotlib', 'tqdm': 'tqdm',
+    'pydicom': 'pydicom>=3.0',
+}
+
+
+def missing_packages(packages=RUNTIME_PACKAGES):
+    """{pip requirement: why} for each package that is absent, or too old (pydicom < 3 has no pydicom.pixels)."""
+    missing = {req: 'not installed' for name, req in packages.items() if importlib.util.find_spec(name) is None}
+    if 'pydicom' in packages and 'pydicom>=3.0' not in missing:
+        version = importlib.metadata.version('pydicom')
+        if int(version.split('.')[0]) < 3:
+            missing['pydicom>=3.0'] = f'pydicom {version} is installed; the notebook needs >= 3.0 (pydicom.pixels)'
+    return missing
+
+
+def install_missing(packages=RUNTIME_PACKAGES, run=subprocess.check_call):
+    """pip-installs what missing_packages finds, quietly, and says what and why; offline, stops naming them."""
+    import sys  # here, not above: the imports cell imports it for everything else
+
+    missing = missing_packages(packages)
+    if not missing:
+        return []
+    print('Installing ' + ', '.join(f'{req} ({why})' for req, why in missing.items()) + ': needed by the imports below')
+    try:
+        run([sys.executable, '-m', 'pip', 'install', '--quiet', *missing])
+    except (subprocess.CalledProcessError, OSError) as error:
+        raise RuntimeError(
+            f"pip could not install {', '.join(missing)} ({error}). Offline? On Kaggle: Settings -> Internet on, "
+            'or Add Input -> a dataset of these wheels and `pip install --no-index --find-links <its folder> '
+            f"{' '.join(missing)}`; elsewhere: `pip install -r requirements.txt`. Then run this cell again.") from None
+    importlib.invalidate_caches()
+    if 'pydicom' in sys.modules and missing.get('pydicom>=3.0', 'not installed') != 'not installed':
+        raise RuntimeError('pydicom was upgraded but the old one is already imported: restart the runtime '
+                           '(Runtime -> Restart session), then Run all.')
+    return list(missing)
+
+
+install_missing()
 
 # %% tags=["parameters"]
 CONFIG = {

@@ -11,7 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 FIGURES = ["crops_by_class", "intensity_and_clahe", "training_curves", "confusion_matrix", "attention_heatmap",
-           "attention_strips", "attention_profile", "worst_errors"]
+           "attention_strips", "attention_profile", "worst_errors", "augmentation"]
 SECTIONS = ["## Headline", "## Data", "## Configuration", "## Per-epoch history", "## Final metrics",
             "## Success criteria",
             "## Critical checkpoints", "## Analysis", "### Attention", "### Errors", "### Ensemble potential",

@@ -6,7 +6,7 @@ import types
 from pathlib import Path
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "le3ba_v9.ipynb"
-LIBRARY_TAGS = ("parameters", "setup", "defs")
+LIBRARY_TAGS = ("parameters", "setup", "defs")  # not "install": tests and benchmarks never run pip
 
 
 def notebook_namespace(overrides, tags=LIBRARY_TAGS):

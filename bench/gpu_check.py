@@ -1,0 +1,141 @@
+"""What only a GPU can show, as one prepared command for the first GPU available (issue 14):
+
+  python bench/gpu_check.py            # on a CUDA machine, from the repository root; exit status 1 on a FAIL
+
+Each row prints what it measured, what is expected and PASS/FAIL (the expected figures: bench/RESULTS.md):
+  (1) fp16 overflow: the notebook's train_one_epoch with a GradScaler whose scale overflows the fp16 gradients
+      skips the step (weights unchanged), halves the scale, and the next steps with the usual scale train
+  (2) pinned memory: make_loader pins CUDA batches; the non-blocking copies arrive equal to the host batch
+  (3) device augmentation: to_model_input with augmentation on CUDA equals the CPU result
+  (4) peak GPU memory of one fp16 training step at the plan's batch, 12 x 7 x 3 x 256 x 256 through
+      efficientnet_v2_s, and of one evaluation batch (2 x 12): must fit a 16 GB T4/P100
+  (5) bf16 step (where torch.cuda.is_bf16_supported()): finite loss, weights change
+`--dry-run` runs the same code on the CPU at tiny sizes (CI checks that the script works; no figures).
+"""
+
+import argparse
+import copy
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+
+from make_demo_studies import make_study_set  # noqa: E402  (needs tools/ on sys.path)
+from notebook_cells import notebook_namespace  # noqa: E402
+
+T4_BUDGET_GIB = 14.5  # a 16 GB T4 shows ~14.7 GiB to PyTorch; keep headroom for the allocator and cuDNN
+rows = []
+
+
+def check(name, measured, expected, ok):
+    rows.append(ok)
+    print(f"{name:<34} | {measured:<44} | {expected:<34} | {'PASS' if ok else 'FAIL'}")
+
+
+def pieces(nb, config, samples, images, masks, device, n):
+    dataset = nb["RSNADatasetV9"](samples.head(n), images, masks, config, train=True)
+    loader = nb["make_loader"](dataset, config, device, train=True, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = nb["SpineModelV9"](config).to(device)
+    return model, loader, nb["CompetitionWeightedCE"](config["class_weights"]).to(device), nb["make_optimizer"](
+        model, config)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU: checks the script only")
+    parser.add_argument("--work", default="runs/gpu_check", help="generated study set and cache")
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available() and not args.dry_run
+    if not cuda and not args.dry_run:
+        sys.exit("No CUDA device: this check needs a GPU (or --dry-run to test the script on the CPU).")
+    device = torch.device("cuda" if cuda else "cpu")
+    work = Path(args.work)
+    plan = dict(img_size=256, batch_size=12, backbone="efficientnet_v2_s", gru_hidden=512, attention_hidden=256)
+    tiny = dict(img_size=32, batch_size=4, backbone="mobilenet_v3_small", gru_hidden=16, attention_hidden=8)
+    if not (work / "data" / "train.csv").exists():
+        make_study_set(work / "data", n_studies=8, seed=0)
+    nb = notebook_namespace({**(plan if cuda else tiny), "data_root": str(work / "data"), "output_dir": str(work),
+                             "pretrained": "none", "num_workers": 2, "precision": "fp16"})
+    config = nb["CONFIG"]
+    samples, _ = nb["build_sample_table"](config)
+    samples, images, masks, failures = nb["build_cache"](samples, config, workers=2)
+    assert failures.empty, failures
+    name = torch.cuda.get_device_name() if cuda else "CPU (dry run)"
+    print(f"gpu_check on {name}, torch {torch.__version__}, batch {config['batch_size']} x {config['num_slices']} "
+          f"x 3 x {config['img_size']}^2, {config['backbone']}")
+    b = config["batch_size"]
+
+    # (1) fp16 overflow: a scale of 2**40 overflows fp16 gradients, each such step is skipped and halves it
+    model, loader, criterion, optimizer = pieces(nb, config, samples, images, masks, device, b)
+    before = copy.deepcopy(model.state_dict())
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**40 if cuda else 3e38)
+    state = {"nonfinite": 0}
+    stats, _ = nb["train_one_epoch"](model, loader, criterion, optimizer, None, scaler, device, config, state, 1)
+    same = all(torch.equal(v, before[k]) for k, v in model.state_dict().items() if "running" not in k
+               and "num_batches" not in k)
+    check("(1) fp16 overflow: step skipped", f"scale {scaler.get_scale():.3g}, weights unchanged {same}",
+          "scale halved once, unchanged True", same and scaler.get_scale() < (2.0**40 if cuda else 3e38))
+    scaler = torch.amp.GradScaler(device.type)
+    stats, _ = nb["train_one_epoch"](model, loader, criterion, optimizer, None, scaler, device, config, state, 2)
+    moved = not torch.equal(model.state_dict()["classifier.3.weight"], before["classifier.3.weight"])
+    check("(1) fp16 then trains (scale 65536)", f"loss {stats['train_loss']:.3f}, weights changed {moved}",
+          "finite loss, changed True", math.isfinite(stats["train_loss"]) and moved)
+
+    # (2) pinned memory and non-blocking copies
+    batch = next(iter(loader))
+    copied = batch["image"].to(device, non_blocking=True)
+    if cuda:
+        torch.cuda.synchronize()
+    check("(2) pinned batches, copies equal", f"pinned {batch['image'].is_pinned()}, equal "
+          f"{torch.equal(copied.cpu(), batch['image'])}", "pinned True, equal True",
+          (batch["image"].is_pinned() or not cuda) and torch.equal(copied.cpu(), batch["image"]))
+
+    # (3) the device augmentation on CUDA equals the CPU's
+    aug, mask = batch["aug"], batch["mask"]
+    on_device = nb["to_model_input"](copied, aug.to(device), mask.to(device)).cpu()
+    diff = (on_device - nb["to_model_input"](batch["image"], aug, mask)).abs().max().item()
+    check("(3) augmentation CUDA vs CPU", f"max |diff| {diff:.2e}", "< 1e-3 (normalised units)", diff < 1e-3)
+
+    # (4) peak memory of one fp16 training step and one evaluation batch at the plan's sizes
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    model, loader, criterion, optimizer = pieces(nb, config, samples, images, masks, device, b)
+    model = model.to(memory_format=torch.channels_last)
+    nb["train_one_epoch"](model, loader, criterion, optimizer, None, torch.amp.GradScaler(device.type), device,
+                          config, {"nonfinite": 0}, 1)
+    train_peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    eval_set = nb["RSNADatasetV9"](samples.head(2 * b), images, masks, config, train=False)
+    out = nb["predict"](model, nb["make_loader"](eval_set, config, device, train=False), criterion, device, config)
+    eval_peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    check("(4) peak GPU memory, train step", f"{train_peak:.2f} GiB", f"< {T4_BUDGET_GIB} GiB (16 GB T4/P100)",
+          train_peak < T4_BUDGET_GIB)
+    check("(4) peak GPU memory, eval batch", f"{eval_peak:.2f} GiB (probs {out['probs'].dtype})",
+          f"< {T4_BUDGET_GIB} GiB, float32", eval_peak < T4_BUDGET_GIB and out["probs"].dtype == "float32")
+
+    # (5) bf16 where the GPU has it (Ampere and newer)
+    if not cuda or torch.cuda.is_bf16_supported():
+        bf16 = {**config, "precision": "bf16"}
+        model, loader, criterion, optimizer = pieces(nb, bf16, samples, images, masks, device, b)
+        start = model.classifier[3].weight.detach().clone()
+        stats, _ = nb["train_one_epoch"](model, loader, criterion, optimizer, None,
+                                         torch.amp.GradScaler(device.type, enabled=False), device, bf16,
+                                         {"nonfinite": 0}, 1)
+        moved = not torch.equal(model.classifier[3].weight, start)
+        check("(5) bf16 step", f"loss {stats['train_loss']:.3f}, weights changed {moved}",
+              "finite loss, changed True", math.isfinite(stats["train_loss"]) and moved)
+    else:
+        print("(5) bf16 step: not supported on this GPU (T4/P100): skipped")
+    print(f"{sum(rows)} of {len(rows)} checks passed")
+    return 0 if all(rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
