@@ -17,6 +17,7 @@ import pandas as pd
 import pydicom
 import pytest
 import torch
+from augment_helpers import AUG_KEYS, aug_row, smooth_image  # tests/ is on sys.path (rootdir)
 from make_demo_studies import make_study_set  # tools/ is put on sys.path by conftest.py
 from pydicom.dataset import Dataset
 
@@ -470,21 +471,6 @@ def test_unknown_intensity_mode_raises(nb, config, one_file):
 
 
 # --------------------------------------------------------------------------------------- 8. augmentation
-AUG_KEYS = ("angle_deg", "scale", "shift_x", "shift_y", "gamma", "contrast", "brightness")
-
-
-def aug_row(**values):
-    """One sample's augmentation parameters: identity except the values given."""
-    params = {"angle_deg": 0.0, "scale": 1.0, "shift_x": 0.0, "shift_y": 0.0, "gamma": 1.0, "contrast": 1.0,
-              "brightness": 0.0, **values}
-    return torch.tensor([[params[k] for k in AUG_KEYS]], dtype=torch.float32)
-
-
-def smooth_image(size, seed=0):
-    rng = np.random.default_rng(seed)
-    return cv2.GaussianBlur(rng.integers(0, 256, (size, size), dtype=np.uint8), (9, 9), 0)
-
-
 def test_aug_params_are_named_in_the_order_used(nb):
     assert nb["AUG_PARAMS"] == AUG_KEYS
 

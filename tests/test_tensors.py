@@ -19,22 +19,11 @@ import pandas as pd
 import pydicom
 import pytest
 import torch
+from augment_helpers import aug_row, smooth_image  # tests/ is on sys.path (rootdir)
 from make_demo_studies import make_study_set  # tools/ is put on sys.path by conftest.py
 from pydicom.dataset import Dataset
 
-AUG_KEYS = ("angle_deg", "scale", "shift_x", "shift_y", "gamma", "contrast", "brightness")
 BLACK = [(0 - m) / s for m, s in zip([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])]  # normalised 0
-
-
-def aug_row(**values):
-    params = {"angle_deg": 0.0, "scale": 1.0, "shift_x": 0.0, "shift_y": 0.0, "gamma": 1.0, "contrast": 1.0,
-              "brightness": 0.0, **values}
-    return torch.tensor([[params[k] for k in AUG_KEYS]], dtype=torch.float32)
-
-
-def smooth_image(size, seed=0):
-    rng = np.random.default_rng(seed)
-    return cv2.GaussianBlur(rng.integers(0, 256, (size, size), dtype=np.uint8), (9, 9), 0)
 
 
 def fake_header(spacing):
