@@ -223,7 +223,8 @@ def merge_config(config, overrides):
     if merged['demo']:  # the preset sits under the user's own overrides
         merged = {**config, **DEMO_PRESET, **overrides}
     choices = {'intensity': INTENSITY_MODES, 'precision': tuple(AMP_DTYPES),
-               'final_model': ('swa', 'last', 'best'), 'pooling': ('attention', 'mean')}
+               'final_model': ('swa', 'last', 'best'), 'pooling': ('attention', 'mean'),
+               'demo_data': ('clean', 'realistic')}
     for key, allowed in choices.items():
         if merged[key] not in allowed:
             raise ValueError(f"CONFIG['{key}'] = {merged[key]!r}; choose one of {allowed}")
@@ -301,9 +302,6 @@ def resolve_paths(config):
 
 def make_demo_data(folder, config):
     """A synthetic study set in the competition's layout, from the repository's generator; one folder per preset."""
-    presets = ('clean', 'realistic')
-    if config['demo_data'] not in presets:
-        raise ValueError(f"CONFIG['demo_data'] = {config['demo_data']!r}; choose one of {presets}")
     if config['demo_data'] != 'clean':
         folder = folder.with_name(f"{folder.name}_{config['demo_data']}")
     if (folder / 'train.csv').exists():

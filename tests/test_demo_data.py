@@ -24,4 +24,4 @@ def test_demo_data_keyed_by_preset_and_summarised_in_one_line(nb, tmp_path, caps
 
 def test_demo_data_unknown_preset_is_named(nb, tmp_path):
     with pytest.raises(ValueError, match="CONFIG\\['demo_data'\\] = 'real'"):
-        nb["make_demo_data"](tmp_path / "d", {**nb["CONFIG"], "demo_data": "real"})
+        nb["merge_config"](nb["CONFIG"], {"demo_data": "real"})  # at merge time, before any work
