@@ -109,6 +109,13 @@ def anchor_of(folder, rows, k=0):
     return f"{row['instance_number']}.dcm", pydicom.dcmread(folder / f"{row['instance_number']}.dcm"), row
 
 
+def check_every_stack(nb, folder, rows, stacks, masks, names, config, missing=()):
+    """Every row's stack holds its anchor's 7-slice window of `names` (files in `missing` masked)."""
+    for k in range(len(rows)):
+        anchor, ds, row = anchor_of(folder, rows, k)
+        check_stack(nb, folder, stacks[k], masks[k], window(names, anchor, missing), ds, row["x"], row["y"], config)
+
+
 # --------------------------------------------------------------------------- point 2: slices without geometry
 @pytest.mark.parametrize("tag", ["ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"])
 def test_slice_without_geometry_far_from_samples_is_skipped_not_the_series(nb, messy, tmp_path, tag):
@@ -120,9 +127,7 @@ def test_slice_without_geometry_far_from_samples_is_skipped_not_the_series(nb, m
     stacks, masks, issues = run(nb, folder, rows, config)
     assert issues[["file", "what"]].values.tolist() == [[far, "slice skipped"]]
     assert str(folder / far) in issues["reason"].iloc[0]  # the message names the file
-    for k in range(len(rows)):
-        anchor, ds, row = anchor_of(folder, rows, k)
-        check_stack(nb, folder, stacks[k], masks[k], window(names, anchor), ds, row["x"], row["y"], config)
+    check_every_stack(nb, folder, rows, stacks, masks, names, config)
 
 
 def test_neighbour_without_geometry_is_a_masked_slice(nb, messy, tmp_path):
@@ -138,10 +143,7 @@ def test_neighbour_without_geometry_is_a_masked_slice(nb, messy, tmp_path):
     expected_masked = sum(neighbour in window(names, f"{i}.dcm") for i in rows["instance_number"])
     assert expected_masked >= 1 and len(masked) == expected_masked and (masked["file"] == neighbour).all()
     assert issues.loc[issues["what"] == "slice skipped", "file"].tolist() == [neighbour]
-    for k in range(len(rows)):
-        anchor, ds, row = anchor_of(folder, rows, k)
-        check_stack(nb, folder, stacks[k], masks[k], window(names, anchor, missing={neighbour}), ds,
-                    row["x"], row["y"], config)
+    check_every_stack(nb, folder, rows, stacks, masks, names, config, missing={neighbour})
 
 
 def test_annotated_slice_without_geometry_drops_only_its_own_samples(nb, messy, tmp_path):
@@ -174,10 +176,7 @@ def test_missing_neighbour_file_is_a_masked_gap_not_a_shifted_stack(nb, messy, t
     lost = names[names.index(anchor) - 2]
     (folder / lost).unlink()
     stacks, masks, issues = run(nb, folder, rows, config)
-    for k in range(len(rows)):
-        anchor, ds, row = anchor_of(folder, rows, k)
-        check_stack(nb, folder, stacks[k], masks[k], window(names, anchor, missing={lost}), ds,
-                    row["x"], row["y"], config)
+    check_every_stack(nb, folder, rows, stacks, masks, names, config, missing={lost})
     assert set(issues["what"]) == {"slice masked"} and (issues["file"] == lost).all()
     assert issues["reason"].str.contains("file missing").all() and len(issues) == len(rows)
 
@@ -289,9 +288,7 @@ def test_headers_keyed_by_file_name_not_the_instance_number_tag(nb, messy, tmp_p
         rewrite(folder / name, lambda ds, number=number: setattr(ds, "InstanceNumber", number))
     stacks, masks, issues = run(nb, folder, rows, config)
     assert len(issues) == 0
-    for k in range(len(rows)):
-        anchor, ds, row = anchor_of(folder, rows, k)
-        check_stack(nb, folder, stacks[k], masks[k], window(names, anchor), ds, row["x"], row["y"], config)
+    check_every_stack(nb, folder, rows, stacks, masks, names, config)
 
 
 # --------------------------------------------------------------------------- point 11: points outside the image
@@ -341,10 +338,7 @@ def test_truncated_neighbour_is_masked_and_reported_as_truncated(nb, messy, tmp_
     assert set(issues["what"]) == {"slice masked"} and (issues["file"] == neighbour.name).all()
     assert issues["reason"].str.contains("truncated").all() and issues["reason"].str.contains(str(neighbour)).all()
     assert not issues["reason"].str.contains("no 'Pixel Data'").any()
-    for k in range(len(rows)):
-        anchor, ds, row = anchor_of(folder, rows, k)
-        check_stack(nb, folder, stacks[k], masks[k], window(names, anchor, missing={neighbour.name}), ds,
-                    row["x"], row["y"], config)
+    check_every_stack(nb, folder, rows, stacks, masks, names, config, missing={neighbour.name})
 
 
 # --------------------------------------------------------------------------- point 9: one scale per series
