@@ -404,6 +404,14 @@ def test_realistic_file_quirks(realistic):
         assert 1 <= abs(it["offset"]) <= 3 and (root / it["file"]).stat().st_size == it["bytes_kept"]
         with pytest.warns(UserWarning), pytest.raises(AttributeError):
             pydicom.dcmread(root / it["file"]).pixel_array  # noqa: B018  (the truncation loses Pixel Data)
+    for it in q["missing_window"]:
+        ds = _header(root, it)
+        assert it["tags"] == gen.WINDOW_TAGS and not any(tag in ds for tag in it["tags"])
+        assert (it["series_id"], it["instance_number"]) not in annotated
+        assert (1 <= abs(it["offset"]) <= 3) == it["neighbour"]
+        others = [f for f in (root / it["file"]).parent.glob("*.dcm") if f.name != Path(it["file"]).name]
+        assert all("WindowCenter" in pydicom.dcmread(f, stop_before_pixels=True) for f in others[:5])
+    assert any(it["neighbour"] for it in q["missing_window"])
 
 
 def test_realistic_coordinate_quirks(realistic):

@@ -73,7 +73,7 @@ CANAL_FADE_SLICES = 1.5  # sigma (in slices) of the canal contrast around the mi
 
 QUIRKS = ("anisotropic", "varied_sizes", "flipped_normal", "oblique", "repeated_stack", "missing_geometry",
           "instance_mismatch", "duplicate_coordinates", "outlier_pixels", "missing_slice", "bad_coordinates",
-          "truncated_file")
+          "truncated_file", "missing_window")
 GEOMETRY_QUIRKS = QUIRKS[:4]  # drawn per series, all three series types (oblique: sagittal ones only)
 # The preset the tests and the realistic demo use: real class mix, real share of empty label cells
 # (about 1-2 % of the 1,975 x 25 cells), every quirk on, each at least once (see _quirk_flags).
@@ -83,10 +83,13 @@ REALISTIC = {
     "quirks": {"anisotropic": 0.3, "varied_sizes": 0.3, "flipped_normal": 0.4, "oblique": 0.3,
                "repeated_stack": 0.1, "missing_geometry": 0.1, "instance_mismatch": 0.05,
                "duplicate_coordinates": 0.05, "outlier_pixels": 0.1, "missing_slice": 0.05,
-               "bad_coordinates": 0.02, "truncated_file": 0.05},
+               "bad_coordinates": 0.02, "truncated_file": 0.05, "missing_window": 0.05},
 }
 LARGE_SIZES = [384, 512, 640, 768, 1024]  # varied_sizes: real series run 384-1024 px
 GEOMETRY_TAGS = ["ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"]
+WINDOW_TAGS = ["WindowCenter", "WindowWidth"]  # missing_window: what intensity='dicom' reads
+LATE_QUIRKS = ("missing_window",)  # added later: drawn from a stream of their own, so the files and places of
+#                                    the earlier quirks stay as they were for a given seed
 BAD_KINDS = {"x_far": ("x", 5000.0), "y_negative": ("y", -300.0), "x_nan": ("x", float("nan")),
              "edge": ("x", None)}  # edge: 2 px beyond the last column, must stay usable
 
@@ -410,6 +413,8 @@ def _plan_file_quirks(rng, flags, s, n, mid, count):
         plan["instance_mismatch"] = near.pop() if i % 2 and near else mid
     if on["outlier_pixels"]:
         plan["outlier_pixels"] = [mid, (near + far)[0]]
+    if on["missing_window"]:  # a neighbour; a far slice only when the others took every neighbour
+        plan["missing_window"] = (near or far).pop()
     return plan
 
 
@@ -461,7 +466,9 @@ def make_study_set(out_dir, n_studies=40, seed=0, class_mix=(0.6, 0.2, 0.2),
         _force_one(rng, rle, True)
         _force_one(rng, rle, False)
     uid_seed = f"rsna-demo-{seed}"
-    flags = _quirk_flags(qrng, quirks, n_studies)
+    flags = _quirk_flags(qrng, {k: v for k, v in quirks.items() if k not in LATE_QUIRKS}, n_studies)
+    flags.update(_quirk_flags(np.random.default_rng([seed, 13]),
+                              {k: v for k, v in quirks.items() if k in LATE_QUIRKS}, n_studies))
     found = {name: [] for name in quirks}  # the summary's record of where each quirk is
     count, large_done = {}, False
     spinal_rows, protected = [], set()  # (row index, image columns) of spinal rows; rows bad_coordinates spares
@@ -566,6 +573,10 @@ def make_study_set(out_dir, n_studies=40, seed=0, class_mix=(0.6, 0.2, 0.2),
                 k = plan["instance_mismatch"]
                 edits[int(inst_of[k])] = {"InstanceNumber": int(inst_of[k]) + 1000}
                 found["instance_mismatch"].append(item(k, tag_instance_number=int(inst_of[k]) + 1000))
+            if "missing_window" in plan:
+                k = plan["missing_window"]
+                edits.setdefault(int(inst_of[k]), {}).update(dict.fromkeys(WINDOW_TAGS))
+                found["missing_window"].append(item(k, tags=WINDOW_TAGS, neighbour=abs(k - mid2) <= 3))
             for k in plan.get("outlier_pixels", []):
                 px = pixels[annotated]
                 m = int(qrng.integers(3, 9))
