@@ -766,11 +766,37 @@ def stack_slots(headers, skipped, anchor):
     return slots
 
 
+def failure_text(error):
+    """An error as an issue's reason (the notebook's ValueErrors already name the file and the cause)."""
+    return str(error) if isinstance(error, ValueError) else f'{type(error).__name__}: {error}'
+
+
+def mapped_slices(headers, instances, config):
+    """({instance: uint8 image after the intensity mapping and CLAHE}, {instance: reason it has none}) for the
+    given slices of one series. A slice that cannot be decoded or mapped (e.g. intensity='dicom' and a file
+    without window tags) fails alone; 'series_percentile' takes its range over the slices that decoded."""
+    decoded, failed = {}, {}
+    for instance in instances:
+        try:
+            decoded[instance] = decode_dicom(headers[instance].filename)
+        except Exception as error:
+            failed[instance] = failure_text(error)
+    window = series_window([pixels for _, pixels in decoded.values()], config)
+    images = {}
+    for instance, (ds, pixels) in decoded.items():
+        try:
+            images[instance] = apply_clahe(map_intensity(pixels, ds, config, window)[0], config)
+        except Exception as error:
+            failed[instance] = failure_text(error)
+    return images, failed
+
+
 def preprocess_series(job):
     """All samples of one series: (row ids, stacks (n, slices, S, S) uint8, masks (n, slices), issues: one dict
     of ISSUE_COLUMNS per dropped sample, masked slice and skipped file). A sample is dropped only when its own
-    slice or point is unusable; a neighbour that is missing, skipped or unreadable is a masked (black) slice.
-    Headers are read once per file; pixels are decoded once, only for the slices some sample uses."""
+    slice or point is unusable (unreadable, or failing in the intensity mapping or the crop); such a neighbour, or
+    one that is missing or skipped, is a masked (black) slice. Headers are read once per file; pixels are decoded
+    and mapped once, only for the slices some sample uses."""
     series_dir, rows, config = job
     n, size = config['num_slices'], crop_side(config)
     stacks = np.zeros((len(rows), n, size, size), np.uint8)
@@ -806,27 +832,31 @@ def preprocess_series(job):
             plans[k] = (level, instance, position + x * spacing[0] * row_dir + y * spacing[1] * col_dir,
                         [(j, slots[s]) for j, s in enumerate(range(centre - n // 2, centre + n // 2 + 1))
                          if 0 <= s < len(slots) and slots[s] is not None])  # padding, not an issue
-        decoded, failed = {}, {}
-        for instance in sorted({slot for *_, plan in plans.values() for _, slot in plan if isinstance(slot, int)}):
+        images, failed = mapped_slices(headers, sorted({slot for *_, plan in plans.values() for _, slot in plan
+                                                        if isinstance(slot, int)}), config)
+
+        def crop(slot, point_mm):  # (crop, None), or (None, why this slice is unusable)
+            if slot in failed:
+                return None, failed[slot]
             try:
-                decoded[instance] = decode_dicom(headers[instance].filename)
-            except ValueError as error:
-                failed[instance] = str(error)
-        window = series_window([pixels for _, pixels in decoded.values()], config)
-        images = {i: apply_clahe(map_intensity(pixels, ds, config, window)[0], config)
-                  for i, (ds, pixels) in decoded.items()}
+                return crop_slice(images[slot], headers[slot], point_mm, config), None
+            except Exception as error:  # costs this slice of this sample only
+                return None, failure_text(error)
+
         for k, (level, anchor, point_mm, plan) in plans.items():
-            if anchor in failed:
-                note(level, f'{anchor}.dcm', 'sample dropped', failed[anchor])
+            centre, why = crop(anchor, point_mm)
+            if why:
+                note(level, f'{anchor}.dcm', 'sample dropped', why)
                 continue
             for j, slot in plan:
-                if not isinstance(slot, int):
+                if not isinstance(slot, int):  # a gap: (file, reason)
                     note(level, slot[0], 'slice masked', slot[1])
-                elif slot in failed:
-                    note(level, f'{slot}.dcm', 'slice masked', failed[slot])
+                    continue
+                image, why = (centre, None) if slot == anchor else crop(slot, point_mm)
+                if why:
+                    note(level, f'{slot}.dcm', 'slice masked', why)
                 else:
-                    stacks[k, j] = crop_slice(images[slot], headers[slot], point_mm, config)
-                    masks[k, j] = True
+                    stacks[k, j], masks[k, j] = image, True
     except Exception as error:  # unexpected: the series' samples are reported dropped; the other series go on
         stacks[:], masks[:] = 0, False
         issues.clear()
@@ -835,7 +865,7 @@ def preprocess_series(job):
     return rows.index.to_numpy(), stacks, masks, issues
 
 
-PREPROCESS_VERSION = 2  # part of the cache key: bump it whenever the preprocessing code changes
+PREPROCESS_VERSION = 3  # part of the cache key: bump it whenever the preprocessing code changes
 
 
 def cache_folder(samples, config):

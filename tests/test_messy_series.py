@@ -465,3 +465,95 @@ def test_realistic_preset_flipped_and_oblique_series_run_along_increasing_patien
                     window(ordered_names(folder), Path(row.path).name), anchor, row.x, row.y, config)
         checked += 1
     assert checked >= 5
+
+
+# --------------------------------------------------------------------------- issue 17: one slice failing to map or crop
+def drop_window(ds):
+    del ds.WindowCenter, ds.WindowWidth
+
+
+def test_neighbour_without_window_tags_under_dicom_intensity_is_a_masked_slice(nb, messy, tmp_path):
+    config = {**messy[0], "intensity": "dicom"}
+    folder, rows = copy_series(messy, tmp_path)
+    names = ordered_names(folder)
+    anchor, _, _ = anchor_of(folder, rows)
+    neighbour = names[names.index(anchor) - 1]
+    rewrite(folder / neighbour, drop_window)
+    stacks, masks, issues = run(nb, folder, rows, config)
+    assert (issues["what"] == "slice masked").all() and (issues["file"] == neighbour).all()
+    assert len(issues) == sum(neighbour in window(names, f"{i}.dcm") for i in rows["instance_number"]) >= 1
+    assert issues["reason"].str.contains("WindowCenter").all()
+    assert issues["reason"].str.contains(str(folder / neighbour), regex=False).all()  # names the file
+    check_every_stack(nb, folder, rows, stacks, masks, names, config, missing={neighbour})
+
+
+def test_annotated_slice_without_window_tags_drops_only_its_own_samples(nb, messy, tmp_path):
+    config = {**messy[0], "intensity": "dicom"}
+    folder, rows = copy_series(messy, tmp_path)
+    names = ordered_names(folder)
+    anchor, _, _ = anchor_of(folder, rows)
+    other = names[names.index(anchor) + 1]
+    rows = rows.copy()
+    rows.loc[rows.index[0], "instance_number"] = int(Path(other).stem)  # one level annotated on the next slice
+    rewrite(folder / anchor, drop_window)
+    stacks, masks, issues = run(nb, folder, rows, config)
+    dropped = issues[issues["what"] == "sample dropped"]
+    assert sorted(dropped["level"]) == sorted(rows["level"].iloc[1:]) and (dropped["file"] == anchor).all()
+    assert dropped["reason"].str.contains("WindowCenter").all()
+    masked = issues[issues["what"] == "slice masked"]
+    assert masked[["level", "file"]].values.tolist() == [[rows["level"].iloc[0], anchor]]
+    assert not masks[1:].any() and (stacks[1:] == 0).all()
+    _, ds, row = anchor_of(folder, rows, 0)
+    check_stack(nb, folder, stacks[0], masks[0], window(names, other, missing={anchor}), ds, row["x"], row["y"],
+                config)
+
+
+def test_a_crop_that_fails_masks_that_slice_of_that_sample_only(nb, messy, tmp_path, monkeypatch):
+    """The crop is per (sample, slice): one failing costs that slice of that sample (or the sample, when it is
+    the annotated slice), never the series."""
+    config = messy[0]
+    folder, rows = copy_series(messy, tmp_path)
+    names = ordered_names(folder)
+    anchor, _, first = anchor_of(folder, rows)
+    neighbour = names[names.index(anchor) + 1]
+    crop = nb["crop_slice"]
+
+    def failing(image, ds, point, config):
+        if Path(ds.filename).name == neighbour and np.allclose(point, point_mm(pydicom.dcmread(
+                folder / anchor, stop_before_pixels=True), first["x"], first["y"])):
+            raise cv2.error("simulated OpenCV failure")
+        return crop(image, ds, point, config)
+
+    monkeypatch.setitem(nb, "crop_slice", failing)
+    stacks, masks, issues = run(nb, folder, rows, config)
+    assert issues[["level", "file", "what"]].values.tolist() == [[first["level"], neighbour, "slice masked"]]
+    assert "simulated OpenCV failure" in issues["reason"].iloc[0]
+    monkeypatch.setitem(nb, "crop_slice", crop)
+    _, ds, row = anchor_of(folder, rows, 0)
+    check_stack(nb, folder, stacks[0], masks[0], window(names, anchor, missing={neighbour}), ds, row["x"], row["y"],
+                config)
+    for k in range(1, len(rows)):
+        other, ds, row = anchor_of(folder, rows, k)
+        check_stack(nb, folder, stacks[k], masks[k], window(names, other), ds, row["x"], row["y"], config)
+
+
+def test_realistic_preset_under_dicom_intensity_masks_the_slice_without_window_tags(nb, realistic):
+    """Through build_cache: the generator's missing_window file is a masked slice in every sample of its series
+    that reaches it, named in the issues table; none of those samples is lost."""
+    quirks, samples, _, _, _, _, config = realistic
+    config = {**config, "intensity": "dicom", "cache_dir": str(Path(config["cache_dir"]) / "dicom")}
+    hit = [q for q in quirks["missing_window"] if q["neighbour"]]
+    assert hit
+    series = samples[samples["series_id"].isin([q["series_id"] for q in hit])]
+    kept, images, masks, issues = nb["build_cache"](series, config, 0)
+    dropped = issues[issues["what"] == "sample dropped"]
+    assert len(kept) == len(series) - len(dropped)
+    assert not dropped["reason"].str.contains("WindowCenter|series failed").any()
+    for q in hit:
+        rows = kept[kept["series_id"] == q["series_id"]]
+        masked = issues[(issues["file"] == Path(q["file"]).name) & (issues["what"] == "slice masked")]
+        assert len(rows) and len(masked) >= 1 and masked["reason"].str.contains("WindowCenter").all()
+        slot = HALF - q["offset"]  # the generator's slice index runs against increasing patient x
+        assert not masks[rows["cache_index"], slot].any()
+        assert (np.asarray(images[rows["cache_index"], slot]) == 0).all()
+        assert masks[rows["cache_index"], HALF].all()  # the annotated slices are there
