@@ -138,13 +138,14 @@ CONFIG = {
     'precision': 'fp16',         # autocast: fp16 (CUDA, GradScaler) | bf16 (CUDA or CPU) | fp32; CPU runs fp16 as fp32
     'compile': False,            # torch.compile the model (CUDA; faster after a slow first epoch)
     'channels_last': True,       # faster convolutions on tensor cores
-    'val_every': 1,              # validate every N epochs (and always on the last)
+    'val_every': 1,              # validate every N epochs, and always on the plan's checkpoint epochs (1, 3, 10)
+                                 # and the last; 0 = only those
     'num_workers': None,         # DataLoader/cache workers; None = the CPU cores this process may use
     'resume': True,              # continue an interrupted fold from its last epoch checkpoint
     'max_nonfinite_steps': 5,    # stop the run after this many non-finite losses
     'final_model': 'swa',        # model reported as final: swa | last | best (falls back in that order)
     'holdout_frac': 0.0,         # share of studies kept out of every fold to measure a fold ensemble
-                                 # honestly (0 = none; 0.2 keeps ~1/5 of the studies aside)
+                                 # honestly (0 = none, up to 0.5; 0.2 keeps 1/5 of the studies aside)
 }
 CONFIG_OVERRIDES = {}
 
@@ -159,6 +160,7 @@ import ctypes
 import difflib
 import functools
 import hashlib
+import itertools
 import json
 import math
 import multiprocessing
@@ -248,6 +250,13 @@ def check_settings(config):
                          f'weights, one per class {CLASSES}')
     if config['img_size'] <= 0:
         raise ValueError(f"CONFIG['img_size'] = {config['img_size']}: must be a positive number of pixels")
+    if not isinstance(config['val_every'], int) or config['val_every'] < 0:
+        raise ValueError(f"CONFIG['val_every'] = {config['val_every']!r}: give a whole number of epochs >= 0 (0: "
+                         "validate only on the plan's checkpoint epochs 1, 3, 10 and the last)")
+    if not 0 <= config['holdout_frac'] <= 0.5:
+        raise ValueError(f"CONFIG['holdout_frac'] = {config['holdout_frac']!r}: use 0 (no hold-out) or a share of "
+                         'the studies in (0, 0.5]; holding out more would leave the folds fewer studies to train on '
+                         'than the ensemble is measured on')
     if config['pretrained'] not in ('imagenet', 'none', None) and not Path(config['pretrained']).is_file():
         raise FileNotFoundError(f"CONFIG['pretrained'] = {config['pretrained']!r}: no such file (use 'imagenet', "
                                 "'none' or the path of a .pth file)")
@@ -503,15 +512,32 @@ def assign_folds(samples, config):
     """Fold index per row: grouped by study, stratified by label; -1 marks held-out studies (holdout_frac)."""
     samples = samples.assign(fold=-1)
     pool = samples
-    if config['holdout_frac'] > 0:  # the first part of a stratified group split is the hold-out set
-        split = StratifiedGroupKFold(n_splits=round(1 / config['holdout_frac']), shuffle=True,
-                                     random_state=config['seed'] + 1)
-        _, held = next(split.split(samples, samples['label'], groups=samples['study_id']))
-        pool = samples.drop(samples.index[held])
+    if config['holdout_frac'] > 0:
+        pool = samples.drop(holdout_rows(samples, config))
     folds = StratifiedGroupKFold(n_splits=config['num_folds'], shuffle=True, random_state=config['seed'])
     for fold, (_, val) in enumerate(folds.split(pool, pool['label'], groups=pool['study_id'])):
         samples.loc[pool.index[val], 'fold'] = fold
     return samples
+
+
+HOLDOUT_PARTS = 100  # most parts the hold-out split cuts the studies into
+
+
+def holdout_rows(samples, config):
+    """Index of the held-out rows: m of the k parts of a stratified group split, with m / k within 0.005 of
+    holdout_frac and k as small as that allows (few large parts keep the label mix; 1/k fractions hold out the
+    first part, as before), k at most HOLDOUT_PARTS and the number of studies. Prints the share realised."""
+    frac, studies = config['holdout_frac'], samples['study_id'].nunique()
+    most = max(2, min(HOLDOUT_PARTS, studies))
+    k = next((k for k in range(2, most + 1) if abs(round(frac * k) / k - frac) <= 0.005), most)
+    split = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=config['seed'] + 1)
+    with warnings.catch_warnings():  # parts with fewer Severe rows than k: the union of m parts is what counts
+        warnings.filterwarnings('ignore', 'The least populated class', UserWarning)
+        parts = split.split(samples, samples['label'], groups=samples['study_id'])
+        held = samples.index[np.concatenate([part for _, part in itertools.islice(parts, max(1, round(frac * k)))])]
+    count = samples.loc[held, 'study_id'].nunique()
+    print(f'hold-out: {count} of {studies} studies ({count / studies:.1%}; holdout_frac {frac:g})')
+    return held
 
 
 # %%
@@ -1394,6 +1420,12 @@ def save_gate(metrics, best_ba, config):
     return True, f"BA improved to {metrics['ba']:.3f}: saved"
 
 
+def is_validation_epoch(epoch, config):
+    """Every val_every-th epoch (val_every 0: none of those), the plan's checkpoint epochs and the last."""
+    every = config['val_every']
+    return epoch in PLAN_CHECKPOINT_EPOCHS or epoch == config['epochs'] or (every > 0 and epoch % every == 0)
+
+
 def checkpoint_rows(epoch, metrics, train_ba):
     """The plan's Critical Checkpoint rows for this epoch: expected vs measured, PASS/WARN."""
     values = {'classes predicted': sum(n > 0 for n in metrics['pred_counts']),
@@ -1661,7 +1693,7 @@ def train_fold(fold, samples, images, masks, config, device, on_epoch_end=None):
             swa_model.update_parameters(model)
             swa_scheduler.step()
         row = {'epoch': epoch, **stats, 'lr_backbone': lrs[-1][0], 'lr_head': lrs[-1][1], 'swa': in_swa}
-        if epoch % config['val_every'] == 0 or epoch == config['epochs'] or epoch in PLAN_CHECKPOINT_EPOCHS:
+        if is_validation_epoch(epoch, config):
             metrics = evaluate(step_model, val_loader, criterion, device, config)
             row.update(val_loss=metrics['loss'], val_ba=metrics['ba'], pred_counts=metrics['pred_counts'],
                        **{f'recall_{c}': r for c, r in enumerate(metrics['recall'])})

@@ -110,3 +110,42 @@ def test_no_usable_row_stops_with_the_reason(nb, study_set, tmp_path):
         nb["build_sample_table"]({**nb["CONFIG"], "data_root": str(root)})
     with pytest.raises(ValueError, match="annotated on a series other than Sagittal T2"):
         nb["build_sample_table"]({**nb["CONFIG"], "series_description": "Sagittal T2"})
+
+
+# --------------------------------------------------------------------------- issue 17: an honest hold-out share
+def synthetic_table(studies, seed=0):
+    """A sample table as assign_folds sees it: 5 levels per study, the real class mix of the labels."""
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({"study_id": np.repeat(np.arange(studies) + 1000, 5),
+                         "label": rng.choice(3, 5 * studies, p=[0.88, 0.07, 0.05])})
+
+
+@pytest.mark.parametrize("frac", [0.1, 0.2, 0.3, 0.33, 0.4, 0.45, 0.5])
+def test_held_out_share_of_studies_is_holdout_frac(nb, frac, capsys):
+    """Within 0.025 of holdout_frac (200 studies), stratified by label, printed as realised."""
+    samples = synthetic_table(200)
+    folds = nb["assign_folds"](samples, {**nb["CONFIG"], "holdout_frac": frac, "num_folds": 5})
+    held = folds.loc[folds["fold"] == -1, "study_id"].nunique()
+    assert abs(held / 200 - frac) <= 0.025, held
+    assert folds.groupby("study_id")["fold"].nunique().max() == 1 and set(folds["fold"]) == {-1, 0, 1, 2, 3, 4}
+    severe = folds.groupby(folds["fold"] == -1)["label"].apply(lambda x: (x == 2).mean())
+    assert abs(severe[True] - severe[False]) < 0.03  # stratified
+    assert f"hold-out: {held} of 200 studies ({held / 200:.1%}" in capsys.readouterr().out
+
+
+def test_holdout_frac_two_tenths_keeps_the_earlier_split(nb):
+    """The fractions the old split expressed exactly (1/k) give the same studies as before: runs stay comparable."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    samples = synthetic_table(60, seed=1)
+    config = {**nb["CONFIG"], "holdout_frac": 0.2}
+    split = StratifiedGroupKFold(n_splits=5, shuffle=True, random_state=config["seed"] + 1)
+    _, held = next(split.split(samples, samples["label"], groups=samples["study_id"]))
+    folds = nb["assign_folds"](samples, config)
+    assert sorted(folds.index[folds["fold"] == -1]) == sorted(samples.index[held])
+
+
+@pytest.mark.parametrize("frac", [-0.1, 0.6, 0.75, 1.0, 1.5])
+def test_holdout_frac_out_of_range_stops_at_merge(nb, frac):
+    with pytest.raises(ValueError, match=r"holdout_frac'\] = .*0 \(no hold-out\) or .*\(0, 0\.5\]"):
+        nb["merge_config"](nb["CONFIG"], {"holdout_frac": frac})
