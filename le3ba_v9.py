@@ -2025,8 +2025,9 @@ def plot_attention_heatmap(oof, name='attention_heatmap', pooling='attention'):
     show(fig, name)
 
 
-def plot_strips(oof, images, title, name, per_class=2, rows=None):
-    """Crops of example samples with each slice's attention weight in its caption."""
+def plot_strips(oof, images, size, title, name, per_class=2, rows=None):
+    """Example samples as the model saw them (the `size` centre of each cached crop), each slice's attention
+    weight in its caption."""
     if rows is None:
         rows = pd.concat([oof[oof['label'] == c].head(per_class) for c in range(3)])
     if rows.empty:
@@ -2036,7 +2037,7 @@ def plot_strips(oof, images, title, name, per_class=2, rows=None):
     for ax_row, (_, row) in zip(axes, rows.iterrows()):
         probs = row[P_COLUMNS].to_numpy(float)
         for j, ax in enumerate(ax_row):
-            ax.imshow(images[int(row['cache_index']), j], cmap='gray', vmin=0, vmax=255)
+            ax.imshow(centre_crop(images[int(row['cache_index']), j], size), cmap='gray', vmin=0, vmax=255)
             ax.set_title(f"w={row[f'attn_{j}']:.2f}", fontsize=8)
             ax.axis('off')
         ax_row[0].text(-0.1, 0.5, f"true {CLASSES[int(row['label'])]}\npred {CLASSES[probs.argmax()]} "
@@ -2064,7 +2065,8 @@ for message in dead_class_warnings(FINAL['pred_counts']):
 plot_curves(FOLD_RESULTS)
 plot_confusion(FINAL['confusion'], f"final ({', '.join(sorted(set(OOF['model'])))})", 'confusion_matrix')
 plot_attention_heatmap(OOF, pooling=CONFIG['pooling'])
-plot_strips(OOF, IMAGES, f"{CONFIG['pooling']} pooling weight of each slice (examples per class)", 'attention_strips')
+plot_strips(OOF, IMAGES, CONFIG['img_size'], f"{CONFIG['pooling']} pooling weight of each slice (examples per class)",
+            'attention_strips')
 
 # %% [markdown]
 # ## 9. Post-training analysis
@@ -2147,7 +2149,8 @@ print(f"centre slice weight {ANALYSIS['centre_mean']:.3f}, edge slices {ANALYSIS
       f"weight) = {ANALYSIS['spearman_label_vs_centre_weight']:.3f} (p = {ANALYSIS['spearman_p']:.3g})"
       + ('' if CONFIG['pooling'] == 'attention' else " (pooling = 'mean': fixed weights, nothing learned)"))
 print(CONFUSED.to_string(index=False))
-plot_strips(OOF, IMAGES, 'worst errors (lowest probability on the true class)', 'worst_errors', rows=WORST)
+plot_strips(OOF, IMAGES, CONFIG['img_size'], 'worst errors (lowest probability on the true class)', 'worst_errors',
+            rows=WORST)
 
 # %% [markdown]
 # ## 10. Results report

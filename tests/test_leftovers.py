@@ -30,3 +30,23 @@ def test_val_every_zero_validates_only_the_plans_checkpoint_epochs_and_the_last(
 def test_val_every_that_is_not_a_whole_number_of_epochs_stops_at_merge(nb, value):
     with pytest.raises(ValueError, match=r"val_every'\] = .*whole number of epochs >= 0"):
         nb["merge_config"](nb["CONFIG"], {"val_every": value})
+
+
+# --------------------------------------------------------------------------- strips at the model's field of view
+def test_attention_strips_and_worst_errors_show_the_img_size_centre_the_model_saw(nb, monkeypatch):
+    config = nb["CONFIG"]
+    side, size = nb["crop_side"](config), config["img_size"]
+    assert side > size
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (4, 7, side, side), dtype=np.uint8)
+    oof = pd.DataFrame({"cache_index": [2, 0, 3], "label": [0, 1, 2], "study_id": [1, 2, 3], "level": "l1_l2",
+                        **{c: [0.5, 0.3, 0.2] for c in nb["P_COLUMNS"]}, **{f"attn_{j}": 1 / 7 for j in range(7)}})
+    drawn = []
+    monkeypatch.setitem(nb, "show", lambda fig, name: drawn.append([ax.images[0].get_array() for ax in fig.axes]))
+    nb["plot_strips"](oof, images, size, "strips", "attention_strips")
+    nb["plot_strips"](oof, images, size, "worst", "worst_errors", rows=oof.iloc[[2]])
+    expected = [[images[i, j] for i in (2, 0, 3) for j in range(7)], [images[3, j] for j in range(7)]]
+    for arrays, wanted in zip(drawn, expected, strict=True):
+        assert len(arrays) == len(wanted)
+        for array, image in zip(arrays, wanted):
+            np.testing.assert_array_equal(np.asarray(array), nb["centre_crop"](image, size))
