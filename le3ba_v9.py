@@ -1757,6 +1757,7 @@ def train_fold(fold, samples, images, masks, config, device, on_epoch_end=None):
     evaluations = {kind: evaluate(m, val_loader, criterion, device, config) for kind, m in models.items()}
     result = {'fold': fold, 'history': state['history'], 'checkpoints': state['checkpoints'],
               'actions': state['actions'], 'lr_steps': state['lr_steps'], 'best_epoch': state['best_epoch'],
+              'stopped_early': state['stopped_early'],
               'evaluations': evaluations, 'val_rows': val_rows, 'class_weights': criterion.weights.tolist()}
     if len(holdout_rows):  # the final model's view of the studies no fold saw, for the ensemble evaluation
         kind = final_kind(result, config)
@@ -1788,13 +1789,14 @@ FOLD_RESULTS = [train_fold(fold, SAMPLES, IMAGES, MASKS, CONFIG, DEVICE) for fol
 
 # %% [markdown]
 # ## 8. Task 4.1: metrics and plots
-# Three models per fold, labelled honestly: **best** was chosen on this same validation fold (its figures
-# are optimistic), **last** and **swa** were not selected on it. `final_model` names the one reported as
-# final and written to `oof.csv`. Beside balanced accuracy: the **spinal terms of the official metric,
-# oracle localisation**: the sample-weighted log loss of this condition and `any_severe_spinal` (lower is
-# better) on the out-of-fold probabilities. That is 2 of the leaderboard's 4 terms, on crops at the
-# ground-truth point and instance (perfect localisation), for the rows that survived filtering, on the
-# trained folds only: not comparable with leaderboard scores.
+# Three models per fold, labelled honestly: **best** was chosen on this same validation fold (its figures are
+# optimistic), **last** and **swa** were not selected on it (the report says per fold where validation still
+# had a part: early stopping ending the fold, the plan's class-weight actions). `final_model` names the one
+# reported as final and written to `oof.csv`. Beside balanced accuracy: the **spinal terms of the official
+# metric, oracle localisation**: the sample-weighted log loss of this condition and `any_severe_spinal` (lower
+# is better) on the out-of-fold probabilities. That is 2 of the leaderboard's 4 terms, on crops at the
+# ground-truth point and instance (perfect localisation), for the rows that survived filtering, on the trained
+# folds only: not comparable with leaderboard scores.
 #
 # **Prior correction.** A model trained with class weights w predicts probabilities proportional to
 # w_c * q_c (q = the true class probabilities); the official metric weights rows 1/2/4 by true label, and
@@ -2213,6 +2215,22 @@ def machine_description(device):
     return f'{gpu}; {os.cpu_count()} CPU cores; torch {torch.__version__}, torchvision {torchvision.__version__}'
 
 
+def model_wording(kind, result):
+    """How a fold's final model came about, for the report: where validation had a part in it (early stopping
+    ended the fold, the plan's class-weight actions were applied from its results), the wording says so."""
+    if kind == 'best':
+        return 'the best epoch, SELECTED ON ITS OWN VALIDATION FOLD: its figures below are optimistic'
+    text = {'swa': 'the SWA average of the last epochs', 'last': 'the last epoch'}[kind]
+    decided = []
+    if result.get('stopped_early'):
+        decided.append(f"when training stopped (early stopping after epoch {result['history'][-1]['epoch']})")
+    if result['actions']:
+        epochs = sorted({int(a.split(':')[0].removeprefix('epoch ')) for a in result['actions']})
+        decided.append(f"the class weights (the plan's actions at epoch{'s' * (len(epochs) > 1)} "
+                       + ', '.join(map(str, epochs)) + ')')
+    return text + ('; validation decided ' + ' and '.join(decided) if decided else ', not selected on validation')
+
+
 def write_report(config, samples, skipped, failures, results, oof, final, comparison, holdout, analysis, confused):
     """v9_Results.md (from this run only), metrics.json and oof.csv in output_dir; returns the report text."""
     out = Path(config['output_dir'])
@@ -2228,16 +2246,14 @@ def write_report(config, samples, skipped, failures, results, oof, final, compar
     figures = sorted(p.name for p in FIGURES.glob('*.png'))
     ran = precision_in_use(DEVICE, config)
     shown = {**config, 'precision': ran if ran == config['precision'] else f"{ran} (CONFIG: {config['precision']})"}
-    how = {'swa': 'the SWA average of the last epochs, not selected on validation',
-           'last': 'the last epoch, not selected on validation',
-           'best': 'the best epoch, SELECTED ON ITS OWN VALIDATION FOLD: its figures below are optimistic'}
+    how = {r['fold']: model_wording(kinds[r['fold']], r) for r in results}
     corrected = final['corrected']
     text = [
         '# le3ba v9 results', '',
         (f"Written by le3ba_v9.ipynb on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
         f'Machine: {machine_description(DEVICE)}; precision {ran}.'), '',
         '## Headline', '',
-        '- Final model: ' + '; '.join(f'fold {f}: {k} ({how[k]})' for f, k in kinds.items())
+        '- Final model: ' + '; '.join(f'fold {f}: {k} ({how[f]})' for f, k in kinds.items())
         + f" (CONFIG final_model '{config['final_model']}'; fallback swa > last > best).",
         f"- Pooling: {config['pooling']}; class weights: "
         + '; '.join(f"fold {r['fold']}: {r['class_weights']}" for r in results) + '.',

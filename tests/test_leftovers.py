@@ -50,3 +50,53 @@ def test_attention_strips_and_worst_errors_show_the_img_size_centre_the_model_sa
         assert len(arrays) == len(wanted)
         for array, image in zip(arrays, wanted):
             np.testing.assert_array_equal(np.asarray(array), nb["centre_crop"](image, size))
+
+
+# --------------------------------------------------------------------------- the report's wording of each model
+@pytest.fixture(scope="module")
+def stopped_early(nb, cached, tmp_path_factory):
+    """A fold that early stopping ended after epoch 1 (nothing ever passes the save gate), without SWA."""
+    out = tmp_path_factory.mktemp("stopped")
+    config = {**nb["CONFIG"], "output_dir": str(out), "epochs": 3, "batch_size": 8, "num_folds": 4, "patience": 1,
+              "warmup_epochs": 1, "use_swa": False, "min_minority_recall": 1.01, "gru_hidden": 16,
+              "attention_hidden": 16}
+    result = nb["train_fold"](0, *cached, config, CPU)
+    assert [row["epoch"] for row in result["history"]] == [1] and set(result["evaluations"]) == {"last"}
+    return config, cached[0], result
+
+
+def headline_model(nb, config, samples, result):
+    """The report's 'Final model' line for one fold result."""
+    oof = nb["oof_frame"]([result], lambda r: nb["final_kind"](r, config))
+    final = nb["summarize"](oof, config["condition"])
+    tables = (pd.DataFrame(columns=["reason", "rows"]), pd.DataFrame(columns=nb["ISSUE_COLUMNS"]))
+    report = nb["write_report"](config, samples, *tables, [result], oof, final,
+                                nb["model_comparison"]([result], config["condition"]), None,
+                                nb["attention_analysis"](oof, config["pooling"]),
+                                nb["confused_pairs"](final["confusion"]))
+    return next(line for line in report.splitlines() if line.startswith("- Final model:"))
+
+
+def test_report_says_validation_decided_when_early_stopping_ended_the_fold(nb, stopped_early):
+    config, samples, result = stopped_early
+    line = headline_model(nb, config, samples, result)
+    stopped = "fold 0: last (the last epoch; validation decided when training stopped (early stopping after epoch 1)"
+    assert stopped in line and "not selected on validation" not in line
+    actions = {**result, "actions": ["epoch 1: a class has 0 predictions: Moderate weight 4.0 -> 8.0"]}
+    line = headline_model(nb, config, samples, actions)
+    assert f"{stopped} and the class weights (the plan's actions at epoch 1))" in line
+    plain = {**result, "stopped_early": False, "actions": []}
+    assert "fold 0: last (the last epoch, not selected on validation)" in headline_model(nb, config, samples, plain)
+
+
+@pytest.mark.parametrize("stopped, actions, wording", [
+    (False, [], "the SWA average of the last epochs, not selected on validation"),
+    (False, ["epoch 3: Severe weight 6.0 -> 8.0"],
+     "the SWA average of the last epochs; validation decided the class weights (the plan's actions at epoch 3)"),
+    (False, ["epoch 1: x", "epoch 3: y", "epoch 3: z"],
+     "the SWA average of the last epochs; validation decided the class weights (the plan's actions at epochs 1, 3)"),
+])
+def test_swa_wording_names_the_class_weight_actions(nb, stopped, actions, wording):
+    assert nb["model_wording"]("swa", {"stopped_early": stopped, "actions": actions, "history": []}) == wording
+    best = nb["model_wording"]("best", {"stopped_early": True, "actions": actions, "history": []})
+    assert best.startswith("the best epoch, SELECTED ON ITS OWN VALIDATION FOLD")
