@@ -145,7 +145,7 @@ CONFIG = {
     'max_nonfinite_steps': 5,    # stop the run after this many non-finite losses
     'final_model': 'swa',        # model reported as final: swa | last | best (falls back in that order)
     'holdout_frac': 0.0,         # share of studies kept out of every fold to measure a fold ensemble
-                                 # honestly (0 = none, up to 0.5; 0.2 keeps 1/5 of the studies aside)
+                                 # honestly (0 = none, else 0.05-0.5; 0.2 keeps 1/5 of the studies aside)
 }
 CONFIG_OVERRIDES = {}
 
@@ -253,10 +253,10 @@ def check_settings(config):
     if not isinstance(config['val_every'], int) or config['val_every'] < 0:
         raise ValueError(f"CONFIG['val_every'] = {config['val_every']!r}: give a whole number of epochs >= 0 (0: "
                          "validate only on the plan's checkpoint epochs 1, 3, 10 and the last)")
-    if not 0 <= config['holdout_frac'] <= 0.5:
+    if config['holdout_frac'] != 0 and not 0.05 <= config['holdout_frac'] <= 0.5:
         raise ValueError(f"CONFIG['holdout_frac'] = {config['holdout_frac']!r}: use 0 (no hold-out) or a share of "
-                         'the studies in (0, 0.5]; holding out more would leave the folds fewer studies to train on '
-                         'than the ensemble is measured on')
+                         'the studies in [0.05, 0.5]: less is one of at most 20 parts of the split, more leaves the '
+                         'folds fewer studies to train on than the ensemble is measured on')
     if config['pretrained'] not in ('imagenet', 'none', None) and not Path(config['pretrained']).is_file():
         raise FileNotFoundError(f"CONFIG['pretrained'] = {config['pretrained']!r}: no such file (use 'imagenet', "
                                 "'none' or the path of a .pth file)")
@@ -520,21 +520,22 @@ def assign_folds(samples, config):
     return samples
 
 
-HOLDOUT_PARTS = 100  # most parts the hold-out split cuts the studies into
+HOLDOUT_PARTS = 20  # most parts the hold-out split cuts the studies into (the split's time grows with them)
 
 
 def holdout_rows(samples, config):
-    """Index of the held-out rows: m of the k parts of a stratified group split, with m / k within 0.005 of
-    holdout_frac and k as small as that allows (few large parts keep the label mix; 1/k fractions hold out the
-    first part, as before), k at most HOLDOUT_PARTS and the number of studies. Prints the share realised."""
+    """Index of the held-out rows: m of the k parts of a stratified group split, m / k within 0.005 of
+    holdout_frac with k as small as that allows (1/k fractions hold out the first part, as before), else the
+    nearest m / k (within 0.015 for k up to HOLDOUT_PARTS; fewer studies than that, coarser). Prints the share."""
     frac, studies = config['holdout_frac'], samples['study_id'].nunique()
-    most = max(2, min(HOLDOUT_PARTS, studies))
-    k = next((k for k in range(2, most + 1) if abs(round(frac * k) / k - frac) <= 0.005), most)
+    held_parts = {k: max(1, round(frac * k)) for k in range(2, max(2, min(HOLDOUT_PARTS, studies)) + 1)}
+    error = {k: abs(m / k - frac) for k, m in held_parts.items()}
+    k = next((k for k, e in error.items() if e <= 0.005), min(error, key=error.get))
     split = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=config['seed'] + 1)
     with warnings.catch_warnings():  # parts with fewer Severe rows than k: the union of m parts is what counts
         warnings.filterwarnings('ignore', 'The least populated class', UserWarning)
         parts = split.split(samples, samples['label'], groups=samples['study_id'])
-        held = samples.index[np.concatenate([part for _, part in itertools.islice(parts, max(1, round(frac * k)))])]
+        held = samples.index[np.concatenate([part for _, part in itertools.islice(parts, held_parts[k])])]
     count = samples.loc[held, 'study_id'].nunique()
     print(f'hold-out: {count} of {studies} studies ({count / studies:.1%}; holdout_frac {frac:g})')
     return held

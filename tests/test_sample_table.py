@@ -120,7 +120,7 @@ def synthetic_table(studies, seed=0):
                          "label": rng.choice(3, 5 * studies, p=[0.88, 0.07, 0.05])})
 
 
-@pytest.mark.parametrize("frac", [0.1, 0.2, 0.3, 0.33, 0.4, 0.45, 0.5])
+@pytest.mark.parametrize("frac", [0.05, 0.1, 0.123, 0.2, 0.3, 0.33, 0.4, 0.45, 0.5])
 def test_held_out_share_of_studies_is_holdout_frac(nb, frac, capsys):
     """Within 0.025 of holdout_frac (200 studies), stratified by label, printed as realised."""
     samples = synthetic_table(200)
@@ -145,7 +145,7 @@ def test_holdout_frac_two_tenths_keeps_the_earlier_split(nb):
     assert sorted(folds.index[folds["fold"] == -1]) == sorted(samples.index[held])
 
 
-@pytest.mark.parametrize("frac", [-0.1, 0.6, 0.75, 1.0, 1.5])
+@pytest.mark.parametrize("frac", [-0.1, 0.01, 0.6, 0.75, 1.0, 1.5])
 def test_holdout_frac_out_of_range_stops_at_merge(nb, frac):
-    with pytest.raises(ValueError, match=r"holdout_frac'\] = .*0 \(no hold-out\) or .*\(0, 0\.5\]"):
+    with pytest.raises(ValueError, match=r"holdout_frac'\] = .*0 \(no hold-out\) or .*\[0\.05, 0\.5\]"):
         nb["merge_config"](nb["CONFIG"], {"holdout_frac": frac})
