@@ -871,7 +871,7 @@ def preprocess_series(job):
                 return None, failure_text(error)
 
         for k, (level, anchor, point_mm, plan) in plans.items():
-            centre, why = crop(anchor, point_mm)
+            anchor_crop, why = crop(anchor, point_mm)
             if why:
                 note(level, f'{anchor}.dcm', 'sample dropped', why)
                 continue
@@ -879,7 +879,7 @@ def preprocess_series(job):
                 if not isinstance(slot, int):  # a gap: (file, reason)
                     note(level, slot[0], 'slice masked', slot[1])
                     continue
-                image, why = (centre, None) if slot == anchor else crop(slot, point_mm)
+                image, why = (anchor_crop, None) if slot == anchor else crop(slot, point_mm)
                 if why:
                     note(level, f'{slot}.dcm', 'slice masked', why)
                 else:
