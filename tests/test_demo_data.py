@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from make_demo_studies import QUIRKS  # tools/ is put on sys.path by conftest.py
 
 
 @pytest.mark.parametrize("preset", ["clean", "realistic"])
@@ -16,7 +17,7 @@ def test_demo_data_keyed_by_preset_and_summarised_in_one_line(nb, tmp_path, caps
     assert not any(str(s) in printed[0] for s in summary["reversed_series"] + summary["rle_series"])
     assert f"{summary['n_studies']} studies, {summary['n_dicom_files']} DICOM files" in printed[0]
     n_quirks = sum(len(v) for v in summary["quirks"].values())
-    assert (f"{n_quirks} quirks of 12 kinds" if preset == "realistic" else "no quirks") in printed[0]
+    assert (f"{n_quirks} quirks of {len(QUIRKS)} kinds" if preset == "realistic" else "no quirks") in printed[0]
     assert ("realistic preset" in (folder / "GENERATED_BY.txt").read_text()) == (preset == "realistic")
     assert nb["make_demo_data"](tmp_path / "demo_data_2_seed42", config) == folder  # reused, not rebuilt
     assert capsys.readouterr().out == f"demo data: reusing {folder}\n"
