@@ -606,10 +606,16 @@ def check_disk(needs):
 def check_resources(config, n_samples):
     """Before any work: the disk for what the run will write (check_disk), and loader workers and prefetch
     that fit the free /dev/shm (fit_shared_memory; CONFIG updated)."""
-    check_disk(disk_needs(config, n_samples, weights_bytes(config)))
+    needs = disk_needs(config, n_samples, weights_bytes(config))
+    check_disk(needs)
+    print('disk: ' + '; '.join(f'{folder} gets ~{need / GiB:.2f} GiB ({disk_free(folder) / GiB:.1f} GiB free)'
+                               for folder, need in needs.items()))
     if not SHM.is_dir():  # no /dev/shm (macOS): torch shares through other means
         return config
-    workers, prefetch = fit_shared_memory(config, worker_count(config), shutil.disk_usage(SHM).free)
+    free = shutil.disk_usage(SHM).free
+    workers, prefetch = fit_shared_memory(config, worker_count(config), free)
+    print(f'/dev/shm: {workers} loader workers x prefetch {prefetch} hold up to '
+          f'{loader_shm_bytes(config, workers, prefetch) / MiB:.0f} MiB ({free / MiB:.0f} MiB free)')
     if workers != worker_count(config):
         config = {**config, 'num_workers': workers}
     return {**config, 'prefetch_factor': prefetch}
@@ -627,8 +633,9 @@ OUTPUT_DIR = Path(CONFIG['output_dir'])
 resume_check(CONFIG)
 FIGURES = OUTPUT_DIR / 'figures'
 FIGURES.mkdir(exist_ok=True)
-print(f"device {DEVICE}: {machine_description(DEVICE, GPU_FACTS)}; precision {CONFIG['precision']}; "
-      f"{NUM_WORKERS} workers; data {CONFIG['data_root']}; outputs {OUTPUT_DIR}")
+print(f"device {DEVICE}: {machine_description(DEVICE, GPU_FACTS)}"
+      + (f"; precision {CONFIG['precision']}" if DEVICE.type == 'cuda' else '')
+      + f"; {NUM_WORKERS} workers; data {CONFIG['data_root']}; outputs {OUTPUT_DIR}")
 
 # %% [markdown]
 # ## 2. Data tables

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-# torch 2.10's cu128 wheel: no sm_60/sm_61 kernels (Kaggle/docker-python#1546)
-CU128 = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]
+# torch 2.10.0's cu128 wheel from PyPI (torch._C._cuda_getArchFlags()): no sm_60 kernels (Kaggle/docker-python#1546)
+CU128 = ["sm_70", "sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]
 Usage = namedtuple("Usage", "total used free")
 
 
@@ -26,7 +26,7 @@ def test_p100_stops_the_run_naming_the_gpu_its_capability_the_kernels_and_what_t
         nb["judge_gpus"](facts("Tesla P100-PCIE-16GB", (6, 0)), nb["CONFIG"])
     message = str(error.value)
     assert "Tesla P100-PCIE-16GB" in message and "compute capability 6.0" in message
-    assert "sm_75 sm_80 sm_86 sm_90 sm_100 sm_120 compute_120" in message and "2.10.0+cu128" in message
+    assert "sm_70 sm_75 sm_80 sm_86 sm_90 sm_100 sm_120" in message and "2.10.0+cu128" in message
     assert '"GPU T4 x2" or "GPU L4"' in message
 
 
@@ -130,10 +130,11 @@ def test_shared_memory_too_small_lowers_prefetch_then_workers_with_a_warning(nb,
     assert capsys.readouterr().out == ""
     assert nb["fit_shared_memory"](config, 4, 8 * per_batch_pair) == (4, 1)
     assert "using 4 workers x prefetch 1" in capsys.readouterr().out
-    docker_default = 64 * 2**20  # Docker's 64 MB /dev/shm: ~45 MiB per batch pair here
-    assert nb["fit_shared_memory"](config, 4, docker_default) == (0, 1)
+    docker_default = 64 * 2**20  # Docker's 64 MB /dev/shm: room for one batch pair (~22 MiB) in its half
+    assert nb["fit_shared_memory"](config, 4, docker_default) == (1, 1)
     out = capsys.readouterr().out
-    assert "/dev/shm has 64 MiB free" in out and "using 0 workers x prefetch 1" in out and "--shm-size" in out
+    assert "/dev/shm has 64 MiB free" in out and "using 1 workers x prefetch 1 (22 MiB)" in out and "--shm-size" in out
+    assert nb["fit_shared_memory"](config, 4, 16 * 2**20) == (0, 1)  # not even one pair: batches made in-process
 
 
 def test_check_resources_reaches_make_loader(nb, monkeypatch, tmp_path):
