@@ -622,11 +622,12 @@ def check_resources(config, n_samples):
 
 
 # %% tags=["setup"]
-CONFIG = resolve_paths(merge_config(CONFIG, CONFIG_OVERRIDES))
-seed_everything(CONFIG['seed'])
+CONFIG = merge_config(CONFIG, CONFIG_OVERRIDES)
 GPU_FACTS = gpu_facts()  # from a subprocess: this kernel leaves CUDA uninitialised until training
 CONFIG = judge_gpus(GPU_FACTS, CONFIG)  # stops on a GPU this torch cannot drive; bf16/compile downgraded loudly
 DEVICE = pick_device(GPU_FACTS)
+CONFIG = resolve_paths(CONFIG)
+seed_everything(CONFIG['seed'])
 cv2.setNumThreads(1)  # parallelism comes from the loader/cache workers; set before any OpenCV call
 NUM_WORKERS = worker_count(CONFIG)
 OUTPUT_DIR = Path(CONFIG['output_dir'])
