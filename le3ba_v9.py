@@ -22,33 +22,46 @@
 # (Normal/Mild, Moderate, Severe). The plan: `v9_Implementation_Plan.md`; components: `v9_Architecture.md`.
 #
 # **Use:** edit `CONFIG` (or put changes in `CONFIG_OVERRIDES`) in the parameters cell below, then *Run all*;
-# the cell before it installs whatever packages the runtime lacks (Colab: pydicom), and nothing on Kaggle.
+# the cell before it installs whatever packages the runtime lacks (on Kaggle and Colab: pydicom).
 # Without the competition data, set `CONFIG_OVERRIDES = {'demo': True}`: a small synthetic study set in
 # the competition's layout is generated and a short CPU-sized preset is trained.
 # Cells tagged `defs` only define things; the cells between them do the work.
 
 # %% tags=["install"]
-# Installs only what this runtime lacks (a bare Colab has no pydicom); on Kaggle, in the README's venv and in
-# papermill runs everything is present and it does nothing. Standard library only: it runs before the imports.
+# Installs only what this runtime lacks (Kaggle's and Colab's images have no pydicom); in the README's venv and
+# in papermill runs on it everything is present and it does nothing. Standard library only: it runs before the
+# imports.
 import importlib
 import importlib.metadata
 import importlib.util
 import subprocess
 
-RUNTIME_PACKAGES = {  # import name: what pip installs if it is missing (floors: requirements.txt)
+RUNTIME_PACKAGES = {  # import name: what pip installs if it is missing or older (floors: requirements.txt)
     'torch': 'torch', 'torchvision': 'torchvision', 'cv2': 'opencv-python-headless', 'numpy': 'numpy',
     'pandas': 'pandas', 'sklearn': 'scikit-learn', 'scipy': 'scipy', 'matplotlib': 'matplotlib', 'tqdm': 'tqdm',
-    'pydicom': 'pydicom>=3.0',
+    'pydicom': 'pydicom>=3.0.2',  # 3.0 brought pydicom.pixels; the platforms' own packages are left as they are
 }
 
 
+def version_key(version):
+    """'3.0.2' -> (3, 0, 2); '2.10.0+cu128' -> (2, 10, 0); '3.1rc1' -> (3, 1)."""
+    key = []
+    for part in version.split('+')[0].split('.')[:3]:
+        digits = next((part[:i] for i in range(len(part), 0, -1) if part[:i].isdigit()), '')
+        key.append(int(digits or 0))
+    return tuple(key)
+
+
 def missing_packages(packages=RUNTIME_PACKAGES):
-    """{pip requirement: why} for each package that is absent, or too old (pydicom < 3 has no pydicom.pixels)."""
-    missing = {req: 'not installed' for name, req in packages.items() if importlib.util.find_spec(name) is None}
-    if 'pydicom' in packages and 'pydicom>=3.0' not in missing:
-        version = importlib.metadata.version('pydicom')
-        if int(version.split('.')[0]) < 3:
-            missing['pydicom>=3.0'] = f'pydicom {version} is installed; the notebook needs >= 3.0 (pydicom.pixels)'
+    """{pip requirement: why} for each package that is absent, or older than its requirement's floor."""
+    missing = {}
+    for name, requirement in packages.items():
+        distribution, _, floor = requirement.partition('>=')
+        if importlib.util.find_spec(name) is None:
+            missing[requirement] = 'not installed'
+        elif floor and version_key(importlib.metadata.version(distribution)) < version_key(floor):
+            missing[requirement] = (f'{distribution} {importlib.metadata.version(distribution)} is installed; '
+                                    f'the notebook needs >= {floor}')
     return missing
 
 
@@ -68,9 +81,10 @@ def install_missing(packages=RUNTIME_PACKAGES, run=subprocess.check_call):
             'or Add Input -> a dataset of these wheels and `pip install --no-index --find-links <its folder> '
             f"{' '.join(missing)}`; elsewhere: `pip install -r requirements.txt`. Then run this cell again.") from None
     importlib.invalidate_caches()
-    if 'pydicom' in sys.modules and missing.get('pydicom>=3.0', 'not installed') != 'not installed':
-        raise RuntimeError('pydicom was upgraded but the old one is already imported: restart the runtime '
-                           '(Runtime -> Restart session), then Run all.')
+    upgraded = [name for name, req in packages.items() if missing.get(req, 'not installed') != 'not installed']
+    if any(name in sys.modules for name in upgraded):
+        raise RuntimeError(f"{', '.join(upgraded)} was upgraded but the old one is already imported: restart the "
+                           'runtime (Runtime -> Restart session), then Run all.')
     return list(missing)
 
 
@@ -141,6 +155,8 @@ CONFIG = {
     'val_every': 1,              # validate every N epochs, and always on the plan's checkpoint epochs (1, 3, 10)
                                  # and the last; 0 = only those
     'num_workers': None,         # DataLoader/cache workers; None = the CPU cores this process may use
+    'prefetch_factor': 4,        # batches each loader worker keeps ready in shared memory (/dev/shm); setup
+                                 # lowers it, then the workers, when /dev/shm is too small for them
     'resume': True,              # continue an interrupted fold from its last epoch checkpoint
     'max_nonfinite_steps': 5,    # stop the run after this many non-finite losses
     'final_model': 'swa',        # model reported as final: swa | last | best (falls back in that order)
@@ -152,12 +168,14 @@ CONFIG_OVERRIDES = {}
 # %% [markdown]
 # ## 1. Setup
 # Merge overrides (an unknown key or a setting that would fail late stops the run here, naming the key), seed,
-# pick the device and the paths, and say which fold resumes and which starts again (before any work).
+# check the GPU (a GPU this torch cannot drive stops the run here; bf16 or compile it cannot do are turned
+# down, loudly), pick the paths, and say which fold resumes and which starts again (before any work).
 # A fresh start moves the earlier run's checkpoints, report, metrics and figures to `output_dir/superseded`.
 
 # %% tags=["defs"]
 import ctypes
 import difflib
+import errno
 import functools
 import hashlib
 import itertools
@@ -168,6 +186,7 @@ import os
 import random
 import shutil
 import signal
+import subprocess
 import sys
 import time
 import warnings
@@ -339,8 +358,8 @@ def worker_count(config):
     return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
 
 
-RESUME_EXEMPT = {'resume', 'num_workers', 'compile', 'output_dir', 'cache_dir', 'data_root', 'train_folds',
-                 'final_model'}  # settings that do not change what is trained
+RESUME_EXEMPT = {'resume', 'num_workers', 'prefetch_factor', 'compile', 'output_dir', 'cache_dir', 'data_root',
+                 'train_folds', 'final_model'}  # settings that do not change what is trained
 RUN_OUTPUTS = ['v9_Results.md', 'metrics.json', 'oof.csv', 'figures']  # written by a run's last cells
 
 
@@ -407,22 +426,226 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def pick_device():
-    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+# The GPU check's CUDA work runs in a subprocess: this kernel must not initialise CUDA before training, which
+# forks one process per GPU from it (a forked child cannot use a CUDA context its parent made). NVML answers
+# torch.cuda.is_available()/device_count() without touching the CUDA driver.
+os.environ.setdefault('PYTORCH_NVML_BASED_CUDA_CHECK', '1')
+GPU_PROBE = r'''
+import importlib.util, json, torch
+facts = {'torch': torch.__version__, 'cuda': torch.version.cuda, 'arch_list': torch.cuda.get_arch_list(),
+         'triton': importlib.util.find_spec('triton') is not None, 'gpus': []}
+for i in range(torch.cuda.device_count()):
+    capability = torch.cuda.get_device_capability(i)
+    gpu = {'index': i, 'name': torch.cuda.get_device_name(i), 'capability': list(capability),
+           'bf16': capability >= (8, 0), 'memory_gib': torch.cuda.get_device_properties(i).total_memory / 2**30}
+    try:  # one matmul and one fp16 convolution: the kinds of kernel training needs
+        x = torch.randn(2, 3, 16, 16, device=i)
+        with torch.autocast('cuda', dtype=torch.float16):
+            y = torch.nn.functional.conv2d(x, torch.randn(4, 3, 3, 3, device=i)).flatten(1)
+        z = y.float() @ torch.randn(y.shape[1], 2, device=i)
+        gpu['kernel'] = 'OK' if bool(torch.isfinite(z).all()) else 'the test kernel returned non-finite values'
+    except Exception as error:
+        gpu['kernel'] = f'{type(error).__name__}: {error}'.strip()[:500]
+    facts['gpus'].append(gpu)
+print(json.dumps(facts))
+'''
+NO_GPU = {'torch': torch.__version__, 'cuda': torch.version.cuda, 'arch_list': [], 'triton': False, 'gpus': []}
+KAGGLE_GPU_ADVICE = ('On Kaggle: Settings -> Accelerator -> "GPU T4 x2" or "GPU L4" (a P100 no longer works with '
+                     "Kaggle's torch); on Colab: Runtime -> Change runtime type -> T4, L4 or A100; elsewhere: a "
+                     'torch build whose arch list covers this GPU (pytorch.org/get-started).')
+
+
+def probe_gpus(timeout=300):
+    """GPU_PROBE's facts about each visible GPU (name, capability, bf16, one test kernel's outcome), from a
+    subprocess; the torch build's arch list and whether triton is installed."""
+    run = subprocess.run([sys.executable, '-c', GPU_PROBE], capture_output=True, text=True, timeout=timeout)
+    if run.returncode != 0:
+        raise RuntimeError(f'The GPU check (a subprocess) failed: {run.stderr.strip()[-2000:]}')
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def gpu_facts():
+    """probe_gpus() where a GPU is visible; NO_GPU without starting a subprocess elsewhere."""
+    return probe_gpus() if torch.cuda.is_available() else NO_GPU
+
+
+def arch_runs_on(arch, capability):
+    """Whether code compiled for `arch` (an entry of torch.cuda.get_arch_list()) runs on a GPU of compute
+    `capability` (major, minor): an sm_XY binary runs on X.Y and the later minors of major X (sm_XYa only on
+    X.Y itself); compute_XY (PTX) is compiled by the driver for any capability from X.Y up."""
+    kind, _, number = arch.partition('_')
+    code = int(number.rstrip('af'))
+    device = 10 * capability[0] + capability[1]
+    if kind == 'compute':
+        return device >= code
+    if number.endswith('a'):
+        return device == code
+    return capability[0] == code // 10 and capability[1] >= code % 10
+
+
+def judge_gpus(facts, config):
+    """CONFIG as the visible GPUs can run it. A GPU this torch has no kernels for, or whose test kernel failed,
+    stops the run here (naming it, its capability, what this torch supports and what to do); bf16 on a GPU
+    without it (capability < 8.0) becomes fp16, and compile without triton or below capability 7.0 is turned
+    off, each with a warning. No GPU: CONFIG unchanged (the CPU path)."""
+    supported = ' '.join(facts['arch_list']) or 'no CUDA kernels'
+    for gpu in facts['gpus']:
+        major, minor = gpu['capability']
+        where = f"GPU {gpu['index']} ({gpu['name']}, compute capability {major}.{minor})"
+        if not any(arch_runs_on(arch, gpu['capability']) for arch in facts['arch_list']):
+            raise RuntimeError(f"{where} cannot run this torch {facts['torch']} (CUDA {facts['cuda']}): it has kernels "
+                               f"for {supported} only, none for {major}.{minor}. {KAGGLE_GPU_ADVICE}")
+        if gpu['kernel'] != 'OK':
+            raise RuntimeError(f"{where}: a test kernel failed with torch {facts['torch']} (kernels for {supported}): "
+                               f"{gpu['kernel']}. {KAGGLE_GPU_ADVICE}")
+    no_bf16 = [gpu for gpu in facts['gpus'] if not gpu['bf16']]
+    if no_bf16 and config['precision'] == 'bf16':
+        warn(f"precision 'bf16' needs compute capability 8.0 or newer; {no_bf16[0]['name']} has "
+             f"{'.'.join(map(str, no_bf16[0]['capability']))}: running fp16 (with a GradScaler) instead")
+        config = {**config, 'precision': 'fp16'}
+    old = [gpu for gpu in facts['gpus'] if gpu['capability'] < [7, 0]]
+    if facts['gpus'] and config['compile'] and (old or not facts['triton']):
+        why = f"{old[0]['name']} is below 7.0" if old else 'triton is not installed'
+        warn(f'compile needs triton and compute capability 7.0 or newer; {why}: the model runs uncompiled')
+        config = {**config, 'compile': False}
+    return config
+
+
+def pick_device(facts):
+    """cuda when the GPU check found a GPU (judge_gpus has passed it), else cpu."""
+    return torch.device('cuda' if facts['gpus'] else 'cpu')
+
+
+def machine_description(device, facts=None):
+    """The GPUs (from the setup's GPU check: no CUDA call in this process), CPU cores and versions."""
+    gpus = (facts or GPU_FACTS)['gpus']
+    gpu = (', '.join(f"{g['name']} (compute capability {g['capability'][0]}.{g['capability'][1]})" for g in gpus)
+           if device.type == 'cuda' else 'no GPU (float32 on CPU)')
+    return f'{gpu}; {os.cpu_count()} CPU cores; torch {torch.__version__}, torchvision {torchvision.__version__}'
+
+
+SHM = Path('/dev/shm')  # where loader workers hand their batches to this process
+KAGGLE_WORKING = Path('/kaggle/working')
+KAGGLE_OUTPUT_CAP = 20 * 10**9  # Kaggle keeps at most ~20 GB of a notebook's saved output (/kaggle/working)
+CHECKPOINT_COPIES = 7  # weight copies a fold leaves: last.pt 4 (model, AdamW's 2 moments, SWA's average),
+#                        best.pt, swa.pt and final.pt 1 each
+MiB, GiB = 2**20, 2**30
+
+
+def loader_shm_bytes(config, workers, prefetch):
+    """Bytes the training and validation loaders can hold in /dev/shm at once: each worker keeps up to
+    `prefetch` batches there, one uint8 channel each (collate_one_channel); training batches are whole
+    cached crops (crop_side), evaluation batches twice as many img_size centres."""
+    per_sample = 256  # mask, level, label, index, augmentation parameters
+    train = config['batch_size'] * (config['num_slices'] * crop_side(config) ** 2 + per_sample)
+    val = 2 * config['batch_size'] * (config['num_slices'] * config['img_size'] ** 2 + per_sample)
+    return workers * prefetch * (train + val)
+
+
+def fit_shared_memory(config, workers, free):
+    """(workers, prefetch) whose batches take at most half of `free` bytes of /dev/shm (the rest is left to
+    other processes): the prefetch is lowered first, then the workers (0: batches are made in this process and
+    nothing goes through /dev/shm), with a warning. A full /dev/shm kills a worker with a bus error."""
+    prefetch = config['prefetch_factor']
+    wanted = (workers, prefetch)
+    while workers and loader_shm_bytes(config, workers, prefetch) > free / 2:
+        prefetch, workers = (prefetch - 1, workers) if prefetch > 1 else (prefetch, workers - 1)
+    if (workers, prefetch) != wanted:
+        warn(f'/dev/shm has {free / MiB:.0f} MiB free; {wanted[0]} loader workers x prefetch {wanted[1]} would hold '
+             f'{loader_shm_bytes(config, *wanted) / MiB:.0f} MiB there: using {workers} workers x prefetch '
+             f'{prefetch} ({loader_shm_bytes(config, workers, prefetch) / MiB:.0f} MiB), slower loading. More '
+             "shared memory (Docker: --shm-size=2g) restores them.")
+    return workers, prefetch
+
+
+def weights_bytes(config):
+    """Bytes of one float32 copy of the model's weights: the backbone's features and the GRU, counted on the
+    meta device (no memory, no download), plus 8 MiB for the attention and classifier head."""
+    with torch.device('meta'):
+        net = torchvision.models.get_model(config['backbone'])
+        channels = next(m for m in net.classifier.modules() if isinstance(m, nn.Linear)).in_features
+        gru = nn.GRU(channels, config['gru_hidden'], num_layers=config['gru_layers'], bidirectional=True)
+    return 4 * sum(p.numel() for p in [*net.features.parameters(), *gru.parameters()]) + 8 * MiB
+
+
+def folder_bytes(folder):
+    folder = Path(folder)
+    return sum(f.stat().st_size for f in folder.rglob('*') if f.is_file()) if folder.is_dir() else 0
+
+
+def disk_needs(config, n_samples, weights):
+    """{folder: bytes the run will write there}: the crop cache (uint8, samples x num_slices x crop_side^2,
+    less what cache_dir holds already) and, in output_dir, each trained fold's checkpoints plus a last.pt
+    being written beside its predecessor."""
+    cache = n_samples * config['num_slices'] * crop_side(config) ** 2 - folder_bytes(config['cache_dir'])
+    folds = (len(config['train_folds']) * CHECKPOINT_COPIES + 4) * weights
+    return {config['cache_dir']: max(cache, 0), config['output_dir']: folds}
+
+
+def disk_free(folder):
+    """Free bytes where `folder` is (or will be); on Kaggle, /kaggle/working also counts against the
+    saved-output cap."""
+    folder = Path(folder).resolve()
+    existing = next(p for p in [folder, *folder.parents] if p.exists())
+    free = shutil.disk_usage(existing).free
+    if folder.is_relative_to(KAGGLE_WORKING) and runtime_environment() == 'kaggle':
+        free = min(free, KAGGLE_OUTPUT_CAP - folder_bytes(KAGGLE_WORKING))
+    return free
+
+
+def check_disk(needs):
+    """Stops the run before any work when a folder's disk (folders on one disk counted together) has less
+    free space than what the run will write there, plus 10 %."""
+    disks = {}
+    for folder, need in needs.items():
+        path = Path(folder).resolve()
+        device = os.stat(next(p for p in [path, *path.parents] if p.exists())).st_dev
+        disks.setdefault(device, []).append((folder, need))
+    for shared in disks.values():
+        need, free = sum(n for _, n in shared), disk_free(shared[0][0])
+        if free < 1.1 * need:
+            what = ' and '.join(f'{folder} ({n / GiB:.2f} GiB)' for folder, n in shared)
+            kaggle = (f' (Kaggle keeps at most {KAGGLE_OUTPUT_CAP / 1e9:.0f} GB of saved output in {KAGGLE_WORKING})'
+                      if runtime_environment() == 'kaggle' else '')
+            raise OSError(f'Not enough disk: this run will write {need / GiB:.2f} GiB to {what}, and only '
+                          f'{free / GiB:.2f} GiB is free there{kaggle}. Free some space, or point output_dir / '
+                          'cache_dir at a larger disk, or train fewer folds per run.')
+
+
+def check_resources(config, n_samples):
+    """Before any work: the disk for what the run will write (check_disk), and loader workers and prefetch
+    that fit the free /dev/shm (fit_shared_memory; CONFIG updated)."""
+    needs = disk_needs(config, n_samples, weights_bytes(config))
+    check_disk(needs)
+    print('disk: ' + '; '.join(f'{folder} gets ~{need / GiB:.2f} GiB ({disk_free(folder) / GiB:.1f} GiB free)'
+                               for folder, need in needs.items()))
+    if not SHM.is_dir():  # no /dev/shm (macOS): torch shares through other means
+        return config
+    free = shutil.disk_usage(SHM).free
+    workers, prefetch = fit_shared_memory(config, worker_count(config), free)
+    print(f'/dev/shm: {workers} loader workers x prefetch {prefetch} hold up to '
+          f'{loader_shm_bytes(config, workers, prefetch) / MiB:.0f} MiB ({free / MiB:.0f} MiB free)')
+    if workers != worker_count(config):
+        config = {**config, 'num_workers': workers}
+    return {**config, 'prefetch_factor': prefetch}
 
 
 # %% tags=["setup"]
-CONFIG = resolve_paths(merge_config(CONFIG, CONFIG_OVERRIDES))
+CONFIG = merge_config(CONFIG, CONFIG_OVERRIDES)
+GPU_FACTS = gpu_facts()  # from a subprocess: this kernel leaves CUDA uninitialised until training
+CONFIG = judge_gpus(GPU_FACTS, CONFIG)  # stops on a GPU this torch cannot drive; bf16/compile downgraded loudly
+DEVICE = pick_device(GPU_FACTS)
+CONFIG = resolve_paths(CONFIG)
 seed_everything(CONFIG['seed'])
-DEVICE = pick_device()
 cv2.setNumThreads(1)  # parallelism comes from the loader/cache workers; set before any OpenCV call
 NUM_WORKERS = worker_count(CONFIG)
 OUTPUT_DIR = Path(CONFIG['output_dir'])
 resume_check(CONFIG)
 FIGURES = OUTPUT_DIR / 'figures'
 FIGURES.mkdir(exist_ok=True)
-print(f"device {DEVICE} ({torch.cuda.get_device_name() if DEVICE.type == 'cuda' else 'CPU'}), "
-      f"{NUM_WORKERS} workers, data {CONFIG['data_root']}, outputs {OUTPUT_DIR}")
+print(f"device {DEVICE}: {machine_description(DEVICE, GPU_FACTS)}"
+      + (f"; precision {CONFIG['precision']}" if DEVICE.type == 'cuda' else '')
+      + f"; {NUM_WORKERS} workers; data {CONFIG['data_root']}; outputs {OUTPUT_DIR}")
 
 # %% [markdown]
 # ## 2. Data tables
@@ -1204,6 +1427,11 @@ def plot_preprocessing(path, config, name='intensity_and_clahe'):
 
 
 # %%
+# Before the first work (the cache): the disk for what the run writes, and /dev/shm for the loaders' batches
+CONFIG = check_resources(CONFIG, len(SAMPLES))
+NUM_WORKERS = worker_count(CONFIG)
+
+# %%
 SAMPLES, IMAGES, MASKS, DATA_ISSUES = build_cache(SAMPLES, CONFIG, NUM_WORKERS)
 if len(DATA_ISSUES):  # every dropped sample, masked and skipped slice, with its file and reason (also in the report)
     warn('preprocessing: ' + ', '.join(f'{n} {what}' for what, n in DATA_ISSUES.groupby('what').size().items()))
@@ -1495,13 +1723,13 @@ def autocast(device, config):
 def make_loader(dataset, config, device, train, generator=None, every_epoch=False):
     """Training loaders shuffle; `every_epoch` loaders (training, validation) keep their worker processes
     between epochs instead of forking new ones each time."""
-    workers = worker_count(config)
+    workers = worker_count(config)  # and config['prefetch_factor']: both fitted to /dev/shm by check_resources
     return DataLoader(dataset, batch_size=config['batch_size'] * (1 if train else 2), shuffle=train,
                       generator=generator, drop_last=train and len(dataset) > config['batch_size'],
                       num_workers=workers, pin_memory=device.type == 'cuda',
                       multiprocessing_context='fork' if workers else None,
                       persistent_workers=bool(workers) and (train or every_epoch),
-                      prefetch_factor=4 if workers else None, collate_fn=collate_one_channel)
+                      prefetch_factor=config['prefetch_factor'] if workers else None, collate_fn=collate_one_channel)
 
 
 def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, device, config, state, epoch):
@@ -1591,8 +1819,21 @@ def recompute_swa_batchnorm(swa_model, loader, device):
 
 
 def save_atomic(obj, path):
+    """torch.save to a temporary file renamed over `path`: a save that dies midway never leaves half a
+    checkpoint under the real name. A failed save removes its partial file and names the path, the free
+    space and the cause (a full disk shows in torch as 'unexpected pos ...' or as OSError ENOSPC)."""
+    path = Path(path)
     tmp = path.with_suffix('.tmp')
-    torch.save(obj, tmp)
+    try:
+        torch.save(obj, tmp)
+    except (RuntimeError, OSError) as error:
+        tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free
+        full = getattr(error, 'errno', None) == errno.ENOSPC or any(
+            text in str(error) for text in ('unexpected pos', 'No space left', 'file write failed'))
+        cause = 'no space left on its disk' if full else f'{type(error).__name__}: {str(error)[:300]}'
+        raise OSError(f'Could not save {path}: {cause} ({free / GiB:.2f} GiB free there). The partial file was '
+                      'removed; the previous version under that name (if any) is intact.') from error
     tmp.replace(path)
 
 
@@ -2209,11 +2450,6 @@ def md_table(frame):
 def data_source(config):
     marker = Path(config['data_root']) / 'GENERATED_BY.txt'
     return f'generated study set ({marker.read_text().strip()})' if marker.exists() else 'competition data'
-
-
-def machine_description(device):
-    gpu = torch.cuda.get_device_name() if device.type == 'cuda' else 'no GPU (float32 on CPU)'
-    return f'{gpu}; {os.cpu_count()} CPU cores; torch {torch.__version__}, torchvision {torchvision.__version__}'
 
 
 def model_wording(kind, result):

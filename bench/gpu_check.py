@@ -10,6 +10,12 @@ Each row prints what it measured, what is expected and PASS/FAIL (the expected f
   (4) peak GPU memory of one fp16 training step at the plan's batch, 12 x 7 x 3 x 256 x 256 through
       efficientnet_v2_s, and of one evaluation batch (2 x 12): must fit a 16 GB T4/P100
   (5) bf16 step (where torch.cuda.is_bf16_supported()): finite loss, weights change
+  (6) the setup's GPU check on the real GPU: the probe subprocess's facts (name, capability, arch list, bf16,
+      test kernel) and judge_gpus's verdict (passes; bf16 kept from capability 8.0, else fp16 with a warning);
+      the setup cells left CUDA uninitialised in this process
+  (7) a fold's projected time against its measured time: a 2-epoch fold at the plan's sizes, the projection
+      after epoch 1 (the notebook's project_run, issue 17 item 4) against the fold's measured seconds; N/A
+      while the notebook has no project_run
 `--dry-run` runs the same code on the CPU at tiny sizes (CI checks that the script works; no figures).
 """
 
@@ -62,10 +68,11 @@ def main(argv=None):
     nb = notebook_namespace({**(plan if cuda else tiny), "data_root": str(work / "data"), "output_dir": str(work),
                              "pretrained": "none", "num_workers": 2, "precision": "fp16"})
     config = nb["CONFIG"]
+    setup_left_cuda_alone = not torch.cuda.is_initialized()  # the setup cells ran; nothing else has used CUDA
     samples, _ = nb["build_sample_table"](config)
     samples, images, masks, failures = nb["build_cache"](samples, config, workers=2)
     assert failures.empty, failures
-    name = torch.cuda.get_device_name() if cuda else "CPU (dry run)"
+    name = nb["machine_description"](device) if cuda else "CPU (dry run)"
     print(f"gpu_check on {name}, torch {torch.__version__}, batch {config['batch_size']} x {config['num_slices']} "
           f"x 3 x {config['img_size']}^2, {config['backbone']}")
     b = config["batch_size"]
@@ -133,6 +140,38 @@ def main(argv=None):
               "finite loss, changed True", math.isfinite(stats["train_loss"]) and moved)
     else:
         print("(5) bf16 step: not supported on this GPU (T4/P100): skipped")
+    # (6) the setup's GPU check on this GPU: the probe's facts and the verdict, bf16 asked
+    facts = nb["probe_gpus"]()
+    if cuda:
+        gpu = facts["gpus"][0]
+        judged = nb["judge_gpus"](facts, {**config, "precision": "bf16"})
+        capability = ".".join(map(str, gpu["capability"]))
+        print(f"    probe: {gpu['name']}, capability {capability}, bf16 {gpu['bf16']}, kernel {gpu['kernel']}, "
+              f"torch {facts['torch']} (CUDA {facts['cuda']}) arch list {' '.join(facts['arch_list'])}")
+        want = "bf16" if gpu["bf16"] else "fp16"
+        check("(6) GPU check: kernel, verdict", f"kernel {gpu['kernel']}, {capability}: runs {judged['precision']}",
+              f"OK, bf16 from 8.0 else fp16: {want}", gpu["kernel"] == "OK" and judged["precision"] == want)
+    else:
+        check("(6) GPU check: kernel, verdict", f"probe found {len(facts['gpus'])} GPU(s)", "0 (dry run)",
+              facts["gpus"] == [] and nb["judge_gpus"](facts, config) == config)
+    check("(6) setup left CUDA uninitialised", f"{setup_left_cuda_alone}", "True", setup_left_cuda_alone)
+
+    # (7) a fold's projected time against its measured time
+    if "project_run" in nb:
+        short = {**config, "epochs": 2, "warmup_epochs": 1, "swa_start_epoch": 2, "output_dir": str(work / "fold"),
+                 "resume": False}
+        folds = nb["assign_folds"](samples, short)
+        result = nb["train_fold"](0, folds, images, masks, short, device)
+        measured = sum(row["seconds"] for row in result["history"])
+        try:  # the interface assumed here: project_run(history after epoch 1, config) -> {'fold_s': seconds, ...}
+            projected = nb["project_run"](result["history"][:1], short)["fold_s"]
+        except (KeyError, TypeError) as error:
+            print(f"(7) projected vs measured fold time: N/A (project_run's interface differs: {error}; adapt row 7)")
+        else:
+            check("(7) projected vs measured fold", f"projected {projected:.0f} s, measured {measured:.0f} s",
+                  "within 25 %", abs(projected - measured) <= 0.25 * measured)
+    else:
+        print("(7) projected vs measured fold time: N/A (the notebook has no project_run yet)")
     print(f"{sum(rows)} of {len(rows)} checks passed")
     return 0 if all(rows) else 1
 

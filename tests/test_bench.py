@@ -60,3 +60,16 @@ def test_tiny_benchmark_prints_every_row_with_positive_finite_numbers(tmp_path):
     augment = dumped["f_device_augmentation"]
     assert augment["samples_per_s"] == pytest.approx(1000 * augment["batch"] / augment["ms_per_step"], rel=1e-9)
     assert not list(tmp_path.glob("run_*"))  # the run's caches and outputs are removed
+
+
+def test_gpu_check_dry_run_prints_every_row_and_passes(tmp_path):
+    """bench/gpu_check.py --dry-run: the GPU-only checks' code runs on the CPU (no figures); rows (1)-(6) PASS,
+    (7) is N/A until the notebook has project_run."""
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--dry-run", "--work", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = re.findall(r"^\((\d)\) .*\| (PASS|FAIL)$", run.stdout, flags=re.MULTILINE)
+    assert {row for row, _ in rows} == {"1", "2", "3", "4", "5", "6"} and {v for _, v in rows} == {"PASS"}
+    assert "(6) GPU check: kernel, verdict" in run.stdout and re.search(r"^\(7\) projected vs measured", run.stdout,
+                                                                        flags=re.MULTILINE)
+    assert run.stdout.rstrip().endswith(f"{len(rows)} of {len(rows)} checks passed")

@@ -83,7 +83,7 @@ def test_offline_stops_with_a_message_naming_the_packages_and_how_to_attach_them
     with pytest.raises(RuntimeError) as error:
         cell["install_missing"](run=pip)
     message = str(error.value)
-    assert message.startswith("pip could not install pydicom>=3.0 (")
+    assert message.startswith("pip could not install pydicom>=3.0.2 (")
     assert "Internet on" in message and "--no-index --find-links" in message and "run this cell again" in message
     assert len(pip.calls) == 1
 
@@ -91,20 +91,37 @@ def test_offline_stops_with_a_message_naming_the_packages_and_how_to_attach_them
 def test_old_pydicom_is_named_and_upgraded_then_a_restart_asked(cell, monkeypatch):
     old_pydicom(monkeypatch)
     assert cell["missing_packages"]() == {
-        "pydicom>=3.0": "pydicom 2.4.4 is installed; the notebook needs >= 3.0 (pydicom.pixels)"}
+        "pydicom>=3.0.2": "pydicom 2.4.4 is installed; the notebook needs >= 3.0.2"}
     pip = Pip()
     importlib.import_module("pydicom")  # the old one is imported in this kernel
     with pytest.raises(RuntimeError, match="restart the runtime"):
         cell["install_missing"](run=pip)
-    assert pip.calls == [[sys.executable, "-m", "pip", "install", "--quiet", "pydicom>=3.0"]]
+    assert pip.calls == [[sys.executable, "-m", "pip", "install", "--quiet", "pydicom>=3.0.2"]]
 
 
 def test_old_pydicom_offline_says_which_version_is_needed(cell, monkeypatch):
     old_pydicom(monkeypatch, "2.0.0")
-    with pytest.raises(RuntimeError, match=r"pip could not install pydicom>=3\.0"):
+    with pytest.raises(RuntimeError, match=r"pip could not install pydicom>=3\.0\.2"):
         cell["install_missing"](run=Pip(fail=True))
 
 
 def test_the_notebook_library_cells_skip_it():
     """Tests and benchmarks load parameters/setup/defs only: the install cell never runs pip there."""
     assert "install_missing" not in notebook_namespace({}, tags=("parameters",))
+
+
+@pytest.mark.parametrize("version, old", [("3.0.1", True), ("3.0.2", False), ("3.1.0", False), ("10.0", False),
+                                          ("3.0.2+local", False), ("2.4.4", True)])
+def test_the_floor_compares_versions_as_numbers(cell, monkeypatch, version, old):
+    old_pydicom(monkeypatch, version)
+    assert ("pydicom>=3.0.2" in cell["missing_packages"]()) is old
+
+
+def test_its_floors_are_the_requirements_floors():
+    """A floor the cell checks is the one requirements.txt gives (the oldest version CI runs)."""
+    from pathlib import Path
+
+    floors = dict(line.split(">=") for line in (Path(NOTEBOOK).parent / "requirements.txt").read_text().splitlines()
+                  if ">=" in line and not line.startswith("#"))
+    checked = [req for req in notebook_namespace({}, tags=("install",))["RUNTIME_PACKAGES"].values() if ">=" in req]
+    assert checked and all(floors[req.split(">=")[0]].strip() == req.split(">=")[1] for req in checked)
