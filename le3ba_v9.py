@@ -171,6 +171,7 @@ import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import matplotlib.pyplot as plt
@@ -1546,161 +1547,228 @@ def set_rng_states(states):
         torch.cuda.set_rng_state_all(states['cuda'])
 
 
-def train_fold(fold, samples, images, masks, config, device, on_epoch_end=None):
-    """Train one fold; returns history, checkpoint table and the evaluation of the best, last and SWA models."""
-    fold_dir = Path(config['output_dir']) / f'fold{fold}'
-    fold_dir.mkdir(parents=True, exist_ok=True)
+def fold_pieces(fold, samples, images, masks, config, device):
+    """Everything one fold trains with (a namespace): its rows, loaders, model, criterion, optimizer,
+    schedulers, GradScaler, SWA average and the training state that a checkpoint restores."""
+    f = SimpleNamespace(fold=fold, dir=Path(config['output_dir']) / f'fold{fold}', swa_scheduler=None)
+    f.dir.mkdir(parents=True, exist_ok=True)
+    f.last_path = f.dir / 'last.pt'
     seed_everything(config['seed'] + fold)
-    train_rows = samples[(samples['fold'] != fold) & (samples['fold'] >= 0)]
-    val_rows, holdout_rows = samples[samples['fold'] == fold], samples[samples['fold'] < 0]
-    train_set = RSNADatasetV9(train_rows, images, masks, config, train=True)
-    generator = torch.Generator()
-    train_loader = make_loader(train_set, config, device, train=True, generator=generator)
+    f.train_rows = samples[(samples['fold'] != fold) & (samples['fold'] >= 0)]
+    f.val_rows, f.holdout_rows = samples[samples['fold'] == fold], samples[samples['fold'] < 0]
+    f.train_set = RSNADatasetV9(f.train_rows, images, masks, config, train=True)
+    f.generator = torch.Generator()
+    f.train_loader = make_loader(f.train_set, config, device, train=True, generator=f.generator)
 
     def eval_loader(rows, every_epoch=False):  # fixed order, no augmentation
         return make_loader(RSNADatasetV9(rows, images, masks, config, train=False), config, device, False,
                            every_epoch=every_epoch)
 
-    val_loader = eval_loader(val_rows, every_epoch=True)
+    f.eval_loader = eval_loader
+    f.val_loader = eval_loader(f.val_rows, every_epoch=True)
     # train BA for the overfitting check: eval mode, no augmentation, a fixed training subset as large as
     # the validation fold (the running BA over augmented batches with dropout on understates overfitting)
-    train_probe = eval_loader(train_rows.sample(n=min(len(val_rows), len(train_rows)), random_state=config['seed']))
-    fingerprint = data_fingerprint(samples)
-
-    model = SpineModelV9(config).to(device)
+    f.train_probe = eval_loader(f.train_rows.sample(n=min(len(f.val_rows), len(f.train_rows)),
+                                                    random_state=config['seed']))
+    f.fingerprint = data_fingerprint(samples)
+    f.model = SpineModelV9(config).to(device)
     if config['channels_last']:
-        model = model.to(memory_format=torch.channels_last)
-    step_model = torch.compile(model) if config['compile'] and device.type == 'cuda' else model
-    criterion = CompetitionWeightedCE(config['class_weights']).to(device)
-    optimizer = make_optimizer(model, config)
-    scheduler = warmup_cosine(optimizer, config, len(train_loader))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision_in_use(device, config) == 'fp16')
-    swa_model = AveragedModel(model) if config['use_swa'] else None
-    swa_scheduler = None
-    state = {'epoch': 0, 'history': [], 'checkpoints': [], 'actions': [], 'lr_steps': [], 'best_ba': -1.0,
-             'best_epoch': None, 'nonfinite': 0, 'stopped_early': False, 'patience_out': False, 'warnings': []}
+        f.model = f.model.to(memory_format=torch.channels_last)
+    f.step_model = torch.compile(f.model) if config['compile'] and device.type == 'cuda' else f.model
+    f.criterion = CompetitionWeightedCE(config['class_weights']).to(device)
+    f.optimizer = make_optimizer(f.model, config)
+    f.scheduler = warmup_cosine(f.optimizer, config, len(f.train_loader))
+    f.scaler = torch.amp.GradScaler(device.type, enabled=precision_in_use(device, config) == 'fp16')
+    f.swa_model = AveragedModel(f.model) if config['use_swa'] else None
+    f.state = {'epoch': 0, 'history': [], 'checkpoints': [], 'actions': [], 'lr_steps': [], 'best_ba': -1.0,
+               'best_epoch': None, 'nonfinite': 0, 'stopped_early': False, 'patience_out': False,
+               'warnings': []}
+    return f
 
-    def swa_phase_scheduler():
-        ratio = config['backbone_lr'] / config['learning_rate']  # keep the backbone's slower pace
-        return SWALR(optimizer, swa_lr=[config['swa_lr'] * ratio, config['swa_lr']], anneal_epochs=1)
 
-    last_path = fold_dir / 'last.pt'
-    if config['resume'] and last_path.exists():
-        ckpt = torch.load(last_path, map_location=device, weights_only=False)
-        saved = {k: v for k, v in ckpt['config'].items() if k != 'data_fingerprint'}
-        changed = sorted(k for k in set(saved) | set(comparable(config)) if saved.get(k) != comparable(config).get(k))
-        if changed:
-            raise ValueError(f'{last_path} was written with other settings ({changed}): set resume=False '
-                             'or delete the fold folder to start again.')
-        if ckpt['config'].get('data_fingerprint') != fingerprint:
-            raise ValueError(f'{last_path}: the sample table or fold assignment changed since it was written: '
-                             'resuming would mix two validation splits. Set resume=False to start again.')
-        model.load_state_dict(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        scheduler.load_state_dict(ckpt['scheduler'])
-        scaler.load_state_dict(ckpt['scaler'])
-        criterion.load_state_dict(ckpt['criterion'])
-        if ckpt['swa_model'] is not None:
-            swa_model.load_state_dict(ckpt['swa_model'])
-        if ckpt['swa_scheduler'] is not None:
-            swa_scheduler = swa_phase_scheduler()
-            swa_scheduler.load_state_dict(ckpt['swa_scheduler'])
-        state = ckpt['state']
-        set_rng_states(ckpt['rng'])
-        for message in state['warnings']:  # printed before the interruption: they belong in this run's report
-            WARNINGS.append(f'{message} (printed before the run was resumed)')
-        print(f"fold {fold}: resumed after epoch {state['epoch']}")
+def swa_phase_scheduler(optimizer, config):
+    ratio = config['backbone_lr'] / config['learning_rate']  # keep the backbone's slower pace
+    return SWALR(optimizer, swa_lr=[config['swa_lr'] * ratio, config['swa_lr']], anneal_epochs=1)
+
+
+def checked_checkpoint(path, config, fingerprint, device):
+    """A fold checkpoint written with this run's settings and data, else a clear error."""
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    saved = {k: v for k, v in ckpt['config'].items() if k != 'data_fingerprint'}
+    changed = sorted(k for k in set(saved) | set(comparable(config)) if saved.get(k) != comparable(config).get(k))
+    if changed:
+        raise ValueError(f'{path} was written with other settings ({changed}): set resume=False '
+                         'or delete the fold folder to start again.')
+    if ckpt['config'].get('data_fingerprint') != fingerprint:
+        raise ValueError(f'{path}: the sample table or fold assignment changed since it was written: '
+                         'resuming would mix two validation splits. Set resume=False to start again.')
+    return ckpt
+
+
+def resume_fold(f, config, device):
+    """Load the fold's last epoch checkpoint into its pieces: the run goes on exactly where it stopped."""
+    ckpt = checked_checkpoint(f.last_path, config, f.fingerprint, device)
+    f.model.load_state_dict(ckpt['model'])
+    f.optimizer.load_state_dict(ckpt['optimizer'])
+    f.scheduler.load_state_dict(ckpt['scheduler'])
+    f.scaler.load_state_dict(ckpt['scaler'])
+    f.criterion.load_state_dict(ckpt['criterion'])
+    if ckpt['swa_model'] is not None:
+        f.swa_model.load_state_dict(ckpt['swa_model'])
+    if ckpt['swa_scheduler'] is not None:
+        f.swa_scheduler = swa_phase_scheduler(f.optimizer, config)
+        f.swa_scheduler.load_state_dict(ckpt['swa_scheduler'])
+    f.state = ckpt['state']
+    set_rng_states(ckpt['rng'])
+    for message in f.state['warnings']:  # printed before the interruption: they belong in this run's report
+        WARNINGS.append(f'{message} (printed before the run was resumed)')
+    print(f"fold {f.fold}: resumed after epoch {f.state['epoch']}")
+
+
+def save_fold_checkpoint(f, config):
+    """last.pt: everything resume_fold needs to continue after this epoch."""
+    save_atomic({'model': f.model.state_dict(), 'optimizer': f.optimizer.state_dict(),
+                 'scheduler': f.scheduler.state_dict(), 'scaler': f.scaler.state_dict(),
+                 'criterion': f.criterion.state_dict(),
+                 'swa_model': f.swa_model.state_dict() if f.swa_model is not None else None,
+                 'swa_scheduler': f.swa_scheduler.state_dict() if f.swa_scheduler is not None else None,
+                 'state': f.state, 'rng': rng_states(),
+                 'config': {**comparable(config), 'data_fingerprint': f.fingerprint}}, f.last_path)
+
+
+def run_epoch(f, epoch, config, device):
+    """Train one epoch (SWA averaging in the SWA phase); returns the history row."""
+    for p in f.model.backbone.parameters():
+        p.requires_grad_(epoch > config['freeze_backbone_epochs'])
+    in_swa = config['use_swa'] and epoch >= config['swa_start_epoch']
+    if in_swa and f.swa_scheduler is None:
+        f.swa_scheduler = swa_phase_scheduler(f.optimizer, config)
+    f.generator.manual_seed(config['seed'] * 1000 + epoch)  # shuffling depends on (seed, epoch) only
+    f.train_set.set_epoch(epoch)
+    stats, lrs = train_one_epoch(f.step_model, f.train_loader, f.criterion, f.optimizer,
+                                 None if in_swa else f.scheduler, f.scaler, device, config, f.state, epoch)
+    f.state['lr_steps'] += lrs
+    if in_swa:
+        f.swa_model.update_parameters(f.model)
+        f.swa_scheduler.step()
+    return {'epoch': epoch, **stats, 'lr_backbone': lrs[-1][0], 'lr_head': lrs[-1][1], 'swa': in_swa}
+
+
+def validate_epoch(f, epoch, row, config, device):
+    """Validation metrics into `row`, the plan's checkpoint rows (and opt-in weight actions); returns the
+    metrics, or None in an epoch that is not validated."""
+    if not (epoch % config['val_every'] == 0 or epoch == config['epochs'] or epoch in PLAN_CHECKPOINT_EPOCHS):
+        return None
+    metrics = evaluate(f.step_model, f.val_loader, f.criterion, device, config)
+    row.update(val_loss=metrics['loss'], val_ba=metrics['ba'], pred_counts=metrics['pred_counts'],
+               **{f'recall_{c}': r for c, r in enumerate(metrics['recall'])})
+    for message in dead_class_warnings(metrics['pred_counts']):
+        warn(f'fold {f.fold} epoch {epoch}: {message}')
+    if epoch in PLAN_CHECKPOINT_EPOCHS or epoch == config['epochs']:
+        row['train_eval_ba'] = evaluate(f.step_model, f.train_probe, f.criterion, device, config)['ba']
+    checks = checkpoint_rows(epoch, metrics, row.get('train_eval_ba'))
+    f.state['checkpoints'] += checks
+    if checks:
+        print(pd.DataFrame(checks).to_string(index=False))
+    if config['auto_class_weight_actions'] and checks:
+        weights, done = plan_weight_actions(epoch, metrics, f.criterion.weights.tolist())
+        f.criterion.weights.copy_(torch.tensor(weights))
+        f.state['actions'] += [f'epoch {epoch}: {d}' for d in done]
+        for d in done:
+            print(f'plan action applied: {d}')
+    return metrics
+
+
+def epoch_decisions(metrics, state, epoch, config):
+    """The end-of-epoch decisions, from values one process can share with the others: save a new best?
+    stop early? Returns {'save', 'why', 'stop', 'patience_out'} (`why` only when validated)."""
+    decision = {'save': False, 'why': None, 'stop': None, 'patience_out': state['patience_out']}
+    best_epoch = state['best_epoch']
+    if metrics is not None:
+        decision['save'], decision['why'] = save_gate(metrics, state['best_ba'], config)
+        best_epoch = epoch if decision['save'] else best_epoch
+    since = epoch - (best_epoch or 0)
+    out_of_patience = since >= config['patience'] and epoch < config['epochs']
+    if out_of_patience and config['use_swa']:  # stopping now would report the model selected on this fold
+        decision['patience_out'] = True
+    elif out_of_patience:
+        decision['stop'] = 'early'
+    decision['since'] = since
+    return decision
+
+
+def apply_decisions(f, epoch, row, metrics, decision, config):
+    """Act on epoch_decisions: best.pt, the stop flags, the messages."""
+    state = f.state
+    if metrics is not None:
+        row['saved'] = decision['save']
+    if decision['save']:
+        state['best_ba'], state['best_epoch'] = metrics['ba'], epoch
+        save_atomic({'model': f.model.state_dict(), 'config': config, 'epoch': epoch,
+                     'metrics': {k: metrics[k] for k in ('recall', 'ba', 'pred_counts')}}, f.dir / 'best.pt')
+    state['history'].append(row)
+    state['epoch'] = epoch
+    print(epoch_summary(row) + (f" | {decision['why']}" if 'val_ba' in row else ''))
+    since = decision['since']
+    if decision['patience_out'] and not state['patience_out']:
+        warn(f"fold {f.fold} epoch {epoch}: {since} epochs without a saved improvement (patience "
+             f"{config['patience']}), but early stopping would end the run before SWA averages epochs "
+             f"{config['swa_start_epoch']}-{config['epochs']}: training continues to the SWA model")
+    state['patience_out'] = decision['patience_out']
+    if decision['stop'] == 'early':
+        state['stopped_early'] = True
+        print(f"early stop: {since} epochs without a saved improvement (patience {config['patience']})")
+
+
+def train_epochs(f, config, device, on_epoch_end=None):
+    """The epoch loop: train, validate, decide, checkpoint."""
     warnings_before = len(WARNINGS)
-    earlier_warnings = list(state['warnings'])
-
-    for epoch in range(state['epoch'] + 1, config['epochs'] + 1):
-        if state['stopped_early']:
+    earlier_warnings = list(f.state['warnings'])
+    for epoch in range(f.state['epoch'] + 1, config['epochs'] + 1):
+        if f.state['stopped_early']:
             break
         start = time.time()
-        for p in model.backbone.parameters():
-            p.requires_grad_(epoch > config['freeze_backbone_epochs'])
-        in_swa = config['use_swa'] and epoch >= config['swa_start_epoch']
-        if in_swa and swa_scheduler is None:
-            swa_scheduler = swa_phase_scheduler()
-        generator.manual_seed(config['seed'] * 1000 + epoch)  # shuffling depends on (seed, epoch) only
-        train_set.set_epoch(epoch)
-        stats, lrs = train_one_epoch(step_model, train_loader, criterion, optimizer,
-                                     None if in_swa else scheduler, scaler, device, config, state, epoch)
-        state['lr_steps'] += lrs
-        if in_swa:
-            swa_model.update_parameters(model)
-            swa_scheduler.step()
-        row = {'epoch': epoch, **stats, 'lr_backbone': lrs[-1][0], 'lr_head': lrs[-1][1], 'swa': in_swa}
-        if epoch % config['val_every'] == 0 or epoch == config['epochs'] or epoch in PLAN_CHECKPOINT_EPOCHS:
-            metrics = evaluate(step_model, val_loader, criterion, device, config)
-            row.update(val_loss=metrics['loss'], val_ba=metrics['ba'], pred_counts=metrics['pred_counts'],
-                       **{f'recall_{c}': r for c, r in enumerate(metrics['recall'])})
-            for message in dead_class_warnings(metrics['pred_counts']):
-                warn(f'fold {fold} epoch {epoch}: {message}')
-            save, why = save_gate(metrics, state['best_ba'], config)
-            row['saved'] = save
-            if save:
-                state['best_ba'], state['best_epoch'] = metrics['ba'], epoch
-                save_atomic({'model': model.state_dict(), 'config': config, 'epoch': epoch,
-                             'metrics': {k: metrics[k] for k in ('recall', 'ba', 'pred_counts')}},
-                            fold_dir / 'best.pt')
-            if epoch in PLAN_CHECKPOINT_EPOCHS or epoch == config['epochs']:
-                row['train_eval_ba'] = evaluate(step_model, train_probe, criterion, device, config)['ba']
-            checks = checkpoint_rows(epoch, metrics, row.get('train_eval_ba'))
-            state['checkpoints'] += checks
-            if checks:
-                print(pd.DataFrame(checks).to_string(index=False))
-            if config['auto_class_weight_actions'] and checks:
-                weights, done = plan_weight_actions(epoch, metrics, criterion.weights.tolist())
-                criterion.weights.copy_(torch.tensor(weights))
-                state['actions'] += [f'epoch {epoch}: {d}' for d in done]
-                for d in done:
-                    print(f'plan action applied: {d}')
+        row = run_epoch(f, epoch, config, device)
+        metrics = validate_epoch(f, epoch, row, config, device)
         row['seconds'] = time.time() - start
-        state['history'].append(row)
-        state['epoch'] = epoch
-        print(epoch_summary(row) + (f' | {why}' if 'val_ba' in row else ''))
-        since = epoch - (state['best_epoch'] or 0)
-        out_of_patience = since >= config['patience'] and epoch < config['epochs']
-        if out_of_patience and config['use_swa']:  # stopping now would report the model selected on this fold
-            if not state['patience_out']:
-                warn(f"fold {fold} epoch {epoch}: {since} epochs without a saved improvement (patience "
-                     f"{config['patience']}), but early stopping would end the run before SWA averages epochs "
-                     f"{config['swa_start_epoch']}-{config['epochs']}: training continues to the SWA model")
-            state['patience_out'] = True
-        elif out_of_patience:
-            state['stopped_early'] = True
-            print(f"early stop: {since} epochs without a saved improvement (patience {config['patience']})")
-        state['warnings'] = earlier_warnings + WARNINGS[warnings_before:]
-        save_atomic({'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-                     'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict(),
-                     'criterion': criterion.state_dict(),
-                     'swa_model': swa_model.state_dict() if swa_model is not None else None,
-                     'swa_scheduler': swa_scheduler.state_dict() if swa_scheduler is not None else None,
-                     'state': state, 'rng': rng_states(),
-                     'config': {**comparable(config), 'data_fingerprint': fingerprint}}, last_path)
+        apply_decisions(f, epoch, row, metrics, epoch_decisions(metrics, f.state, epoch, config), config)
+        f.state['warnings'] = earlier_warnings + WARNINGS[warnings_before:]
+        save_fold_checkpoint(f, config)
         if on_epoch_end is not None:
             on_epoch_end(epoch)
 
-    models = {'last': model}
-    if (fold_dir / 'best.pt').exists() and state['best_epoch'] is not None:
+
+def finish_fold(f, config, device):
+    """SWA's BatchNorm statistics, the evaluation of each model kind and the hold-out predictions."""
+    models = {'last': f.model}
+    if (f.dir / 'best.pt').exists() and f.state['best_epoch'] is not None:
         models['best'] = SpineModelV9({**config, 'pretrained': 'none'}).to(device)
-        models['best'].load_state_dict(torch.load(fold_dir / 'best.pt', map_location=device,
+        models['best'].load_state_dict(torch.load(f.dir / 'best.pt', map_location=device,
                                                   weights_only=False)['model'])
-    if swa_model is not None and swa_model.n_averaged.item() > 0:
+    if f.swa_model is not None and f.swa_model.n_averaged.item() > 0:
         with autocast(device, config):
-            recompute_swa_batchnorm(swa_model, eval_loader(train_rows), device)
-        torch.save({'model': swa_model.module.state_dict(), 'config': config}, fold_dir / 'swa.pt')
-        models['swa'] = swa_model.module
-    evaluations = {kind: evaluate(m, val_loader, criterion, device, config) for kind, m in models.items()}
-    result = {'fold': fold, 'history': state['history'], 'checkpoints': state['checkpoints'],
+            recompute_swa_batchnorm(f.swa_model, f.eval_loader(f.train_rows), device)
+        torch.save({'model': f.swa_model.module.state_dict(), 'config': config}, f.dir / 'swa.pt')
+        models['swa'] = f.swa_model.module
+    evaluations = {kind: evaluate(m, f.val_loader, f.criterion, device, config) for kind, m in models.items()}
+    state = f.state
+    result = {'fold': f.fold, 'history': state['history'], 'checkpoints': state['checkpoints'],
               'actions': state['actions'], 'lr_steps': state['lr_steps'], 'best_epoch': state['best_epoch'],
-              'evaluations': evaluations, 'val_rows': val_rows, 'class_weights': criterion.weights.tolist()}
-    if len(holdout_rows):  # the final model's view of the studies no fold saw, for the ensemble evaluation
+              'evaluations': evaluations, 'val_rows': f.val_rows, 'class_weights': f.criterion.weights.tolist()}
+    if len(f.holdout_rows):  # the final model's view of the studies no fold saw, for the ensemble evaluation
         kind = final_kind(result, config)
-        probs = predict(models[kind], eval_loader(holdout_rows), criterion, device, config)['probs']
-        result['holdout'] = {'kind': kind, 'rows': holdout_rows, 'probs': probs}
+        probs = predict(models[kind], f.eval_loader(f.holdout_rows), f.criterion, device, config)['probs']
+        result['holdout'] = {'kind': kind, 'rows': f.holdout_rows, 'probs': probs}
     return result
+
+
+def train_fold(fold, samples, images, masks, config, device, on_epoch_end=None):
+    """Train one fold; returns history, checkpoint table and the evaluation of the best, last and SWA models."""
+    f = fold_pieces(fold, samples, images, masks, config, device)
+    if config['resume'] and f.last_path.exists():
+        resume_fold(f, config, device)
+    train_epochs(f, config, device, on_epoch_end)
+    return finish_fold(f, config, device)
 
 
 def final_kind(result, config):
