@@ -158,7 +158,12 @@ CONFIG = {
     'prefetch_factor': 4,        # batches each loader worker keeps ready in shared memory (/dev/shm); setup
                                  # lowers it, then the workers, when /dev/shm is too small for them
     'resume': True,              # continue an interrupted fold from its last epoch checkpoint
-    'max_nonfinite_steps': 5,    # stop the run after this many non-finite losses
+    'time_budget_h': None,       # hours from setup after which no epoch starts that would not end in time;
+                                 # the fold ends cleanly (SWA so far, else last). None = Kaggle 11 (of its
+                                 # 12 h session), Colab 5 (its limit varies), local none; 0 = no limit
+    'continue_from': None,       # a previous run's output folder (read-only is fine, e.g. under /kaggle/input):
+                                 # its fold checkpoints are copied into output_dir and the run goes on
+    'max_nonfinite_steps': 5,    # stop the run after this many skipped steps (non-finite gradient norm)
     'final_model': 'swa',        # model reported as final: swa | last | best (falls back in that order)
     'holdout_frac': 0.0,         # share of studies kept out of every fold to measure a fold ensemble
                                  # honestly (0 = none, else 0.05-0.5; 0.2 keeps 1/5 of the studies aside)
@@ -192,6 +197,7 @@ import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import matplotlib.pyplot as plt
@@ -288,6 +294,11 @@ def check_settings(config):
     if config['use_swa'] and config['patience'] < config['epochs']:
         print(f"note: early stopping (patience {config['patience']}) cannot end the run before SWA has averaged "
               f"epochs {config['swa_start_epoch']}-{config['epochs']}")
+    if config['time_budget_h'] is not None and config['time_budget_h'] < 0:
+        raise ValueError(f"CONFIG['time_budget_h'] = {config['time_budget_h']}: hours (> 0), 0 for no limit, or "
+                         'None for the platform default')
+    if config['continue_from'] and not config['resume']:
+        raise ValueError("CONFIG['continue_from'] is set but resume=False: continuing needs resume=True")
     missed = [e for e in (1, 3, 10) if e > config['epochs']]
     if missed:
         print(f"note: the plan's checkpoint epoch(s) {missed} lie beyond epochs = {config['epochs']}: not checked")
@@ -359,8 +370,9 @@ def worker_count(config):
 
 
 RESUME_EXEMPT = {'resume', 'num_workers', 'prefetch_factor', 'compile', 'output_dir', 'cache_dir', 'data_root',
-                 'train_folds', 'final_model'}  # settings that do not change what is trained
-RUN_OUTPUTS = ['v9_Results.md', 'metrics.json', 'oof.csv', 'figures']  # written by a run's last cells
+                 'train_folds', 'final_model', 'time_budget_h', 'continue_from'}  # settings that do not change
+                 # what is trained
+RUN_OUTPUTS = ['v9_Results.md', 'metrics.json', 'oof.csv', 'figures', 'progress.md']  # written by the run
 
 
 def comparable(config):
@@ -418,6 +430,33 @@ def resume_check(config, fingerprint=None):
                 'holdout_frac, num_folds or cache failures): resuming would mix two validation splits. Set '
                 'resume=False to start again.')
         print(f"fold {fold}: resumes after epoch {saved['state']['epoch']} (resume=False would start it again)")
+
+
+FOLD_FILES = ('last.pt', 'best.pt', 'swa.pt', 'result.pt', 'final.pt')  # what continue_from takes over
+
+
+def continue_from_previous(config):
+    """continue_from: copy a previous run's fold checkpoints into output_dir (the previous folder, e.g. an
+    attached notebook output under /kaggle/input, is only read). A fold this run already has a last.pt
+    for keeps its own. resume_check then checks their settings and data like any resume."""
+    if not config['continue_from']:
+        return
+    source, out = Path(config['continue_from']), Path(config['output_dir'])
+    if source.resolve() == out.resolve():
+        raise ValueError(f"continue_from = output_dir = {out}: name the previous run's folder, or leave "
+                         'continue_from at None (resume=True continues a run in its own folder)')
+    if not source.is_dir():
+        raise FileNotFoundError(f"continue_from = {source}: no such folder (on Kaggle: Add Input -> the "
+                                'notebook whose output holds the run, then its path under /kaggle/input)')
+    for fold in config['train_folds']:
+        files = [source / f'fold{fold}' / name for name in FOLD_FILES if (source / f'fold{fold}' / name).is_file()]
+        if not files or (out / f'fold{fold}' / 'last.pt').exists():
+            print(f'fold {fold}: nothing taken from {source}' + (' (this run has its own)' if files else ''))
+            continue
+        (out / f'fold{fold}').mkdir(parents=True, exist_ok=True)
+        for path in files:
+            shutil.copyfile(path, out / f'fold{fold}' / path.name)  # not copy2: the copy must be writable
+        print(f"fold {fold}: took {', '.join(p.name for p in files)} from {source / f'fold{fold}'}")
 
 
 def seed_everything(seed):
@@ -640,6 +679,8 @@ seed_everything(CONFIG['seed'])
 cv2.setNumThreads(1)  # parallelism comes from the loader/cache workers; set before any OpenCV call
 NUM_WORKERS = worker_count(CONFIG)
 OUTPUT_DIR = Path(CONFIG['output_dir'])
+RUN_START = time.time()  # the time budget counts from here, across folds
+continue_from_previous(CONFIG)
 resume_check(CONFIG)
 FIGURES = OUTPUT_DIR / 'figures'
 FIGURES.mkdir(exist_ok=True)
@@ -1733,9 +1774,11 @@ def make_loader(dataset, config, device, train, generator=None, every_epoch=Fals
 
 
 def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, device, config, state, epoch):
-    """One pass over the training loader; returns loss, train BA, gradient-norm statistics, LR per step."""
+    """One pass over the training loader; returns loss, train BA, gradient-norm statistics, LR per step.
+    A step whose gradient norm is not finite is never applied, under any precision (see skip_step)."""
     model.train()
     losses, norms, preds, labels, lrs = [], [], [], [], []
+    skipped = 0
     bar = tqdm(loader, desc=f'epoch {epoch}', leave=False, mininterval=2)
     for step, batch in enumerate(bar):
         mask = batch['mask'].to(device, non_blocking=True)
@@ -1746,40 +1789,61 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, devi
         with autocast(device, config):
             logits, _ = model(images, batch['level'].to(device, non_blocking=True), mask)
             loss = criterion(logits, target)
-        loss_value = loss.item()  # the one host sync per step: needed to catch a non-finite loss
-        if not math.isfinite(loss_value):
-            state['nonfinite'] += 1
-            rows = sample_ids(loader.dataset, batch['index'])
-            warn(f'epoch {epoch} step {step}: loss {loss_value}; batch skipped; samples {rows}')
-            optimizer.zero_grad(set_to_none=True)
-            if state['nonfinite'] > config['max_nonfinite_steps']:
-                raise FloatingPointError(f"{state['nonfinite']} non-finite losses: stopping. Lower the learning "
-                                         "rates, try precision='bf16', or inspect the samples listed above.")
-            continue
+        # backward even on a non-finite loss: under DDP every process must join the gradient all-reduce,
+        # and the decision below then rests on the same global norm everywhere
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), config['clip_grad_norm']))
-        scaler.step(optimizer)
-        scaler.update()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config['clip_grad_norm'])
+        if torch.isfinite(norm):  # the one host sync per step
+            scaler.step(optimizer)
+            norms.append(norm)
+            losses.append(loss.detach().float())
+            preds.append(logits.detach().argmax(1))
+            labels.append(target)
+        else:
+            skipped += 1
+            skip_step(loader, batch, loss, scaler, device, config, state, f'epoch {epoch} step {step}')
+        scaler.update()  # with a GradScaler: a skipped step lowers the loss scale
         optimizer.zero_grad(set_to_none=True)
         lrs.append([g['lr'] for g in optimizer.param_groups])
         if scheduler is not None:
             scheduler.step()
-        losses.append(loss_value)
-        preds.append(logits.detach().argmax(1))
-        labels.append(target)
-        if step % 10 == 0:
-            bar.set_postfix(loss=f'{np.mean(losses[-10:]):.3f}', lr=f"{lrs[-1][1]:.1e}")
+        if step % 10 == 0 and losses:
+            bar.set_postfix(loss=f'{torch.stack(losses[-10:]).mean().item():.3f}', lr=f"{lrs[-1][1]:.1e}")
+    if skipped:
+        print(f'epoch {epoch}: {skipped} step(s) with a non-finite gradient norm skipped (not applied)')
     norms = torch.stack(norms).float().cpu().numpy() if norms else np.zeros(0)
-    finite = norms[np.isfinite(norms)]  # an fp16 overflow step (skipped by the GradScaler) has norm inf
-    if len(finite) < len(norms):
-        print(f'epoch {epoch}: {len(norms) - len(finite)} overflow step(s) (non-finite gradient norm) skipped')
-    preds, labels = torch.cat(preds).cpu().numpy(), torch.cat(labels).cpu().numpy()
-    stat = (lambda f: float(f(finite))) if len(finite) else (lambda f: float('nan'))
-    return {'train_loss': float(np.mean(losses)), 'train_ba': float(balanced_accuracy_score(labels, preds)),
+    stat = (lambda f: float(f(norms))) if len(norms) else (lambda f: float('nan'))
+    train_ba = (float(balanced_accuracy_score(torch.cat(labels).cpu().numpy(), torch.cat(preds).cpu().numpy()))
+                if preds else float('nan'))
+    return {'train_loss': float(torch.stack(losses).mean()) if losses else float('nan'), 'train_ba': train_ba,
             'grad_norm_mean': stat(np.mean), 'grad_norm_max': stat(np.max),
             'clipped_frac': stat(lambda n: (n > config['clip_grad_norm']).mean()),
-            'overflow_steps': len(norms) - len(finite)}, lrs
+            'nonfinite_steps': skipped}, lrs
+
+
+NONFINITE_ADVICE = {  # what to try when steps keep coming out non-finite, by the precision that ran
+    'fp16': "fp16's range is small: use precision='bf16' on a GPU that has it (compute capability 8.0 or "
+            'newer: A100, L4, H100, RTX Pro 6000; not the T4 or P100), or lower the learning rates',
+    'bf16': 'lower the learning rates (learning_rate, backbone_lr) and inspect the samples listed above',
+    'fp32': 'lower the learning rates (learning_rate, backbone_lr) and inspect the samples listed above',
+}
+
+
+def skip_step(loader, batch, loss, scaler, device, config, state, where):
+    """Count and report a step whose gradient norm is not finite (its gradients are dropped by the caller's
+    zero_grad). Under fp16 a GradScaler overflow while the loss scale is still above 1 is its normal
+    calibration (it lowers the scale and retries): counted in the epoch's row, not towards the stop."""
+    if scaler.is_enabled() and scaler.get_scale() > 1.0:
+        return
+    state['nonfinite'] += 1
+    warn(f'{where}: non-finite gradient norm (loss {loss.item():.4g}); step skipped; samples '
+         f"{sample_ids(loader.dataset, batch['index'])}")
+    if state['nonfinite'] > config['max_nonfinite_steps']:
+        ran = precision_in_use(device, config)
+        raise FloatingPointError(f"{state['nonfinite']} non-finite steps under precision {ran} (more than "
+                                 f"max_nonfinite_steps = {config['max_nonfinite_steps']}): stopping. "
+                                 f'{NONFINITE_ADVICE[ran]}.')
 
 
 def sample_ids(dataset, index):
@@ -1837,6 +1901,13 @@ def save_atomic(obj, path):
     tmp.replace(path)
 
 
+def write_atomic(path, text):
+    """Write via a temporary file: an interrupted write never leaves half a file under the real name."""
+    tmp = path.with_name(path.name + '.tmp')
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def rng_states():
     return {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate(),
             'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -1850,162 +1921,362 @@ def set_rng_states(states):
         torch.cuda.set_rng_state_all(states['cuda'])
 
 
-def train_fold(fold, samples, images, masks, config, device, on_epoch_end=None):
-    """Train one fold; returns history, checkpoint table and the evaluation of the best, last and SWA models."""
-    fold_dir = Path(config['output_dir']) / f'fold{fold}'
-    fold_dir.mkdir(parents=True, exist_ok=True)
+SESSION_LIMIT = {'kaggle': 'Kaggle GPU sessions end after 12 h',
+                 'colab': "Colab's session limit varies (up to 12 h; the free tier often ends sooner)",
+                 'local': 'no session limit known here'}
+# time_budget_h = None: Kaggle keeps 1 h of its 12 h session for the last fold's finish, the report and
+# saving the output; Colab's free tier gives no promise, so 5 h stops before the sessions that end
+# soonest usually do (every epoch is checkpointed anyway, and continue_from picks a run up)
+DEFAULT_BUDGET_H = {'kaggle': 11.0, 'colab': 5.0}
+
+
+def now():
+    return time.time()  # the training clock (tests replace it)
+
+
+def time_budget_s(config):
+    """Seconds from the setup cell in which training may start epochs; None = no limit."""
+    hours = config['time_budget_h']
+    hours = DEFAULT_BUDGET_H.get(runtime_environment()) if hours is None else hours
+    return hours * 3600 if hours else None
+
+
+def project_run(train_s, val_s, config, rows, epochs_done=1, folds_after=0, elapsed_s=0.0):
+    """Projected seconds of this fold and of the whole run, from one epoch's measured training time
+    (`train_s`) and one validation pass (`val_s`); `rows` = {'train', 'val', 'holdout'} sample counts.
+    Counted: the remaining epochs and their validations, the train-BA probes at the plan's checkpoint
+    epochs, and each fold's finish (SWA's BatchNorm pass over the training rows, the evaluation of up to
+    three models, the hold-out predictions); `folds_after` whole folds follow this one."""
+    per_row = val_s / max(rows['val'], 1)  # forward-only seconds per sample
+    finish = per_row * (rows['train'] + rows.get('holdout', 0)) + 3 * val_s
+
+    def fold_s(first):
+        epochs = range(first, config['epochs'] + 1)
+        checks = sum(e in PLAN_CHECKPOINT_EPOCHS or e == config['epochs'] for e in epochs)
+        return len(epochs) * train_s + (sum(is_validation_epoch(e, config) for e in epochs) + checks) * val_s + finish
+
+    fold, whole = fold_s(epochs_done + 1), fold_s(1)
+    run = elapsed_s + fold + folds_after * whole
+    budget = time_budget_s(config)
+    text = (f'projected: this fold {fold / 3600:.2f} h more, a whole fold {whole / 3600:.2f} h, the run '
+            f'{run / 3600:.2f} h from setup ({len(config["train_folds"])} fold(s)); '
+            f'{SESSION_LIMIT[runtime_environment()]}; time budget '
+            + (f'{budget / 3600:.1f} h' if budget else 'none'))
+    if budget and run > budget:
+        text += ': the budget ends first, the fold that reaches it stops cleanly (continue_from goes on)'
+    return {'fold_s': fold, 'whole_fold_s': whole, 'run_s': run, 'text': text}
+
+
+def fold_pieces(fold, samples, images, masks, config, device):
+    """Everything one fold trains with (a namespace): its rows, loaders, model, criterion, optimizer,
+    schedulers, GradScaler, SWA average and the training state that a checkpoint restores."""
+    f = SimpleNamespace(fold=fold, dir=Path(config['output_dir']) / f'fold{fold}', swa_scheduler=None)
+    f.dir.mkdir(parents=True, exist_ok=True)
+    f.last_path = f.dir / 'last.pt'
     seed_everything(config['seed'] + fold)
-    train_rows = samples[(samples['fold'] != fold) & (samples['fold'] >= 0)]
-    val_rows, holdout_rows = samples[samples['fold'] == fold], samples[samples['fold'] < 0]
-    train_set = RSNADatasetV9(train_rows, images, masks, config, train=True)
-    generator = torch.Generator()
-    train_loader = make_loader(train_set, config, device, train=True, generator=generator)
+    f.train_rows = samples[(samples['fold'] != fold) & (samples['fold'] >= 0)]
+    f.val_rows, f.holdout_rows = samples[samples['fold'] == fold], samples[samples['fold'] < 0]
+    f.train_set = RSNADatasetV9(f.train_rows, images, masks, config, train=True)
+    f.generator = torch.Generator()
+    f.train_loader = make_loader(f.train_set, config, device, train=True, generator=f.generator)
 
     def eval_loader(rows, every_epoch=False):  # fixed order, no augmentation
         return make_loader(RSNADatasetV9(rows, images, masks, config, train=False), config, device, False,
                            every_epoch=every_epoch)
 
-    val_loader = eval_loader(val_rows, every_epoch=True)
+    f.eval_loader = eval_loader
+    f.val_loader = eval_loader(f.val_rows, every_epoch=True)
     # train BA for the overfitting check: eval mode, no augmentation, a fixed training subset as large as
     # the validation fold (the running BA over augmented batches with dropout on understates overfitting)
-    train_probe = eval_loader(train_rows.sample(n=min(len(val_rows), len(train_rows)), random_state=config['seed']))
-    fingerprint = data_fingerprint(samples)
-
-    model = SpineModelV9(config).to(device)
+    f.train_probe = eval_loader(f.train_rows.sample(n=min(len(f.val_rows), len(f.train_rows)),
+                                                    random_state=config['seed']))
+    f.fingerprint = data_fingerprint(samples)
+    f.model = SpineModelV9(config).to(device)
     if config['channels_last']:
-        model = model.to(memory_format=torch.channels_last)
-    step_model = torch.compile(model) if config['compile'] and device.type == 'cuda' else model
-    criterion = CompetitionWeightedCE(config['class_weights']).to(device)
-    optimizer = make_optimizer(model, config)
-    scheduler = warmup_cosine(optimizer, config, len(train_loader))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision_in_use(device, config) == 'fp16')
-    swa_model = AveragedModel(model) if config['use_swa'] else None
-    swa_scheduler = None
-    state = {'epoch': 0, 'history': [], 'checkpoints': [], 'actions': [], 'lr_steps': [], 'best_ba': -1.0,
-             'best_epoch': None, 'nonfinite': 0, 'stopped_early': False, 'patience_out': False, 'warnings': []}
+        f.model = f.model.to(memory_format=torch.channels_last)
+    f.step_model = torch.compile(f.model) if config['compile'] and device.type == 'cuda' else f.model
+    f.criterion = CompetitionWeightedCE(config['class_weights']).to(device)
+    f.optimizer = make_optimizer(f.model, config)
+    f.scheduler = warmup_cosine(f.optimizer, config, len(f.train_loader))
+    f.scaler = torch.amp.GradScaler(device.type, enabled=precision_in_use(device, config) == 'fp16')
+    f.swa_model = AveragedModel(f.model) if config['use_swa'] else None
+    f.state = {'epoch': 0, 'history': [], 'checkpoints': [], 'actions': [], 'lr_steps': [], 'best_ba': -1.0,
+               'best_epoch': None, 'nonfinite': 0, 'stopped_by': None, 'patience_out': False, 'warnings': []}
+    f.rows = {'train': len(f.train_rows), 'val': len(f.val_rows), 'holdout': len(f.holdout_rows)}
+    f.folds_after = len(config['train_folds']) - 1 - config['train_folds'].index(fold) \
+        if fold in config['train_folds'] else 0
+    return f
 
-    def swa_phase_scheduler():
-        ratio = config['backbone_lr'] / config['learning_rate']  # keep the backbone's slower pace
-        return SWALR(optimizer, swa_lr=[config['swa_lr'] * ratio, config['swa_lr']], anneal_epochs=1)
 
-    last_path = fold_dir / 'last.pt'
-    if config['resume'] and last_path.exists():
-        ckpt = torch.load(last_path, map_location=device, weights_only=False)
-        saved = {k: v for k, v in ckpt['config'].items() if k != 'data_fingerprint'}
-        changed = sorted(k for k in set(saved) | set(comparable(config)) if saved.get(k) != comparable(config).get(k))
-        if changed:
-            raise ValueError(f'{last_path} was written with other settings ({changed}): set resume=False '
-                             'or delete the fold folder to start again.')
-        if ckpt['config'].get('data_fingerprint') != fingerprint:
-            raise ValueError(f'{last_path}: the sample table or fold assignment changed since it was written: '
-                             'resuming would mix two validation splits. Set resume=False to start again.')
-        model.load_state_dict(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        scheduler.load_state_dict(ckpt['scheduler'])
-        scaler.load_state_dict(ckpt['scaler'])
-        criterion.load_state_dict(ckpt['criterion'])
-        if ckpt['swa_model'] is not None:
-            swa_model.load_state_dict(ckpt['swa_model'])
-        if ckpt['swa_scheduler'] is not None:
-            swa_scheduler = swa_phase_scheduler()
-            swa_scheduler.load_state_dict(ckpt['swa_scheduler'])
-        state = ckpt['state']
-        set_rng_states(ckpt['rng'])
-        for message in state['warnings']:  # printed before the interruption: they belong in this run's report
-            WARNINGS.append(f'{message} (printed before the run was resumed)')
-        print(f"fold {fold}: resumed after epoch {state['epoch']}")
+def swa_phase_scheduler(optimizer, config):
+    ratio = config['backbone_lr'] / config['learning_rate']  # keep the backbone's slower pace
+    return SWALR(optimizer, swa_lr=[config['swa_lr'] * ratio, config['swa_lr']], anneal_epochs=1)
+
+
+def checked_checkpoint(path, config, fingerprint, device):
+    """A fold checkpoint written with this run's settings and data, else a clear error."""
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    saved = {k: v for k, v in ckpt['config'].items() if k != 'data_fingerprint'}
+    changed = sorted(k for k in set(saved) | set(comparable(config)) if saved.get(k) != comparable(config).get(k))
+    if changed:
+        raise ValueError(f'{path} was written with other settings ({changed}): set resume=False '
+                         'or delete the fold folder to start again.')
+    if ckpt['config'].get('data_fingerprint') != fingerprint:
+        raise ValueError(f'{path}: the sample table or fold assignment changed since it was written: '
+                         'resuming would mix two validation splits. Set resume=False to start again.')
+    return ckpt
+
+
+def resume_fold(f, config, device):
+    """Load the fold's last epoch checkpoint into its pieces: the run goes on exactly where it stopped."""
+    ckpt = checked_checkpoint(f.last_path, config, f.fingerprint, device)
+    f.model.load_state_dict(ckpt['model'])
+    f.optimizer.load_state_dict(ckpt['optimizer'])
+    f.scheduler.load_state_dict(ckpt['scheduler'])
+    f.scaler.load_state_dict(ckpt['scaler'])
+    f.criterion.load_state_dict(ckpt['criterion'])
+    if ckpt['swa_model'] is not None:
+        f.swa_model.load_state_dict(ckpt['swa_model'])
+    if ckpt['swa_scheduler'] is not None:
+        f.swa_scheduler = swa_phase_scheduler(f.optimizer, config)
+        f.swa_scheduler.load_state_dict(ckpt['swa_scheduler'])
+    f.state = ckpt['state']
+    if f.state.get('stopped_by') == 'budget':  # a new session, a new budget: the fold goes on
+        f.state['stopped_by'] = None
+    set_rng_states(ckpt['rng'])
+    for message in f.state['warnings']:  # printed before the interruption: they belong in this run's report
+        WARNINGS.append(f'{message} (printed before the run was resumed)')
+    print(f"fold {f.fold}: resumed after epoch {f.state['epoch']}")
+
+
+def save_fold_checkpoint(f, config):
+    """last.pt: everything resume_fold needs to continue after this epoch."""
+    save_atomic({'model': f.model.state_dict(), 'optimizer': f.optimizer.state_dict(),
+                 'scheduler': f.scheduler.state_dict(), 'scaler': f.scaler.state_dict(),
+                 'criterion': f.criterion.state_dict(),
+                 'swa_model': f.swa_model.state_dict() if f.swa_model is not None else None,
+                 'swa_scheduler': f.swa_scheduler.state_dict() if f.swa_scheduler is not None else None,
+                 'state': f.state, 'rng': rng_states(),
+                 'config': {**comparable(config), 'data_fingerprint': f.fingerprint}}, f.last_path)
+
+
+def run_epoch(f, epoch, config, device):
+    """Train one epoch (SWA averaging in the SWA phase); returns the history row."""
+    for p in f.model.backbone.parameters():
+        p.requires_grad_(epoch > config['freeze_backbone_epochs'])
+    in_swa = config['use_swa'] and epoch >= config['swa_start_epoch']
+    if in_swa and f.swa_scheduler is None:
+        f.swa_scheduler = swa_phase_scheduler(f.optimizer, config)
+    f.generator.manual_seed(config['seed'] * 1000 + epoch)  # shuffling depends on (seed, epoch) only
+    f.train_set.set_epoch(epoch)
+    stats, lrs = train_one_epoch(f.step_model, f.train_loader, f.criterion, f.optimizer,
+                                 None if in_swa else f.scheduler, f.scaler, device, config, f.state, epoch)
+    f.state['lr_steps'] += lrs
+    if in_swa:
+        f.swa_model.update_parameters(f.model)
+        f.swa_scheduler.step()
+    return {'epoch': epoch, **stats, 'lr_backbone': lrs[-1][0], 'lr_head': lrs[-1][1], 'swa': in_swa}
+
+
+def validate_epoch(f, epoch, row, config, device):
+    """Validation metrics into `row`, the plan's checkpoint rows (and opt-in weight actions); returns the
+    metrics, or None in an epoch that is not validated."""
+    if not is_validation_epoch(epoch, config):
+        return None
+    start = now()
+    metrics = evaluate(f.step_model, f.val_loader, f.criterion, device, config)
+    row.update(val_seconds=now() - start, val_loss=metrics['loss'], val_ba=metrics['ba'],
+               pred_counts=metrics['pred_counts'], **{f'recall_{c}': r for c, r in enumerate(metrics['recall'])})
+    for message in dead_class_warnings(metrics['pred_counts']):
+        warn(f'fold {f.fold} epoch {epoch}: {message}')
+    if epoch in PLAN_CHECKPOINT_EPOCHS or epoch == config['epochs']:
+        row['train_eval_ba'] = evaluate(f.step_model, f.train_probe, f.criterion, device, config)['ba']
+    checks = checkpoint_rows(epoch, metrics, row.get('train_eval_ba'))
+    f.state['checkpoints'] += checks
+    if checks:
+        print(pd.DataFrame(checks).to_string(index=False))
+    if config['auto_class_weight_actions'] and checks:
+        weights, done = plan_weight_actions(epoch, metrics, f.criterion.weights.tolist())
+        f.criterion.weights.copy_(torch.tensor(weights))
+        f.state['actions'] += [f'epoch {epoch}: {d}' for d in done]
+        for d in done:
+            print(f'plan action applied: {d}')
+    return metrics
+
+
+def epoch_decisions(metrics, state, epoch, config, seconds, left=None):
+    """The end-of-epoch decisions, from values one process can share with the others: save a new best?
+    stop (early stopping, or the time budget: `left` seconds remain and the next epoch takes about
+    `seconds`, as this one did)? Returns {'save', 'why', 'stop', 'patience_out', 'since'}."""
+    decision = {'save': False, 'why': None, 'stop': None, 'patience_out': state['patience_out']}
+    best_epoch = state['best_epoch']
+    if metrics is not None:
+        decision['save'], decision['why'] = save_gate(metrics, state['best_ba'], config)
+        best_epoch = epoch if decision['save'] else best_epoch
+    decision['since'] = since = epoch - (best_epoch or 0)
+    out_of_patience = since >= config['patience'] and epoch < config['epochs']
+    if out_of_patience and config['use_swa']:  # stopping now would report the model selected on this fold
+        decision['patience_out'] = True
+    elif out_of_patience:
+        decision['stop'] = 'early'
+    if decision['stop'] is None and left is not None and epoch < config['epochs'] and left < seconds:
+        decision['stop'] = 'budget'
+    return decision
+
+
+def apply_decisions(f, epoch, row, metrics, decision, config):
+    """Act on epoch_decisions: best.pt, the stop flags, the messages."""
+    state = f.state
+    if metrics is not None:
+        row['saved'] = decision['save']
+    if decision['save']:
+        state['best_ba'], state['best_epoch'] = metrics['ba'], epoch
+        save_atomic({'model': f.model.state_dict(), 'config': config, 'epoch': epoch,
+                     'metrics': {k: metrics[k] for k in ('recall', 'ba', 'pred_counts')}}, f.dir / 'best.pt')
+    state['history'].append(row)
+    state['epoch'] = epoch
+    print(epoch_summary(row) + (f" | {decision['why']}" if 'val_ba' in row else ''))
+    since = decision['since']
+    if decision['patience_out'] and not state['patience_out']:
+        warn(f"fold {f.fold} epoch {epoch}: {since} epochs without a saved improvement (patience "
+             f"{config['patience']}), but early stopping would end the run before SWA averages epochs "
+             f"{config['swa_start_epoch']}-{config['epochs']}: training continues to the SWA model")
+    state['patience_out'] = decision['patience_out']
+    state['stopped_by'] = decision['stop']
+    if decision['stop'] == 'early':
+        print(f"early stop: {since} epochs without a saved improvement (patience {config['patience']})")
+    elif decision['stop'] == 'budget':
+        print(f"time budget: the next epoch (~{row['seconds'] / 60:.0f} min) would not end in time: the fold ends "
+              f"after epoch {epoch} of {config['epochs']}")
+
+
+def train_epochs(f, config, device, on_epoch_end=None, deadline=None):
+    """The epoch loop: train, validate, decide, checkpoint; after the first epoch, the projected time."""
     warnings_before = len(WARNINGS)
-    earlier_warnings = list(state['warnings'])
-
-    for epoch in range(state['epoch'] + 1, config['epochs'] + 1):
-        if state['stopped_early']:
+    earlier_warnings = list(f.state['warnings'])
+    first = f.state['epoch'] + 1
+    for epoch in range(first, config['epochs'] + 1):
+        if f.state.get('stopped_by'):
             break
-        start = time.time()
-        for p in model.backbone.parameters():
-            p.requires_grad_(epoch > config['freeze_backbone_epochs'])
-        in_swa = config['use_swa'] and epoch >= config['swa_start_epoch']
-        if in_swa and swa_scheduler is None:
-            swa_scheduler = swa_phase_scheduler()
-        generator.manual_seed(config['seed'] * 1000 + epoch)  # shuffling depends on (seed, epoch) only
-        train_set.set_epoch(epoch)
-        stats, lrs = train_one_epoch(step_model, train_loader, criterion, optimizer,
-                                     None if in_swa else scheduler, scaler, device, config, state, epoch)
-        state['lr_steps'] += lrs
-        if in_swa:
-            swa_model.update_parameters(model)
-            swa_scheduler.step()
-        row = {'epoch': epoch, **stats, 'lr_backbone': lrs[-1][0], 'lr_head': lrs[-1][1], 'swa': in_swa}
-        if is_validation_epoch(epoch, config):
-            metrics = evaluate(step_model, val_loader, criterion, device, config)
-            row.update(val_loss=metrics['loss'], val_ba=metrics['ba'], pred_counts=metrics['pred_counts'],
-                       **{f'recall_{c}': r for c, r in enumerate(metrics['recall'])})
-            for message in dead_class_warnings(metrics['pred_counts']):
-                warn(f'fold {fold} epoch {epoch}: {message}')
-            save, why = save_gate(metrics, state['best_ba'], config)
-            row['saved'] = save
-            if save:
-                state['best_ba'], state['best_epoch'] = metrics['ba'], epoch
-                save_atomic({'model': model.state_dict(), 'config': config, 'epoch': epoch,
-                             'metrics': {k: metrics[k] for k in ('recall', 'ba', 'pred_counts')}},
-                            fold_dir / 'best.pt')
-            if epoch in PLAN_CHECKPOINT_EPOCHS or epoch == config['epochs']:
-                row['train_eval_ba'] = evaluate(step_model, train_probe, criterion, device, config)['ba']
-            checks = checkpoint_rows(epoch, metrics, row.get('train_eval_ba'))
-            state['checkpoints'] += checks
-            if checks:
-                print(pd.DataFrame(checks).to_string(index=False))
-            if config['auto_class_weight_actions'] and checks:
-                weights, done = plan_weight_actions(epoch, metrics, criterion.weights.tolist())
-                criterion.weights.copy_(torch.tensor(weights))
-                state['actions'] += [f'epoch {epoch}: {d}' for d in done]
-                for d in done:
-                    print(f'plan action applied: {d}')
-        row['seconds'] = time.time() - start
-        state['history'].append(row)
-        state['epoch'] = epoch
-        print(epoch_summary(row) + (f' | {why}' if 'val_ba' in row else ''))
-        since = epoch - (state['best_epoch'] or 0)
-        out_of_patience = since >= config['patience'] and epoch < config['epochs']
-        if out_of_patience and config['use_swa']:  # stopping now would report the model selected on this fold
-            if not state['patience_out']:
-                warn(f"fold {fold} epoch {epoch}: {since} epochs without a saved improvement (patience "
-                     f"{config['patience']}), but early stopping would end the run before SWA averages epochs "
-                     f"{config['swa_start_epoch']}-{config['epochs']}: training continues to the SWA model")
-            state['patience_out'] = True
-        elif out_of_patience:
-            state['stopped_early'] = True
-            print(f"early stop: {since} epochs without a saved improvement (patience {config['patience']})")
-        state['warnings'] = earlier_warnings + WARNINGS[warnings_before:]
-        save_atomic({'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-                     'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict(),
-                     'criterion': criterion.state_dict(),
-                     'swa_model': swa_model.state_dict() if swa_model is not None else None,
-                     'swa_scheduler': swa_scheduler.state_dict() if swa_scheduler is not None else None,
-                     'state': state, 'rng': rng_states(),
-                     'config': {**comparable(config), 'data_fingerprint': fingerprint}}, last_path)
+        start = now()
+        row = run_epoch(f, epoch, config, device)
+        trained = now() - start
+        metrics = validate_epoch(f, epoch, row, config, device)
+        row['seconds'] = now() - start
+        left = None if deadline is None else deadline - now()
+        decision = epoch_decisions(metrics, f.state, epoch, config, row['seconds'], left)
+        apply_decisions(f, epoch, row, metrics, decision, config)
+        if epoch == first and metrics is not None:
+            print(project_run(trained, row['val_seconds'], config, f.rows, epoch, f.folds_after,
+                              now() - RUN_START)['text'])
+        f.state['warnings'] = earlier_warnings + WARNINGS[warnings_before:]
+        save_fold_checkpoint(f, config)
         if on_epoch_end is not None:
             on_epoch_end(epoch)
 
-    models = {'last': model}
-    if (fold_dir / 'best.pt').exists() and state['best_epoch'] is not None:
+
+def finish_fold(f, config, device):
+    """SWA's BatchNorm statistics, the evaluation of each model kind and the hold-out predictions; writes
+    the fold's final.pt (the one file a prediction run needs) and result.pt."""
+    models = {'last': f.model}
+    if (f.dir / 'best.pt').exists() and f.state['best_epoch'] is not None:
         models['best'] = SpineModelV9({**config, 'pretrained': 'none'}).to(device)
-        models['best'].load_state_dict(torch.load(fold_dir / 'best.pt', map_location=device,
+        models['best'].load_state_dict(torch.load(f.dir / 'best.pt', map_location=device,
                                                   weights_only=False)['model'])
-    if swa_model is not None and swa_model.n_averaged.item() > 0:
+    if f.swa_model is not None and f.swa_model.n_averaged.item() > 0:  # also after a time-budget stop
         with autocast(device, config):
-            recompute_swa_batchnorm(swa_model, eval_loader(train_rows), device)
-        torch.save({'model': swa_model.module.state_dict(), 'config': config}, fold_dir / 'swa.pt')
-        models['swa'] = swa_model.module
-    evaluations = {kind: evaluate(m, val_loader, criterion, device, config) for kind, m in models.items()}
-    result = {'fold': fold, 'history': state['history'], 'checkpoints': state['checkpoints'],
+            recompute_swa_batchnorm(f.swa_model, f.eval_loader(f.train_rows), device)
+        torch.save({'model': f.swa_model.module.state_dict(), 'config': config}, f.dir / 'swa.pt')
+        models['swa'] = f.swa_model.module
+    evaluations = {kind: evaluate(m, f.val_loader, f.criterion, device, config) for kind, m in models.items()}
+    state = f.state
+    result = {'fold': f.fold, 'history': state['history'], 'checkpoints': state['checkpoints'],
               'actions': state['actions'], 'lr_steps': state['lr_steps'], 'best_epoch': state['best_epoch'],
-              'stopped_early': state['stopped_early'],
-              'evaluations': evaluations, 'val_rows': val_rows, 'class_weights': criterion.weights.tolist()}
-    if len(holdout_rows):  # the final model's view of the studies no fold saw, for the ensemble evaluation
-        kind = final_kind(result, config)
-        probs = predict(models[kind], eval_loader(holdout_rows), criterion, device, config)['probs']
-        result['holdout'] = {'kind': kind, 'rows': holdout_rows, 'probs': probs}
+              'evaluations': evaluations, 'val_rows': f.val_rows, 'class_weights': f.criterion.weights.tolist(),
+              'stopped_by': state.get('stopped_by'), 'epochs_trained': state['epoch'],
+              'nonfinite_steps': sum(row.get('nonfinite_steps', 0) for row in state['history'])}
+    kind = final_kind(result, config)
+    if len(f.holdout_rows):  # the final model's view of the studies no fold saw, for the ensemble evaluation
+        probs = predict(models[kind], f.eval_loader(f.holdout_rows), f.criterion, device, config)['probs']
+        result['holdout'] = {'kind': kind, 'rows': f.holdout_rows, 'probs': probs}
+    save_atomic({'model': models[kind].state_dict(), 'kind': kind, 'config': config,
+                 'class_weights': result['class_weights']}, f.dir / 'final.pt')
+    save_atomic({**result, 'config': {**comparable(config), 'data_fingerprint': f.fingerprint}},
+                f.dir / 'result.pt')
     return result
+
+
+def finished_fold(fold, samples, config, device):
+    """The result of a fold an earlier run finished (result.pt beside a last.pt of these settings and this
+    data), or None: it is (re)trained. A fold the time budget stopped is continued, not taken as finished."""
+    fold_dir = Path(config['output_dir']) / f'fold{fold}'
+    if not (config['resume'] and (fold_dir / 'result.pt').exists() and (fold_dir / 'last.pt').exists()):
+        return None
+    checked_checkpoint(fold_dir / 'last.pt', config, data_fingerprint(samples), device)
+    result = torch.load(fold_dir / 'result.pt', map_location='cpu', weights_only=False)
+    if result.get('stopped_by') == 'budget' and result['epochs_trained'] < config['epochs']:
+        return None
+    print(f"fold {fold}: finished by an earlier run ({result['epochs_trained']} epochs): loaded, not trained again")
+    result['val_rows'] = samples[samples['fold'] == fold]  # the same rows (fingerprint), this session's cache_index
+    if 'holdout' in result:
+        result['holdout']['rows'] = samples[samples['fold'] < 0]
+    return {k: v for k, v in result.items() if k != 'config'}
+
+
+def train_fold(fold, samples, images, masks, config, device, on_epoch_end=None, deadline=None):
+    """Train one fold (or load it, when an earlier run finished it); returns history, checkpoint table and
+    the evaluation of the best, last and SWA models. `deadline`: time (now()) after which no epoch starts
+    that would not end before it."""
+    done = finished_fold(fold, samples, config, device)
+    if done is not None:
+        return done
+    f = fold_pieces(fold, samples, images, masks, config, device)
+    if config['resume'] and f.last_path.exists():
+        resume_fold(f, config, device)
+    train_epochs(f, config, device, on_epoch_end, deadline)
+    if f.state.get('stopped_by') == 'budget':
+        warn(f"fold {fold}: stopped by the time budget after epoch {f.state['epoch']} of {config['epochs']}")
+    return finish_fold(f, config, device)
+
+
+def train_folds(samples, images, masks, config, device, on_epoch_end=None):
+    """Every fold of train_folds in turn, within the time budget (counted from the setup cell); each fold's
+    result, out-of-fold rows and a progress report are written as soon as it ends. `on_epoch_end(fold,
+    epoch)` is called after each epoch's checkpoint."""
+    budget = time_budget_s(config)
+    deadline = None if budget is None else RUN_START + budget
+    results = []
+    for fold in config['train_folds']:
+        epoch_s = max((r['history'][-1]['seconds'] for r in results if r['history']), default=0)
+        if deadline is not None and results and deadline - now() < epoch_s:
+            warn(f"fold {fold} not started: {max(deadline - now(), 0) / 3600:.2f} h of the time budget "
+                 f"({budget / 3600:.1f} h) left, one epoch takes {epoch_s / 3600:.2f} h; continue_from "
+                 'in a new session trains it')
+            continue
+        hook = None if on_epoch_end is None else functools.partial(on_epoch_end, fold)
+        results.append(train_fold(fold, samples, images, masks, config, device, hook, deadline))
+        write_progress(results, config)
+    return results
+
+
+def write_progress(results, config):
+    """After each fold: its out-of-fold rows (fold{k}/oof.csv) and progress.md, the finished folds so far."""
+    out, lines = Path(config['output_dir']), []
+    for r in results:
+        kind = final_kind(r, config)
+        ev = r['evaluations'][kind]
+        frame = r['val_rows'][['study_id', 'level', 'label']].reset_index(drop=True)
+        frame[['p_normal_mild', 'p_moderate', 'p_severe']] = ev['probs']
+        (out / f"fold{r['fold']}").mkdir(exist_ok=True)
+        write_atomic(out / f"fold{r['fold']}" / 'oof.csv', frame.assign(fold=r['fold'], model=kind).to_csv(index=False))
+        stop = {'budget': ', stopped by the time budget', 'early': ', stopped early'}.get(r.get('stopped_by'), '')
+        lines.append(f"| {r['fold']} | {kind} | {r['epochs_trained']} of {config['epochs']}{stop} | {ev['ba']:.4f} "
+                     f"| {r.get('nonfinite_steps', 0)} |")
+    text = ['# le3ba v9: progress', '', (f"Folds finished: {len(results)} of {len(config['train_folds'])} "
+                                         f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})."), '',
+            '| fold | final model | epochs | balanced accuracy | non-finite steps skipped |', '|---|---|---|---|---|',
+            *lines, '']
+    write_atomic(out / 'progress.md', '\n'.join(text))
 
 
 def final_kind(result, config):
@@ -2022,12 +2293,13 @@ def epoch_summary(row):
         recalls = '/'.join(f"{row[f'recall_{c}']:.2f}" for c in range(3))
         text += (f" | val loss {row['val_loss']:.3f} | recall N/M/S {recalls} | BA {row['val_ba']:.3f}"
                  f" | preds {row['pred_counts']}")
-    return text + f" | {row['seconds']:.0f} s" + (' | SWA' if row['swa'] else '')
+    skipped = f" | {row['nonfinite_steps']} non-finite step(s) skipped" if row.get('nonfinite_steps') else ''
+    return text + skipped + f" | {row['seconds']:.0f} s" + (' | SWA' if row['swa'] else '')
 
 
 # %%
 resume_check(CONFIG, data_fingerprint(SAMPLES))  # every fold's checkpoint against this data, before any training
-FOLD_RESULTS = [train_fold(fold, SAMPLES, IMAGES, MASKS, CONFIG, DEVICE) for fold in CONFIG['train_folds']]
+FOLD_RESULTS = train_folds(SAMPLES, IMAGES, MASKS, CONFIG, DEVICE)
 
 # %% [markdown]
 # ## 8. Task 4.1: metrics and plots
@@ -2459,7 +2731,7 @@ def model_wording(kind, result):
         return 'the best epoch, SELECTED ON ITS OWN VALIDATION FOLD: its figures below are optimistic'
     text = {'swa': 'the SWA average of the last epochs', 'last': 'the last epoch'}[kind]
     decided = []
-    if result.get('stopped_early'):
+    if result.get('stopped_by') == 'early':
         decided.append(f"when training stopped (early stopping after epoch {result['history'][-1]['epoch']})")
     if result['actions']:
         epochs = sorted({int(a.split(':')[0].removeprefix('epoch ')) for a in result['actions']})
@@ -2477,7 +2749,7 @@ def write_report(config, samples, skipped, failures, results, oof, final, compar
     history = pd.concat([pd.DataFrame(r['history']).assign(fold=r['fold']) for r in results], ignore_index=True)
     history_cols = [c for c in ['fold', 'epoch', 'train_loss', 'val_loss', 'train_ba', 'train_eval_ba', 'val_ba',
                                 'recall_0', 'recall_1', 'recall_2', 'pred_counts', 'lr_head', 'grad_norm_mean',
-                                'clipped_frac', 'overflow_steps', 'saved', 'swa', 'seconds'] if c in history]
+                                'clipped_frac', 'nonfinite_steps', 'saved', 'swa', 'seconds'] if c in history]
     checkpoints = pd.DataFrame([dict(row, fold=r['fold']) for r in results for row in r['checkpoints']])
     fold_ba = {r['fold']: r['evaluations'][kinds[r['fold']]]['ba'] for r in results}
     figures = sorted(p.name for p in FIGURES.glob('*.png'))
@@ -2492,6 +2764,13 @@ def write_report(config, samples, skipped, failures, results, oof, final, compar
         '## Headline', '',
         '- Final model: ' + '; '.join(f'fold {f}: {k} ({how[f]})' for f, k in kinds.items())
         + f" (CONFIG final_model '{config['final_model']}'; fallback swa > last > best).",
+        *[f"- Fold {r['fold']}: stopped by the time budget after epoch {r['epochs_trained']} of {config['epochs']} "
+          f"(time_budget_h; continue_from in a new session trains the rest)." for r in results
+          if r.get('stopped_by') == 'budget'],
+        *([f"- Folds not started (time budget): {sorted(set(config['train_folds']) - set(kinds))}."]
+          if set(config['train_folds']) - set(kinds) else []),
+        ('- Steps skipped for a non-finite gradient norm (never applied): '
+         + '; '.join(f"fold {r['fold']}: {r.get('nonfinite_steps', 0)}" for r in results) + f' (precision {ran}).'),
         f"- Pooling: {config['pooling']}; class weights: "
         + '; '.join(f"fold {r['fold']}: {r['class_weights']}" for r in results) + '.',
         f"- Balanced accuracy {final['ba']:.4f} (raw probabilities), {corrected['ba']:.4f} (prior-corrected).",
@@ -2562,13 +2841,6 @@ def write_report(config, samples, skipped, failures, results, oof, final, compar
     write_atomic(out / 'metrics.json', json.dumps(metrics, indent=1, default=str))
     write_atomic(out / 'v9_Results.md', report)  # last: a report present means the run reached its end
     return report
-
-
-def write_atomic(path, text):
-    """Write via a temporary file: an interrupted write never leaves half a file under the real name."""
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 # %%

@@ -59,7 +59,7 @@ def test_an_overflow_step_leaves_finite_gradient_statistics(nb, cached, tmp_path
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
     stats, _ = nb["train_one_epoch"](model, loader, criterion, optimizer, None, scaler, CPU, config,
                                      {"nonfinite": 0}, 1)
-    assert len(norms) == 4 and stats["overflow_steps"] == 1
+    assert len(norms) == 4 and stats["nonfinite_steps"] == 1
     assert stats["grad_norm_mean"] == pytest.approx(np.mean(norms[1:]), rel=1e-5)
     assert stats["grad_norm_max"] == pytest.approx(max(norms[1:]), rel=1e-5)
     assert math.isfinite(stats["clipped_frac"])

@@ -85,7 +85,7 @@ def test_report_says_validation_decided_when_early_stopping_ended_the_fold(nb, s
     actions = {**result, "actions": ["epoch 1: a class has 0 predictions: Moderate weight 4.0 -> 8.0"]}
     line = headline_model(nb, config, samples, actions)
     assert f"{stopped} and the class weights (the plan's actions at epoch 1))" in line
-    plain = {**result, "stopped_early": False, "actions": []}
+    plain = {**result, "stopped_by": None, "actions": []}
     assert "fold 0: last (the last epoch, not selected on validation)" in headline_model(nb, config, samples, plain)
 
 
@@ -97,6 +97,7 @@ def test_report_says_validation_decided_when_early_stopping_ended_the_fold(nb, s
      "the SWA average of the last epochs; validation decided the class weights (the plan's actions at epochs 1, 3)"),
 ])
 def test_swa_wording_names_the_class_weight_actions(nb, stopped, actions, wording):
-    assert nb["model_wording"]("swa", {"stopped_early": stopped, "actions": actions, "history": []}) == wording
-    best = nb["model_wording"]("best", {"stopped_early": True, "actions": actions, "history": []})
+    result = {"stopped_by": "early" if stopped else None, "actions": actions, "history": []}
+    assert nb["model_wording"]("swa", result) == wording
+    best = nb["model_wording"]("best", {"stopped_by": "early", "actions": actions, "history": []})
     assert best.startswith("the best epoch, SELECTED ON ITS OWN VALIDATION FOLD")

@@ -117,12 +117,12 @@ def test_nonfinite_loss_is_reported_skipped_and_stops_the_run(nb, cached, tmp_pa
 
     before = {k: v.clone() for k, v in model.named_parameters()}
     nb["WARNINGS"].clear()
-    with pytest.raises(FloatingPointError, match="3 non-finite losses"):
+    with pytest.raises(FloatingPointError, match="3 non-finite steps under precision fp32.*lower the learning"):
         nb["train_one_epoch"](model, loader, NaNLoss(config["class_weights"]), optimizer, None, scaler, CPU,
                               config, {"nonfinite": 0}, 1)
     assert all(torch.equal(before[k], v) for k, v in model.named_parameters())  # no step was taken
     assert len(nb["WARNINGS"]) == 3
-    assert all("batch skipped; samples ['" in w for w in nb["WARNINGS"])
+    assert all("non-finite gradient norm (loss nan); step skipped; samples ['" in w for w in nb["WARNINGS"])
     # the batch's samples are named as study_level
     assert any(f"'{s}_l" in nb["WARNINGS"][0] for s in loader.dataset.study_ids)
 
@@ -257,3 +257,46 @@ def test_holdout_evaluation_averages_the_fold_models(nb):
     assert table.loc["ensemble of 2 folds", "BA"] == pytest.approx(1.0)
     assert table.loc["ensemble of 2 folds", "spinal terms raw"] < table.loc["fold 0 (swa)", "spinal terms raw"]
     assert np.isfinite(table["spinal terms corrected"]).all()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_a_nan_gradient_is_never_applied_and_the_next_step_trains(nb, cached, tmp_path, precision):
+    """Issue 17 item 3: with the GradScaler off (bf16 and fp32 run without one), a NaN gradient used to reach
+    optimizer.step. Now the step is skipped on its non-finite gradient norm: weights and AdamW state unchanged
+    and finite, the step counted; the next batch trains normally."""
+    config = small_config(nb, tmp_path, precision=precision)
+    model, loader, criterion, optimizer, scaler = epoch_pieces(nb, cached, config)
+    samples, images, masks = cached
+    eight = nb["RSNADatasetV9"](samples[samples["fold"] != 0].head(8), images, masks, config, train=True)
+    one_batch = nb["make_loader"](eight, config, CPU, train=True, generator=torch.Generator().manual_seed(0))
+    assert len(one_batch) == 1 and nb["precision_in_use"](CPU, config) == precision
+    target = model.classifier[0].weight
+    hook = target.register_hook(lambda grad: grad * float("nan"))  # one parameter's gradient turns NaN
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    state = {"nonfinite": 0}
+    stats, _ = nb["train_one_epoch"](model, one_batch, criterion, optimizer, None, scaler, CPU, config, state, 1)
+    after = dict(model.named_parameters())
+    assert all(torch.equal(before[k], after[k]) for k in before)  # no weight moved, not even the finite groups
+    # BatchNorm's running statistics saw the (finite) batch in the forward pass, as on any training step
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
+    assert optimizer.state_dict()["state"] == {}  # AdamW took no step: no moments, no step count
+    assert stats["nonfinite_steps"] == 1 and state["nonfinite"] == 1
+    assert all(p.grad is None for p in model.parameters())  # the bad gradients were dropped
+    hook.remove()
+    stats, _ = nb["train_one_epoch"](model, one_batch, criterion, optimizer, None, scaler, CPU, config, state, 2)
+    assert stats["nonfinite_steps"] == 0 and state["nonfinite"] == 1
+    changed = model.state_dict()
+    assert not torch.equal(before["classifier.0.weight"], changed["classifier.0.weight"])
+    assert optimizer.state_dict()["state"][0]["step"] == 1
+    assert all(torch.isfinite(v).all() for v in changed.values() if v.is_floating_point())
+
+
+def test_the_stop_message_names_the_precision_that_ran_and_what_fits_it(nb, cached, tmp_path):
+    config = small_config(nb, tmp_path, precision="fp16", max_nonfinite_steps=5)
+    _, loader, *_ = epoch_pieces(nb, cached, config)
+    batch = next(iter(loader))
+    off = torch.amp.GradScaler("cpu", enabled=False)  # a scale that can go no lower: every skip counts
+    for device, ran, advice in ((torch.device("cuda"), "fp16", "precision='bf16' on a GPU that has it"),
+                                (CPU, "fp32", "lower the learning rates")):  # fp16 on the CPU runs as fp32
+        with pytest.raises(FloatingPointError, match=rf"6 non-finite steps under precision {ran} .*{advice}"):
+            nb["skip_step"](loader, batch, torch.tensor(float("nan")), off, device, config, {"nonfinite": 5}, "here")
