@@ -165,6 +165,7 @@ import datetime
 import difflib
 import functools
 import hashlib
+import inspect
 import json
 import math
 import multiprocessing
@@ -1702,9 +1703,12 @@ def distributed_model(model, device, config):
         return model
     if config['sync_bn'] and device.type == 'cuda':
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # the newer name of the switch where it exists (torch 2.14 deprecates broadcast_buffers; Kaggle's 2.10 has
+    # only that); both leave the buffers alone at each forward
+    no_buffer_sync = ({'forward_sync_buffers': False} if 'forward_sync_buffers' in
+                      inspect.signature(DistributedDataParallel).parameters else {'broadcast_buffers': False})
     return DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None,
-                                   broadcast_buffers=False,
-                                   find_unused_parameters=config['freeze_backbone_epochs'] > 0)
+                                   find_unused_parameters=config['freeze_backbone_epochs'] > 0, **no_buffer_sync)
 
 
 def training_sampler(dataset, config):

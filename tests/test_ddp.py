@@ -2,10 +2,14 @@
 with the gloo backend: the same code path as one process per GPU with NCCL."""
 
 import copy
+import datetime
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -161,7 +165,7 @@ def test_a_failure_in_one_process_stops_all_with_its_error(nb, cached, tmp_path,
 def test_a_hang_in_one_process_ends_at_the_collective_timeout(nb, cached, tmp_path):
     before, start = new_children(), time.time()
     with pytest.raises(RuntimeError, match=re.compile(r"process 0 failed first:.*(?i:time)", re.S)):
-        nb["run_fold"](0, *cached, tiny(nb, tmp_path), CPU, 2, timeout=__import__("datetime").timedelta(seconds=5),
+        nb["run_fold"](0, *cached, tiny(nb, tmp_path), CPU, 2, timeout=datetime.timedelta(seconds=5),
                        on_epoch_end=crash_in_process_1(nb, lambda: time.sleep(600)))
     assert time.time() - start < 60
     assert new_children() - before == set()
@@ -203,3 +207,19 @@ def test_processes_auto_is_one_without_a_gpu_and_not_part_of_a_resume_check(nb):
     assert nb["planned_processes"]({"processes": 3}) == 3
     assert "processes" not in nb["comparable"](nb["CONFIG"])  # a 2-process checkpoint resumes on 1 and back
     assert "sync_bn" in nb["comparable"](nb["CONFIG"])
+
+
+def test_ddp_check_dry_run_prints_every_row(tmp_path):
+    """bench/ddp_check.py --dry-run: the multi-GPU check's own code on 2 CPU processes (figures meaningless)."""
+    repo = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, str(repo / "bench" / "ddp_check.py"), "--dry-run"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    rows = {line.split("|")[0].strip(): [c.strip() for c in line.split("|")] for line in run.stdout.splitlines()
+            if re.match(r"^\(\d\)", line)}
+    assert set(rows) == {"(1) start-up check", "(2) 1 process", "(3) 2 processes",
+                         "(5) replicas equal after 2 processes"}, run.stdout
+    assert all(cells[-1] == "PASS" for cells in rows.values())
+    rates = [float(rows[k][1].split()[0]) for k in ("(2) 1 process", "(3) 2 processes")]
+    assert all(r > 0 for r in rates)
+    assert "4 of 4 checks passed" in run.stdout
