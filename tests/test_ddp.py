@@ -171,6 +171,25 @@ def test_a_hang_in_one_process_ends_at_the_collective_timeout(nb, cached, tmp_pa
     assert new_children() - before == set()
 
 
+def test_interrupting_the_notebook_ends_every_process(nb, cached, tmp_path):
+    """The kernel's interrupt (KeyboardInterrupt while it waits for the processes) kills them all."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    def sleep(epoch):
+        time.sleep(600)
+
+    before, previous = new_children(), signal.signal(signal.SIGALRM, interrupt)
+    signal.alarm(8)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            nb["run_fold"](0, *cached, tiny(nb, tmp_path), CPU, 2, on_epoch_end=sleep)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert new_children() - before == set()
+
+
 def test_startup_check_passes_on_two_cpu_processes_and_falls_back_to_one_loudly(nb, monkeypatch, capsys, tmp_path):
     config = tiny(nb, tmp_path, processes=2)
     assert nb["checked_processes"](config) == 2
