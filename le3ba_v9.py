@@ -1346,7 +1346,7 @@ del _model, _logits, _weights
 # %% [markdown]
 # ## 7. Task 3.1: training
 # AdamW with two LR groups (backbone 1e-5, the rest 1e-4); linear warmup then cosine decay, stepped per
-# batch; shuffled DataLoader without a sampler (the class weights carry the imbalance); AMP on CUDA
+# batch; plain shuffling, no class-balancing sampler (the class weights carry the imbalance); AMP on CUDA
 # (float32 on CPU); gradient clipping at 1.0 with the pre-clip norm logged; SWA over the last epochs with
 # BatchNorm statistics recomputed before the averaged model is evaluated.
 # Each validated epoch prints the predictions per class (a class predicted < 3 times is *dead*, < 10
@@ -1355,6 +1355,11 @@ del _model, _logits, _weights
 # with train BA measured in eval mode on a fixed training subset (not the running BA over augmented batches).
 # With SWA on, early stopping never ends a run before SWA has averaged its epochs (a warning says so).
 # A checkpoint after every epoch holds everything needed to resume an interrupted run exactly.
+#
+# **Several GPUs.** With `processes` at 'auto' and more than one GPU, each fold trains in one process per GPU
+# (DistributedDataParallel), forked from this notebook after a start-up check; the global batch stays
+# `batch_size`, validation covers every row once, process 0 takes the decisions and writes the files, and a
+# failure in any process stops them all with its error. With one process the same code runs unchanged.
 
 # %% tags=["defs"]
 DEAD_BELOW, MARGINAL_BELOW = 3, 10  # predictions of a class in one validation pass
