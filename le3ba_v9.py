@@ -200,6 +200,9 @@ from torch.optim.swa_utils import SWALR, AveragedModel, update_bn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
+# torch.cuda.is_available() asks NVML instead of initialising the CUDA driver in this kernel, which forks the
+# training processes of a multi-GPU run (a child of a process that initialised CUDA cannot use it)
+os.environ.setdefault('PYTORCH_NVML_BASED_CUDA_CHECK', '1')
 COMPETITION = 'rsna-2024-lumbar-spine-degenerative-classification'
 # Kaggle has mounted competition data at both of these places over the years.
 KAGGLE_TEMP = Path('/kaggle/temp')  # scratch disk, not saved with the notebook's output
@@ -366,8 +369,8 @@ def worker_count(config):
 
 
 RESUME_EXEMPT = {'resume', 'num_workers', 'compile', 'output_dir', 'cache_dir', 'data_root', 'train_folds',
-                 'final_model', 'processes'}  # settings that do not change what is trained (processes: the
-                 # global batch is the same; a run may continue on one GPU after a failed multi-GPU check)
+                 'final_model', 'processes'}  # settings that do not change what is trained (processes keeps
+# the global batch: a fold started on 2 GPUs may continue on 1, e.g. after a failed start-up check)
 RUN_OUTPUTS = ['v9_Results.md', 'metrics.json', 'oof.csv', 'figures']  # written by a run's last cells
 
 
