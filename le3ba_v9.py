@@ -167,6 +167,10 @@ CONFIG = {
     'final_model': 'swa',        # model reported as final: swa | last | best (falls back in that order)
     'holdout_frac': 0.0,         # share of studies kept out of every fold to measure a fold ensemble
                                  # honestly (0 = none, else 0.05-0.5; 0.2 keeps 1/5 of the studies aside)
+    'processes': 'auto',         # training processes per fold (DistributedDataParallel): 'auto' = one per visible
+                                 # GPU; 1 = this process only; N >= 2 without a GPU = N CPU processes (gloo)
+    'sync_bn': False,            # BatchNorm statistics over the global batch (SyncBatchNorm, GPUs only) instead of
+                                 # each process's share (batch_size / processes samples)
 }
 CONFIG_OVERRIDES = {}
 
@@ -178,11 +182,14 @@ CONFIG_OVERRIDES = {}
 # A fresh start moves the earlier run's checkpoints, report, metrics and figures to `output_dir/superseded`.
 
 # %% tags=["defs"]
+import contextlib
 import ctypes
+import datetime
 import difflib
 import errno
 import functools
 import hashlib
+import inspect
 import itertools
 import json
 import math
@@ -191,9 +198,12 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -205,16 +215,21 @@ import numpy as np
 import pandas as pd
 import pydicom
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from pydicom.pixels import apply_modality_lut
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, log_loss, recall_score
 from sklearn.model_selection import StratifiedGroupKFold
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import SWALR, AveragedModel, update_bn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
+# torch.cuda.is_available() asks NVML instead of initialising the CUDA driver in this kernel, which forks the
+# training processes of a multi-GPU run (a child of a process that initialised CUDA cannot use it)
+os.environ.setdefault('PYTORCH_NVML_BASED_CUDA_CHECK', '1')
 COMPETITION = 'rsna-2024-lumbar-spine-degenerative-classification'
 # Kaggle has mounted competition data at both of these places over the years.
 KAGGLE_TEMP = Path('/kaggle/temp')  # scratch disk, not saved with the notebook's output
@@ -299,9 +314,32 @@ def check_settings(config):
                          'None for the platform default')
     if config['continue_from'] and not config['resume']:
         raise ValueError("CONFIG['continue_from'] is set but resume=False: continuing needs resume=True")
+    check_processes(config)
     missed = [e for e in (1, 3, 10) if e > config['epochs']]
     if missed:
         print(f"note: the plan's checkpoint epoch(s) {missed} lie beyond epochs = {config['epochs']}: not checked")
+
+
+def check_processes(config):
+    """'processes' and 'sync_bn': the global batch stays batch_size, so it must split evenly over the processes."""
+    processes, gpus = config['processes'], torch.cuda.device_count()  # NVML: no CUDA context in the kernel
+    if processes != 'auto' and (isinstance(processes, bool) or not isinstance(processes, int) or processes < 1):
+        raise ValueError(f"CONFIG['processes'] = {processes!r}: 'auto' (one per visible GPU) or a whole number >= 1")
+    n = planned_processes(config)
+    if gpus and n > gpus:
+        raise ValueError(f"CONFIG['processes'] = {n}, but {gpus} GPU(s) are visible: one process per GPU at most")
+    if config['batch_size'] % n:
+        raise ValueError(f"CONFIG['batch_size'] = {config['batch_size']} does not split evenly over {n} processes "
+                         f"(the global batch stays batch_size): use a multiple of {n}, or set processes=1")
+    if not isinstance(config['sync_bn'], bool):
+        raise ValueError(f"CONFIG['sync_bn'] = {config['sync_bn']!r}: True or False")
+    if config['sync_bn'] and n > 1 and not gpus:
+        warn('sync_bn: SyncBatchNorm runs on GPUs only; the CPU processes keep per-process BatchNorm')
+
+
+def planned_processes(config):
+    """Processes a fold trains on: CONFIG['processes'], 'auto' = one per visible GPU (1 without a GPU)."""
+    return max(1, torch.cuda.device_count()) if config['processes'] == 'auto' else config['processes']
 
 
 def runtime_environment():
@@ -370,8 +408,8 @@ def worker_count(config):
 
 
 RESUME_EXEMPT = {'resume', 'num_workers', 'prefetch_factor', 'compile', 'output_dir', 'cache_dir', 'data_root',
-                 'train_folds', 'final_model', 'time_budget_h', 'continue_from'}  # settings that do not change
-                 # what is trained
+                 'train_folds', 'final_model', 'time_budget_h', 'continue_from', 'processes'}  # settings that do
+# not change what is trained (processes keeps the global batch: a fold started on 2 GPUs may continue on 1)
 RUN_OUTPUTS = ['v9_Results.md', 'metrics.json', 'oof.csv', 'figures', 'progress.md']  # written by the run
 
 
@@ -467,8 +505,8 @@ def seed_everything(seed):
 
 # The GPU check's CUDA work runs in a subprocess: this kernel must not initialise CUDA before training, which
 # forks one process per GPU from it (a forked child cannot use a CUDA context its parent made). NVML answers
-# torch.cuda.is_available()/device_count() without touching the CUDA driver.
-os.environ.setdefault('PYTORCH_NVML_BASED_CUDA_CHECK', '1')
+# torch.cuda.is_available()/device_count() without touching the CUDA driver (PYTORCH_NVML_BASED_CUDA_CHECK,
+# set with the imports).
 GPU_PROBE = r'''
 import importlib.util, json, torch
 facts = {'torch': torch.__version__, 'cuda': torch.version.cuda, 'arch_list': torch.cuda.get_arch_list(),
@@ -1636,7 +1674,7 @@ del _model, _logits, _weights
 # %% [markdown]
 # ## 7. Task 3.1: training
 # AdamW with two LR groups (backbone 1e-5, the rest 1e-4); linear warmup then cosine decay, stepped per
-# batch; shuffled DataLoader without a sampler (the class weights carry the imbalance); AMP on CUDA
+# batch; plain shuffling, no class-balancing sampler (the class weights carry the imbalance); AMP on CUDA
 # (float32 on CPU); gradient clipping at 1.0 with the pre-clip norm logged; SWA over the last epochs with
 # BatchNorm statistics recomputed before the averaged model is evaluated.
 # Each validated epoch prints the predictions per class (a class predicted < 3 times is *dead*, < 10
@@ -1645,6 +1683,11 @@ del _model, _logits, _weights
 # with train BA measured in eval mode on a fixed training subset (not the running BA over augmented batches).
 # With SWA on, early stopping never ends a run before SWA has averaged its epochs (a warning says so).
 # A checkpoint after every epoch holds everything needed to resume an interrupted run exactly.
+#
+# **Several GPUs.** With `processes` at 'auto' and more than one GPU, each fold trains in one process per GPU
+# (DistributedDataParallel), forked from this notebook after a start-up check; the global batch stays
+# `batch_size`, validation covers every row once, process 0 takes the decisions and writes the files, and a
+# failure in any process stops them all with its error. With one process the same code runs unchanged.
 
 # %% tags=["defs"]
 DEAD_BELOW, MARGINAL_BELOW = 3, 10  # predictions of a class in one validation pass
@@ -1761,11 +1804,13 @@ def autocast(device, config):
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
-def make_loader(dataset, config, device, train, generator=None, every_epoch=False):
+def make_loader(dataset, config, device, train, generator=None, every_epoch=False, sampler=None):
     """Training loaders shuffle; `every_epoch` loaders (training, validation) keep their worker processes
-    between epochs instead of forking new ones each time."""
+    between epochs instead of forking new ones each time. A `sampler` (several processes: each one's share)
+    replaces the shuffle; a training batch is then batch_size / processes per process."""
     workers = worker_count(config)  # and config['prefetch_factor']: both fitted to /dev/shm by check_resources
-    return DataLoader(dataset, batch_size=config['batch_size'] * (1 if train else 2), shuffle=train,
+    batch = config['batch_size'] // world_size() if train else 2 * config['batch_size']
+    return DataLoader(dataset, batch_size=batch, shuffle=train and sampler is None, sampler=sampler,
                       generator=generator, drop_last=train and len(dataset) > config['batch_size'],
                       num_workers=workers, pin_memory=device.type == 'cuda',
                       multiprocessing_context='fork' if workers else None,
@@ -1791,7 +1836,7 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, devi
             loss = criterion(logits, target)
         # backward even on a non-finite loss: under DDP every process must join the gradient all-reduce,
         # and the decision below then rests on the same global norm everywhere
-        scaler.scale(loss).backward()
+        scaler.scale(loss * global_batch_share(criterion, target)).backward()  # several processes: global weights
         scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config['clip_grad_norm'])
         if torch.isfinite(norm):  # the one host sync per step
@@ -1812,6 +1857,8 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, devi
             bar.set_postfix(loss=f'{torch.stack(losses[-10:]).mean().item():.3f}', lr=f"{lrs[-1][1]:.1e}")
     if skipped:
         print(f'epoch {epoch}: {skipped} step(s) with a non-finite gradient norm skipped (not applied)')
+    agree_on_buffers(model)  # several processes: process 0's BatchNorm statistics in all
+    preds, labels = gather_batches(device, preds, labels)  # several processes: train BA over all processes' rows
     norms = torch.stack(norms).float().cpu().numpy() if norms else np.zeros(0)
     stat = (lambda f: float(f(norms))) if len(norms) else (lambda f: float('nan'))
     train_ba = (float(balanced_accuracy_score(torch.cat(labels).cpu().numpy(), torch.cat(preds).cpu().numpy()))
@@ -1864,6 +1911,7 @@ def predict(model, loader, criterion, device, config):
         logits.append(out.float())
         weights.append(attn.float())
         labels.append(batch['label'].to(device, non_blocking=True))
+    logits, weights, labels = gather_batches(device, logits, weights, labels)  # several processes: every row, in order
     logits, labels = torch.cat(logits), torch.cat(labels)
     return {'loss': float(criterion(logits, labels)), 'probs': F.softmax(logits, 1).cpu().numpy(),
             'attention': torch.cat(weights).cpu().numpy(), 'labels': labels.cpu().numpy()}
@@ -1880,6 +1928,7 @@ def recompute_swa_batchnorm(swa_model, loader, device):
     the only part with BatchNorm)."""
     images = (to_model_input(b['image'].to(device, non_blocking=True)).flatten(0, 1) for b in loader)
     update_bn(images, swa_model.module.backbone)
+    average_batchnorm_over_processes(swa_model.module.backbone, len(loader))  # several processes: all shards
 
 
 def save_atomic(obj, path):
@@ -1919,6 +1968,270 @@ def set_rng_states(states):
     random.setstate(states['python'])
     if states['cuda'] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states['cuda'])
+
+
+# --- Several processes per fold: DistributedDataParallel, one process per GPU, forked from the notebook ---
+# A notebook cannot torchrun itself, so the kernel forks the processes (as accelerate's notebook_launcher does);
+# the kernel must not have initialised CUDA before (a forked child could not use it). The functions below are
+# the whole of it; train_fold and its helpers call them at the lines marked "several processes", and each is a
+# no-op in a single process.
+DDP_TIMEOUT = datetime.timedelta(minutes=30)  # a collective waiting longer fails (all processes stop), never hangs
+STARTUP_TIMEOUT = datetime.timedelta(minutes=5)
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def process_rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main_process():
+    """Process 0, the only one that writes checkpoints (and the one whose result reaches the notebook)."""
+    return process_rank() == 0
+
+
+def process_device(rank):
+    """GPU `rank` when there are GPUs, else the CPU (N CPU processes: tests, CI, machines without GPUs)."""
+    return torch.device('cuda', rank) if torch.cuda.device_count() else torch.device('cpu')
+
+
+def process_backend(device):
+    return 'nccl' if device.type == 'cuda' else 'gloo'
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def process_main(rank, world, port, parent, folder, fn, timeout):
+    """One forked process: dies with the kernel, joins the process group, runs fn(device). Process 0 writes fn's
+    value (and the warnings it printed, for the report); a failing process writes its traceback, timed, so that
+    the launcher shows the first failure, not a peer's 'connection closed'."""
+    die_with_parent(parent)
+    device = process_device(rank)
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+    else:  # the CPU processes share the cores
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world))
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    warnings_before = len(WARNINGS)
+    try:
+        dist.init_process_group(process_backend(device), rank=rank, world_size=world, timeout=timeout)
+        with contextlib.ExitStack() as quiet:
+            if rank:  # the others would repeat process 0's lines and progress bars
+                devnull = quiet.enter_context(open(os.devnull, 'w'))
+                quiet.enter_context(contextlib.redirect_stdout(devnull))
+                quiet.enter_context(contextlib.redirect_stderr(devnull))
+            value = fn(device)
+        if rank == 0:
+            torch.save({'value': value, 'warnings': WARNINGS[warnings_before:]}, Path(folder) / 'result.pt')
+        dist.destroy_process_group()
+    except BaseException:
+        (Path(folder) / f'error{rank}.txt').write_text(f'{time.time()}\n{traceback.format_exc()}')
+        raise
+
+
+def first_failure(folder, error):
+    """The traceback of the process that failed first, else what torch.multiprocessing said (a killed process)."""
+    failures = sorted((float(text.split('\n', 1)[0]), path.stem.removeprefix('error'), text.split('\n', 1)[1])
+                      for path in Path(folder).glob('error*.txt') for text in [path.read_text()])
+    if not failures:
+        return f'{type(error).__name__}: {error}'.strip()
+    _, rank, trace = failures[0]
+    return f'process {rank} failed first:\n{trace}'
+
+
+def run_in_processes(fn, processes, timeout=DDP_TIMEOUT):
+    """fn(device) in `processes` processes forked from this one and joined in one process group (NCCL on GPUs,
+    gloo on CPUs); returns process 0's value. A failure in any process (an exception, a kill) ends all of them
+    and raises here with the first failure's traceback; a collective waiting longer than `timeout` fails rather
+    than hangs; no process outlives this one."""
+    if torch.cuda.is_initialized():
+        raise RuntimeError('CUDA was initialised in the notebook process before training: forked processes cannot '
+                           "use it. Restart the kernel and run all cells, or set CONFIG['processes'] = 1.")
+    with tempfile.TemporaryDirectory(prefix='le3ba_processes_') as folder:
+        context = torch.multiprocessing.start_processes(
+            process_main, args=(processes, free_port(), os.getpid(), folder, fn, timeout), nprocs=processes,
+            join=False, start_method='fork')
+        try:
+            while not context.join():  # on a failure join() ends the other processes, then raises
+                pass
+        except BaseException as error:
+            for process in context.processes:  # an interrupt of the notebook reaches here without that
+                if process.is_alive():
+                    process.kill()
+                process.join()
+            if isinstance(error, KeyboardInterrupt):
+                raise
+            raise RuntimeError(first_failure(folder, error)) from None
+        if not (Path(folder) / 'result.pt').exists():  # e.g. an interrupt inside the processes: they exit quietly
+            raise RuntimeError(first_failure(folder, 'the processes ended without a result (interrupted?)'))
+        out = torch.load(Path(folder) / 'result.pt', weights_only=False)
+    WARNINGS.extend(out['warnings'])
+    return out['value']
+
+
+def distributed_model(model, device, config):
+    """What a training step runs: `model` wrapped in DistributedDataParallel (gradients averaged over the
+    processes in backward), with SyncBatchNorm when sync_bn on GPUs; `model` itself in a single process. The
+    wrapper shares model's parameters, so model.state_dict() is what checkpoints store, as with one process.
+    Buffers are not broadcast at each forward: that is a collective, and evaluation shards may differ in batch
+    count; agree_on_buffers gives every process process 0's at the end of each epoch instead."""
+    if world_size() == 1:
+        return model
+    if config['sync_bn'] and device.type == 'cuda':
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # the newer name of the switch where it exists (torch 2.14 deprecates broadcast_buffers; Kaggle's 2.10 has
+    # only that); both leave the buffers alone at each forward
+    no_buffer_sync = ({'forward_sync_buffers': False} if 'forward_sync_buffers' in
+                      inspect.signature(DistributedDataParallel).parameters else {'broadcast_buffers': False})
+    return DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None,
+                                   find_unused_parameters=config['freeze_backbone_epochs'] > 0, **no_buffer_sync)
+
+
+def training_sampler(dataset, config):
+    """This process's share of each training batch. One shuffle keyed on (seed, epoch) for any number of
+    processes (set_epoch before each epoch), each process taking every N-th sample of it: N processes at
+    batch_size / N make the same global batches as one process at batch_size. drop_last: every process takes
+    the same number of steps."""
+    return DistributedSampler(dataset, num_replicas=world_size(), rank=process_rank(), shuffle=True,
+                              seed=config['seed'] * 1000, drop_last=True)
+
+
+def evaluation_shard(dataset, config):
+    """This process's share of an evaluation, as a sampler: a contiguous run of whole evaluation batches
+    (make_loader's 2 x batch_size), so the processes together see every row exactly once (no padding rows, unlike
+    DistributedSampler), gather_batches puts them back in order, and the batches are one process's batches.
+    None in a single process."""
+    if world_size() == 1:
+        return None
+    batch = 2 * config['batch_size']
+    mine = np.array_split(np.arange(math.ceil(len(dataset) / batch)), world_size())[process_rank()]
+    return range(min(len(dataset), mine[0] * batch), min(len(dataset), (mine[-1] + 1) * batch)) if len(mine) \
+        else range(0)
+
+
+def gather_batches(device, *outputs):
+    """Lists of per-batch tensors of this process's shard -> the same lists over every process's shard, in
+    process order (so in the rows' order: evaluation_shard), on `device`. Unchanged in a single process."""
+    if world_size() == 1:
+        return outputs
+    everyone = [None] * world_size()
+    dist.all_gather_object(everyone, [[t.cpu() for t in batches] for batches in outputs])
+    return tuple([t.to(device) for shard in everyone for t in shard[k]] for k in range(len(outputs)))
+
+
+def global_batch_share(criterion, target):
+    """Factor that turns this process's weighted-mean loss into its share of the global batch's weighted mean.
+    CompetitionWeightedCE divides by the summed class weights of its own rows and DDP averages the processes'
+    gradients: without it, a process holding a Severe sample would count that sample less than one process
+    training on the whole batch does. 1 in a single process."""
+    if world_size() == 1:
+        return 1.0
+    mine = criterion.weights[target].sum()
+    total = mine.detach().clone()
+    dist.all_reduce(total)
+    return (mine * world_size() / total).detach()
+
+
+def agree_on_buffers(model):
+    """Process 0's BatchNorm running statistics in every process (each process's own saw other rows): the
+    evaluation and the checkpoint then use one model."""
+    if world_size() > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
+
+
+def from_process0(value):
+    """Process 0's value (any picklable object) in every process: a decision is taken once and shared."""
+    if world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def average_batchnorm_over_processes(module, batches):
+    """SWA's BatchNorm statistics from every process's shard: update_bn averaged each process's own `batches`
+    batches (momentum None: a plain mean over batches); their mean weighted by batch count is the mean over all
+    batches, the statistics one process computes (the shards are whole batches: evaluation_shard)."""
+    if world_size() == 1:
+        return
+    share = torch.tensor(float(batches), device=next(module.parameters()).device)
+    total = share.clone()
+    dist.all_reduce(total)
+    for bn in (m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+        for statistic in (bn.running_mean, bn.running_var):
+            statistic.mul_(share / total)
+            dist.all_reduce(statistic)
+        dist.all_reduce(bn.num_batches_tracked)
+
+
+def startup_step(device, config):
+    """The start-up check, in every process: one all-reduce, then one training step of the fold's model at the
+    per-process batch (DDP, sync_bn, the precision), after which the replicas must be equal. Returns each
+    process's device name."""
+    world = dist.get_world_size()
+    count = torch.ones(1, device=device)
+    dist.all_reduce(count)
+    if count.item() != world:
+        raise RuntimeError(f'an all-reduce over {world} processes summed to {count.item()}')
+    torch.manual_seed(config['seed'])
+    model = SpineModelV9({**config, 'pretrained': 'none'}).to(device)
+    step_model, optimizer = distributed_model(model, device, config), make_optimizer(model, config)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision_in_use(device, config) == 'fp16')
+    b, size = config['batch_size'] // world, config['img_size']
+    images = torch.rand(b, config['num_slices'], 3, size, size, device=device) + process_rank()
+    target = torch.arange(b, device=device) % len(CLASSES)
+    with autocast(device, config):
+        levels = torch.arange(b, device=device) % len(LEVELS)
+        logits, _ = step_model(images, levels, torch.ones(b, config['num_slices'], dtype=torch.bool, device=device))
+        loss = CompetitionWeightedCE(config['class_weights']).to(device)(logits, target)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+    sums = [torch.zeros_like(checksum) for _ in range(world)]
+    dist.all_gather(sums, checksum)
+    if any(not torch.equal(s, checksum) for s in sums):
+        raise RuntimeError(f'the model replicas differ after one step: parameter sums {[s.item() for s in sums]}')
+    names = [None] * world
+    dist.all_gather_object(names, torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU')
+    return names
+
+
+def checked_processes(config):
+    """The processes the folds train on: planned_processes, once they pass the start-up check (the processes
+    start, one all-reduce, one training step). A failed check continues on one process and says why, loudly."""
+    n = planned_processes(config)
+    if n > 1:
+        try:
+            names = run_in_processes(functools.partial(startup_step, config=config), n, STARTUP_TIMEOUT)
+        except Exception as error:
+            warn(f'the {n} training processes failed their start-up check, so every fold trains on ONE process '
+                 f'(set processes=1 to skip the check). The error:\n{str(error)[-2000:]}')
+            return 1
+        backend = process_backend(process_device(0))
+        print(f'training on {n} processes (DistributedDataParallel, {backend}, global batch '
+              f"{config['batch_size']} = {config['batch_size'] // n} per process): "
+              + ', '.join(f'process {rank}: {name}' for rank, name in enumerate(names)))
+        return n
+    print(f"training on one process ({'GPU 0' if torch.cuda.device_count() else 'CPU'})")
+    return 1
+
+
+def run_fold(fold, samples, images, masks, config, device, processes, on_epoch_end=None, deadline=None,
+             timeout=DDP_TIMEOUT):
+    """train_fold here (processes 1), or in `processes` forked processes: the same result either way."""
+    if processes == 1:
+        return train_fold(fold, samples, images, masks, config, device, on_epoch_end, deadline)
+    config = {**config, 'num_workers': worker_count(config) // processes}  # the processes share the CPU cores
+    return run_in_processes(lambda dev: train_fold(fold, samples, images, masks, config, dev, on_epoch_end,
+                                                   deadline), processes, timeout)
 
 
 SESSION_LIMIT = {'kaggle': 'Kaggle GPU sessions end after 12 h',
@@ -1977,12 +2290,13 @@ def fold_pieces(fold, samples, images, masks, config, device):
     f.train_rows = samples[(samples['fold'] != fold) & (samples['fold'] >= 0)]
     f.val_rows, f.holdout_rows = samples[samples['fold'] == fold], samples[samples['fold'] < 0]
     f.train_set = RSNADatasetV9(f.train_rows, images, masks, config, train=True)
-    f.generator = torch.Generator()
-    f.train_loader = make_loader(f.train_set, config, device, train=True, generator=f.generator)
+    f.train_sampler = training_sampler(f.train_set, config)  # each process's share of every batch
+    f.train_loader = make_loader(f.train_set, config, device, train=True, sampler=f.train_sampler)
 
     def eval_loader(rows, every_epoch=False):  # fixed order, no augmentation
-        return make_loader(RSNADatasetV9(rows, images, masks, config, train=False), config, device, False,
-                           every_epoch=every_epoch)
+        dataset = RSNADatasetV9(rows, images, masks, config, train=False)
+        return make_loader(dataset, config, device, False, every_epoch=every_epoch,
+                           sampler=evaluation_shard(dataset, config))  # several processes: each one's shard
 
     f.eval_loader = eval_loader
     f.val_loader = eval_loader(f.val_rows, every_epoch=True)
@@ -1994,12 +2308,13 @@ def fold_pieces(fold, samples, images, masks, config, device):
     f.model = SpineModelV9(config).to(device)
     if config['channels_last']:
         f.model = f.model.to(memory_format=torch.channels_last)
-    f.step_model = torch.compile(f.model) if config['compile'] and device.type == 'cuda' else f.model
     f.criterion = CompetitionWeightedCE(config['class_weights']).to(device)
     f.optimizer = make_optimizer(f.model, config)
     f.scheduler = warmup_cosine(f.optimizer, config, len(f.train_loader))
     f.scaler = torch.amp.GradScaler(device.type, enabled=precision_in_use(device, config) == 'fp16')
     f.swa_model = AveragedModel(f.model) if config['use_swa'] else None
+    f.step_model = distributed_model(f.model, device, config)  # several processes: DDP (after SWA's plain copy)
+    f.step_model = torch.compile(f.step_model) if config['compile'] and device.type == 'cuda' else f.step_model
     f.state = {'epoch': 0, 'history': [], 'checkpoints': [], 'actions': [], 'lr_steps': [], 'best_ba': -1.0,
                'best_epoch': None, 'nonfinite': 0, 'stopped_by': None, 'patience_out': False, 'warnings': []}
     f.rows = {'train': len(f.train_rows), 'val': len(f.val_rows), 'holdout': len(f.holdout_rows)}
@@ -2050,7 +2365,9 @@ def resume_fold(f, config, device):
 
 
 def save_fold_checkpoint(f, config):
-    """last.pt: everything resume_fold needs to continue after this epoch."""
+    """last.pt: everything resume_fold needs to continue after this epoch (written by process 0)."""
+    if not is_main_process():
+        return
     save_atomic({'model': f.model.state_dict(), 'optimizer': f.optimizer.state_dict(),
                  'scheduler': f.scheduler.state_dict(), 'scaler': f.scaler.state_dict(),
                  'criterion': f.criterion.state_dict(),
@@ -2067,7 +2384,7 @@ def run_epoch(f, epoch, config, device):
     in_swa = config['use_swa'] and epoch >= config['swa_start_epoch']
     if in_swa and f.swa_scheduler is None:
         f.swa_scheduler = swa_phase_scheduler(f.optimizer, config)
-    f.generator.manual_seed(config['seed'] * 1000 + epoch)  # shuffling depends on (seed, epoch) only
+    f.train_sampler.set_epoch(epoch)  # shuffling depends on (seed, epoch) only, for any number of processes
     f.train_set.set_epoch(epoch)
     stats, lrs = train_one_epoch(f.step_model, f.train_loader, f.criterion, f.optimizer,
                                  None if in_swa else f.scheduler, f.scaler, device, config, f.state, epoch)
@@ -2131,6 +2448,7 @@ def apply_decisions(f, epoch, row, metrics, decision, config):
         row['saved'] = decision['save']
     if decision['save']:
         state['best_ba'], state['best_epoch'] = metrics['ba'], epoch
+    if decision['save'] and is_main_process():  # several processes: process 0 writes
         save_atomic({'model': f.model.state_dict(), 'config': config, 'epoch': epoch,
                      'metrics': {k: metrics[k] for k in ('recall', 'ba', 'pred_counts')}}, f.dir / 'best.pt')
     state['history'].append(row)
@@ -2165,11 +2483,13 @@ def train_epochs(f, config, device, on_epoch_end=None, deadline=None):
         row['seconds'] = now() - start
         left = None if deadline is None else deadline - now()
         decision = epoch_decisions(metrics, f.state, epoch, config, row['seconds'], left)
+        decision = from_process0(decision)  # several processes: one decision (the clocks differ) for all
         apply_decisions(f, epoch, row, metrics, decision, config)
         if epoch == first and metrics is not None:
             print(project_run(trained, row['val_seconds'], config, f.rows, epoch, f.folds_after,
                               now() - RUN_START)['text'])
         f.state['warnings'] = earlier_warnings + WARNINGS[warnings_before:]
+        f.state = from_process0(f.state)  # several processes: process 0's history (its clock) in all
         save_fold_checkpoint(f, config)
         if on_epoch_end is not None:
             on_epoch_end(epoch)
@@ -2186,7 +2506,8 @@ def finish_fold(f, config, device):
     if f.swa_model is not None and f.swa_model.n_averaged.item() > 0:  # also after a time-budget stop
         with autocast(device, config):
             recompute_swa_batchnorm(f.swa_model, f.eval_loader(f.train_rows), device)
-        torch.save({'model': f.swa_model.module.state_dict(), 'config': config}, f.dir / 'swa.pt')
+        if is_main_process():  # several processes: process 0 writes
+            torch.save({'model': f.swa_model.module.state_dict(), 'config': config}, f.dir / 'swa.pt')
         models['swa'] = f.swa_model.module
     evaluations = {kind: evaluate(m, f.val_loader, f.criterion, device, config) for kind, m in models.items()}
     state = f.state
@@ -2199,10 +2520,11 @@ def finish_fold(f, config, device):
     if len(f.holdout_rows):  # the final model's view of the studies no fold saw, for the ensemble evaluation
         probs = predict(models[kind], f.eval_loader(f.holdout_rows), f.criterion, device, config)['probs']
         result['holdout'] = {'kind': kind, 'rows': f.holdout_rows, 'probs': probs}
-    save_atomic({'model': models[kind].state_dict(), 'kind': kind, 'config': config,
-                 'class_weights': result['class_weights']}, f.dir / 'final.pt')
-    save_atomic({**result, 'config': {**comparable(config), 'data_fingerprint': f.fingerprint}},
-                f.dir / 'result.pt')
+    if is_main_process():  # several processes: process 0 writes
+        save_atomic({'model': models[kind].state_dict(), 'kind': kind, 'config': config,
+                     'class_weights': result['class_weights']}, f.dir / 'final.pt')
+        save_atomic({**result, 'config': {**comparable(config), 'data_fingerprint': f.fingerprint}},
+                    f.dir / 'result.pt')
     return result
 
 
@@ -2239,10 +2561,10 @@ def train_fold(fold, samples, images, masks, config, device, on_epoch_end=None, 
     return finish_fold(f, config, device)
 
 
-def train_folds(samples, images, masks, config, device, on_epoch_end=None):
+def train_folds(samples, images, masks, config, device, processes=1, on_epoch_end=None):
     """Every fold of train_folds in turn, within the time budget (counted from the setup cell); each fold's
-    result, out-of-fold rows and a progress report are written as soon as it ends. `on_epoch_end(fold,
-    epoch)` is called after each epoch's checkpoint."""
+    result, out-of-fold rows and a progress report are written as soon as it ends. Each fold trains on
+    `processes` processes (run_fold). `on_epoch_end(fold, epoch)` is called after each epoch's checkpoint."""
     budget = time_budget_s(config)
     deadline = None if budget is None else RUN_START + budget
     results = []
@@ -2254,7 +2576,7 @@ def train_folds(samples, images, masks, config, device, on_epoch_end=None):
                  'in a new session trains it')
             continue
         hook = None if on_epoch_end is None else functools.partial(on_epoch_end, fold)
-        results.append(train_fold(fold, samples, images, masks, config, device, hook, deadline))
+        results.append(run_fold(fold, samples, images, masks, config, device, processes, hook, deadline))
         write_progress(results, config)
     return results
 
@@ -2299,7 +2621,8 @@ def epoch_summary(row):
 
 # %%
 resume_check(CONFIG, data_fingerprint(SAMPLES))  # every fold's checkpoint against this data, before any training
-FOLD_RESULTS = train_folds(SAMPLES, IMAGES, MASKS, CONFIG, DEVICE)
+PROCESSES = checked_processes(CONFIG)  # one per GPU (DistributedDataParallel) once they pass a start-up check
+FOLD_RESULTS = train_folds(SAMPLES, IMAGES, MASKS, CONFIG, DEVICE, PROCESSES)
 
 # %% [markdown]
 # ## 8. Task 4.1: metrics and plots
