@@ -1120,6 +1120,35 @@ def mapped_slices(headers, instances, config):
     return images, failed
 
 
+def plan_samples(rows, headers, skipped, config, note):
+    """{row position: (level, anchor instance, annotated point in patient mm, [(slice j, slot)])} for the rows of
+    one series whose annotated file and point are usable (the others are noted as dropped samples); a slot is an
+    instance, or (file, reason) for a gap (stack_slots). Padding beyond the series edge has no slot."""
+    n = config['num_slices']
+    plans, slots_of = {}, {}  # slots per annotated instance: levels annotated on one slice share them
+    for k, (instance, x, y, level) in enumerate(rows[['instance_number', 'x', 'y', 'level']].itertuples(False)):
+        file = f'{instance}.dcm'
+        if instance not in headers:
+            note(level, file, 'sample dropped', skipped.get(file, 'annotated file not found'))
+            continue
+        ds = headers[instance]
+        row_dir, col_dir, position, spacing = slice_geometry(ds)
+        margin = EDGE_TOLERANCE * config['crop_mm'] / spacing  # pixels, along x and y
+        if not (-margin[0] <= x <= ds.Columns - 1 + margin[0] and -margin[1] <= y <= ds.Rows - 1 + margin[1]):
+            note(level, file, 'sample dropped', f'annotated point ({x:g}, {y:g}) outside the {ds.Columns}x'
+                 f'{ds.Rows} image by more than {EDGE_TOLERANCE:g} of the crop' if np.isfinite([x, y]).all()
+                 else f'annotated point ({x:g}, {y:g}) is not a number')
+            continue
+        if instance not in slots_of:
+            slots_of[instance] = stack_slots(headers, skipped, instance)
+        slots = slots_of[instance]
+        centre = slots.index(instance)
+        plans[k] = (level, instance, position + x * spacing[0] * row_dir + y * spacing[1] * col_dir,
+                    [(j, slots[s]) for j, s in enumerate(range(centre - n // 2, centre + n // 2 + 1))
+                     if 0 <= s < len(slots) and slots[s] is not None])  # padding, not an issue
+    return plans
+
+
 def preprocess_series(job):
     """All samples of one series: (row ids, stacks (n, slices, S, S) uint8, masks (n, slices), issues: one dict
     of ISSUE_COLUMNS per dropped sample, masked slice and skipped file). A sample is dropped only when its own
@@ -1140,27 +1169,7 @@ def preprocess_series(job):
         headers, skipped = read_series_headers(series_dir)
         for file, reason in skipped.items():
             note('', file, 'slice skipped', reason)
-        plans, slots_of = {}, {}  # row position -> (level, anchor, point in mm, [(slice j, slot)])
-        for k, (instance, x, y, level) in enumerate(rows[['instance_number', 'x', 'y', 'level']].itertuples(False)):
-            file = f'{instance}.dcm'
-            if instance not in headers:
-                note(level, file, 'sample dropped', skipped.get(file, 'annotated file not found'))
-                continue
-            ds = headers[instance]
-            row_dir, col_dir, position, spacing = slice_geometry(ds)
-            margin = EDGE_TOLERANCE * config['crop_mm'] / spacing  # pixels, along x and y
-            if not (-margin[0] <= x <= ds.Columns - 1 + margin[0] and -margin[1] <= y <= ds.Rows - 1 + margin[1]):
-                note(level, file, 'sample dropped', f'annotated point ({x:g}, {y:g}) outside the {ds.Columns}x'
-                     f'{ds.Rows} image by more than {EDGE_TOLERANCE:g} of the crop' if np.isfinite([x, y]).all()
-                     else f'annotated point ({x:g}, {y:g}) is not a number')
-                continue
-            if instance not in slots_of:
-                slots_of[instance] = stack_slots(headers, skipped, instance)
-            slots = slots_of[instance]
-            centre = slots.index(instance)
-            plans[k] = (level, instance, position + x * spacing[0] * row_dir + y * spacing[1] * col_dir,
-                        [(j, slots[s]) for j, s in enumerate(range(centre - n // 2, centre + n // 2 + 1))
-                         if 0 <= s < len(slots) and slots[s] is not None])  # padding, not an issue
+        plans = plan_samples(rows, headers, skipped, config, note)
         images, failed = mapped_slices(headers, sorted({slot for *_, plan in plans.values() for _, slot in plan
                                                         if isinstance(slot, int)}), config)
 
