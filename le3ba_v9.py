@@ -151,8 +151,8 @@ CONFIG = {
     'submit_from': None,         # a previous run's output folder (read-only, e.g. an attached Kaggle output):
                                  # skip training, load its fold*/final.pt and fold*/localiser.pt, write submission.csv
     'loc_size': 256,             # every sagittal slice resized to this square grid (~1.2 mm per pixel at a
-                                 # 300 mm field of view); a multiple of 8 (3 poolings)
-    'loc_channels': 16,          # UNet width at full resolution, doubled at each of its 3 levels down
+                                 # 300 mm field of view); a multiple of 32 (the UNet halves it 5 times)
+    'loc_channels': 16,          # UNet width after its stride-2 stem, doubled at each of its 4 levels down
     'loc_epochs': 20,            # passes over the fold's training studies
     'loc_lr': 1e-3,              # AdamW, one-cycle schedule
     'loc_batch': 4,              # studies per optimiser step (a study = all slices of its series)
@@ -213,7 +213,8 @@ DEMO_PRESET = {  # small enough to train on 2 CPU cores, big enough to learn the
     'swa_start_epoch': 7, 'patience': 10, 'backbone': 'mobilenet_v3_small', 'pretrained': 'none',
     'gru_hidden': 64, 'attention_hidden': 32, 'learning_rate': 1e-3, 'backbone_lr': 1e-3,
     'swa_lr': 5e-4, 'output_dir': 'runs/demo',
-    'loc_size': 64, 'loc_channels': 8, 'loc_epochs': 15,  # a tiny localiser: the demo's time stays about the same
+    'localiser': 'off',  # the demo's test images are copies of training studies; 'on' adds a tiny localiser:
+    'loc_size': 32, 'loc_channels': 8, 'loc_epochs': 8,  # ~8 mm per grid pixel, trains in ~1-2 min on 2 cores
 }
 WARNINGS = []  # every warning printed during the run, repeated in the report
 
@@ -276,9 +277,9 @@ def check_settings(config):
     if config['use_swa'] and config['patience'] < config['epochs']:
         print(f"note: early stopping (patience {config['patience']}) cannot end the run before SWA has averaged "
               f"epochs {config['swa_start_epoch']}-{config['epochs']}")
-    if config['loc_size'] % 8:
-        raise ValueError(f"CONFIG['loc_size'] = {config['loc_size']}: use a multiple of 8 (the localiser pools "
-                         '3 times)')
+    if config['loc_size'] % 32:
+        raise ValueError(f"CONFIG['loc_size'] = {config['loc_size']}: use a multiple of 32 (the localiser halves "
+                         'it 5 times)')
     if config['submit_from'] and not sorted(Path(config['submit_from']).glob('fold*/final.pt')):
         raise FileNotFoundError(f"CONFIG['submit_from'] = {config['submit_from']!r}: no fold*/final.pt there (the "
                                 'output folder of a finished training run; on Kaggle, attach it as an input)')
@@ -2266,26 +2267,33 @@ def conv_block(cin, cout):
 
 
 class LevelLocaliser(nn.Module):
-    """A small UNet (3 poolings): (slices, 3, S, S) -> (slices, 5, S, S) logits, one map per level; input channels
-    are each slice and its two neighbours, so the slice choice sees the canal's fading across slices."""
+    """A small UNet: (slices, 3, S, S) -> (slices, 5, S, S) logits, one map per level. Input channels: each slice
+    and its two neighbours (the slice choice sees the canal fade across slices) plus the pixel's row and column
+    position in [-1, 1] (five discs look alike: where a disc sits in the image tells the levels apart, beside
+    the column's ends). A stride-2 stem keeps the work at half resolution; the logits are upsampled at the end."""
 
-    def __init__(self, width, levels=5, depth=3):
+    def __init__(self, width, levels=5, depth=4):
         super().__init__()
         widths = [width * 2 ** i for i in range(depth + 1)]
-        self.down = nn.ModuleList([conv_block(3, widths[0])] + [conv_block(widths[i], widths[i + 1])
-                                                                 for i in range(depth)])
+        self.stem = Conv2dNormActivation(5, widths[0], 3, stride=2)
+        self.down = nn.ModuleList([conv_block(widths[0], widths[0])] + [conv_block(widths[i], widths[i + 1])
+                                                                        for i in range(depth)])
         self.up = nn.ModuleList([nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in range(depth)])
         self.merge = nn.ModuleList([conv_block(2 * widths[i], widths[i]) for i in range(depth)])
         self.head = nn.Conv2d(widths[0], levels, 1)
 
     def forward(self, x):
+        n, _, h, w = x.shape
+        rows = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype).view(1, 1, h, 1).expand(n, 1, h, w)
+        cols = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype).view(1, 1, 1, w).expand(n, 1, h, w)
+        x = self.stem(torch.cat([x, rows, cols], 1))
         skips = []
         for i, block in enumerate(self.down):
             x = block(x if i == 0 else F.max_pool2d(x, 2))
             skips.append(x)
         for i in reversed(range(len(self.up))):
             x = self.merge[i](torch.cat([self.up[i](x), skips[i]], 1))
-        return self.head(x)
+        return F.interpolate(self.head(x), size=(h, w), mode='bilinear', align_corners=False)
 
 
 def volume_input(volume, device):
