@@ -2537,8 +2537,9 @@ def fill_priors(frame, priors, condition):
     return frame, int(empty.sum())
 
 
-PREDICT_KEYS = PREPROCESS_KEYS + LOC_KEYS + ('backbone', 'gru_hidden', 'gru_layers', 'attention_hidden', 'pooling',
-                                             'dropout', 'gru_dropout')  # the saved settings a prediction uses
+PREDICT_KEYS = PREPROCESS_KEYS + LOC_KEYS + (  # the saved settings a prediction uses (batch size and precision
+    'backbone', 'gru_hidden', 'gru_layers', 'attention_hidden', 'pooling', 'dropout', 'gru_dropout',  # too:
+    'precision', 'batch_size')  # a submission run then computes the training run's submission bit for bit)
 
 
 def load_run(folder, config, device, folds=None):
@@ -2668,8 +2669,9 @@ def write_submission(run, config, device, workers):
     studies = spinal['study_id'].nunique()
     out = Path(config['output_dir'])
     submission.to_csv(out / 'submission.csv', index=False)
-    if runtime_environment() == 'kaggle':
-        shutil.copy(out / 'submission.csv', '/kaggle/working/submission.csv')
+    kaggle = Path('/kaggle/working/submission.csv')  # where a Kaggle submission is looked for
+    if runtime_environment() == 'kaggle' and kaggle.resolve() != (out / 'submission.csv').resolve():
+        shutil.copy(out / 'submission.csv', kaggle)
     for study, why in missing.items():
         warn(f'submission: study {study}: spinal canal rows from the priors ({why})')
     info = {'rows': len(submission), 'studies': studies, 'spinal_rows_from_model': from_model,

@@ -40,7 +40,7 @@ def test_volume_follows_the_classifier_read_path(setup, loc_study_set):
         volume = nb["read_volume"](series_dir, config, anchor)
         slots = nb["stack_slots"](headers, skipped, anchor)
         assert volume["instance"].tolist() == [s if isinstance(s, int) else -1 for s in slots]
-        assert volume["image"].shape == (len(slots), 48, 48) and volume["valid"].all()
+        assert volume["image"].shape == (len(slots), 32, 32) and volume["valid"].all()
         x = [float(headers[i].ImagePositionPatient[0]) for i in volume["instance"]]
         assert np.all(np.diff(x) > 0)  # patient right to left
         summary_reversed.append(np.all(np.diff(volume["instance"]) < 0))
