@@ -2587,7 +2587,7 @@ def load_run(folder, config, device, folds=None):
     return run
 
 
-def localisation_cost(oof, samples, loc, run, config, device, workers):
+def localisation_cost(oof, loc, run, config, device, workers):
     """The final models on their validation rows (the OOF rows) cropped at the predicted points, beside the same
     rows at the annotated points (oracle). A row without a prediction or a crop gets the priors, counted."""
     condition, frames = config['condition'], []
@@ -2739,7 +2739,7 @@ if localiser_wanted(CONFIG):
     RUN = load_run(CONFIG['submit_from'] or OUTPUT_DIR, CONFIG, DEVICE,
                    folds=None if SUBMIT_ONLY else CONFIG['train_folds'])
     if not SUBMIT_ONLY:
-        LOCALISATION['cost'] = localisation_cost(OOF, SAMPLES, LOCALISATION, RUN, CONFIG, DEVICE, NUM_WORKERS)
+        LOCALISATION['cost'] = localisation_cost(OOF, LOCALISATION, RUN, CONFIG, DEVICE, NUM_WORKERS)
     if has_test_files(CONFIG):
         SUBMISSION, SUBMISSION_INFO = write_submission(RUN, CONFIG, DEVICE, NUM_WORKERS)
     elif SUBMIT_ONLY:

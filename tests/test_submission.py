@@ -121,7 +121,7 @@ def scores(nb, root, submission, priors):
     return nb["competition_score"](solution, submission), nb["competition_score"](solution, baseline)
 
 
-def test_training_run_writes_a_valid_submission_that_beats_the_priors(runs, nb, loc_study_set):
+def test_kaggle_flow_training_run_writes_a_valid_submission_that_beats_the_priors(runs, nb, loc_study_set):
     submission = pd.read_csv(runs / "train" / "submission.csv")
     sample = pd.read_csv(loc_study_set / "sample_submission.csv")
     assert list(submission.columns) == list(sample.columns)
@@ -148,13 +148,13 @@ def test_training_run_writes_a_valid_submission_that_beats_the_priors(runs, nb, 
     assert (runs / "train" / "figures" / "localisation.png").stat().st_size > 5_000
 
 
-def test_submit_only_run_reproduces_the_submission_exactly(runs):
+def test_kaggle_flow_submit_only_run_reproduces_the_submission_exactly(runs):
     assert (runs / "submit" / "submission.csv").read_bytes() == (runs / "train" / "submission.csv").read_bytes()
     assert not (runs / "submit" / "fold0").exists()  # nothing was trained
     assert not (runs / "submit" / "v9_Results.md").exists()
 
 
-def test_realistic_test_split_submission_is_valid_with_priors_where_no_series(runs, nb, tmp_path):
+def test_kaggle_flow_realistic_test_split_valid_with_priors_where_no_series(runs, nb, tmp_path):
     """The trained run predicts a realistic test split: a study without Sagittal T2/STIR gets the priors, counted."""
     root = tmp_path / "realistic"
     made = make_study_set(root, n_studies=3, seed=8, test_studies=4, **REALISTIC)
