@@ -2685,6 +2685,17 @@ def write_submission(run, config, device, workers):
     return submission, info
 
 
+def cost_line(cost):
+    """The report's one line on the cost of localisation."""
+    oracle, pred = cost['oracle'], cost['predicted']
+    return (f"- Cost of localisation ({cost['rows']} validation rows, the same final models): BA "
+            f"{oracle['ba']:.4f} oracle -> {pred['ba']:.4f} predicted points; spinal terms prior-corrected "
+            f"{oracle['corrected']['competition_score_part']:.4f} -> "
+            f"{pred['corrected']['competition_score_part']:.4f}, "
+            f"raw {oracle['competition_score_part']:.4f} -> {pred['competition_score_part']:.4f} (lower is better; "
+            f"{cost['fallback_rows']} rows on priors: no prediction or crop).")
+
+
 def localisation_report(loc, submission_info, config):
     """Markdown lines of the report's 'Localisation and submission' section (empty when the section did not run)."""
     if loc is None and submission_info is None:
@@ -2696,16 +2707,9 @@ def localisation_report(loc, submission_info, config):
                    '(slice accuracy by anatomical position; point error in-plane, on the annotated slice):'), '',
                   md_table(loc['metrics']), '']
         if 'cost' in loc:
-            cost = loc['cost']
-            oracle, pred = cost['oracle'], cost['predicted']
-            lines += [(f"- Cost of localisation ({cost['rows']} validation rows, the same final models): BA "
-                       f"{oracle['ba']:.4f} oracle -> {pred['ba']:.4f} predicted points; spinal terms prior-corrected "
-                       f"{oracle['corrected']['competition_score_part']:.4f} -> "
-                       f"{pred['corrected']['competition_score_part']:.4f}, raw {oracle['competition_score_part']:.4f}"
-                       f" -> {pred['competition_score_part']:.4f} (lower is better; {cost['fallback_rows']} rows on "
-                       'priors: no prediction or crop).'),
-                      '- Predicted points, terms: ' + ', '.join(
-                          f'{k} {v:.4f}' for k, v in pred['corrected']['competition_terms'].items()) + ' (corrected).']
+            lines += [cost_line(loc['cost']), '- Predicted points, terms: ' + ', '.join(
+                f'{k} {v:.4f}' for k, v in loc['cost']['predicted']['corrected']['competition_terms'].items())
+                + ' (corrected).']
         if loc['failed']:
             lines.append(f"- Studies whose series could not be read (not used): {len(loc['failed'])}.")
         lines.append('')
@@ -2745,7 +2749,8 @@ if localiser_wanted(CONFIG):
     elif SUBMIT_ONLY:
         raise FileNotFoundError(f"submit_from is set but {CONFIG['data_root']} has no test_series_descriptions.csv, "
                                 'test_images/ and sample_submission.csv (on Kaggle: add the competition as an input)')
-    print('\n'.join(localisation_report(LOCALISATION, SUBMISSION_INFO, CONFIG)))
+    if not SUBMIT_ONLY:
+        print(cost_line(LOCALISATION['cost']))
 
 # %% [markdown]
 # ## 10. Results report
