@@ -6,8 +6,10 @@ Usage: python bench/predict_time.py [--studies 4] [--workers 2]
 
 import argparse
 import json
+import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -37,9 +39,12 @@ def main(argv=None):
                 "config": {k: config[k] for k in nb["LOC_KEYS"]}}, fold / "localiser.pt")
     (tmp / "out" / "priors.json").write_text(json.dumps(nb["label_priors"](config["data_root"])))
     run = nb["load_run"](tmp / "out", config, cpu)
+    cpu_start = time.process_time()  # CPU time of all this process's threads (--workers 1: all the work)
     _, info = nb["write_submission"](run, config, cpu, a.workers)
-    print(f"{info['seconds_per_study']:.2f} s per study ({info['studies']} studies, one fold, "
-          f"{torch.get_num_threads()} torch threads, {a.workers} workers)")
+    cpu_seconds = (time.process_time() - cpu_start) / info["studies"]
+    print(f"{info['seconds_per_study']:.2f} s wall, {cpu_seconds:.2f} s CPU per study ({info['studies']} studies, "
+          f"one fold, {torch.get_num_threads()} torch threads, {a.workers} workers; load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
 
 
 if __name__ == "__main__":
