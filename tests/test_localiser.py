@@ -86,7 +86,9 @@ def test_localiser_learns_the_anatomy_and_a_shuffled_control_does_not(setup, tra
     control = nb["localisation_metrics"](nb["localisation_table"](volumes, targets, predictions,
                                                                   samples[samples["study_id"].isin(val)]))
     print(control.to_string())
+    # measured: median 6.2 mm, every slice exact; control 12.9 mm, no slice exact (seed 5 set, fold 0)
     assert control.loc["all", "median mm"] > 1.5 * metrics.loc["all", "median mm"]
+    assert control.loc["all", "slice exact"] < 0.5 <= metrics.loc["all", "slice exact"]
 
 
 def test_classifier_with_predicted_points_beside_oracle(setup, trained):
