@@ -84,7 +84,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = {"img_size": 64, "backbone": "mobilenet_v3_small", "pretrained": "none", "gru_hidden": 32,
         "attention_hidden": 16, "batch_size": 8, "epochs": 8, "warmup_epochs": 1, "swa_start_epoch": 6,
         "learning_rate": 1e-3, "backbone_lr": 1e-3, "swa_lr": 5e-4, "num_folds": 4, "num_workers": 0,
-        "loc_size": 32, "loc_channels": 8, "loc_epochs": 6, "loc_batch": 2}
+        "loc_size": 32, "loc_channels": 8, "loc_epochs": 8, "loc_batch": 1, "loc_lr": 2e-3}
 
 
 def papermill_run(tmp, name, overrides):
