@@ -2644,14 +2644,14 @@ def build_submission(sample, spinal, priors, condition, which):
     if which == 'corrected':
         probs = prior_corrected(probs, [1.0, 1.0, 1.0])
     columns = PC_COLUMNS if which == 'corrected' else P_COLUMNS
-    spinal = spinal.dropna(subset=columns).set_index(
-        spinal['study_id'].astype(str) + f'_{condition}_' + spinal['level'])
+    spinal = spinal.dropna(subset=columns)  # a study on priors has no model row
+    spinal = spinal.set_index(spinal['study_id'].astype(str) + f'_{condition}_' + spinal['level'])
     model = sample['row_id'].isin(spinal.index).to_numpy()
     probs[model] = spinal.loc[sample['row_id'][model], columns].to_numpy(float)
     probs = probs / probs.sum(1, keepdims=True)
     submission = pd.DataFrame(probs, columns=PROB_COLUMNS).assign(row_id=sample['row_id'].to_numpy())
     submission = submission[['row_id'] + PROB_COLUMNS]
-    if submission[PROB_COLUMNS].isna().any().any() or not np.allclose(submission[PROB_COLUMNS].sum(1), 1):
+    if submission[PROB_COLUMNS].isna().any().any() or not np.allclose(submission[PROB_COLUMNS].sum(axis=1), 1):
         raise ValueError('submission has missing probabilities or rows that do not sum to 1')
     assert len(study) == len(submission)
     return submission, int(model.sum())
