@@ -171,6 +171,20 @@ CONFIG = {
                                  # GPU; 1 = this process only; N >= 2 without a GPU = N CPU processes (gloo)
     'sync_bn': False,            # BatchNorm statistics over the global batch (SyncBatchNorm, GPUs only) instead of
                                  # each process's share (batch_size / processes samples)
+    # --- beyond the plan: level localiser, predicted points, Kaggle submission (after section 9) ---
+    'localiser': 'auto',         # on | off | auto = on when the data root holds the competition's test files
+                                 # (a submission is wanted) or submit_from is set; off: the plan's path only
+    'submit_from': None,         # a previous run's output folder (read-only, e.g. an attached Kaggle output):
+                                 # skip training, load its fold*/final.pt and fold*/localiser.pt, write submission.csv
+    'loc_size': 256,             # every sagittal slice resized to this square grid (~1.2 mm per pixel at a
+                                 # 300 mm field of view); a multiple of 32 (the UNet halves it 5 times)
+    'loc_channels': 16,          # UNet width after its stride-2 stem, doubled at each of its 4 levels down
+    'loc_epochs': 20,            # passes over the fold's training studies
+    'loc_lr': 1e-3,              # AdamW, one-cycle schedule
+    'loc_batch': 4,              # studies per optimiser step (a study = all slices of its series)
+    'loc_sigma': 2.0,            # target blob width in grid pixels: forgives the annotations' ~1 mm jitter
+    'loc_submit_probs': 'corrected',  # corrected | raw: probabilities written to submission.csv (the metric
+                                 # weights rows 1/2/4 by label: 'corrected' re-weights to that, see the section)
 }
 CONFIG_OVERRIDES = {}
 
@@ -241,6 +255,8 @@ DEMO_PRESET = {  # small enough to train on 2 CPU cores, big enough to learn the
     'swa_start_epoch': 7, 'patience': 10, 'backbone': 'mobilenet_v3_small', 'pretrained': 'none',
     'gru_hidden': 64, 'attention_hidden': 32, 'learning_rate': 1e-3, 'backbone_lr': 1e-3,
     'swa_lr': 5e-4, 'output_dir': 'runs/demo',
+    'localiser': 'off',  # the demo's test images are copies of training studies; 'on' adds a tiny localiser:
+    'loc_size': 32, 'loc_channels': 8, 'loc_epochs': 8,  # ~8 mm per grid pixel, trains in ~1-2 min on 2 cores
 }
 WARNINGS = []  # every warning printed during the run, repeated in the report
 
@@ -266,7 +282,8 @@ def merge_config(config, overrides):
         merged = {**config, **DEMO_PRESET, **overrides}
     choices = {'intensity': INTENSITY_MODES, 'precision': tuple(AMP_DTYPES),
                'final_model': ('swa', 'last', 'best'), 'pooling': ('attention', 'mean'),
-               'demo_data': ('clean', 'realistic')}
+               'demo_data': ('clean', 'realistic'), 'localiser': ('auto', 'on', 'off'),
+               'loc_submit_probs': ('corrected', 'raw')}
     for key, allowed in choices.items():
         if merged[key] not in allowed:
             raise ValueError(f"CONFIG['{key}'] = {merged[key]!r}; choose one of {allowed}")
@@ -315,6 +332,12 @@ def check_settings(config):
     if config['continue_from'] and not config['resume']:
         raise ValueError("CONFIG['continue_from'] is set but resume=False: continuing needs resume=True")
     check_processes(config)
+    if config['loc_size'] % 32:
+        raise ValueError(f"CONFIG['loc_size'] = {config['loc_size']}: use a multiple of 32 (the localiser halves "
+                         'it 5 times)')
+    if config['submit_from'] and not sorted(Path(config['submit_from']).glob('fold*/final.pt')):
+        raise FileNotFoundError(f"CONFIG['submit_from'] = {config['submit_from']!r}: no fold*/final.pt there (the "
+                                'output folder of a finished training run; on Kaggle, attach it as an input)')
     missed = [e for e in (1, 3, 10) if e > config['epochs']]
     if missed:
         print(f"note: the plan's checkpoint epoch(s) {missed} lie beyond epochs = {config['epochs']}: not checked")
@@ -718,8 +741,10 @@ cv2.setNumThreads(1)  # parallelism comes from the loader/cache workers; set bef
 NUM_WORKERS = worker_count(CONFIG)
 OUTPUT_DIR = Path(CONFIG['output_dir'])
 RUN_START = time.time()  # the time budget counts from here, across folds
-continue_from_previous(CONFIG)
-resume_check(CONFIG)
+SUBMIT_ONLY = bool(CONFIG['submit_from'])  # a submission run: the training sections are skipped
+if not SUBMIT_ONLY:
+    continue_from_previous(CONFIG)
+    resume_check(CONFIG)
 FIGURES = OUTPUT_DIR / 'figures'
 FIGURES.mkdir(exist_ok=True)
 print(f"device {DEVICE}: {machine_description(DEVICE, GPU_FACTS)}"
@@ -1520,18 +1545,19 @@ CONFIG = check_resources(CONFIG, len(SAMPLES))
 NUM_WORKERS = worker_count(CONFIG)
 
 # %%
-SAMPLES, IMAGES, MASKS, DATA_ISSUES = build_cache(SAMPLES, CONFIG, NUM_WORKERS)
-if len(DATA_ISSUES):  # every dropped sample, masked and skipped slice, with its file and reason (also in the report)
-    warn('preprocessing: ' + ', '.join(f'{n} {what}' for what, n in DATA_ISSUES.groupby('what').size().items()))
-    print(DATA_ISSUES.to_string(index=False))
-_masked = int((DATA_ISSUES['what'] == 'slice masked').sum())
-print(f'{len(SAMPLES)} samples cached; black slices: {_masked} masked (listed above), '
-      f'{int((~MASKS[SAMPLES["cache_index"]]).sum()) - _masked} padding (beyond a series edge or in a planned gap)')
-_check = RSNADatasetV9(SAMPLES.head(5), IMAGES, MASKS, CONFIG, train=False)  # training ones carry the margin
-print('5 samples:', [tuple(_check[i]['image'].shape) for i in range(len(_check))])
-plot_class_crops(SAMPLES, IMAGES, MASKS, CONFIG['img_size'])
-plot_augmentations(SAMPLES, IMAGES, MASKS, CONFIG)
-CLIPPED = plot_preprocessing(SAMPLES['path'].iloc[0], CONFIG)
+if not SUBMIT_ONLY:  # a submission run (submit_from) trains nothing: see the localisation section
+    SAMPLES, IMAGES, MASKS, DATA_ISSUES = build_cache(SAMPLES, CONFIG, NUM_WORKERS)
+    if len(DATA_ISSUES):  # every dropped sample, masked and skipped slice, with its file and reason (in the report)
+        warn('preprocessing: ' + ', '.join(f'{n} {what}' for what, n in DATA_ISSUES.groupby('what').size().items()))
+        print(DATA_ISSUES.to_string(index=False))
+    _masked = int((DATA_ISSUES['what'] == 'slice masked').sum())
+    print(f'{len(SAMPLES)} samples cached; black slices: {_masked} masked (listed above), '
+          f'{int((~MASKS[SAMPLES["cache_index"]]).sum()) - _masked} padding (beyond a series edge or in a planned gap)')
+    _check = RSNADatasetV9(SAMPLES.head(5), IMAGES, MASKS, CONFIG, train=False)  # training ones carry the margin
+    print('5 samples:', [tuple(_check[i]['image'].shape) for i in range(len(_check))])
+    plot_class_crops(SAMPLES, IMAGES, MASKS, CONFIG['img_size'])
+    plot_augmentations(SAMPLES, IMAGES, MASKS, CONFIG)
+    CLIPPED = plot_preprocessing(SAMPLES['path'].iloc[0], CONFIG)
 
 # %% [markdown]
 # ## 4. Task 1.2: attention-MIL pooling over slices
@@ -2629,9 +2655,10 @@ def epoch_summary(row):
 
 
 # %%
-resume_check(CONFIG, data_fingerprint(SAMPLES))  # every fold's checkpoint against this data, before any training
-PROCESSES = checked_processes(CONFIG)  # one per GPU (DistributedDataParallel) once they pass a start-up check
-FOLD_RESULTS = train_folds(SAMPLES, IMAGES, MASKS, CONFIG, DEVICE, PROCESSES)
+if not SUBMIT_ONLY:  # a submission run (submit_from) trains nothing: see the localisation section
+    resume_check(CONFIG, data_fingerprint(SAMPLES))  # every fold's checkpoint against this data, before any training
+    PROCESSES = checked_processes(CONFIG)  # one per GPU (DistributedDataParallel) once they pass a start-up check
+    FOLD_RESULTS = train_folds(SAMPLES, IMAGES, MASKS, CONFIG, DEVICE, PROCESSES)
 
 # %% [markdown]
 # ## 8. Task 4.1: metrics and plots
@@ -2896,25 +2923,26 @@ def plot_strips(oof, images, size, title, name, per_class=2, rows=None):
 
 
 # %%
-OOF = oof_frame(FOLD_RESULTS, lambda r: final_kind(r, CONFIG))
-FINAL = summarize(OOF, CONFIG['condition'])
-COMPARISON = model_comparison(FOLD_RESULTS, CONFIG['condition'])
-print(f"final model per fold: {dict(zip(OOF['fold'], OOF['model']))}")
-print(f"{SCORE_NAME} (raw / prior-corrected): {FINAL['competition_score_part']:.4f} / "
-      f"{FINAL['corrected']['competition_score_part']:.4f}")
-print(score_caveat(OOF, CONFIG))
-print(COMPARISON.to_string())
-HOLDOUT = holdout_evaluation(FOLD_RESULTS, CONFIG['condition']) if 'holdout' in FOLD_RESULTS[0] else None
-if HOLDOUT is not None:
-    print(f"held-out studies ({FOLD_RESULTS[0]['holdout']['rows']['study_id'].nunique()}):")
-    print(HOLDOUT.to_string())
-for message in dead_class_warnings(FINAL['pred_counts']):
-    warn(f'final model: {message}')
-plot_curves(FOLD_RESULTS)
-plot_confusion(FINAL['confusion'], f"final ({', '.join(sorted(set(OOF['model'])))})", 'confusion_matrix')
-plot_attention_heatmap(OOF, pooling=CONFIG['pooling'])
-plot_strips(OOF, IMAGES, CONFIG['img_size'], f"{CONFIG['pooling']} pooling weight of each slice (examples per class)",
-            'attention_strips')
+if not SUBMIT_ONLY:  # a submission run (submit_from) trains nothing: see the localisation section
+    OOF = oof_frame(FOLD_RESULTS, lambda r: final_kind(r, CONFIG))
+    FINAL = summarize(OOF, CONFIG['condition'])
+    COMPARISON = model_comparison(FOLD_RESULTS, CONFIG['condition'])
+    print(f"final model per fold: {dict(zip(OOF['fold'], OOF['model']))}")
+    print(f"{SCORE_NAME} (raw / prior-corrected): {FINAL['competition_score_part']:.4f} / "
+          f"{FINAL['corrected']['competition_score_part']:.4f}")
+    print(score_caveat(OOF, CONFIG))
+    print(COMPARISON.to_string())
+    HOLDOUT = holdout_evaluation(FOLD_RESULTS, CONFIG['condition']) if 'holdout' in FOLD_RESULTS[0] else None
+    if HOLDOUT is not None:
+        print(f"held-out studies ({FOLD_RESULTS[0]['holdout']['rows']['study_id'].nunique()}):")
+        print(HOLDOUT.to_string())
+    for message in dead_class_warnings(FINAL['pred_counts']):
+        warn(f'final model: {message}')
+    plot_curves(FOLD_RESULTS)
+    plot_confusion(FINAL['confusion'], f"final ({', '.join(sorted(set(OOF['model'])))})", 'confusion_matrix')
+    plot_attention_heatmap(OOF, pooling=CONFIG['pooling'])
+    plot_strips(OOF, IMAGES, CONFIG['img_size'],
+                f"{CONFIG['pooling']} pooling weight of each slice (examples per class)", 'attention_strips')
 
 # %% [markdown]
 # ## 9. Post-training analysis
@@ -2986,19 +3014,652 @@ def plot_attention_profile(analysis, name='attention_profile'):
 
 
 # %%
-ANALYSIS = attention_analysis(OOF, CONFIG['pooling'])
-CONFUSED = confused_pairs(FINAL['confusion'])
-WORST = worst_errors(OOF)
-plot_attention_profile(ANALYSIS)
-print(ANALYSIS['profile'].round(3).to_string())
-print(f"centre slice weight {ANALYSIS['centre_mean']:.3f}, edge slices {ANALYSIS['edge_mean']:.3f} "
-      f"(uniform {ANALYSIS['uniform']:.3f}); centre / edge per class "
-      f"{ {c: round(v, 2) for c, v in ANALYSIS['centre_over_edge_by_class'].items()} }; Spearman(label, centre "
-      f"weight) = {ANALYSIS['spearman_label_vs_centre_weight']:.3f} (p = {ANALYSIS['spearman_p']:.3g})"
-      + ('' if CONFIG['pooling'] == 'attention' else " (pooling = 'mean': fixed weights, nothing learned)"))
-print(CONFUSED.to_string(index=False))
-plot_strips(OOF, IMAGES, CONFIG['img_size'], 'worst errors (lowest probability on the true class)', 'worst_errors',
-            rows=WORST)
+if not SUBMIT_ONLY:  # a submission run (submit_from) trains nothing: see the localisation section
+    ANALYSIS = attention_analysis(OOF, CONFIG['pooling'])
+    CONFUSED = confused_pairs(FINAL['confusion'])
+    WORST = worst_errors(OOF)
+    plot_attention_profile(ANALYSIS)
+    print(ANALYSIS['profile'].round(3).to_string())
+    print(f"centre slice weight {ANALYSIS['centre_mean']:.3f}, edge slices {ANALYSIS['edge_mean']:.3f} "
+          f"(uniform {ANALYSIS['uniform']:.3f}); centre / edge per class "
+          f"{ {c: round(v, 2) for c, v in ANALYSIS['centre_over_edge_by_class'].items()} }; Spearman(label, centre "
+          f"weight) = {ANALYSIS['spearman_label_vs_centre_weight']:.3f} (p = {ANALYSIS['spearman_p']:.3g})"
+          + ('' if CONFIG['pooling'] == 'attention' else " (pooling = 'mean': fixed weights, nothing learned)"))
+    print(CONFUSED.to_string(index=False))
+    plot_strips(OOF, IMAGES, CONFIG['img_size'], 'worst errors (lowest probability on the true class)',
+                'worst_errors', rows=WORST)
+
+# %% [markdown]
+# ## Beyond the plan: level localiser, predicted points, Kaggle submission
+# Everything above is measured on crops at the annotated point; test studies have no annotations. This section
+# (on when the data root holds the competition's test files, or `localiser: 'on'`, or `submit_from` is set):
+# 1. **Localiser.** Each study's Sagittal T2/STIR series is read through the classifier's path (file names as
+#    instance numbers, `stack_slots` for patient-axis order, repeated stacks and gaps, `decode_dicom` /
+#    `map_intensity` / `apply_clahe`) and every slice is resized to a `loc_size` square grid. A small UNet sees
+#    each slice with its two neighbours (3 channels) and draws 5 heatmaps, one per level; one softmax per level
+#    runs over all slices and pixels of the series, so the slice with the most probability mass is the level's
+#    slice and the weighted centre around the peak is its (x, y), mapped back to that slice's pixels. Targets: the
+#    spinal canal points of `train_label_coordinates.csv` (a Gaussian blob, `loc_sigma`). One localiser per
+#    trained fold, on that fold's training studies: a validation study is seen by neither model.
+#    **Which series:** in training, the annotated one; otherwise the study's Sagittal T2/STIR series with the most
+#    DICOM files (ties: the lowest series_id).
+# 2. **Measured on the validation fold:** exact and within-one-slice accuracy of the slice (anatomical position),
+#    in-plane point error in mm (median, 90th percentile), per level, and a figure.
+# 3. **Cost of localisation:** the same validation rows and the same final model (`fold{k}/final.pt`), cropped at
+#    the predicted slice and point instead of the annotated ones; a row whose predicted crop cannot be built gets
+#    the training priors and is counted.
+# 4. **Submission** (`submission.csv` in `output_dir`, and in `/kaggle/working` on Kaggle): every row of
+#    `sample_submission.csv`. Spinal canal rows: the fold localisers' heatmaps averaged, then each fold's classifier
+#    on the crops at those points, probabilities averaged over folds. The other 20 targets (not trained here) and
+#    any study whose Sagittal T2/STIR series is missing or unreadable: the training set's class frequencies per
+#    (condition, level) from train.csv, add-one smoothed. `loc_submit_probs: 'corrected'` (the default) submits
+#    prior-corrected probabilities (model and frequencies alike re-weighted by the metric's 1/2/4 row weights: the
+#    metric's expected loss is lowest there); 'raw' submits the softmax and the plain frequencies.
+#    Both the training run and a `submit_from` run build the submission from the files in an output folder
+#    (`fold*/final.pt`, `fold*/localiser.pt`, `priors.json`), so a submission run reproduces it exactly.
+
+# %% tags=["defs"]
+from torchvision.ops import Conv2dNormActivation
+
+LOC_SLICE_SIGMA = 0.5  # target blob width across slices, in slices: the annotated slice clearly first
+LOC_KEYS = ('loc_size', 'loc_channels', 'loc_sigma', 'intensity', 'window_center', 'window_width', 'percentiles',
+            'series_percentiles', 'clahe_clip', 'clahe_grid', 'series_description')  # what a volume and model depend on
+LOCALISATION = SUBMISSION_INFO = None  # this section's results; write_report adds its section when set
+
+
+def localiser_wanted(config):
+    """'on' / 'off', or for 'auto': on when a submission is wanted (test files in the data root, or submit_from)."""
+    if config['localiser'] != 'auto':
+        return config['localiser'] == 'on'
+    return bool(config['submit_from']) or has_test_files(config)
+
+
+def has_test_files(config):
+    root = Path(config['data_root'])
+    return all((root / name).exists() for name in ('test_series_descriptions.csv', 'test_images',
+                                                     'sample_submission.csv'))
+
+
+def pick_series(descriptions, study_id, images_dir, wanted):
+    """The study's `wanted` series used for localisation: the one with the most DICOM files (ties: lowest
+    series_id); None when it has none on disk."""
+    rows = descriptions[(descriptions['study_id'] == study_id) & (descriptions['series_description'] == wanted)]
+    counts = {int(s): len(list((Path(images_dir) / str(study_id) / str(s)).glob('*.dcm'))) for s in rows['series_id']}
+    counts = {s: n for s, n in counts.items() if n}
+    return min(counts, key=lambda s: (-counts[s], s)) if counts else None
+
+
+def read_volume(series_dir, config, anchor=None):
+    """One series as the localiser sees it: slices in anatomical order (stack_slots around `anchor`, default the
+    middle file), each resized to loc_size x loc_size. Returns {'image' uint8 (n, S, S), 'valid' (n,) bool,
+    'instance' (n,) int (-1 in a gap or for an unreadable file), 'cols_rows' (n, 2) pixels, 'spacing' (n, 2) mm
+    per pixel along x, y, 'issues': [(file, reason)]}. Raises ValueError when no slice is usable."""
+    headers, skipped = read_series_headers(series_dir)
+    if not headers:
+        raise ValueError(f'{series_dir}: no readable slice ({len(skipped)} files skipped)')
+    anchor = anchor if anchor in headers else sorted(headers)[len(headers) // 2]
+    slots = stack_slots(headers, skipped, anchor)
+    size, ref = config['loc_size'], headers[anchor]
+    n = len(slots)
+    volume = {'image': np.zeros((n, size, size), np.uint8), 'valid': np.zeros(n, bool), 'instance': np.full(n, -1),
+              'cols_rows': np.tile([int(ref.Columns), int(ref.Rows)], (n, 1)),
+              'spacing': np.tile(slice_geometry(ref)[3], (n, 1)), 'issues': list(skipped.items()),
+              'series_dir': str(series_dir)}
+    decoded = {}
+    for j, slot in enumerate(slots):
+        if isinstance(slot, int):
+            try:
+                decoded[j] = decode_dicom(headers[slot].filename)
+            except ValueError as error:
+                volume['issues'].append((f'{slot}.dcm', str(error)))
+        elif slot is not None:
+            volume['issues'].append(slot)
+    if not decoded:
+        raise ValueError(f'{series_dir}: no slice could be decoded')
+    window = series_window([pixels for _, pixels in decoded.values()], config)
+    for j, (ds, pixels) in decoded.items():
+        image = apply_clahe(map_intensity(pixels, ds, config, window)[0], config)
+        volume['image'][j] = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+        volume['valid'][j], volume['instance'][j] = True, slots[j]
+        volume['cols_rows'][j] = image.shape[1], image.shape[0]
+        volume['spacing'][j] = slice_geometry(ds)[3]
+    return volume
+
+
+def read_volume_job(job):
+    """(key, volume or the error text) for a job (key, series_dir, anchor, config): an unreadable series is
+    reported by the caller and the others go on."""
+    key, series_dir, anchor, config = job
+    try:
+        return key, read_volume(series_dir, config, anchor)
+    except Exception as error:
+        return key, f'{type(error).__name__}: {error}'
+
+
+def read_volumes(jobs, config, workers):
+    """{key: volume or error text} for jobs [(key, series_dir, anchor)], read in `workers` forked processes."""
+    jobs = [(*job, config) for job in jobs]
+    if workers <= 1 or len(jobs) < 2:
+        return dict(map(read_volume_job, jobs))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('fork'), initializer=die_with_parent,
+                             initargs=(os.getpid(),)) as pool:
+        return dict(tqdm(pool.map(read_volume_job, jobs, chunksize=2), total=len(jobs), desc='localiser volumes'))
+
+
+def grid_point(volume, j, x, y):
+    """Series pixel (x, y) on slot j -> loc grid (u, v) (pixel centres map to pixel centres)."""
+    cols, rows = volume['cols_rows'][j]
+    size = volume['image'].shape[-1]
+    return (x + 0.5) * size / cols - 0.5, (y + 0.5) * size / rows - 0.5
+
+
+def series_point(volume, j, u, v):
+    cols, rows = volume['cols_rows'][j]
+    size = volume['image'].shape[-1]
+    return (u + 0.5) * cols / size - 0.5, (v + 0.5) * rows / size - 0.5
+
+
+def level_targets(volume, rows):
+    """(5, 3) float array of (slot, u, v) per level from annotated rows (instance_number, x, y, level_idx); NaN
+    where a level has no annotation or its slice is not in the volume."""
+    targets = np.full((len(LEVELS), 3), np.nan)
+    slot_of = {int(i): j for j, i in enumerate(volume['instance']) if i >= 0}
+    for instance, x, y, level in rows[['instance_number', 'x', 'y', 'level_idx']].itertuples(False):
+        if int(instance) in slot_of:
+            j = slot_of[int(instance)]
+            targets[level] = (j, *grid_point(volume, j, x, y))
+    return targets
+
+
+def conv_block(cin, cout):
+    return nn.Sequential(Conv2dNormActivation(cin, cout, 3), Conv2dNormActivation(cout, cout, 3))
+
+
+class LevelLocaliser(nn.Module):
+    """A small UNet: (slices, 3, S, S) -> (slices, 5, S, S) logits, one map per level. Input channels: each slice
+    and its two neighbours (the slice choice sees the canal fade across slices) plus the pixel's row and column
+    position in [-1, 1] (five discs look alike: where a disc sits in the image tells the levels apart, beside
+    the column's ends). A stride-2 stem keeps the work at half resolution; the logits are upsampled at the end."""
+
+    def __init__(self, width, levels=5, depth=4):
+        super().__init__()
+        widths = [width * 2 ** i for i in range(depth + 1)]
+        self.stem = Conv2dNormActivation(5, widths[0], 3, stride=2)
+        self.down = nn.ModuleList([conv_block(widths[0], widths[0])] + [conv_block(widths[i], widths[i + 1])
+                                                                        for i in range(depth)])
+        self.up = nn.ModuleList([nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in range(depth)])
+        self.merge = nn.ModuleList([conv_block(2 * widths[i], widths[i]) for i in range(depth)])
+        self.head = nn.Conv2d(widths[0], levels, 1)
+
+    def forward(self, x):
+        n, _, h, w = x.shape
+        rows = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype).view(1, 1, h, 1).expand(n, 1, h, w)
+        cols = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype).view(1, 1, 1, w).expand(n, 1, h, w)
+        x = self.stem(torch.cat([x, rows, cols], 1))
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else F.max_pool2d(x, 2))
+            skips.append(x)
+        for i in reversed(range(len(self.up))):
+            x = self.merge[i](torch.cat([self.up[i](x), skips[i]], 1))
+        return F.interpolate(self.head(x), size=(h, w), mode='bilinear', align_corners=False)
+
+
+def volume_input(volume, device):
+    """uint8 (n, S, S) -> float (n, 3, S, S): each slice between its neighbours (black beyond the edges)."""
+    x = torch.from_numpy(volume['image']).to(device).float().div_(255).sub_(0.5).div_(0.25)
+    x = F.pad(x, (0, 0, 0, 0, 1, 1))
+    return torch.stack([x[:-2], x[1:-1], x[2:]], 1)
+
+
+def level_log_probs(logits, valid):
+    """(n, 5, S, S) logits -> (5, n, S, S) log-probabilities, one softmax per level over every slice and pixel of
+    the series; slices that are not there (gaps, unreadable) get none."""
+    logits = logits.float().permute(1, 0, 2, 3).masked_fill(~valid.view(1, -1, 1, 1), -1e4)
+    return logits.flatten(1).log_softmax(1).view(logits.shape)
+
+
+def localiser_loss(logits, targets, valid, sigma):
+    """Cross entropy between each level's softmax and a Gaussian blob at its target (sigma grid pixels in-plane,
+    LOC_SLICE_SIGMA slices across), averaged over the annotated levels."""
+    have = ~torch.isnan(targets[:, 0])
+    if not have.any():
+        return logits.sum() * 0.0
+    n, _, size, _ = logits.shape
+    t = targets[have].view(-1, 3, 1, 1, 1)
+    j = torch.arange(n, device=logits.device, dtype=torch.float32).view(1, -1, 1, 1)
+    grid = torch.arange(size, device=logits.device, dtype=torch.float32)
+    blob = torch.exp(-(j - t[:, 0]) ** 2 / (2 * LOC_SLICE_SIGMA ** 2)
+                     - ((grid.view(1, 1, 1, -1) - t[:, 1]) ** 2 + (grid.view(1, 1, -1, 1) - t[:, 2]) ** 2)
+                     / (2 * sigma ** 2)) * valid.view(1, -1, 1, 1)
+    blob = blob / blob.sum((1, 2, 3), keepdim=True)
+    return -(blob * level_log_probs(logits, valid)[have]).sum((1, 2, 3)).mean()
+
+
+def decode_levels(probs, window=2):
+    """(5, n, S, S) probabilities -> (5, 3) array of (slot, u, v): the slice holding the most probability, then
+    the probability-weighted centre of the (2 window + 1)^2 pixels around that slice's peak."""
+    size = probs.shape[-1]
+    out = np.zeros((len(probs), 3))
+    for level, p in enumerate(probs):
+        j = int(p.sum((1, 2)).argmax())
+        v, u = divmod(int(p[j].argmax()), size)
+        v0, u0 = max(v - window, 0), max(u - window, 0)
+        patch = p[j, v0:v + window + 1, u0:u + window + 1]
+        vv, uu = torch.meshgrid(torch.arange(v0, v0 + patch.shape[0]), torch.arange(u0, u0 + patch.shape[1]),
+                                indexing='ij')
+        out[level] = j, float((patch * uu).sum() / patch.sum()), float((patch * vv).sum() / patch.sum())
+    return out
+
+
+@torch.inference_mode()
+def localise(models, volume, device, config):
+    """(5, 3) (slot, u, v) per level from the probabilities of `models` averaged (one model per fold)."""
+    x, valid = volume_input(volume, device), torch.from_numpy(volume['valid']).to(device)
+    probs = 0
+    for model in models:
+        with autocast(device, config):
+            logits = model.eval()(x)
+        probs = probs + level_log_probs(logits, valid).exp() / len(models)
+    return decode_levels(probs.cpu())
+
+
+def train_localiser(volumes, targets, studies, config, device, seed):
+    """A LevelLocaliser trained on `studies` (keys of volumes/targets): AdamW, one-cycle LR, `loc_batch`
+    studies per step (their slices in one forward pass). Returns (model, loss per epoch)."""
+    seed_everything(seed)
+    model = LevelLocaliser(config['loc_channels']).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config['loc_lr'], weight_decay=1e-4)
+    batches = math.ceil(len(studies) / config['loc_batch'])
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, config['loc_lr'],
+                                                    total_steps=config['loc_epochs'] * batches, pct_start=0.15)
+    rng, losses = np.random.default_rng(seed), []
+    for _ in range(config['loc_epochs']):
+        model.train()
+        order, total = rng.permutation(len(studies)), 0.0
+        for b in range(batches):
+            batch = [studies[i] for i in order[b * config['loc_batch']:(b + 1) * config['loc_batch']]]
+            x = torch.cat([volume_input(volumes[s], device) for s in batch])
+            with autocast(device, config):
+                logits = model(x).split([len(volumes[s]['valid']) for s in batch])
+            loss = sum(localiser_loss(out, torch.as_tensor(targets[s], dtype=torch.float32, device=device),
+                                      torch.from_numpy(volumes[s]['valid']).to(device), config['loc_sigma'])
+                       for out, s in zip(logits, batch)) / len(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += loss.item() / batches
+        losses.append(total)
+    return model, losses
+
+
+def localisation_table(volumes, targets, predictions, rows):
+    """One row per annotated (study, level): true and predicted slot, instance and point, in-plane error in mm
+    (the predicted grid point on the annotated slice's pixel spacing)."""
+    records = []
+    for study in rows['study_id'].unique():
+        volume, target, pred = volumes[study], targets[study], predictions[study]
+        for level, (j, u, v) in enumerate(target):
+            if np.isnan(j):
+                continue
+            j, pj = int(j), int(pred[level, 0])
+            cols, rows_ = volume['cols_rows'][j]
+            size = volume['image'].shape[-1]
+            dx = (pred[level, 1] - u) * cols / size * volume['spacing'][j][0]
+            dy = (pred[level, 2] - v) * rows_ / size * volume['spacing'][j][1]
+            records.append({'study_id': study, 'level': LEVELS[level], 'slot': j, 'pred_slot': pj,
+                            'instance_number': int(volume['instance'][j]),
+                            'pred_instance': int(volume['instance'][pj]),
+                            'slice_error': abs(pj - j), 'error_mm': float(np.hypot(dx, dy))})
+    return pd.DataFrame(records)
+
+
+def localisation_metrics(table):
+    """Per level and overall: exact and within-one-slice accuracy, median and 90th percentile error in mm."""
+    def stats(t):
+        return {'n': len(t), 'slice exact': (t['slice_error'] == 0).mean(),
+                'slice within 1': (t['slice_error'] <= 1).mean(), 'median mm': t['error_mm'].median(),
+                'p90 mm': t['error_mm'].quantile(0.9)}
+    per = {level: stats(t) for level, t in table.groupby('level')}
+    return pd.DataFrame({**per, 'all': stats(table)}).T.rename_axis('level').round(3)
+
+
+def plot_localisation(volumes, targets, predictions, studies, name='localisation'):
+    """Annotated (circles) and predicted (crosses) points on the annotated L3/L4 slice of a few studies; the
+    caption gives each level's slice error."""
+    fig, axes = plt.subplots(1, len(studies), figsize=(3.2 * len(studies), 3.6), squeeze=False)
+    for ax, study in zip(axes[0], studies):
+        target, pred = targets[study], predictions[study]
+        j = int(np.nan_to_num(target[2, 0], nan=pred[2, 0]))
+        ax.imshow(volumes[study]['image'][j], cmap='gray')
+        ax.scatter(target[:, 1], target[:, 2], s=60, facecolors='none', edgecolors='lime', label='annotated')
+        ax.scatter(pred[:, 1], pred[:, 2], s=40, marker='x', color='red', label='predicted')
+        ax.set_title(f'{study}: slice error ' + ','.join('-' if np.isnan(t) else str(int(abs(p - t)))
+                                                         for t, p in zip(target[:, 0], pred[:, 0])), fontsize=8)
+        ax.axis('off')
+    axes[0, 0].legend(fontsize=7, loc='lower left')
+    fig.suptitle('localiser on validation studies (L1/L2..L5/S1; slice of the annotated L3/L4)')
+    show(fig, name)
+
+
+def annotated_series(samples, root):
+    """Localiser jobs from the sample table: per study, its most annotated series, anchored at its most annotated
+    instance (the stack the annotations were made on); returns (jobs, {study: rows on that series})."""
+    jobs, rows_of = [], {}
+    for study, rows in samples.groupby('study_id'):
+        series = rows['series_id'].mode().iloc[0]
+        rows = rows[rows['series_id'] == series]
+        rows_of[study] = rows
+        jobs.append((study, Path(root) / 'train_images' / str(study) / str(series),
+                     int(rows['instance_number'].mode().iloc[0])))
+    return jobs, rows_of
+
+
+def train_localisers(samples, config, device, workers):
+    """Per trained fold: a localiser on the fold's training studies (fold{k}/localiser.pt), measured on its
+    validation studies. Returns the volumes, targets and predictions of the validation studies, the
+    measurement table, its metrics, the training losses and the studies whose series could not be read."""
+    jobs, rows_of = annotated_series(samples, config['data_root'])
+    volumes = read_volumes(jobs, config, workers)
+    failed = {s: v for s, v in volumes.items() if isinstance(v, str)}
+    for study, reason in failed.items():
+        warn(f'localiser: study {study} not used, its series cannot be read ({reason})')
+    volumes = {s: v for s, v in volumes.items() if s not in failed}
+    targets = {s: level_targets(v, rows_of[s]) for s, v in volumes.items()}
+    fold_of = samples.groupby('study_id')['fold'].first()
+    predictions, losses = {}, {}
+    for fold in config['train_folds']:
+        train = [s for s in volumes if fold_of[s] != fold and fold_of[s] >= 0 and not np.isnan(targets[s][:, 0]).all()]
+        start = time.time()
+        model, losses[fold] = train_localiser(volumes, targets, train, config, device, config['seed'] + 100 + fold)
+        (Path(config['output_dir']) / f'fold{fold}').mkdir(parents=True, exist_ok=True)
+        save_atomic({'model': model.state_dict(), 'config': {k: config[k] for k in LOC_KEYS}, 'fold': fold,
+                     'losses': losses[fold]}, Path(config['output_dir']) / f'fold{fold}' / 'localiser.pt')
+        for study in (s for s in volumes if fold_of[s] == fold):
+            predictions[study] = localise([model], volumes[study], device, config)
+        print(f'fold {fold}: localiser trained on {len(train)} studies in {time.time() - start:.0f} s, loss '
+              f'{losses[fold][0]:.3f} -> {losses[fold][-1]:.3f}')
+    table = localisation_table(volumes, targets, predictions, samples[samples['study_id'].isin(predictions)])
+    return {'volumes': {s: volumes[s] for s in predictions}, 'targets': targets, 'predictions': predictions,
+            'table': table, 'metrics': localisation_metrics(table), 'losses': losses, 'failed': failed}
+
+
+def point_rows(studies, volumes, predictions, condition_rows=None):
+    """Classifier rows at the predicted slice and point: one per (study, level) of `studies`, with the columns
+    build_cache needs (label 0 when `condition_rows`, the validation rows with their labels, is not given)."""
+    records = []
+    for study in studies:
+        volume, pred = volumes[study], predictions[study]
+        for level, (j, u, v) in enumerate(pred):
+            if np.isnan(j):  # (annotated points passed as predictions: a level without one)
+                continue
+            x, y = series_point(volume, int(j), u, v)
+            instance = int(volume['instance'][int(j)])
+            records.append({'study_id': study, 'series_id': int(Path(volume['series_dir']).name),
+                            'instance_number': instance, 'x': x, 'y': y, 'level': LEVELS[level], 'level_idx': level,
+                            'path': str(Path(volume['series_dir']) / f'{instance}.dcm')})
+    rows = pd.DataFrame(records, columns=['study_id', 'series_id', 'instance_number', 'x', 'y', 'level',
+                                          'level_idx', 'path'])
+    if condition_rows is None:
+        return rows.assign(label=0)
+    return rows.merge(condition_rows[['study_id', 'level', 'label']], on=['study_id', 'level'])
+
+
+def classify_rows(rows, classifiers, config, device, workers):
+    """Mean probabilities (raw P_COLUMNS and prior-corrected PC_COLUMNS) of `classifiers` [(model, class weights)]
+    on crops at the rows' instance and point (built like the training crops, by build_cache). Rows whose crop
+    cannot be built keep NaN (the caller fills them with the priors and counts them)."""
+    rows = rows.reset_index(drop=True)
+    out = rows.copy()
+    out[P_COLUMNS + PC_COLUMNS] = np.nan
+    if rows.empty:
+        return out
+    kept, images, masks, _ = build_cache(rows, config, workers)
+    if kept.empty:
+        return out
+    loader = make_loader(RSNADatasetV9(kept, images, masks, config, train=False), config, device, False)
+    raw = corrected = 0
+    for model, weights in classifiers:
+        probs = predict(model, loader, CompetitionWeightedCE(weights).to(device), device, config)['probs']
+        raw, corrected = raw + probs / len(classifiers), corrected + prior_corrected(probs, weights) / len(classifiers)
+    out.loc[kept.index, P_COLUMNS], out.loc[kept.index, PC_COLUMNS] = raw, corrected
+    return out
+
+
+def label_priors(data_root):
+    """{train.csv column: [normal_mild, moderate, severe]}: the class frequencies of each (condition, level) in
+    train.csv, add-one smoothed (a class never seen still gets a finite loss)."""
+    labels = pd.read_csv(Path(data_root) / 'train.csv')
+    return {column: ((counts := np.array([(labels[column] == c).sum() for c in CLASSES], float) + 1)
+                     / counts.sum()).tolist() for column in labels.columns if column != 'study_id'}
+
+
+def fill_priors(frame, priors, condition):
+    """Rows of `frame` (study_id, level, P/PC columns) without probabilities get the priors of their level
+    (PC: re-weighted by the metric's row weights, as the model's). Returns (frame, rows filled)."""
+    frame = frame.copy()
+    empty = frame[P_COLUMNS[0]].isna()
+    prior = np.array([priors[f'{condition}_{level}'] for level in frame.loc[empty, 'level']]).reshape(-1, 3)
+    frame.loc[empty, P_COLUMNS] = prior
+    frame.loc[empty, PC_COLUMNS] = prior_corrected(prior, [1.0, 1.0, 1.0]) if len(prior) else prior
+    return frame, int(empty.sum())
+
+
+PREDICT_KEYS = PREPROCESS_KEYS + LOC_KEYS + (  # the saved settings a prediction uses (batch size and precision
+    'backbone', 'gru_hidden', 'gru_layers', 'attention_hidden', 'pooling', 'dropout', 'gru_dropout',  # too:
+    'precision', 'batch_size')  # a submission run then computes the training run's submission bit for bit)
+
+
+def load_run(folder, config, device, folds=None):
+    """The classifiers (fold*/final.pt), localisers (fold*/localiser.pt) and priors (priors.json) of a finished
+    run's output folder, checked: every fold saved with the same settings, each localiser with the settings of
+    its classifier's run, every weight loaded strictly. Returns {'config': this run's CONFIG with the saved
+    prediction settings (PREDICT_KEYS), 'classifiers': [(model, class weights)], 'localisers', 'priors',
+    'folds'}."""
+    folder = Path(folder)
+    run = {'classifiers': [], 'localisers': [], 'folds': []}
+    saved_settings = None
+    paths = (sorted(folder.glob('fold*/final.pt')) if folds is None
+             else [folder / f'fold{f}' / 'final.pt' for f in folds])
+    for path in paths:
+        saved = torch.load(path, map_location='cpu', weights_only=False)
+        settings = {k: saved['config'].get(k) for k in PREDICT_KEYS}
+        if saved_settings is not None and settings != saved_settings:
+            raise ValueError(f'{path} was trained with other settings than {run["folds"][0]}: '
+                             f'{ {k: (saved_settings[k], v) for k, v in settings.items() if v != saved_settings[k]} }')
+        saved_settings = settings
+        model = SpineModelV9({**saved['config'], 'pretrained': 'none'})
+        model.load_state_dict(saved['model'])
+        run['classifiers'].append((model.to(device).eval(), saved['class_weights']))
+        run['folds'].append(path.parent.name)
+        loc_path = path.with_name('localiser.pt')
+        if not loc_path.exists():
+            raise FileNotFoundError(f'{loc_path} is missing: that run trained no localiser (localiser: off?)')
+        loc = torch.load(loc_path, map_location='cpu', weights_only=False)
+        changed = {k: (settings[k], v) for k, v in loc['config'].items() if settings[k] != v}
+        if changed:
+            raise ValueError(f'{loc_path} does not belong to the run of {path}: {{key: (classifier, localiser)}} '
+                             f'= {changed}')
+        localiser = LevelLocaliser(loc['config']['loc_channels'])
+        localiser.load_state_dict(loc['model'])
+        run['localisers'].append(localiser.to(device).eval())
+    if not run['classifiers']:
+        raise FileNotFoundError(f'{folder}: no fold*/final.pt (the output folder of a finished training run)')
+    differ = {k: (v, config[k]) for k, v in saved_settings.items() if config[k] != v}
+    if differ:
+        print(f'{folder}: prediction uses the settings the models were trained with; this run differs in '
+              f'{{key: (trained, here)}} = {differ}')
+    run['config'] = {**config, **saved_settings}
+    priors = folder / 'priors.json'
+    run['priors'] = json.loads(priors.read_text()) if priors.exists() else label_priors(config['data_root'])
+    return run
+
+
+def localisation_cost(oof, loc, run, config, device, workers):
+    """The final models on their validation rows (the OOF rows) cropped at the predicted points, beside the same
+    rows at the annotated points (oracle). A row without a prediction or a crop gets the priors, counted."""
+    condition, frames = config['condition'], []
+    by_fold = dict(zip(run['folds'], run['classifiers']))
+    for fold, rows in oof.groupby('fold'):
+        studies = [s for s in rows['study_id'].unique() if s in loc['predictions']]
+        points = point_rows(studies, loc['volumes'], loc['predictions'], rows)
+        probs = classify_rows(points, [by_fold[f'fold{fold}']], run['config'], device, workers)
+        frames.append(rows[['study_id', 'level', 'label']].merge(
+            probs[['study_id', 'level'] + P_COLUMNS + PC_COLUMNS], on=['study_id', 'level'], how='left'))
+    predicted, fallback = fill_priors(pd.concat(frames, ignore_index=True), run['priors'], condition)
+    oracle = oof.set_index(['study_id', 'level']).loc[pd.MultiIndex.from_frame(predicted[['study_id', 'level']])]
+    return {'oracle': summarize(oracle.reset_index(), condition), 'predicted': summarize(predicted, condition),
+            'fallback_rows': fallback, 'rows': len(predicted)}
+
+
+def predict_test(run, config, device, workers):
+    """Spinal canal probabilities of every test study in sample_submission.csv (one row per level: study_id,
+    level, P/PC columns; NaN for a study without a usable series), and {study: why it has none}."""
+    root = Path(config['data_root'])
+    descriptions = pd.read_csv(root / 'test_series_descriptions.csv')
+    sample = pd.read_csv(root / 'sample_submission.csv')
+    studies = sorted({int(r.split('_')[0]) for r in sample['row_id']})
+    jobs, missing = [], {}
+    for study in studies:
+        series = pick_series(descriptions, study, root / 'test_images', config['series_description'])
+        if series is None:
+            missing[study] = f"no {config['series_description']} series with DICOM files"
+        else:
+            jobs.append((study, root / 'test_images' / str(study) / str(series), None))
+    volumes = read_volumes(jobs, run['config'], workers)
+    missing.update({s: v for s, v in volumes.items() if isinstance(v, str)})
+    volumes = {s: v for s, v in volumes.items() if s not in missing}
+    predictions = {s: localise(run['localisers'], v, device, run['config']) for s, v in volumes.items()}
+    probs = classify_rows(point_rows(list(volumes), volumes, predictions), run['classifiers'], run['config'],
+                          device, workers)
+    every = pd.DataFrame([(s, level) for s in studies for level in LEVELS], columns=['study_id', 'level'])
+    probs = every.merge(probs[['study_id', 'level'] + P_COLUMNS + PC_COLUMNS], on=['study_id', 'level'], how='left')
+    for study, level in probs.loc[probs[P_COLUMNS[0]].isna(), ['study_id', 'level']].itertuples(False):
+        missing.setdefault(study, f'no crop could be built for some levels (e.g. {level})')
+    return probs, missing
+
+
+def build_submission(sample, spinal, priors, condition, which):
+    """sample_submission's rows, in its order: the spinal rows from `spinal` (study_id, level, P/PC columns; NaN:
+    priors), every other row the priors of its (condition, level); `which` = 'corrected' | 'raw' (the priors
+    re-weighted by the metric's row weights, or the plain frequencies). Checked: nothing missing, rows sum to 1."""
+    study = sample['row_id'].str.split('_').str[0].astype(int)
+    column = sample['row_id'].str.split('_', n=1).str[1]
+    unknown = sorted(set(column) - set(priors))
+    if unknown:
+        raise ValueError(f'sample_submission.csv names targets that train.csv has no column for: {unknown[:3]}')
+    probs = np.array([priors[c] for c in column])
+    if which == 'corrected':
+        probs = prior_corrected(probs, [1.0, 1.0, 1.0])
+    columns = PC_COLUMNS if which == 'corrected' else P_COLUMNS
+    spinal = spinal.dropna(subset=columns)  # a study on priors has no model row
+    spinal = spinal.set_index(spinal['study_id'].astype(str) + f'_{condition}_' + spinal['level'])
+    model = sample['row_id'].isin(spinal.index).to_numpy()
+    probs[model] = spinal.loc[sample['row_id'][model], columns].to_numpy(float)
+    probs = probs / probs.sum(1, keepdims=True)
+    submission = pd.DataFrame(probs, columns=PROB_COLUMNS).assign(row_id=sample['row_id'].to_numpy())
+    submission = submission[['row_id'] + PROB_COLUMNS]
+    if submission[PROB_COLUMNS].isna().any().any() or not np.allclose(submission[PROB_COLUMNS].sum(axis=1), 1):
+        raise ValueError('submission has missing probabilities or rows that do not sum to 1')
+    assert len(study) == len(submission)
+    return submission, int(model.sum())
+
+
+def write_submission(run, config, device, workers):
+    """submission.csv in output_dir (and in /kaggle/working, where Kaggle looks for it) from the run in `run`;
+    returns (submission, facts for the report)."""
+    start = time.time()
+    sample = pd.read_csv(Path(config['data_root']) / 'sample_submission.csv')
+    spinal, missing = predict_test(run, config, device, workers)
+    submission, from_model = build_submission(sample, spinal, run['priors'], config['condition'],
+                                              config['loc_submit_probs'])
+    seconds = time.time() - start
+    studies = spinal['study_id'].nunique()
+    out = Path(config['output_dir'])
+    submission.to_csv(out / 'submission.csv', index=False)
+    kaggle = Path('/kaggle/working/submission.csv')  # where a Kaggle submission is looked for
+    if runtime_environment() == 'kaggle' and kaggle.resolve() != (out / 'submission.csv').resolve():
+        shutil.copy(out / 'submission.csv', kaggle)
+    for study, why in missing.items():
+        warn(f'submission: study {study}: spinal canal rows from the priors ({why})')
+    info = {'rows': len(submission), 'studies': studies, 'spinal_rows_from_model': from_model,
+            'studies_on_priors': {str(k): v for k, v in missing.items()}, 'probabilities': config['loc_submit_probs'],
+            'folds': run['folds'], 'localisers': len(run['localisers']), 'seconds': seconds,
+            'seconds_per_study': seconds / max(studies, 1), 'device': str(device)}
+    (out / 'submission.json').write_text(json.dumps(info, indent=1))
+    print(f"submission.csv: {len(submission)} rows, {studies} studies, {from_model} spinal rows from the models "
+          f"({len(missing)} studies on priors), {config['loc_submit_probs']} probabilities, {seconds:.1f} s "
+          f"({info['seconds_per_study']:.2f} s per study on {device})")
+    return submission, info
+
+
+def cost_line(cost):
+    """The report's one line on the cost of localisation."""
+    oracle, pred = cost['oracle'], cost['predicted']
+    return (f"- Cost of localisation ({cost['rows']} validation rows, the same final models): BA "
+            f"{oracle['ba']:.4f} oracle -> {pred['ba']:.4f} predicted points; spinal terms prior-corrected "
+            f"{oracle['corrected']['competition_score_part']:.4f} -> "
+            f"{pred['corrected']['competition_score_part']:.4f}, "
+            f"raw {oracle['competition_score_part']:.4f} -> {pred['competition_score_part']:.4f} (lower is better; "
+            f"{cost['fallback_rows']} rows on priors: no prediction or crop).")
+
+
+def localisation_report(loc, submission_info, config):
+    """Markdown lines of the report's 'Localisation and submission' section (empty when the section did not run)."""
+    if loc is None and submission_info is None:
+        return []
+    lines = ['## Localisation and submission', '']
+    if loc is not None:
+        lines += [(f"Localiser: UNet width {config['loc_channels']} on {config['loc_size']} px slices, "
+                   f"{config['loc_epochs']} epochs, one per trained fold, measured on its validation studies "
+                   '(slice accuracy by anatomical position; point error in-plane, on the annotated slice):'), '',
+                  md_table(loc['metrics']), '']
+        if 'cost' in loc:
+            lines += [cost_line(loc['cost']), '- Predicted points, terms: ' + ', '.join(
+                f'{k} {v:.4f}' for k, v in loc['cost']['predicted']['corrected']['competition_terms'].items())
+                + ' (corrected).']
+        if loc['failed']:
+            lines.append(f"- Studies whose series could not be read (not used): {len(loc['failed'])}.")
+        lines.append('')
+    if submission_info is not None:
+        info = submission_info
+        lines += [(f"- submission.csv: {info['rows']} rows, {info['studies']} test studies; "
+                   f"{info['spinal_rows_from_model']} spinal canal rows from the localiser and the fold models "
+                   f"({', '.join(info['folds'])}) averaged; "
+                   f"{len(info['studies_on_priors'])} studies' spinal rows on priors (no usable "
+                   f"{config['series_description']} series). The other 20 targets per study (foraminal, subarticular) "
+                   "are not trained here: they get train.csv's class frequencies for that condition and level "
+                   '(add-one smoothed).'),
+                  (f"- Probabilities submitted: {info['probabilities']} "
+                   + ('(prior-corrected: the metric weights rows 1/2/4 by label, and the model was trained with its '
+                      'own class weights; re-weighting to the metric lowers its expected loss; the priors are '
+                      're-weighted the same way).' if info['probabilities'] == 'corrected' else
+                      '(the softmax and the plain class frequencies).')),
+                  f"- Prediction time: {info['seconds_per_study']:.2f} s per study on {info['device']}.", '']
+    return lines
+
+
+# %%
+if localiser_wanted(CONFIG):
+    if not SUBMIT_ONLY:
+        (OUTPUT_DIR / 'priors.json').write_text(json.dumps(label_priors(CONFIG['data_root'])))
+        LOCALISATION = train_localisers(SAMPLES, CONFIG, DEVICE, NUM_WORKERS)
+        LOCALISATION['table'].to_csv(OUTPUT_DIR / 'localisation.csv', index=False)
+        print(LOCALISATION['metrics'].to_string())
+        plot_localisation(LOCALISATION['volumes'], LOCALISATION['targets'], LOCALISATION['predictions'],
+                          list(LOCALISATION['predictions'])[:4])
+    RUN = load_run(CONFIG['submit_from'] or OUTPUT_DIR, CONFIG, DEVICE,
+                   folds=None if SUBMIT_ONLY else CONFIG['train_folds'])
+    if not SUBMIT_ONLY:
+        LOCALISATION['cost'] = localisation_cost(OOF, LOCALISATION, RUN, CONFIG, DEVICE, NUM_WORKERS)
+    if has_test_files(CONFIG):
+        SUBMISSION, SUBMISSION_INFO = write_submission(RUN, CONFIG, DEVICE, NUM_WORKERS)
+    elif SUBMIT_ONLY:
+        raise FileNotFoundError(f"submit_from is set but {CONFIG['data_root']} has no test_series_descriptions.csv, "
+                                'test_images/ and sample_submission.csv (on Kaggle: add the competition as an input)')
+    if not SUBMIT_ONLY:
+        print(cost_line(LOCALISATION['cost']))
 
 # %% [markdown]
 # ## 10. Results report
@@ -3160,7 +3821,8 @@ def write_report(config, samples, skipped, failures, results, oof, final, compar
             if holdout is not None else
             'No held-out studies (holdout_frac = 0): out-of-fold predictions come from one model each, so '
             'an ensemble gain cannot be measured; set holdout_frac (e.g. 0.2) and train several folds.'),
-        '', '## Figures', '', *[f'- [{f}](figures/{f})' for f in figures], '',
+        '', *localisation_report(LOCALISATION, SUBMISSION_INFO, config),
+        '## Figures', '', *[f'- [{f}](figures/{f})' for f in figures], '',
         '## Warnings', '', *([f'- {w}' for w in WARNINGS] or ['none']), '']
     report = '\n'.join(text)
     write_atomic(out / 'oof.csv', oof.drop(columns='cache_index').to_csv(index=False))
@@ -3176,7 +3838,8 @@ def write_report(config, samples, skipped, failures, results, oof, final, compar
 
 
 # %%
-REPORT = write_report(CONFIG, SAMPLES, SKIPPED, DATA_ISSUES, FOLD_RESULTS, OOF, FINAL, COMPARISON, HOLDOUT,
-                      ANALYSIS, CONFUSED)
-print(f"wrote {OUTPUT_DIR / 'v9_Results.md'}, metrics.json, oof.csv")
-print(success_table(FINAL, FOLD_RESULTS, ANALYSIS, list(OOF['model'])).to_string(index=False))
+if not SUBMIT_ONLY:  # a submission run (submit_from) trains nothing: see the localisation section
+    REPORT = write_report(CONFIG, SAMPLES, SKIPPED, DATA_ISSUES, FOLD_RESULTS, OOF, FINAL, COMPARISON, HOLDOUT,
+                          ANALYSIS, CONFUSED)
+    print(f"wrote {OUTPUT_DIR / 'v9_Results.md'}, metrics.json, oof.csv")
+    print(success_table(FINAL, FOLD_RESULTS, ANALYSIS, list(OOF['model'])).to_string(index=False))

@@ -27,3 +27,14 @@ def nb(study_set, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     return notebook_namespace({"data_root": str(study_set), "output_dir": str(out), "img_size": 64,
                                "num_workers": 0, "backbone": "mobilenet_v3_small", "pretrained": "none"})
+
+
+@pytest.fixture(scope="session")
+def loc_study_set(tmp_path_factory):
+    """Root of a clean 24-study set with a 6-study test split (seed 5), generated once: the localiser and
+    submission tests (issue 19) share it."""
+    from make_demo_studies import make_study_set
+
+    root = tmp_path_factory.mktemp("rsna_loc")
+    make_study_set(root, n_studies=24, seed=5, test_studies=6)
+    return root

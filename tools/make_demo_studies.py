@@ -426,7 +426,8 @@ def _file_item(where, inst_of, mid, k, **extra):
 
 
 def make_study_set(out_dir, n_studies=40, seed=0, class_mix=(0.6, 0.2, 0.2),
-                   missing_label_frac=0.03, rle_fraction=0.5, quirks=None) -> dict:
+                   missing_label_frac=0.03, rle_fraction=0.5, quirks=None, test_studies=0,
+                   _taken=None) -> dict:
     """Write a competition-layout study set under out_dir and return a summary dict.
 
     class_mix: probabilities of Normal/Mild, Moderate, Severe for the spinal canal labels.
@@ -434,6 +435,8 @@ def make_study_set(out_dir, n_studies=40, seed=0, class_mix=(0.6, 0.2, 0.2),
     None = a clean set. The summary's `quirks` lists, per quirk, the study, series, file, instance
     and level it hit. The same seed gives byte-identical CSVs and DICOM files; without quirks, the
     same files as before quirks existed (quirks draw from their own random stream).
+    test_studies: N > 0 writes a test split of N other studies in the competition's layout (see
+    _write_test_split) instead of the two training studies copied as test images; 0 keeps the output as it was.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -443,7 +446,7 @@ def make_study_set(out_dir, n_studies=40, seed=0, class_mix=(0.6, 0.2, 0.2),
     rng = np.random.default_rng(seed)
     qrng = np.random.default_rng([seed, 12])  # quirk draws: the clean set's stream stays as it was
     mix = np.asarray(class_mix, float) / np.sum(class_mix)
-    taken: set[int] = set()
+    taken: set[int] = set() if _taken is None else _taken  # a test split draws ids unused by its training set
     study_ids = _unique_ints(rng, n_studies, 1_000_000, 10_000_000, taken)
     series_ids = np.array(_unique_ints(rng, 3 * n_studies, 10_000_000, 4_000_000_000, taken))
     series_ids = series_ids.reshape(n_studies, 3)  # T1, T2/STIR, Axial per study
@@ -658,13 +661,18 @@ def make_study_set(out_dir, n_studies=40, seed=0, class_mix=(0.6, 0.2, 0.2),
     desc = pd.DataFrame(desc_rows, columns=["study_id", "series_id", "series_description"])
     desc.to_csv(out / "train_series_descriptions.csv", index=False)
 
-    # A couple of studies double as the "test" set so inference code has images to read.
-    test_ids = study_ids[-min(2, n_studies):]
-    desc[desc.study_id.isin(test_ids)].to_csv(out / "test_series_descriptions.csv", index=False)
-    for st in test_ids:
-        dst = out / "test_images" / str(st)
-        shutil.rmtree(dst, ignore_errors=True)
-        shutil.copytree(out / "train_images" / str(st), dst)
+    test_split = None
+    if test_studies:
+        test_split = _write_test_split(out, test_studies, seed, taken, class_mix=class_mix,
+                                       missing_label_frac=missing_label_frac, rle_fraction=rle_fraction, quirks=quirks)
+        test_ids = test_split["study_ids"]
+    else:  # a couple of training studies double as the "test" set so inference code has images to read
+        test_ids = study_ids[-min(2, n_studies):]
+        desc[desc.study_id.isin(test_ids)].to_csv(out / "test_series_descriptions.csv", index=False)
+        for st in test_ids:
+            dst = out / "test_images" / str(st)
+            shutil.rmtree(dst, ignore_errors=True)
+            shutil.copytree(out / "train_images" / str(st), dst)
     pd.DataFrame({"row_id": [f"{st}_{col}" for st in test_ids for col in label_cols],
                   "normal_mild": 1 / 3, "moderate": 1 / 3, "severe": 1 / 3}).to_csv(
         out / "sample_submission.csv", index=False)
@@ -690,7 +698,47 @@ def make_study_set(out_dir, n_studies=40, seed=0, class_mix=(0.6, 0.2, 0.2),
         "edge_studies": [study_ids[i] for i in np.flatnonzero(edge)],
         "test_study_ids": list(test_ids),
         "quirks": found,
+        **({"test_split": test_split} if test_split else {}),
     }
+
+
+TEST_SOLUTION = "test_solution"  # the test split's labels and points: a folder no competition file is named like
+
+
+def _write_test_split(out, n_test, seed, taken, **preset):
+    """A test split in the competition's layout: test_images/{study}/{series}/{instance}.dcm,
+    test_series_descriptions.csv (sample_submission.csv: the caller), from n_test more studies generated with
+    the same preset (seed + 1, ids unused by the training set). Their labels and points are kept aside in
+    test_solution/ (train.csv, train_label_coordinates.csv, solution.csv in the official metric's format: one-hot
+    columns and sample_weight 1/2/4; an unlabelled row is all zero, i.e. not scored), which the notebook never
+    reads. With quirks on and at least 3 test studies, the last one has no Sagittal T2/STIR series (a submission
+    must still cover it)."""
+    solution = out / TEST_SOLUTION
+    shutil.rmtree(solution, ignore_errors=True)
+    shutil.rmtree(out / "test_images", ignore_errors=True)
+    made = make_study_set(solution, n_test, seed + 1, _taken=taken, **preset)
+    (solution / "train_images").rename(out / "test_images")
+    for name in ("test_images", "test_series_descriptions.csv", "sample_submission.csv"):  # the nested split's
+        target = solution / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    desc = pd.read_csv(solution / "train_series_descriptions.csv")
+    dropped = []
+    if preset.get("quirks") and n_test >= 3:
+        gone = desc[(desc.study_id == desc.study_id.iloc[-1]) & (desc.series_description == "Sagittal T2/STIR")]
+        for study, series in zip(gone.study_id, gone.series_id):
+            shutil.rmtree(out / "test_images" / str(study) / str(series))
+            dropped.append({"study_id": int(study), "series_id": int(series)})
+        desc = desc.drop(gone.index)
+    desc.to_csv(out / "test_series_descriptions.csv", index=False)
+    (solution / "train_series_descriptions.csv").unlink()
+    labels = pd.read_csv(solution / "train.csv")
+    long = labels.melt(id_vars="study_id", var_name="column", value_name="severity")
+    onehot = np.stack([(long.severity == name).to_numpy(float) for name in SEVERITIES], 1)
+    pd.DataFrame({"row_id": long.study_id.astype(str) + "_" + long.column,
+                  "normal_mild": onehot[:, 0], "moderate": onehot[:, 1], "severe": onehot[:, 2],
+                  "sample_weight": onehot @ np.array([1.0, 2.0, 4.0])}).to_csv(solution / "solution.csv", index=False)
+    return {"study_ids": [int(v) for v in labels.study_id], "seed": seed + 1, "folder": TEST_SOLUTION,
+            "no_sagittal_t2": dropped, "quirks": made["quirks"], "spinal_canal_counts": made["spinal_canal_counts"]}
 
 
 def main(argv=None):
@@ -702,6 +750,8 @@ def main(argv=None):
     p.add_argument("--missing", type=float, help="fraction of empty label cells (default 0.03, realistic 0.015)")
     p.add_argument("--rle", type=float, default=0.5, help="fraction of RLE Lossless series")
     p.add_argument("--realistic", action="store_true", help="the REALISTIC preset: real class mix, every quirk on")
+    p.add_argument("--test-studies", type=int, default=0,
+                   help="studies in a test split (test_images/, labels kept aside in test_solution/); 0 = none")
     a = p.parse_args(argv)
     kwargs = dict(REALISTIC) if a.realistic else {}
     if a.mix is not None:
@@ -711,7 +761,8 @@ def main(argv=None):
     if a.missing is not None:
         kwargs["missing_label_frac"] = a.missing
     t0 = time.perf_counter()
-    summary = make_study_set(a.out_dir, a.studies, a.seed, rle_fraction=a.rle, **kwargs)
+    summary = make_study_set(a.out_dir, a.studies, a.seed, rle_fraction=a.rle, test_studies=a.test_studies,
+                             **kwargs)
     print(json.dumps(summary, indent=1))
     print(f"written in {time.perf_counter() - t0:.1f} s (pydicom {pydicom.__version__})",
           file=sys.stderr)

@@ -1,0 +1,51 @@
+"""Prediction time per test study on this machine's CPU at the notebook's default sizes (EfficientNet-V2-S
+classifier at 256 px, localiser at 256 px, one fold; random weights: the time does not depend on them).
+
+Usage: python bench/predict_time.py [--studies 4] [--workers 2]
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+
+from make_demo_studies import make_study_set  # noqa: E402
+from notebook_cells import notebook_namespace  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--studies", type=int, default=4)
+    p.add_argument("--workers", type=int, default=2)
+    a = p.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp())
+    make_study_set(tmp / "data", n_studies=2, seed=0, test_studies=a.studies)
+    nb = notebook_namespace({"data_root": str(tmp / "data"), "output_dir": str(tmp / "out"), "pretrained": "none",
+                             "num_workers": a.workers})
+    config, cpu = nb["CONFIG"], torch.device("cpu")
+    fold = tmp / "out" / "fold0"
+    fold.mkdir(parents=True)
+    torch.save({"model": nb["SpineModelV9"](config).state_dict(), "kind": "swa", "config": config,
+                "class_weights": config["class_weights"]}, fold / "final.pt")
+    torch.save({"model": nb["LevelLocaliser"](config["loc_channels"]).state_dict(),
+                "config": {k: config[k] for k in nb["LOC_KEYS"]}}, fold / "localiser.pt")
+    (tmp / "out" / "priors.json").write_text(json.dumps(nb["label_priors"](config["data_root"])))
+    run = nb["load_run"](tmp / "out", config, cpu)
+    cpu_start = time.process_time()  # CPU time of all this process's threads (--workers 1: all the work)
+    _, info = nb["write_submission"](run, config, cpu, a.workers)
+    cpu_seconds = (time.process_time() - cpu_start) / info["studies"]
+    print(f"{info['seconds_per_study']:.2f} s wall, {cpu_seconds:.2f} s CPU per study ({info['studies']} studies, "
+          f"one fold, {torch.get_num_threads()} torch threads, {a.workers} workers; load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+
+
+if __name__ == "__main__":
+    main()

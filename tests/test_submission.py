@@ -1,0 +1,178 @@
+"""Issue 19: the generator's test split, and the Kaggle submission written from it (clean and realistic)."""
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import papermill
+import pytest
+import torch
+from make_demo_studies import CONDITIONS, LEVELS, REALISTIC, TEST_SOLUTION, make_study_set
+from notebook_cells import notebook_namespace
+
+
+def tree_hashes(root, skip=("test_images", TEST_SOLUTION, "test_series_descriptions.csv", "sample_submission.csv")):
+    return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.relative_to(root).parts[0] not in skip}
+
+
+def test_test_split_layout_and_training_files_unchanged(tmp_path):
+    plain = make_study_set(tmp_path / "plain", n_studies=3, seed=3, **REALISTIC)
+    split = make_study_set(tmp_path / "split", n_studies=3, seed=3, test_studies=3, **REALISTIC)
+    again = make_study_set(tmp_path / "again", n_studies=3, seed=3, test_studies=3, **REALISTIC)
+    root = tmp_path / "split"
+    # without a test split, two training studies are copied as test images, as before
+    assert plain["test_study_ids"] == pd.read_csv(tmp_path / "plain" / "train.csv")["study_id"].tolist()[-2:]
+    assert "test_split" not in plain
+    # the test split: other studies, competition layout, labels kept aside, deterministic
+    test_ids = split["test_split"]["study_ids"]
+    train_ids = set(pd.read_csv(root / "train.csv")["study_id"])
+    assert len(test_ids) == 3 and not set(test_ids) & train_ids
+    assert tree_hashes(root) == tree_hashes(tmp_path / "again")
+    assert tree_hashes(root, skip=()) == tree_hashes(tmp_path / "again", skip=())
+    assert again["test_split"] == split["test_split"]
+    sample = pd.read_csv(root / "sample_submission.csv")
+    assert list(sample.columns) == ["row_id", "normal_mild", "moderate", "severe"]
+    assert sample["row_id"].tolist() == [f"{s}_{c}_{lv}" for s in test_ids for c in CONDITIONS for lv in LEVELS]
+    desc = pd.read_csv(root / "test_series_descriptions.csv")
+    assert list(desc.columns) == ["study_id", "series_id", "series_description"]
+    for study, series in zip(desc["study_id"], desc["series_id"]):
+        files = list((root / "test_images" / str(study) / str(series)).glob("*.dcm"))
+        assert files and all(f.stem.isdigit() for f in files)
+    # realistic, 3 test studies: the last one has no Sagittal T2/STIR series, neither listed nor on disk
+    (gone,) = split["test_split"]["no_sagittal_t2"]
+    assert gone["study_id"] == test_ids[-1] and gone["series_id"] not in set(desc["series_id"])
+    assert not (root / "test_images" / str(gone["study_id"]) / str(gone["series_id"])).exists()
+    assert set(desc["study_id"]) == set(test_ids)
+    # nothing under a competition file name holds the test labels; the solution is in the metric's format
+    assert sorted(p.name for p in (root / TEST_SOLUTION).iterdir()) == [
+        "GENERATED_BY.txt", "solution.csv", "train.csv", "train_label_coordinates.csv"]
+    solution = pd.read_csv(root / TEST_SOLUTION / "solution.csv")
+    assert set(solution["row_id"]) == set(sample["row_id"])
+    onehot = solution[["normal_mild", "moderate", "severe"]].to_numpy()
+    assert set(onehot.sum(1)) <= {0.0, 1.0}
+    np.testing.assert_array_equal(solution["sample_weight"], onehot @ [1, 2, 4])
+    labels = pd.read_csv(root / TEST_SOLUTION / "train.csv").set_index("study_id")
+    row = solution.iloc[7]
+    study, column = row["row_id"].split("_", 1)
+    expected = labels.loc[int(study), column]
+    assert (["Normal/Mild", "Moderate", "Severe"].index(expected) if isinstance(expected, str) else None) == (
+        int(np.argmax(onehot[7])) if onehot[7].sum() else None)
+    # the training files are the same with or without a test split
+    assert tree_hashes(root) == tree_hashes(tmp_path / "plain")
+    # the test coordinates (kept aside) point into the test images
+    coords = pd.read_csv(root / TEST_SOLUTION / "train_label_coordinates.csv")
+    first = coords.iloc[0]
+    assert (root / "test_images" / str(first["study_id"]) / str(first["series_id"])
+            / f"{first['instance_number']}.dcm").exists()
+
+
+def test_cli_test_studies(tmp_path):
+    from make_demo_studies import main
+
+    main([str(tmp_path / "cli"), "--studies", "3", "--seed", "1", "--test-studies", "2"])
+    sample = pd.read_csv(tmp_path / "cli" / "sample_submission.csv")
+    assert len(sample) == 2 * 25
+    assert (tmp_path / "cli" / TEST_SOLUTION / "solution.csv").exists()
+
+
+# --- the Kaggle flow end to end: a training run writes submission.csv, a submit-only run reproduces it ---
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"img_size": 64, "backbone": "mobilenet_v3_small", "pretrained": "none", "gru_hidden": 32,
+        "attention_hidden": 16, "batch_size": 8, "epochs": 8, "warmup_epochs": 1, "swa_start_epoch": 6,
+        "learning_rate": 1e-3, "backbone_lr": 1e-3, "swa_lr": 5e-4, "num_folds": 4, "num_workers": 0,
+        "loc_size": 32, "loc_channels": 8, "loc_epochs": 8, "loc_batch": 1, "loc_lr": 2e-3}
+
+
+def papermill_run(tmp, name, overrides):
+    papermill.execute_notebook(str(REPO / "le3ba_v9.ipynb"), str(tmp / f"{name}.ipynb"),
+                               parameters={"CONFIG_OVERRIDES": overrides}, cwd=str(REPO), kernel_name="python3",
+                               progress_bar=False)
+
+
+@pytest.fixture(scope="module")
+def runs(loc_study_set, tmp_path_factory):
+    """A training run on the generated set with its test split, then a submit-only run from a copy of its output."""
+    tmp = tmp_path_factory.mktemp("kaggle_flow")
+    papermill_run(tmp, "train", {**TINY, "data_root": str(loc_study_set), "output_dir": str(tmp / "train")})
+    shutil.copytree(tmp / "train", tmp / "attached")  # as Kaggle attaches an output: a read-only copy
+    for path in (tmp / "attached").rglob("*"):
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    papermill_run(tmp, "submit", {"data_root": str(loc_study_set), "output_dir": str(tmp / "submit"),
+                                  "submit_from": str(tmp / "attached"), "num_workers": 0})
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def nb(loc_study_set, tmp_path_factory):
+    return notebook_namespace({"data_root": str(loc_study_set), "output_dir": str(tmp_path_factory.mktemp("nb")),
+                               **TINY})
+
+
+def scores(nb, root, submission, priors):
+    """(score of the submission, score of the priors-only submission) under the official metric."""
+    solution = pd.read_csv(root / TEST_SOLUTION / "solution.csv")
+    sample = pd.read_csv(root / "sample_submission.csv")
+    empty = pd.DataFrame(columns=["study_id", "level"] + nb["P_COLUMNS"] + nb["PC_COLUMNS"])
+    baseline, _ = nb["build_submission"](sample, empty, priors, "spinal_canal_stenosis", "corrected")
+    return nb["competition_score"](solution, submission), nb["competition_score"](solution, baseline)
+
+
+def test_kaggle_flow_training_run_writes_a_valid_submission_scored_beside_the_priors(runs, nb, loc_study_set):
+    submission = pd.read_csv(runs / "train" / "submission.csv")
+    sample = pd.read_csv(loc_study_set / "sample_submission.csv")
+    assert list(submission.columns) == list(sample.columns)
+    assert submission["row_id"].tolist() == sample["row_id"].tolist()
+    probs = submission[["normal_mild", "moderate", "severe"]].to_numpy()
+    assert not np.isnan(probs).any() and (probs > 0).all()
+    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-9)
+    info = json.loads((runs / "train" / "submission.json").read_text())
+    assert info["spinal_rows_from_model"] == 6 * 5 and info["studies_on_priors"] == {}
+    priors = json.loads((runs / "train" / "priors.json").read_text())
+    # the 20 non-spinal targets: train.csv's add-one smoothed frequencies, re-weighted 1/2/4 (corrected)
+    labels = pd.read_csv(loc_study_set / "train.csv")
+    column = "left_subarticular_stenosis_l4_l5"
+    counts = np.array([(labels[column] == c).sum() for c in ("Normal/Mild", "Moderate", "Severe")]) + 1.0
+    expected = counts / counts.sum() * [1, 2, 4]
+    row = submission[submission["row_id"].str.endswith(column)].iloc[0]
+    np.testing.assert_allclose(row[["normal_mild", "moderate", "severe"]].to_numpy(float),
+                               expected / expected.sum(), atol=1e-12)
+    model_score, prior_score = scores(nb, loc_study_set, submission, priors)
+    print(f"clean test split: submission {model_score:.4f}, priors only {prior_score:.4f}")
+    # NOT YET "beats the priors": measured 1.259 vs 1.010 (2026-12-01) with this CPU-sized classifier (8 epochs on
+    # 18 studies, oracle BA 0.67, Moderate never predicted); the validation cost of localisation was 0.43 -> 0.74
+    # (spinal terms, corrected). A classifier that learns (the demo preset) is needed for that assertion.
+    assert np.isfinite(model_score) and np.isfinite(prior_score)
+    report = (runs / "train" / "v9_Results.md").read_text()
+    assert "## Localisation and submission" in report and "- Cost of localisation (" in report
+    assert (runs / "train" / "figures" / "localisation.png").stat().st_size > 5_000
+
+
+def test_kaggle_flow_submit_only_run_reproduces_the_submission_exactly(runs):
+    assert (runs / "submit" / "submission.csv").read_bytes() == (runs / "train" / "submission.csv").read_bytes()
+    assert not (runs / "submit" / "fold0").exists()  # nothing was trained
+    assert not (runs / "submit" / "v9_Results.md").exists()
+
+
+def test_kaggle_flow_realistic_test_split_valid_with_priors_where_no_series(runs, nb, tmp_path):
+    """The trained run predicts a realistic test split: a study without Sagittal T2/STIR gets the priors, counted."""
+    root = tmp_path / "realistic"
+    made = make_study_set(root, n_studies=3, seed=8, test_studies=4, **REALISTIC)
+    config = {**nb["CONFIG"], "data_root": str(root), "output_dir": str(tmp_path / "out"),
+              "cache_dir": str(tmp_path / "cache")}
+    (tmp_path / "out").mkdir()
+    run = nb["load_run"](runs / "train", config, torch.device("cpu"))
+    submission, info = nb["write_submission"](run, config, torch.device("cpu"), 1)
+    gone = made["test_split"]["no_sagittal_t2"][0]["study_id"]
+    assert list(info["studies_on_priors"]) == [str(gone)]
+    assert info["spinal_rows_from_model"] == 3 * 5
+    sample = pd.read_csv(root / "sample_submission.csv")
+    assert submission["row_id"].tolist() == sample["row_id"].tolist()
+    probs = submission[["normal_mild", "moderate", "severe"]].to_numpy()
+    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-9)
+    model_score, prior_score = scores(nb, root, submission, run["priors"])
+    print(f"realistic test split: submission {model_score:.4f}, priors only {prior_score:.4f}")
+    assert np.isfinite(model_score)
