@@ -85,7 +85,9 @@ def test_two_processes_train_the_same_fold_as_one(nb, cached, tmp_path, groupnor
     # every validation row exactly once, in order: 13 rows, split 8 + 5 over the processes
     assert len(one["val_rows"]) == 13
     assert (two["val_rows"].index == one["val_rows"].index).all()
-    for kind in ("last", "swa", "best"):
+    # the same model kinds (best exists only where an epoch passed the save gate, which depends on the torch build)
+    assert one["evaluations"].keys() == two["evaluations"].keys() >= {"last", "swa"}
+    for kind in one["evaluations"]:
         a, b = one["evaluations"][kind], two["evaluations"][kind]
         assert a["probs"].shape == b["probs"].shape == (13, 3)
         np.testing.assert_array_equal(b["labels"], one["val_rows"]["label"].to_numpy())
@@ -95,7 +97,7 @@ def test_two_processes_train_the_same_fold_as_one(nb, cached, tmp_path, groupnor
         np.testing.assert_allclose(b["probs"], a["probs"], atol=1e-4, rtol=0)
         np.testing.assert_allclose(b["attention"], a["attention"], atol=1e-4, rtol=0)
         assert b["ba"] == a["ba"] and b["pred_counts"] == a["pred_counts"]
-    for name in ("last.pt", "swa.pt", "best.pt"):
+    for name in ["last.pt", "swa.pt"] + ["best.pt"] * ("best" in one["evaluations"]):
         a = torch.load(tmp_path / "p1/fold0" / name, weights_only=False)["model"]
         b = torch.load(tmp_path / "p2/fold0" / name, weights_only=False)["model"]
         assert a.keys() == b.keys()  # model.module's state_dict: checkpoints are interchangeable
