@@ -2542,7 +2542,7 @@ def finish_fold(f, config, device):
         with autocast(device, config):
             recompute_swa_batchnorm(f.swa_model, f.eval_loader(f.train_rows), device)
         if is_main_process():  # several processes: process 0 writes
-            torch.save({'model': f.swa_model.module.state_dict(), 'config': config}, f.dir / 'swa.pt')
+            save_atomic({'model': f.swa_model.module.state_dict(), 'config': config}, f.dir / 'swa.pt')
         models['swa'] = f.swa_model.module
     evaluations = {kind: evaluate(m, f.val_loader, f.criterion, device, config) for kind, m in models.items()}
     state = f.state
@@ -3577,7 +3577,7 @@ def write_submission(run, config, device, workers):
     seconds = time.time() - start
     studies = spinal['study_id'].nunique()
     out = Path(config['output_dir'])
-    submission.to_csv(out / 'submission.csv', index=False)
+    write_atomic(out / 'submission.csv', submission.to_csv(index=False))
     kaggle = Path('/kaggle/working/submission.csv')  # where a Kaggle submission is looked for
     if runtime_environment() == 'kaggle' and kaggle.resolve() != (out / 'submission.csv').resolve():
         shutil.copy(out / 'submission.csv', kaggle)
@@ -3587,7 +3587,7 @@ def write_submission(run, config, device, workers):
             'studies_on_priors': {str(k): v for k, v in missing.items()}, 'probabilities': config['loc_submit_probs'],
             'folds': run['folds'], 'localisers': len(run['localisers']), 'seconds': seconds,
             'seconds_per_study': seconds / max(studies, 1), 'device': str(device)}
-    (out / 'submission.json').write_text(json.dumps(info, indent=1))
+    write_atomic(out / 'submission.json', json.dumps(info, indent=1))
     print(f"submission.csv: {len(submission)} rows, {studies} studies, {from_model} spinal rows from the models "
           f"({len(missing)} studies on priors), {config['loc_submit_probs']} probabilities, {seconds:.1f} s "
           f"({info['seconds_per_study']:.2f} s per study on {device})")
@@ -3643,7 +3643,7 @@ def localisation_report(loc, submission_info, config):
 # %%
 if localiser_wanted(CONFIG):
     if not SUBMIT_ONLY:
-        (OUTPUT_DIR / 'priors.json').write_text(json.dumps(label_priors(CONFIG['data_root'])))
+        write_atomic(OUTPUT_DIR / 'priors.json', json.dumps(label_priors(CONFIG['data_root'])))
         LOCALISATION = train_localisers(SAMPLES, CONFIG, DEVICE, NUM_WORKERS)
         LOCALISATION['table'].to_csv(OUTPUT_DIR / 'localisation.csv', index=False)
         print(LOCALISATION['metrics'].to_string())
