@@ -183,6 +183,7 @@ CONFIG = {
     'loc_lr': 1e-3,              # AdamW, one-cycle schedule
     'loc_batch': 4,              # studies per optimiser step (a study = all slices of its series)
     'loc_sigma': 2.0,            # target blob width in grid pixels: forgives the annotations' ~1 mm jitter
+    'loc_augment': True,         # localiser training: random zoom, rotation, shift, contrast, slice order
     'loc_submit_probs': 'corrected',  # corrected | raw: probabilities written to submission.csv (the metric
                                  # weights rows 1/2/4 by label: 'corrected' re-weights to that, see the section)
 }
@@ -256,7 +257,7 @@ DEMO_PRESET = {  # small enough to train on 2 CPU cores, big enough to learn the
     'gru_hidden': 64, 'attention_hidden': 32, 'learning_rate': 1e-3, 'backbone_lr': 1e-3,
     'swa_lr': 5e-4, 'output_dir': 'runs/demo',
     'localiser': 'off',  # the demo's test images are copies of training studies; 'on' adds a tiny localiser:
-    'loc_size': 32, 'loc_channels': 8, 'loc_epochs': 8,  # ~8 mm per grid pixel, trains in ~1-2 min on 2 cores
+    'loc_size': 64, 'loc_channels': 8, 'loc_epochs': 20, 'loc_sigma': 1.0,  # ~4-5 mm per grid pixel, ~30 s per fold
 }
 WARNINGS = []  # every warning printed during the run, repeated in the report
 
@@ -1074,7 +1075,7 @@ def read_series_headers(series_dir):
             int(ds.Rows), int(ds.Columns)
             headers[instance] = ds
         except Exception as error:  # unreadable header, name not a number, a geometry tag missing
-            skipped[file.name] = str(error) if isinstance(error, ValueError) else f'{type(error).__name__}: {error}'
+            skipped[file.name] = failure_text(error)
     return headers, skipped
 
 
@@ -2391,6 +2392,8 @@ def resume_fold(f, config, device):
         f.swa_scheduler = swa_phase_scheduler(f.optimizer, config)
         f.swa_scheduler.load_state_dict(ckpt['swa_scheduler'])
     f.state = ckpt['state']
+    if f.state.pop('stopped_early', False) and not f.state.get('stopped_by'):  # a last.pt from before 'stopped_by'
+        f.state['stopped_by'] = 'early'
     if f.state.get('stopped_by') == 'budget':  # a new session, a new budget: the fold goes on
         f.state['stopped_by'] = None
     set_rng_states(ckpt['rng'])
@@ -2550,7 +2553,8 @@ def finish_fold(f, config, device):
               'actions': state['actions'], 'lr_steps': state['lr_steps'], 'best_epoch': state['best_epoch'],
               'evaluations': evaluations, 'val_rows': f.val_rows, 'class_weights': f.criterion.weights.tolist(),
               'stopped_by': state.get('stopped_by'), 'epochs_trained': state['epoch'],
-              'nonfinite_steps': sum(row.get('nonfinite_steps', 0) for row in state['history'])}
+              'nonfinite_steps': sum(row.get('nonfinite_steps', 0) for row in state['history']),
+              'processes': world_size()}
     kind = final_kind(result, config)
     if len(f.holdout_rows):  # the final model's view of the studies no fold saw, for the ensemble evaluation
         probs = predict(models[kind], f.eval_loader(f.holdout_rows), f.criterion, device, config)['probs']
@@ -3062,6 +3066,8 @@ if not SUBMIT_ONLY:  # a submission run (submit_from) trains nothing: see the lo
 from torchvision.ops import Conv2dNormActivation
 
 LOC_SLICE_SIGMA = 0.5  # target blob width across slices, in slices: the annotated slice clearly first
+LOCALISER_VERSION = 2  # saved in localiser.pt: 2 = slices framed at equal mm per pixel and one orientation
+#                        (fit_square), trained augmented
 LOC_KEYS = ('loc_size', 'loc_channels', 'loc_sigma', 'intensity', 'window_center', 'window_width', 'percentiles',
             'series_percentiles', 'clahe_clip', 'clahe_grid', 'series_description')  # what a volume and model depend on
 LOCALISATION = SUBMISSION_INFO = None  # this section's results; write_report adds its section when set
@@ -3091,9 +3097,11 @@ def pick_series(descriptions, study_id, images_dir, wanted):
 
 def read_volume(series_dir, config, anchor=None):
     """One series as the localiser sees it: slices in anatomical order (stack_slots around `anchor`, default the
-    middle file), each resized to loc_size x loc_size. Returns {'image' uint8 (n, S, S), 'valid' (n,) bool,
-    'instance' (n,) int (-1 in a gap or for an unreadable file), 'cols_rows' (n, 2) pixels, 'spacing' (n, 2) mm
-    per pixel along x, y, 'issues': [(file, reason)]}. Raises ValueError when no slice is usable."""
+    middle file), each framed on the loc_size square at equal mm per grid pixel along x and y, columns running
+    posterior and rows running down (fit_square).
+    Returns {'image' uint8 (n, S, S), 'valid' (n,) bool, 'instance' (n,) int (-1 in a gap or for an unreadable
+    file), 'to_grid' (n, 4) (kx, ox, ky, oy): grid u + 0.5 = kx (x + 0.5) + ox (v likewise), 'spacing' (n, 2) mm per
+    series pixel along x, y, 'issues': [(file, reason)]}. Raises ValueError when no slice is usable."""
     headers, skipped = read_series_headers(series_dir)
     if not headers:
         raise ValueError(f'{series_dir}: no readable slice ({len(skipped)} files skipped)')
@@ -3102,7 +3110,7 @@ def read_volume(series_dir, config, anchor=None):
     size, ref = config['loc_size'], headers[anchor]
     n = len(slots)
     volume = {'image': np.zeros((n, size, size), np.uint8), 'valid': np.zeros(n, bool), 'instance': np.full(n, -1),
-              'cols_rows': np.tile([int(ref.Columns), int(ref.Rows)], (n, 1)),
+              'to_grid': np.tile([size / int(ref.Columns), 0.0, size / int(ref.Rows), 0.0], (n, 1)),
               'spacing': np.tile(slice_geometry(ref)[3], (n, 1)), 'issues': list(skipped.items()),
               'series_dir': str(series_dir)}
     decoded = {}
@@ -3119,11 +3127,29 @@ def read_volume(series_dir, config, anchor=None):
     window = series_window([pixels for _, pixels in decoded.values()], config)
     for j, (ds, pixels) in decoded.items():
         image = apply_clahe(map_intensity(pixels, ds, config, window)[0], config)
-        volume['image'][j] = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+        row_dir, col_dir, _, volume['spacing'][j] = slice_geometry(ds)
+        volume['image'][j], volume['to_grid'][j] = fit_square(image, volume['spacing'][j], size,
+                                                              (row_dir[1] < 0, col_dir[2] > 0))
         volume['valid'][j], volume['instance'][j] = True, slots[j]
-        volume['cols_rows'][j] = image.shape[1], image.shape[0]
-        volume['spacing'][j] = slice_geometry(ds)[3]
     return volume
+
+
+def fit_square(image, spacing, size, flip=(False, False)):
+    """(size x size uint8, (kx, ox, ky, oy)): `image` shrunk (INTER_AREA) to the same mm per pixel along x and y
+    (`spacing`), its longer side filling the square, centred, black around, and mirrored along x / y where `flip`
+    says; u + 0.5 = kx (x + 0.5) + ox (kx < 0: mirrored). Anatomy keeps its shape and its side whatever the matrix
+    (384 x 640), pixel aspect or in-plane orientation: the UNet sees one spine, as a radiologist's viewer shows it."""
+    rows, cols = image.shape
+    mm = max(cols * spacing[0], rows * spacing[1]) / size  # mm per grid pixel
+    width, height = (max(1, min(size, round(n * sp / mm))) for n, sp in ((cols, spacing[0]), (rows, spacing[1])))
+    ox, oy = (size - width) // 2, (size - height) // 2
+    shrunk = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)[::-1 if flip[1] else 1,
+                                                                             ::-1 if flip[0] else 1]
+    out = np.zeros((size, size), np.uint8)
+    out[oy:oy + height, ox:ox + width] = shrunk
+    kx, ky = width / cols, height / rows
+    return out, (-kx if flip[0] else kx, ox + width if flip[0] else ox, -ky if flip[1] else ky,
+                 oy + height if flip[1] else oy)
 
 
 def read_volume_job(job):
@@ -3148,15 +3174,13 @@ def read_volumes(jobs, config, workers):
 
 def grid_point(volume, j, x, y):
     """Series pixel (x, y) on slot j -> loc grid (u, v) (pixel centres map to pixel centres)."""
-    cols, rows = volume['cols_rows'][j]
-    size = volume['image'].shape[-1]
-    return (x + 0.5) * size / cols - 0.5, (y + 0.5) * size / rows - 0.5
+    kx, ox, ky, oy = volume['to_grid'][j]
+    return kx * (x + 0.5) + ox - 0.5, ky * (y + 0.5) + oy - 0.5
 
 
 def series_point(volume, j, u, v):
-    cols, rows = volume['cols_rows'][j]
-    size = volume['image'].shape[-1]
-    return (u + 0.5) * cols / size - 0.5, (v + 0.5) * rows / size - 0.5
+    kx, ox, ky, oy = volume['to_grid'][j]
+    return (u + 0.5 - ox) / kx - 0.5, (v + 0.5 - oy) / ky - 0.5
 
 
 def level_targets(volume, rows):
@@ -3205,11 +3229,42 @@ class LevelLocaliser(nn.Module):
         return F.interpolate(self.head(x), size=(h, w), mode='bilinear', align_corners=False)
 
 
-def volume_input(volume, device):
-    """uint8 (n, S, S) -> float (n, 3, S, S): each slice between its neighbours (black beyond the edges)."""
-    x = torch.from_numpy(volume['image']).to(device).float().div_(255).sub_(0.5).div_(0.25)
-    x = F.pad(x, (0, 0, 0, 0, 1, 1))
+def neighbour_channels(x):
+    """float slices (n, S, S) in [0, 1] -> (n, 3, S, S) normalised: each slice between its neighbours (black beyond
+    the first and last)."""
+    x = F.pad((x - 0.5) / 0.25, (0, 0, 0, 0, 1, 1), value=-2.0)
     return torch.stack([x[:-2], x[1:-1], x[2:]], 1)
+
+
+def volume_input(volume, device):
+    """A volume's uint8 slices (n, S, S) -> the localiser's input (n, 3, S, S)."""
+    return neighbour_channels(torch.from_numpy(volume['image']).to(device).float().div_(255))
+
+
+LOC_AUGMENT = {'aug_rotate': 10.0, 'aug_scale': 0.2, 'aug_shift': 0.1}  # over the classifier's aug_* settings: whole
+#     series differ more in field of view and where the spine sits than crops around a point do
+
+
+def augment_study(volume, target, rng, config, device):
+    """One training view of a study: (input (n, 3, S, S), target (5, 3), valid (n,)). The classifier's augmentation
+    (draw_augmentation, augment_on_device: one zoom, rotation and shift for all slices, then gamma, contrast and
+    brightness) with LOC_AUGMENT's ranges, so the row/column channels stop being a shortcut; the slice order is
+    reversed half the time (left-right: the canal is symmetric). Targets move with the image; a point pushed out of
+    view is dropped."""
+    size, valid = volume['image'].shape[-1], volume['valid']
+    aug = draw_augmentation(rng, {**config, **LOC_AUGMENT})
+    angle, scale, shift = math.radians(aug[0]), aug[1], aug[2:4]
+    rotate_back = np.array([[math.cos(angle), math.sin(angle)], [-math.sin(angle), math.cos(angle)]])
+    target = np.array(target, float)
+    q = (2 * target[:, 1:] + 1) / size - 1  # pixel centres -> [-1, 1] (affine_grid, align_corners=False)
+    target[:, 1:] = ((scale * q @ rotate_back.T + 2 * shift + 1) * size - 1) / 2  # augment_on_device's forward map
+    target[((target[:, 1:] < -0.5) | (target[:, 1:] > size - 0.5)).any(1)] = np.nan
+    image = torch.from_numpy(volume['image']).to(device).float().div_(255)
+    if rng.random() < 0.5:
+        image, valid, target[:, 0] = image.flip(0), valid[::-1].copy(), len(valid) - 1 - target[:, 0]
+    x = augment_on_device(image[None, :, None], torch.from_numpy(aug)[None].to(device),
+                          torch.from_numpy(valid)[None].to(device), size)
+    return neighbour_channels(x[0, :, 0]), target, valid
 
 
 def level_log_probs(logits, valid):
@@ -3236,14 +3291,40 @@ def localiser_loss(logits, targets, valid, sigma):
     return -(blob * level_log_probs(logits, valid)[have]).sum((1, 2, 3)).mean()
 
 
-def decode_levels(probs, window=2):
-    """(5, n, S, S) probabilities -> (5, 3) array of (slot, u, v): the slice holding the most probability, then
-    the probability-weighted centre of the (2 window + 1)^2 pixels around that slice's peak."""
-    size = probs.shape[-1]
+LEVEL_GAP_MM = (15.0, 60.0)  # consecutive disc levels lie this far apart along the spine (adult pitch ~30-40 mm)
+
+
+def peak_candidates(p, count, window):
+    """The `count` strongest local maxima of a 2-D map p (3 x 3 neighbourhood: two discs a few pixels apart stay
+    two), each scored by the mass within +-window pixels, down to 1/20 of the strongest: (log masses, rows, columns)
+    tensors."""
+    side = 2 * window + 1
+    mass = F.avg_pool2d(p[None, None], side, 1, window)[0, 0] * side ** 2
+    peaks = mass * (p == F.max_pool2d(p[None, None], 3, 1, 1)[0, 0])
+    values, index = peaks.flatten().topk(min(count, peaks.numel()))
+    keep = values >= values[0] * 0.05  # a faint bump is no candidate: better a slip than a point on noise
+    values, index = values[keep], index[keep]
+    return values.clamp_min(1e-30).log(), index // p.shape[1], index % p.shape[1]
+
+
+def decode_levels(probs, gap, window=2, count=4):
+    """(5, n, S, S) probabilities -> (5, 3) array of (slot, u, v). Per level, its slice is the one holding the most
+    probability; on it, `count` candidate peaks. The five peaks chosen maximise their summed log mass among the
+    choices that keep the levels in order down the spine (fit_square turns rows to run head to feet), each between
+    gap = (least, most) grid pixels below the one above: two levels never land on one disc, the commonest slip of
+    a heatmap localiser, nor does a level jump to a faint bump far away. No such choice: each level's strongest
+    peak. The point is the probability-weighted centre of the (2 window + 1)^2 pixels around the chosen peak."""
+    slices = probs.sum((2, 3)).argmax(1).tolist()
+    candidates = [peak_candidates(p[j], count, window) for p, j in zip(probs, slices)]
+    best, choice = -math.inf, [0] * len(probs)
+    for pick in itertools.product(*(range(len(c[0])) for c in candidates)):
+        rows = [float(c[1][i]) for c, i in zip(candidates, pick)]
+        score = sum(float(c[0][i]) for c, i in zip(candidates, pick))
+        if score > best and all(gap[0] <= b - a <= gap[1] for a, b in zip(rows, rows[1:])):
+            best, choice = score, list(pick)
     out = np.zeros((len(probs), 3))
-    for level, p in enumerate(probs):
-        j = int(p.sum((1, 2)).argmax())
-        v, u = divmod(int(p[j].argmax()), size)
+    for level, (p, j, (_, rows, cols), i) in enumerate(zip(probs, slices, candidates, choice)):
+        v, u = int(rows[i]), int(cols[i])
         v0, u0 = max(v - window, 0), max(u - window, 0)
         patch = p[j, v0:v + window + 1, u0:u + window + 1]
         vv, uu = torch.meshgrid(torch.arange(v0, v0 + patch.shape[0]), torch.arange(u0, u0 + patch.shape[1]),
@@ -3261,7 +3342,8 @@ def localise(models, volume, device, config):
         with autocast(device, config):
             logits = model.eval()(x)
         probs = probs + level_log_probs(logits, valid).exp() / len(models)
-    return decode_levels(probs.cpu())
+    grid_mm = np.median(volume['spacing'][volume['valid'], 1] / np.abs(volume['to_grid'][volume['valid'], 2]))
+    return decode_levels(probs.cpu(), (LEVEL_GAP_MM[0] / grid_mm, LEVEL_GAP_MM[1] / grid_mm))
 
 
 def train_localiser(volumes, targets, studies, config, device, seed):
@@ -3279,12 +3361,13 @@ def train_localiser(volumes, targets, studies, config, device, seed):
         order, total = rng.permutation(len(studies)), 0.0
         for b in range(batches):
             batch = [studies[i] for i in order[b * config['loc_batch']:(b + 1) * config['loc_batch']]]
-            x = torch.cat([volume_input(volumes[s], device) for s in batch])
+            views = [augment_study(volumes[s], targets[s], rng, config, device) if config['loc_augment']
+                     else (volume_input(volumes[s], device), targets[s], volumes[s]['valid']) for s in batch]
             with autocast(device, config):
-                logits = model(x).split([len(volumes[s]['valid']) for s in batch])
-            loss = sum(localiser_loss(out, torch.as_tensor(targets[s], dtype=torch.float32, device=device),
-                                      torch.from_numpy(volumes[s]['valid']).to(device), config['loc_sigma'])
-                       for out, s in zip(logits, batch)) / len(batch)
+                logits = model(torch.cat([x for x, _, _ in views])).split([len(valid) for _, _, valid in views])
+            loss = sum(localiser_loss(out, torch.as_tensor(target, dtype=torch.float32, device=device),
+                                      torch.from_numpy(valid).to(device), config['loc_sigma'])
+                       for out, (_, target, valid) in zip(logits, views)) / len(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -3304,10 +3387,9 @@ def localisation_table(volumes, targets, predictions, rows):
             if np.isnan(j):
                 continue
             j, pj = int(j), int(pred[level, 0])
-            cols, rows_ = volume['cols_rows'][j]
-            size = volume['image'].shape[-1]
-            dx = (pred[level, 1] - u) * cols / size * volume['spacing'][j][0]
-            dy = (pred[level, 2] - v) * rows_ / size * volume['spacing'][j][1]
+            kx, _, ky, _ = volume['to_grid'][j]
+            dx = (pred[level, 1] - u) / abs(kx) * volume['spacing'][j][0]
+            dy = (pred[level, 2] - v) / abs(ky) * volume['spacing'][j][1]
             records.append({'study_id': study, 'level': LEVELS[level], 'slot': j, 'pred_slot': pj,
                             'instance_number': int(volume['instance'][j]),
                             'pred_instance': int(volume['instance'][pj]),
@@ -3375,6 +3457,7 @@ def train_localisers(samples, config, device, workers):
         model, losses[fold] = train_localiser(volumes, targets, train, config, device, config['seed'] + 100 + fold)
         (Path(config['output_dir']) / f'fold{fold}').mkdir(parents=True, exist_ok=True)
         save_atomic({'model': model.state_dict(), 'config': {k: config[k] for k in LOC_KEYS}, 'fold': fold,
+                     'version': LOCALISER_VERSION,
                      'losses': losses[fold]}, Path(config['output_dir']) / f'fold{fold}' / 'localiser.pt')
         for study in (s for s in volumes if fold_of[s] == fold):
             predictions[study] = localise([model], volumes[study], device, config)
@@ -3477,6 +3560,9 @@ def load_run(folder, config, device, folds=None):
         if not loc_path.exists():
             raise FileNotFoundError(f'{loc_path} is missing: that run trained no localiser (localiser: off?)')
         loc = torch.load(loc_path, map_location='cpu', weights_only=False)
+        if loc.get('version') != LOCALISER_VERSION:
+            raise ValueError(f"{loc_path} was saved by an older notebook (localiser version {loc.get('version', 1)}, "
+                             f'this one reads volumes as version {LOCALISER_VERSION}): train the localiser again')
         changed = {k: (settings[k], v) for k, v in loc['config'].items() if settings[k] != v}
         if changed:
             raise ValueError(f'{loc_path} does not belong to the run of {path}: {{key: (classifier, localiser)}} '
@@ -3733,27 +3819,12 @@ def model_wording(kind, result):
     return text + ('; validation decided ' + ' and '.join(decided) if decided else ', not selected on validation')
 
 
-def write_report(config, samples, skipped, failures, results, oof, final, comparison, holdout, analysis, confused):
-    """v9_Results.md (from this run only), metrics.json and oof.csv in output_dir; returns the report text."""
-    out = Path(config['output_dir'])
-    kinds = {r['fold']: final_kind(r, config) for r in results}
-    success = success_table(final, results, analysis, list(kinds.values()))
-    counts = samples['label'].map(dict(enumerate(CLASSES))).value_counts().reindex(CLASSES, fill_value=0)
-    history = pd.concat([pd.DataFrame(r['history']).assign(fold=r['fold']) for r in results], ignore_index=True)
-    history_cols = [c for c in ['fold', 'epoch', 'train_loss', 'val_loss', 'train_ba', 'train_eval_ba', 'val_ba',
-                                'recall_0', 'recall_1', 'recall_2', 'pred_counts', 'lr_head', 'grad_norm_mean',
-                                'clipped_frac', 'nonfinite_steps', 'saved', 'swa', 'seconds'] if c in history]
-    checkpoints = pd.DataFrame([dict(row, fold=r['fold']) for r in results for row in r['checkpoints']])
-    fold_ba = {r['fold']: r['evaluations'][kinds[r['fold']]]['ba'] for r in results}
-    figures = sorted(p.name for p in FIGURES.glob('*.png'))
-    ran = precision_in_use(DEVICE, config)
-    shown = {**config, 'precision': ran if ran == config['precision'] else f"{ran} (CONFIG: {config['precision']})"}
+def headline_lines(config, results, kinds, final, oof, ran):
+    """The report's headline: the final model per fold and how it was chosen, what stopped a fold, skipped steps,
+    training processes, pooling and class weights, and the validation metrics."""
     how = {r['fold']: model_wording(kinds[r['fold']], r) for r in results}
     corrected = final['corrected']
-    text = [
-        '# le3ba v9 results', '',
-        (f"Written by le3ba_v9.ipynb on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
-        f'Machine: {machine_description(DEVICE)}; precision {ran}.'), '',
+    return [
         '## Headline', '',
         '- Final model: ' + '; '.join(f'fold {f}: {k} ({how[f]})' for f, k in kinds.items())
         + f" (CONFIG final_model '{config['final_model']}'; fallback swa > last > best).",
@@ -3764,39 +3835,20 @@ def write_report(config, samples, skipped, failures, results, oof, final, compar
           if set(config['train_folds']) - set(kinds) else []),
         ('- Steps skipped for a non-finite gradient norm (never applied): '
          + '; '.join(f"fold {r['fold']}: {r.get('nonfinite_steps', 0)}" for r in results) + f' (precision {ran}).'),
+        ('- Training processes (DistributedDataParallel when more than one; global batch batch_size): '
+         + '; '.join(f"fold {r['fold']}: {r.get('processes', 1)}" for r in results) + '.'),
         f"- Pooling: {config['pooling']}; class weights: "
         + '; '.join(f"fold {r['fold']}: {r['class_weights']}" for r in results) + '.',
         f"- Balanced accuracy {final['ba']:.4f} (raw probabilities), {corrected['ba']:.4f} (prior-corrected).",
         (f"- {SCORE_NAME} (lower is better): raw {final['competition_score_part']:.4f}, prior-corrected "
          f"{corrected['competition_score_part']:.4f}. {score_caveat(oof, config)}. Temperature scaling: not "
          'applied (no labelled data here that the reported model was neither selected nor scored on).'), '',
-        '## Data', '',
-        f"- Source: {data_source(config)} at `{config['data_root']}`",
-        f"- Condition: {config['condition']} on {config['series_description']}; {samples['study_id'].nunique()} "
-        f'studies, {len(samples)} samples; classes: ' + ', '.join(f'{c} {n}' for c, n in counts.items()),
-        (f"- Rows not used: {int(skipped['rows'].sum()) if len(skipped) else 0}; preprocessing: "
-        + (', '.join(f'{n} {w}' for w, n in failures.groupby('what').size().items()) or 'no data issue')), '',
-        md_table(skipped) if len(skipped) else '', '', md_table(failures) if len(failures) else '', '',
-        '## Configuration', '', '```json', json.dumps(shown, indent=1, default=str), '```', '',
-        '## Per-epoch history', '', md_table(history[history_cols].astype(object).where(history[history_cols].notna(),
-                                                                               '-')), '',
-        "## Final metrics (validation folds " + ', '.join(map(str, fold_ba)) + ')', '',
-        f"Final model: {', '.join(sorted(set(oof['model'])))}. Balanced accuracy {final['ba']:.4f}; recall "
-        + ', '.join(f'{c} {r:.4f}' for c, r in zip(CLASSES, final['recall']))
-        + f"; predictions per class {final['pred_counts']}. Prior-corrected probabilities: balanced accuracy "
-        f"{corrected['ba']:.4f}; predictions per class {corrected['pred_counts']}.",
-        f'{SCORE_NAME[0].upper() + SCORE_NAME[1:]} (lower is better), raw: '
-        + ', '.join(f'{k} {v:.4f}' for k, v in final['competition_terms'].items()) + '; prior-corrected: '
-        + ', '.join(f'{k} {v:.4f}' for k, v in corrected['competition_terms'].items())
-        + f'. {score_caveat(oof, config)}.', '',
-        'All model kinds, pooled over folds (best = chosen on the same fold, so optimistic):', '',
-        md_table(comparison), '',
-        'Per-fold balanced accuracy of the final model: ' + ', '.join(f'fold {f}: {v:.4f}' for f, v in fold_ba.items())
-        + (f' (std {np.std(list(fold_ba.values())):.4f}).' if len(fold_ba) > 1 else '.'), '',
-        '## Success criteria (the plan)', '', md_table(success), '',
-        "## Critical checkpoints (the plan's epochs 1, 3, 10)", '',
-        md_table(checkpoints) if len(checkpoints) else 'No checkpoint epoch was reached.', '',
-        'Class-weight actions applied: ' + ('; '.join(a for r in results for a in r['actions']) or 'none') + '.', '',
+    ]
+
+
+def analysis_lines(analysis, confused, results, holdout, config):
+    """The report's analysis: attention, errors and ensemble potential."""
+    return [
         '## Analysis', '',
         '### Attention', '',
         *(["Not applicable: pooling = 'mean' (every unpadded slice weighs the same; nothing is learned)."]
@@ -3821,6 +3873,57 @@ def write_report(config, samples, skipped, failures, results, oof, final, compar
             if holdout is not None else
             'No held-out studies (holdout_frac = 0): out-of-fold predictions come from one model each, so '
             'an ensemble gain cannot be measured; set holdout_frac (e.g. 0.2) and train several folds.'),
+    ]
+
+
+def write_report(config, samples, skipped, failures, results, oof, final, comparison, holdout, analysis, confused):
+    """v9_Results.md (from this run only), metrics.json and oof.csv in output_dir; returns the report text."""
+    out = Path(config['output_dir'])
+    kinds = {r['fold']: final_kind(r, config) for r in results}
+    success = success_table(final, results, analysis, list(kinds.values()))
+    counts = samples['label'].map(dict(enumerate(CLASSES))).value_counts().reindex(CLASSES, fill_value=0)
+    history = pd.concat([pd.DataFrame(r['history']).assign(fold=r['fold']) for r in results], ignore_index=True)
+    history_cols = [c for c in ['fold', 'epoch', 'train_loss', 'val_loss', 'train_ba', 'train_eval_ba', 'val_ba',
+                                'recall_0', 'recall_1', 'recall_2', 'pred_counts', 'lr_head', 'grad_norm_mean',
+                                'clipped_frac', 'nonfinite_steps', 'saved', 'swa', 'seconds'] if c in history]
+    checkpoints = pd.DataFrame([dict(row, fold=r['fold']) for r in results for row in r['checkpoints']])
+    fold_ba = {r['fold']: r['evaluations'][kinds[r['fold']]]['ba'] for r in results}
+    figures = sorted(p.name for p in FIGURES.glob('*.png'))
+    ran = precision_in_use(DEVICE, config)
+    shown = {**config, 'precision': ran if ran == config['precision'] else f"{ran} (CONFIG: {config['precision']})"}
+    text = [
+        '# le3ba v9 results', '',
+        (f"Written by le3ba_v9.ipynb on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
+        f'Machine: {machine_description(DEVICE)}; precision {ran}.'), '',
+        *headline_lines(config, results, kinds, final, oof, ran), '',
+        '## Data', '',
+        f"- Source: {data_source(config)} at `{config['data_root']}`",
+        f"- Condition: {config['condition']} on {config['series_description']}; {samples['study_id'].nunique()} "
+        f'studies, {len(samples)} samples; classes: ' + ', '.join(f'{c} {n}' for c, n in counts.items()),
+        (f"- Rows not used: {int(skipped['rows'].sum()) if len(skipped) else 0}; preprocessing: "
+        + (', '.join(f'{n} {w}' for w, n in failures.groupby('what').size().items()) or 'no data issue')), '',
+        md_table(skipped) if len(skipped) else '', '', md_table(failures) if len(failures) else '', '',
+        '## Configuration', '', '```json', json.dumps(shown, indent=1, default=str), '```', '',
+        '## Per-epoch history', '', md_table(history[history_cols].astype(object).where(history[history_cols].notna(),
+                                                                               '-')), '',
+        "## Final metrics (validation folds " + ', '.join(map(str, fold_ba)) + ')', '',
+        f"Final model: {', '.join(sorted(set(oof['model'])))}. Balanced accuracy {final['ba']:.4f}; recall "
+        + ', '.join(f'{c} {r:.4f}' for c, r in zip(CLASSES, final['recall']))
+        + f"; predictions per class {final['pred_counts']}. Prior-corrected probabilities: balanced accuracy "
+        f"{final['corrected']['ba']:.4f}; predictions per class {final['corrected']['pred_counts']}.",
+        f'{SCORE_NAME[0].upper() + SCORE_NAME[1:]} (lower is better), raw: '
+        + ', '.join(f'{k} {v:.4f}' for k, v in final['competition_terms'].items()) + '; prior-corrected: '
+        + ', '.join(f'{k} {v:.4f}' for k, v in final['corrected']['competition_terms'].items())
+        + f'. {score_caveat(oof, config)}.', '',
+        'All model kinds, pooled over folds (best = chosen on the same fold, so optimistic):', '',
+        md_table(comparison), '',
+        'Per-fold balanced accuracy of the final model: ' + ', '.join(f'fold {f}: {v:.4f}' for f, v in fold_ba.items())
+        + (f' (std {np.std(list(fold_ba.values())):.4f}).' if len(fold_ba) > 1 else '.'), '',
+        '## Success criteria (the plan)', '', md_table(success), '',
+        "## Critical checkpoints (the plan's epochs 1, 3, 10)", '',
+        md_table(checkpoints) if len(checkpoints) else 'No checkpoint epoch was reached.', '',
+        'Class-weight actions applied: ' + ('; '.join(a for r in results for a in r['actions']) or 'none') + '.', '',
+        *analysis_lines(analysis, confused, results, holdout, config),
         '', *localisation_report(LOCALISATION, SUBMISSION_INFO, config),
         '## Figures', '', *[f'- [{f}](figures/{f})' for f in figures], '',
         '## Warnings', '', *([f'- {w}' for w in WARNINGS] or ['none']), '']

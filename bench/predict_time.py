@@ -36,7 +36,8 @@ def main(argv=None):
     torch.save({"model": nb["SpineModelV9"](config).state_dict(), "kind": "swa", "config": config,
                 "class_weights": config["class_weights"]}, fold / "final.pt")
     torch.save({"model": nb["LevelLocaliser"](config["loc_channels"]).state_dict(),
-                "config": {k: config[k] for k in nb["LOC_KEYS"]}}, fold / "localiser.pt")
+                "config": {k: config[k] for k in nb["LOC_KEYS"]}, "version": nb["LOCALISER_VERSION"]},
+               fold / "localiser.pt")
     (tmp / "out" / "priors.json").write_text(json.dumps(nb["label_priors"](config["data_root"])))
     run = nb["load_run"](tmp / "out", config, cpu)
     cpu_start = time.process_time()  # CPU time of all this process's threads (--workers 1: all the work)

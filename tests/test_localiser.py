@@ -8,8 +8,9 @@ import torch
 from notebook_cells import notebook_namespace
 
 CPU = torch.device("cpu")
-LOC = {"loc_size": 32, "loc_channels": 8, "loc_epochs": 8, "loc_batch": 1, "loc_lr": 2e-3}  # fits 2 CPU cores
-MEDIAN_MM = 10.0  # median in-plane error on validation must be below this (32 px grid: ~8 mm per pixel)
+LOC = {"loc_size": 64, "loc_channels": 8, "loc_epochs": 20, "loc_batch": 1, "loc_lr": 2e-3,  # ~30 s on 2 CPU cores
+       "loc_sigma": 1.0}
+MEDIAN_MM = 4.0  # median in-plane error on validation must be below this (64 px grid: ~4-5 mm per pixel)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def test_volume_follows_the_classifier_read_path(setup, loc_study_set):
         volume = nb["read_volume"](series_dir, config, anchor)
         slots = nb["stack_slots"](headers, skipped, anchor)
         assert volume["instance"].tolist() == [s if isinstance(s, int) else -1 for s in slots]
-        assert volume["image"].shape == (len(slots), 32, 32) and volume["valid"].all()
+        assert volume["image"].shape == (len(slots), LOC["loc_size"], LOC["loc_size"]) and volume["valid"].all()
         x = [float(headers[i].ImagePositionPatient[0]) for i in volume["instance"]]
         assert np.all(np.diff(x) > 0)  # patient right to left
         summary_reversed.append(np.all(np.diff(volume["instance"]) < 0))
@@ -86,9 +87,11 @@ def test_localiser_learns_the_anatomy_and_a_shuffled_control_does_not(setup, tra
     control = nb["localisation_metrics"](nb["localisation_table"](volumes, targets, predictions,
                                                                   samples[samples["study_id"].isin(val)]))
     print(control.to_string())
-    # measured: median 6.2 mm, every slice exact; control 12.9 mm, no slice exact (seed 5 set, fold 0)
-    assert control.loc["all", "median mm"] > 1.5 * metrics.loc["all", "median mm"]
-    assert control.loc["all", "slice exact"] < 0.5 <= metrics.loc["all", "slice exact"]
+    # measured: median 1.7 mm, p90 2.9 mm, every slice exact; control 6.6 mm, p90 16.9 mm, 62 % of slices exact (the
+    # generator annotates near the middle slice, so another study's slot is often right) (seed 5 set, fold 0)
+    assert control.loc["all", "median mm"] > 3 * metrics.loc["all", "median mm"]
+    assert control.loc["all", "p90 mm"] > 3 * metrics.loc["all", "p90 mm"]
+    assert control.loc["all", "slice exact"] < metrics.loc["all", "slice exact"]
 
 
 def test_classifier_with_predicted_points_beside_oracle(setup, trained):
@@ -119,3 +122,103 @@ def test_classifier_with_predicted_points_beside_oracle(setup, trained):
         oracle["corrected"]["competition_terms"], abs=1e-4)
     lines = nb["localisation_report"](trained | {"cost": cost}, None, config)
     assert any(line.startswith("- Cost of localisation") for line in lines)
+
+
+# --- the localiser's pieces, each against a hand-made answer (no training) ---
+@pytest.fixture(scope="module")
+def defs(nb):
+    return nb  # the session's notebook namespace (conftest)
+
+
+def test_fit_square_keeps_anatomy_shape_and_maps_points_both_ways(defs):
+    """A 60 x 40 mm ellipse on a non-square, anisotropic series (rows 0.9 mm, columns 0.6 mm) is drawn with the same
+    mm per grid pixel along x and y; series pixel -> grid -> series is exact; a mirrored series is shown unmirrored."""
+    rows, cols, spacing = 200, 300, np.array([0.6, 0.9])  # x: mm per column, y: mm per row
+    y, x = np.mgrid[:rows, :cols]
+    image = ((((x - 150) * 0.6 / 30) ** 2 + ((y - 100) * 0.9 / 20) ** 2) <= 1).astype(np.uint8) * 255
+    square, (kx, ox, ky, oy) = defs["fit_square"](image, spacing, 64)
+    assert square.shape == (64, 64)
+    assert spacing[0] / kx == pytest.approx(spacing[1] / ky, rel=0.02)  # mm per grid pixel, x == y
+    mm = spacing[0] / kx  # 180 mm across the 64 px: the longer side (300 x 0.6 mm) fills the square
+    assert mm == pytest.approx(180 / 64, rel=0.02)
+    on = np.argwhere(square > 127)
+    width_mm, height_mm = (np.ptp(on[:, 1]) + 1) * mm, (np.ptp(on[:, 0]) + 1) * mm
+    assert width_mm == pytest.approx(60, abs=2 * mm) and height_mm == pytest.approx(40, abs=2 * mm)
+    assert on[:, 1].mean() == pytest.approx(31.5, abs=0.6) and on[:, 0].mean() == pytest.approx(31.5, abs=0.6)
+    volume = {"to_grid": np.array([[kx, ox, ky, oy]])}
+    u, v = defs["grid_point"](volume, 0, 150.0, 100.0)
+    assert (u, v) == pytest.approx((31.5, 31.5), abs=0.6)  # the ellipse centre lands at the grid centre
+    np.testing.assert_allclose(defs["series_point"](volume, 0, u, v), (150.0, 100.0), atol=1e-9)
+    # a series whose columns run anterior (flipped_normal) is shown the usual way round: the same square
+    asym = image.copy()
+    asym[95:105, 200:260] = 255  # a bar on the patient's posterior side
+    square, to_grid = defs["fit_square"](asym, spacing, 64)
+    mirrored, to_grid_m = defs["fit_square"](asym[:, ::-1], spacing, 64, (True, False))
+    assert np.abs(mirrored.astype(int) - square).max() <= 2
+    for x, y in ((150.0, 100.0), (230.0, 99.0), (3.0, 7.0)):
+        here = defs["grid_point"]({"to_grid": np.array([to_grid])}, 0, x, y)
+        there = defs["grid_point"]({"to_grid": np.array([to_grid_m])}, 0, cols - 1 - x, y)
+        np.testing.assert_allclose(there, here, atol=1e-9)
+        np.testing.assert_allclose(defs["series_point"]({"to_grid": np.array([to_grid_m])}, 0, *there),
+                                   (cols - 1 - x, y), atol=1e-9)
+
+
+def test_augment_study_moves_targets_with_the_image(defs):
+    """A bright dot at each annotated point: after any augmentation (zoom, rotation, shift, slice reversal) the
+    dot's brightest pixel is where the target went; a missing target stays NaN."""
+    size = 64
+    image = np.zeros((5, size, size), np.uint8)
+    targets = np.array([[1, 20, 30], [2, 40, 12], [3, 33, 50], [np.nan] * 3, [0, 10, 10]], float)
+    for j, u, v in targets[[0, 1, 2, 4]]:
+        image[int(j), int(v) - 1:int(v) + 2, int(u) - 1:int(u) + 2] = 255
+    volume = {"image": image, "valid": np.array([True, True, True, True, False])}
+    rng, reversed_seen = np.random.default_rng(0), 0
+    for _ in range(30):
+        x, target, valid = defs["augment_study"](volume, targets, rng, defs["CONFIG"], CPU)
+        assert x.shape == (5, 3, size, size) and valid.tolist() in ([1, 1, 1, 1, 0], [0, 1, 1, 1, 1])
+        reversed_seen += not valid[-1]
+        assert np.isnan(target[3]).all()
+        for level in (0, 1, 2, 4):
+            if np.isnan(target[level, 0]):  # pushed out of view
+                continue
+            middle = x[int(target[level, 0]), 1]  # channel 1: the slice itself
+            v, u = divmod(int(middle.argmax()), size)
+            assert abs(u - target[level, 1]) <= 1.5 and abs(v - target[level, 2]) <= 1.5
+            assert middle.max() > 0  # the dot survived (not a black slice)
+    assert 5 <= reversed_seen <= 25  # half the time
+
+
+def blobs(levels_rows, size=32, slices=3, extra=()):
+    """(5, slices, size, size) probabilities: per level a Gaussian blob at (row, column 16) on slice 1, plus the
+    (level, row, weight) extras; each level normalised."""
+    grid = torch.arange(size, dtype=torch.float32)
+    probs = torch.zeros(5, slices, size, size)
+    for level, row in enumerate(levels_rows):
+        probs[level, 1] += torch.exp(-((grid.view(-1, 1) - row) ** 2 + (grid.view(1, -1) - 16) ** 2) / 2)
+    for level, row, weight in extra:
+        probs[level, 1] += weight * torch.exp(-((grid.view(-1, 1) - row) ** 2 + (grid.view(1, -1) - 16) ** 2) / 2)
+    return probs / probs.sum((1, 2, 3), keepdim=True)
+
+
+def test_decode_levels_keeps_the_levels_in_order_along_the_spine(defs):
+    decode = defs["decode_levels"]
+    rows, gap = [4, 10, 16, 22, 28], (3, 12)
+    clear = decode(blobs(rows), gap)
+    np.testing.assert_allclose(clear[:, 0], 1)
+    np.testing.assert_allclose(clear[:, 2], rows, atol=1e-4)
+    np.testing.assert_allclose(clear[:, 1], 16, atol=1e-4)
+    # level L3/L4's strongest bump sits on L4/L5's disc (row 22), its right one (row 16) is weaker
+    slipped = blobs([4, 10, 22, 22, 28], extra=[(2, 16, 0.6)])
+    assert decode(slipped, (-99, 99))[2, 2] == pytest.approx(22, abs=0.5)  # no order asked: the slip
+    assert decode(slipped, gap)[2, 2] == pytest.approx(16, abs=0.5)  # in order: the right disc
+    # a bump under 1/20 of the level's strongest is no candidate: no ordered choice, each level's own peak
+    faint = blobs([4, 10, 22, 22, 28], extra=[(2, 16, 0.01)])
+    assert decode(faint, gap)[2, 2] == pytest.approx(22, abs=0.5)
+    # L5/S1 slipped onto L4/L5's disc, its only other bump far below at the image's edge: too far to be the next
+    # level (the gap's upper bound), so no ordered choice and no point on the edge
+    edge = blobs([4, 10, 16, 22, 22], extra=[(4, 31, 0.3)])
+    assert decode(edge, (3, 99))[4, 2] == pytest.approx(31, abs=1)
+    assert decode(edge, (3, 8))[4, 2] == pytest.approx(22, abs=0.5)  # levels 6 apart: 9 is too far
+    # two discs 4 pixels apart are two candidates (local maxima of the map itself, not of its 5 x 5 mass)
+    close = blobs([4, 10, 16, 20, 20], extra=[(4, 24, 0.5)])
+    assert decode(close, (3, 12))[4, 2] == pytest.approx(24, abs=0.5)

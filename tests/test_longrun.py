@@ -146,3 +146,18 @@ def test_continue_from_a_read_only_copy_gives_the_uninterrupted_run(nb, cached, 
         np.testing.assert_array_equal(straight["evaluations"][kind]["probs"], resumed["evaluations"][kind]["probs"])
     with pytest.raises(ValueError, match="continue_from = output_dir"):
         nb["continue_from_previous"]({**config, "continue_from": config["output_dir"]})
+
+
+def test_an_older_last_pt_that_stopped_early_stays_stopped_on_resume(nb, cached, tmp_path, monkeypatch):  # noqa: F811
+    """A last.pt written before 'stopped_by' existed says 'stopped_early': True; resuming it must not train on."""
+    fake_epochs(nb, monkeypatch)
+    config = small_config(nb, tmp_path)  # 3 epochs
+    nb["train_fold"](0, *cached, config, CPU, deadline=150.0)  # stops after epoch 1: last.pt exists
+    path = tmp_path / "fold0" / "last.pt"
+    ckpt = torch.load(path, weights_only=False)
+    del ckpt["state"]["stopped_by"]
+    ckpt["state"]["stopped_early"] = True
+    torch.save(ckpt, path)
+    result = nb["train_fold"](0, *cached, config, CPU)  # no deadline: only the old early stop can end it
+    assert result["stopped_by"] == "early" and result["epochs_trained"] == 1
+    assert [row["epoch"] for row in result["history"]] == [1]
