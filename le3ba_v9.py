@@ -3100,8 +3100,9 @@ def read_volume(series_dir, config, anchor=None):
     middle file), each framed on the loc_size square at equal mm per grid pixel along x and y, columns running
     posterior and rows running down (fit_square).
     Returns {'image' uint8 (n, S, S), 'valid' (n,) bool, 'instance' (n,) int (-1 in a gap or for an unreadable
-    file), 'to_grid' (n, 4) (kx, ox, ky, oy): grid u + 0.5 = kx (x + 0.5) + ox (v likewise), 'spacing' (n, 2) mm per
-    series pixel along x, y, 'issues': [(file, reason)]}. Raises ValueError when no slice is usable."""
+    file), 'to_grid' (n, 4) (kx, ox, ky, oy): grid u + 0.5 = kx (x + 0.5) + ox (v likewise), 'image_shape' (n, 2)
+    rows, columns, 'spacing' (n, 2) mm per series pixel along x, y, 'issues': [(file, reason)]}. Raises ValueError
+    when no slice is usable."""
     headers, skipped = read_series_headers(series_dir)
     if not headers:
         raise ValueError(f'{series_dir}: no readable slice ({len(skipped)} files skipped)')
@@ -3111,6 +3112,7 @@ def read_volume(series_dir, config, anchor=None):
     n = len(slots)
     volume = {'image': np.zeros((n, size, size), np.uint8), 'valid': np.zeros(n, bool), 'instance': np.full(n, -1),
               'to_grid': np.tile([size / int(ref.Columns), 0.0, size / int(ref.Rows), 0.0], (n, 1)),
+              'image_shape': np.tile([int(ref.Rows), int(ref.Columns)], (n, 1)),
               'spacing': np.tile(slice_geometry(ref)[3], (n, 1)), 'issues': list(skipped.items()),
               'series_dir': str(series_dir)}
     decoded = {}
@@ -3130,6 +3132,7 @@ def read_volume(series_dir, config, anchor=None):
         row_dir, col_dir, _, volume['spacing'][j] = slice_geometry(ds)
         volume['image'][j], volume['to_grid'][j] = fit_square(image, volume['spacing'][j], size,
                                                               (row_dir[1] < 0, col_dir[2] > 0))
+        volume['image_shape'][j] = image.shape
         volume['valid'][j], volume['instance'][j] = True, slots[j]
     return volume
 
@@ -3333,15 +3336,30 @@ def decode_levels(probs, gap, window=2, count=4):
     return out
 
 
+def image_area(volume):
+    """(n, S, S) bool: the grid pixels each slot's image covers (fit_square leaves black bands around a
+    non-square field of view; a point there has no crop)."""
+    n, size = volume['image'].shape[:2]
+    grid = np.arange(size) + 0.5
+    area = np.zeros((n, size, size), bool)
+    for j, (kx, ox, ky, oy) in enumerate(volume['to_grid']):
+        cols, rows = (np.sort([o, o + k * extent]) for o, k, extent in
+                      ((ox, kx, volume['image_shape'][j][1]), (oy, ky, volume['image_shape'][j][0])))
+        area[j] = np.outer((grid > rows[0]) & (grid < rows[1]), (grid > cols[0]) & (grid < cols[1]))
+    return area
+
+
 @torch.inference_mode()
 def localise(models, volume, device, config):
-    """(5, 3) (slot, u, v) per level from the probabilities of `models` averaged (one model per fold)."""
+    """(5, 3) (slot, u, v) per level from the probabilities of `models` averaged (one model per fold), on the
+    slices' image area only."""
     x, valid = volume_input(volume, device), torch.from_numpy(volume['valid']).to(device)
     probs = 0
     for model in models:
         with autocast(device, config):
             logits = model.eval()(x)
         probs = probs + level_log_probs(logits, valid).exp() / len(models)
+    probs = probs * torch.from_numpy(image_area(volume)).to(probs.device)
     grid_mm = np.median(volume['spacing'][volume['valid'], 1] / np.abs(volume['to_grid'][volume['valid'], 2]))
     return decode_levels(probs.cpu(), (LEVEL_GAP_MM[0] / grid_mm, LEVEL_GAP_MM[1] / grid_mm))
 

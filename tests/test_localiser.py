@@ -222,3 +222,30 @@ def test_decode_levels_keeps_the_levels_in_order_along_the_spine(defs):
     # two discs 4 pixels apart are two candidates (local maxima of the map itself, not of its 5 x 5 mass)
     close = blobs([4, 10, 16, 20, 20], extra=[(4, 24, 0.5)])
     assert decode(close, (3, 12))[4, 2] == pytest.approx(24, abs=0.5)
+
+
+def test_localise_never_places_a_point_off_the_image(defs):
+    """A tall field of view leaves black bands left and right of the square; a model whose strongest response
+    sits in a band still gets a point on the image (where a crop can be built)."""
+    image, spacing = np.full((128, 64), 100, np.uint8), np.array([1.0, 1.0])
+    square, to_grid = defs["fit_square"](image, spacing, 64)
+    volume = {"image": np.stack([square] * 3), "valid": np.ones(3, bool), "to_grid": np.array([to_grid] * 3),
+              "image_shape": np.array([[128, 64]] * 3), "spacing": np.array([spacing] * 3)}
+    area = defs["image_area"](volume)
+    assert area.shape == (3, 64, 64) and area[:, :, 16:48].all() and not area[:, :, :16].any()
+    assert not area[:, :, 48:].any()
+
+    class BandLover(torch.nn.Module):  # level k: a strong bump at column 3 (the band), a weak one at column 30
+        def forward(self, x):
+            logits = torch.zeros(len(x), 5, 64, 64)
+            for level in range(5):
+                logits[1, level, 6 + 12 * level, 3] = 8.0
+                logits[1, level, 6 + 12 * level, 30] = 4.0
+            return logits
+
+    points = defs["localise"]([BandLover()], volume, CPU, defs["CONFIG"])
+    np.testing.assert_allclose(points[:, 0], 1)
+    assert (points[:, 1] > 16).all() and (points[:, 1] < 48).all()
+    for level, (j, u, v) in enumerate(points):
+        x, y = defs["series_point"](volume, int(j), u, v)
+        assert 0 <= x < 64 and 0 <= y < 128
