@@ -246,6 +246,6 @@ def test_localise_never_places_a_point_off_the_image(defs):
     points = defs["localise"]([BandLover()], volume, CPU, defs["CONFIG"])
     np.testing.assert_allclose(points[:, 0], 1)
     assert (points[:, 1] > 16).all() and (points[:, 1] < 48).all()
-    for level, (j, u, v) in enumerate(points):
+    for j, u, v in points:
         x, y = defs["series_point"](volume, int(j), u, v)
         assert 0 <= x < 64 and 0 <= y < 128
