@@ -432,8 +432,11 @@ def worker_count(config):
 
 
 RESUME_EXEMPT = {'resume', 'num_workers', 'prefetch_factor', 'compile', 'output_dir', 'cache_dir', 'data_root',
-                 'train_folds', 'final_model', 'time_budget_h', 'continue_from', 'processes'}  # settings that do
-# not change what is trained (processes keeps the global batch: a fold started on 2 GPUs may continue on 1)
+                 'train_folds', 'final_model', 'time_budget_h', 'continue_from', 'processes',
+                 'localiser', 'submit_from', 'loc_size', 'loc_channels', 'loc_epochs', 'loc_lr', 'loc_batch',
+                 'loc_sigma', 'loc_augment', 'loc_submit_probs'}  # settings that do not change what the
+# classifier trains (processes keeps the global batch: a fold started on 2 GPUs may continue on 1; the localiser is
+# trained after the folds, from its own settings, saved in its own localiser.pt)
 RUN_OUTPUTS = ['v9_Results.md', 'metrics.json', 'oof.csv', 'figures', 'progress.md']  # written by the run
 
 
@@ -3068,8 +3071,9 @@ from torchvision.ops import Conv2dNormActivation
 LOC_SLICE_SIGMA = 0.5  # target blob width across slices, in slices: the annotated slice clearly first
 LOCALISER_VERSION = 2  # saved in localiser.pt: 2 = slices framed at equal mm per pixel and one orientation
 #                        (fit_square), trained augmented
-LOC_KEYS = ('loc_size', 'loc_channels', 'loc_sigma', 'intensity', 'window_center', 'window_width', 'percentiles',
-            'series_percentiles', 'clahe_clip', 'clahe_grid', 'series_description')  # what a volume and model depend on
+LOC_OWN_KEYS = ('loc_size', 'loc_channels', 'loc_sigma')  # the localiser's own shape; with the classifier's
+LOC_KEYS = LOC_OWN_KEYS + ('intensity', 'window_center', 'window_width', 'percentiles',  # preprocessing: what a
+                           'series_percentiles', 'clahe_clip', 'clahe_grid', 'series_description')  # volume depends on
 LOCALISATION = SUBMISSION_INFO = None  # this section's results; write_report adds its section when set
 
 
@@ -3547,7 +3551,7 @@ def fill_priors(frame, priors, condition):
     return frame, int(empty.sum())
 
 
-PREDICT_KEYS = PREPROCESS_KEYS + LOC_KEYS + (  # the saved settings a prediction uses (batch size and precision
+PREDICT_KEYS = PREPROCESS_KEYS + (  # the classifier's saved settings a prediction uses (batch size and precision
     'backbone', 'gru_hidden', 'gru_layers', 'attention_hidden', 'pooling', 'dropout', 'gru_dropout',  # too:
     'precision', 'batch_size')  # a submission run then computes the training run's submission bit for bit)
 
@@ -3555,12 +3559,12 @@ PREDICT_KEYS = PREPROCESS_KEYS + LOC_KEYS + (  # the saved settings a prediction
 def load_run(folder, config, device, folds=None):
     """The classifiers (fold*/final.pt), localisers (fold*/localiser.pt) and priors (priors.json) of a finished
     run's output folder, checked: every fold saved with the same settings, each localiser with the settings of
-    its classifier's run, every weight loaded strictly. Returns {'config': this run's CONFIG with the saved
-    prediction settings (PREDICT_KEYS), 'classifiers': [(model, class weights)], 'localisers', 'priors',
-    'folds'}."""
+    its classifier's run (the same preprocessing) and with the other folds' localisers, every weight loaded strictly.
+    Returns {'config': this run's CONFIG with the saved prediction settings (the classifiers' PREDICT_KEYS, the
+    localisers' LOC_OWN_KEYS), 'classifiers': [(model, class weights)], 'localisers', 'priors', 'folds'}."""
     folder = Path(folder)
     run = {'classifiers': [], 'localisers': [], 'folds': []}
-    saved_settings = None
+    saved_settings = loc_settings = None
     paths = (sorted(folder.glob('fold*/final.pt')) if folds is None
              else [folder / f'fold{f}' / 'final.pt' for f in folds])
     for path in paths:
@@ -3581,15 +3585,21 @@ def load_run(folder, config, device, folds=None):
         if loc.get('version') != LOCALISER_VERSION:
             raise ValueError(f"{loc_path} was saved by an older notebook (localiser version {loc.get('version', 1)}, "
                              f'this one reads volumes as version {LOCALISER_VERSION}): train the localiser again')
-        changed = {k: (settings[k], v) for k, v in loc['config'].items() if settings[k] != v}
+        changed = {k: (settings[k], v) for k, v in loc['config'].items() if k in settings and settings[k] != v}
         if changed:
             raise ValueError(f'{loc_path} does not belong to the run of {path}: {{key: (classifier, localiser)}} '
                              f'= {changed}')
+        own = {k: loc['config'][k] for k in LOC_OWN_KEYS}
+        if loc_settings is not None and own != loc_settings:
+            raise ValueError(f'{loc_path} was trained with other settings than the localiser of {run["folds"][0]}: '
+                             f'{ {k: (loc_settings[k], v) for k, v in own.items() if v != loc_settings[k]} }')
+        loc_settings = own
         localiser = LevelLocaliser(loc['config']['loc_channels'])
         localiser.load_state_dict(loc['model'])
         run['localisers'].append(localiser.to(device).eval())
     if not run['classifiers']:
         raise FileNotFoundError(f'{folder}: no fold*/final.pt (the output folder of a finished training run)')
+    saved_settings = {**saved_settings, **loc_settings}
     differ = {k: (v, config[k]) for k, v in saved_settings.items() if config[k] != v}
     if differ:
         print(f'{folder}: prediction uses the settings the models were trained with; this run differs in '

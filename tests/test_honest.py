@@ -104,6 +104,10 @@ def test_resume_is_checked_up_front_with_the_choices(nb, cached, tmp_path, capsy
     assert "fold 0: resumes after epoch 1 (resume=False would start it again)" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"other settings .*'epochs': \(3, 4\).*resume=False"):
         nb["resume_check"]({**config, "epochs": 4})
+    # the localiser's settings do not change what the classifier trains: a fold resumes under new ones
+    nb["resume_check"]({**config, "loc_size": 128, "loc_epochs": 3, "loc_sigma": 1.0, "loc_augment": False,
+                        "localiser": "on"})
+    assert "fold 0: resumes after epoch 1" in capsys.readouterr().out
 
 
 def test_resume_refuses_a_changed_sample_table_or_fold_assignment(nb, cached, tmp_path):  # noqa: F811

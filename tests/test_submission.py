@@ -191,3 +191,18 @@ def test_load_run_refuses_a_localiser_from_an_older_notebook(runs, nb, tmp_path)
     torch.save(saved, path)
     with pytest.raises(ValueError, match="older notebook .*train the localiser again"):
         nb["load_run"](tmp_path / "old", nb["CONFIG"], torch.device("cpu"))
+
+
+def test_load_run_takes_the_localisers_own_settings_and_checks_the_shared_ones(runs, nb, tmp_path):
+    """A localiser retrained with other loc_* settings (resume_check lets the classifier folds stay) predicts with
+    its own; one whose preprocessing differs from its classifier's does not belong to that run."""
+    shutil.copytree(runs / "train", tmp_path / "new")
+    path = tmp_path / "new" / "fold0" / "localiser.pt"
+    saved = torch.load(path, weights_only=False)
+    torch.save({**saved, "config": {**saved["config"], "loc_size": 96, "loc_sigma": 1.5}}, path)
+    run = nb["load_run"](tmp_path / "new", nb["CONFIG"], torch.device("cpu"))
+    assert (run["config"]["loc_size"], run["config"]["loc_sigma"]) == (96, 1.5)
+    assert run["config"]["img_size"] == TINY["img_size"]  # the classifier's own, from final.pt
+    torch.save({**saved, "config": {**saved["config"], "clahe_clip": 3.0}}, path)
+    with pytest.raises(ValueError, match="does not belong to the run of .*clahe_clip"):
+        nb["load_run"](tmp_path / "new", nb["CONFIG"], torch.device("cpu"))
