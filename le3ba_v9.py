@@ -432,9 +432,8 @@ def worker_count(config):
 
 
 RESUME_EXEMPT = {'resume', 'num_workers', 'prefetch_factor', 'compile', 'output_dir', 'cache_dir', 'data_root',
-                 'train_folds', 'final_model', 'time_budget_h', 'continue_from', 'processes',
-                 'localiser', 'submit_from', 'loc_size', 'loc_channels', 'loc_epochs', 'loc_lr', 'loc_batch',
-                 'loc_sigma', 'loc_augment', 'loc_submit_probs'}  # settings that do not change what the
+                 'train_folds', 'final_model', 'time_budget_h', 'continue_from', 'processes', 'localiser',
+                 'submit_from'} | {k for k in CONFIG if k.startswith('loc_')}  # settings that do not change what the
 # classifier trains (processes keeps the global batch: a fold started on 2 GPUs may continue on 1; the localiser is
 # trained after the folds, from its own settings, saved in its own localiser.pt)
 RUN_OUTPUTS = ['v9_Results.md', 'metrics.json', 'oof.csv', 'figures', 'progress.md']  # written by the run
@@ -3119,21 +3118,13 @@ def read_volume(series_dir, config, anchor=None):
               'image_shape': np.tile([int(ref.Rows), int(ref.Columns)], (n, 1)),
               'spacing': np.tile(slice_geometry(ref)[3], (n, 1)), 'issues': list(skipped.items()),
               'series_dir': str(series_dir)}
-    decoded = {}
-    for j, slot in enumerate(slots):
-        if isinstance(slot, int):
-            try:
-                decoded[j] = decode_dicom(headers[slot].filename)
-            except ValueError as error:
-                volume['issues'].append((f'{slot}.dcm', str(error)))
-        elif slot is not None:
-            volume['issues'].append(slot)
-    if not decoded:
+    volume['issues'] += [slot for slot in slots if isinstance(slot, tuple)]  # gaps: (file, reason)
+    images, failed = mapped_slices(headers, [slot for slot in slots if isinstance(slot, int)], config)
+    volume['issues'] += [(f'{instance}.dcm', reason) for instance, reason in failed.items()]
+    if not images:
         raise ValueError(f'{series_dir}: no slice could be decoded')
-    window = series_window([pixels for _, pixels in decoded.values()], config)
-    for j, (ds, pixels) in decoded.items():
-        image = apply_clahe(map_intensity(pixels, ds, config, window)[0], config)
-        row_dir, col_dir, _, volume['spacing'][j] = slice_geometry(ds)
+    for j, image in ((j, images[slot]) for j, slot in enumerate(slots) if isinstance(slot, int) and slot in images):
+        row_dir, col_dir, _, volume['spacing'][j] = slice_geometry(headers[slots[j]])
         volume['image'][j], volume['to_grid'][j] = fit_square(image, volume['spacing'][j], size,
                                                               (row_dir[1] < 0, col_dir[2] > 0))
         volume['image_shape'][j] = image.shape
