@@ -366,6 +366,15 @@ def planned_processes(config):
     return max(1, torch.cuda.device_count()) if config['processes'] == 'auto' else config['processes']
 
 
+def cuda_restart_warning(config):
+    """Said at setup, before any work: CUDA initialised in this kernel (a cell run by hand, an earlier Run all's
+    one-GPU work) stops the training processes from being forked, so every fold would train on one GPU."""
+    if torch.cuda.is_initialized() and planned_processes(config) > 1:
+        warn(f'CUDA is already initialised in this kernel, so its {planned_processes(config)} training processes '
+             'cannot be started and every fold would train on ONE GPU: restart the kernel (Run -> Restart) and '
+             "Run all, or set processes=1.")
+
+
 def runtime_environment():
     """'kaggle', 'colab' or 'local': decides default paths."""
     if os.environ.get('KAGGLE_KERNEL_RUN_TYPE') or Path('/kaggle/working').is_dir():
@@ -389,16 +398,24 @@ def resolve_paths(config):
         config['data_root'] = str(make_demo_data(out / f"demo_data_{config['demo_studies']}_seed{config['seed']}",
                                                  config))
     elif config['data_root'] is None:
-        found = [p for p in KAGGLE_DATA_ROOTS if (p / 'train.csv').exists()]
+        found = [p for p in KAGGLE_DATA_ROOTS if (p / data_marker(config)).exists()]
         if not found:
             raise FileNotFoundError(
                 f"No data_root given and the competition data is not under {[str(p) for p in KAGGLE_DATA_ROOTS]}. "
                 "On Kaggle: Add Input -> Competitions -> RSNA 2024 Lumbar Spine. Elsewhere: set "
                 "CONFIG['data_root'] to the folder holding train.csv, or use CONFIG_OVERRIDES = {'demo': True}.")
         config['data_root'] = str(found[0])
-    if not (Path(config['data_root']) / 'train.csv').exists():
-        raise FileNotFoundError(f"{config['data_root']} has no train.csv: is it the competition folder?")
+    if not (Path(config['data_root']) / data_marker(config)).exists():
+        raise FileNotFoundError(f"{config['data_root']} has no {data_marker(config)}: is it the competition folder?"
+                                + (' (submit_from: a data root needs only test_images/, test_series_descriptions.csv '
+                                   'and sample_submission.csv)' if config['submit_from'] else ''))
     return config
+
+
+def data_marker(config):
+    """The file a data root must hold: train.csv to train; a submission run (submit_from) reads only the test files,
+    so sample_submission.csv (Kaggle's scoring run may mount the test files alone)."""
+    return 'sample_submission.csv' if config['submit_from'] else 'train.csv'
 
 
 def make_demo_data(folder, config):
@@ -679,9 +696,9 @@ def folder_bytes(folder):
 def disk_needs(config, n_samples, weights):
     """{folder: bytes the run will write there}: the crop cache (uint8, samples x num_slices x crop_side^2,
     less what cache_dir holds already) and, in output_dir, each trained fold's checkpoints plus a last.pt
-    being written beside its predecessor."""
+    being written beside its predecessor (none in a submission run: it writes crops of the test rows only)."""
     cache = n_samples * config['num_slices'] * crop_side(config) ** 2 - folder_bytes(config['cache_dir'])
-    folds = (len(config['train_folds']) * CHECKPOINT_COPIES + 4) * weights
+    folds = 0 if config['submit_from'] else (len(config['train_folds']) * CHECKPOINT_COPIES + 4) * weights
     return {config['cache_dir']: max(cache, 0), config['output_dir']: folds}
 
 
@@ -738,6 +755,7 @@ CONFIG = merge_config(CONFIG, CONFIG_OVERRIDES)
 GPU_FACTS = gpu_facts()  # from a subprocess: this kernel leaves CUDA uninitialised until training
 CONFIG = judge_gpus(GPU_FACTS, CONFIG)  # stops on a GPU this torch cannot drive; bf16/compile downgraded loudly
 DEVICE = pick_device(GPU_FACTS)
+cuda_restart_warning(CONFIG)
 CONFIG = resolve_paths(CONFIG)
 seed_everything(CONFIG['seed'])
 cv2.setNumThreads(1)  # parallelism comes from the loader/cache workers; set before any OpenCV call
@@ -871,12 +889,26 @@ def holdout_rows(samples, config):
     return held
 
 
+def submission_studies(config):
+    """The test studies of sample_submission.csv (none without it): what a submission predicts."""
+    sample = Path(config['data_root']) / 'sample_submission.csv'
+    if not sample.exists():
+        return []
+    return sorted({int(row.split('_')[0]) for row in pd.read_csv(sample, usecols=['row_id'])['row_id']})
+
+
+def submission_rows(config):
+    """Classifier rows a submission crops: one per test study and level."""
+    return len(submission_studies(config)) * len(LEVELS)
+
+
 # %%
-SAMPLES, SKIPPED = build_sample_table(CONFIG)
-SAMPLES = assign_folds(SAMPLES, CONFIG)
-print(f"{len(SAMPLES)} samples from {SAMPLES['study_id'].nunique()} studies; rows not used:")
-print(SKIPPED.to_string(index=False) if len(SKIPPED) else '  none')
-print(pd.crosstab(SAMPLES['fold'], SAMPLES['label'].map(dict(enumerate(CLASSES))), margins=True))
+if not SUBMIT_ONLY:  # a submission run reads the test files only: see the localisation section
+    SAMPLES, SKIPPED = build_sample_table(CONFIG)
+    SAMPLES = assign_folds(SAMPLES, CONFIG)
+    print(f"{len(SAMPLES)} samples from {SAMPLES['study_id'].nunique()} studies; rows not used:")
+    print(SKIPPED.to_string(index=False) if len(SKIPPED) else '  none')
+    print(pd.crosstab(SAMPLES['fold'], SAMPLES['label'].map(dict(enumerate(CLASSES))), margins=True))
 
 # %% [markdown]
 # ## 3. Task 1.1: the DICOM dataset
@@ -1544,7 +1576,7 @@ def plot_preprocessing(path, config, name='intensity_and_clahe'):
 
 # %%
 # Before the first work (the cache): the disk for what the run writes, and /dev/shm for the loaders' batches
-CONFIG = check_resources(CONFIG, len(SAMPLES))
+CONFIG = check_resources(CONFIG, submission_rows(CONFIG) if SUBMIT_ONLY else len(SAMPLES))
 NUM_WORKERS = worker_count(CONFIG)
 
 # %%
@@ -1708,6 +1740,828 @@ with torch.no_grad():
 print('dummy forward: logits', tuple(_logits.shape), 'attention', tuple(_weights.shape),
       'initial softmax', F.softmax(_logits[0], 0).numpy().round(3))
 del _model, _logits, _weights
+
+# %% [markdown]
+# ## Beyond the plan: level localiser, predicted points, Kaggle submission
+# Everything the plan measures is on crops at the annotated point; test studies have no annotations. This section
+# (on when the data root holds the competition's test files, or `localiser: 'on'`, or `submit_from` is set) runs
+# after section 9; it is defined here, before training, because the training cell first measures its work per
+# study (`probe_after_training`) and keeps that time free in the time budget (`AFTER_TRAINING_S`):
+# 1. **Localiser.** Each study's Sagittal T2/STIR series is read through the classifier's path (file names as
+#    instance numbers, `stack_slots` for patient-axis order, repeated stacks and gaps, `decode_dicom` /
+#    `map_intensity` / `apply_clahe`) and every slice is resized to a `loc_size` square grid. A small UNet sees
+#    each slice with its two neighbours (3 channels) and draws 5 heatmaps, one per level; one softmax per level
+#    runs over all slices and pixels of the series, so the slice with the most probability mass is the level's
+#    slice and the weighted centre around the peak is its (x, y), mapped back to that slice's pixels. Targets: the
+#    spinal canal points of `train_label_coordinates.csv` (a Gaussian blob, `loc_sigma`). One localiser per
+#    trained fold, on that fold's training studies: a validation study is seen by neither model.
+#    **Which series:** in training, the annotated one; otherwise the study's Sagittal T2/STIR series with the most
+#    DICOM files (ties: the lowest series_id).
+# 2. **Measured on the validation fold:** exact and within-one-slice accuracy of the slice (anatomical position),
+#    in-plane point error in mm (median, 90th percentile), per level, and a figure.
+# 3. **Cost of localisation:** the same validation rows and the same final model (`fold{k}/final.pt`), cropped at
+#    the predicted slice and point instead of the annotated ones; a row whose predicted crop cannot be built gets
+#    the training priors and is counted.
+# 4. **Submission** (`submission.csv` in `output_dir`, and in `/kaggle/working` on Kaggle): every row of
+#    `sample_submission.csv`. Spinal canal rows: the fold localisers' heatmaps averaged, then each fold's classifier
+#    on the crops at those points, probabilities averaged over folds. The other 20 targets (not trained here) and
+#    any study whose Sagittal T2/STIR series is missing or unreadable: the training set's class frequencies per
+#    (condition, level) from train.csv, add-one smoothed. `loc_submit_probs: 'corrected'` (the default) submits
+#    prior-corrected probabilities (model and frequencies alike re-weighted by the metric's 1/2/4 row weights: the
+#    metric's expected loss is lowest there); 'raw' submits the softmax and the plain frequencies.
+#    Both the training run and a `submit_from` run build the submission from the files in an output folder
+#    (`fold*/final.pt`, `fold*/localiser.pt`, `priors.json`), so a submission run reproduces it exactly.
+
+# %% tags=["defs"]
+from torchvision.ops import Conv2dNormActivation
+
+LOC_SLICE_SIGMA = 0.5  # target blob width across slices, in slices: the annotated slice clearly first
+LOCALISER_VERSION = 2  # saved in localiser.pt: 2 = slices framed at equal mm per pixel and one orientation
+#                        (fit_square), trained augmented
+LOC_OWN_KEYS = ('loc_size', 'loc_channels', 'loc_sigma')  # the localiser's own shape; with the classifier's
+LOC_KEYS = LOC_OWN_KEYS + ('intensity', 'window_center', 'window_width', 'percentiles',  # preprocessing: what a
+                           'series_percentiles', 'clahe_clip', 'clahe_grid', 'series_description')  # volume depends on
+LOCALISATION = SUBMISSION_INFO = None  # this section's results; write_report adds its section when set
+
+
+def localiser_wanted(config):
+    """'on' / 'off', or for 'auto': on when a submission is wanted (test files in the data root, or submit_from)."""
+    if config['localiser'] != 'auto':
+        return config['localiser'] == 'on'
+    return bool(config['submit_from']) or has_test_files(config)
+
+
+def has_test_files(config):
+    root = Path(config['data_root'])
+    return all((root / name).exists() for name in ('test_series_descriptions.csv', 'test_images',
+                                                     'sample_submission.csv'))
+
+
+def pick_series(descriptions, study_id, images_dir, wanted):
+    """The study's `wanted` series used for localisation: the one with the most DICOM files (ties: lowest
+    series_id); None when it has none on disk."""
+    rows = descriptions[(descriptions['study_id'] == study_id) & (descriptions['series_description'] == wanted)]
+    counts = {int(s): len(list((Path(images_dir) / str(study_id) / str(s)).glob('*.dcm'))) for s in rows['series_id']}
+    counts = {s: n for s, n in counts.items() if n}
+    return min(counts, key=lambda s: (-counts[s], s)) if counts else None
+
+
+def read_volume(series_dir, config, anchor=None):
+    """One series as the localiser sees it: slices in anatomical order (stack_slots around `anchor`, default the
+    middle file), each framed on the loc_size square at equal mm per grid pixel along x and y, columns running
+    posterior and rows running down (fit_square).
+    Returns {'image' uint8 (n, S, S), 'valid' (n,) bool, 'instance' (n,) int (-1 in a gap or for an unreadable
+    file), 'to_grid' (n, 4) (kx, ox, ky, oy): grid u + 0.5 = kx (x + 0.5) + ox (v likewise), 'image_shape' (n, 2)
+    rows, columns, 'spacing' (n, 2) mm per series pixel along x, y, 'issues': [(file, reason)]}. Raises ValueError
+    when no slice is usable."""
+    headers, skipped = read_series_headers(series_dir)
+    if not headers:
+        raise ValueError(f'{series_dir}: no readable slice ({len(skipped)} files skipped)')
+    anchor = anchor if anchor in headers else sorted(headers)[len(headers) // 2]
+    slots = stack_slots(headers, skipped, anchor)
+    size, ref = config['loc_size'], headers[anchor]
+    n = len(slots)
+    volume = {'image': np.zeros((n, size, size), np.uint8), 'valid': np.zeros(n, bool), 'instance': np.full(n, -1),
+              'to_grid': np.tile([size / int(ref.Columns), 0.0, size / int(ref.Rows), 0.0], (n, 1)),
+              'image_shape': np.tile([int(ref.Rows), int(ref.Columns)], (n, 1)),
+              'spacing': np.tile(slice_geometry(ref)[3], (n, 1)), 'issues': list(skipped.items()),
+              'series_dir': str(series_dir)}
+    volume['issues'] += [slot for slot in slots if isinstance(slot, tuple)]  # gaps: (file, reason)
+    images, failed = mapped_slices(headers, [slot for slot in slots if isinstance(slot, int)], config)
+    volume['issues'] += [(f'{instance}.dcm', reason) for instance, reason in failed.items()]
+    if not images:
+        raise ValueError(f'{series_dir}: no slice could be decoded')
+    for j, image in ((j, images[slot]) for j, slot in enumerate(slots) if isinstance(slot, int) and slot in images):
+        row_dir, col_dir, _, volume['spacing'][j] = slice_geometry(headers[slots[j]])
+        volume['image'][j], volume['to_grid'][j] = fit_square(image, volume['spacing'][j], size,
+                                                              (row_dir[1] < 0, col_dir[2] > 0))
+        volume['image_shape'][j] = image.shape
+        volume['valid'][j], volume['instance'][j] = True, slots[j]
+    return volume
+
+
+def fit_square(image, spacing, size, flip=(False, False)):
+    """(size x size uint8, (kx, ox, ky, oy)): `image` shrunk (INTER_AREA) to the same mm per pixel along x and y
+    (`spacing`), its longer side filling the square, centred, black around, and mirrored along x / y where `flip`
+    says; u + 0.5 = kx (x + 0.5) + ox (kx < 0: mirrored). Anatomy keeps its shape and its side whatever the matrix
+    (384 x 640), pixel aspect or in-plane orientation: the UNet sees one spine, as a radiologist's viewer shows it."""
+    rows, cols = image.shape
+    mm = max(cols * spacing[0], rows * spacing[1]) / size  # mm per grid pixel
+    width, height = (max(1, min(size, round(n * sp / mm))) for n, sp in ((cols, spacing[0]), (rows, spacing[1])))
+    ox, oy = (size - width) // 2, (size - height) // 2
+    shrunk = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)[::-1 if flip[1] else 1,
+                                                                             ::-1 if flip[0] else 1]
+    out = np.zeros((size, size), np.uint8)
+    out[oy:oy + height, ox:ox + width] = shrunk
+    kx, ky = width / cols, height / rows
+    return out, (-kx if flip[0] else kx, ox + width if flip[0] else ox, -ky if flip[1] else ky,
+                 oy + height if flip[1] else oy)
+
+
+def read_volume_job(job):
+    """(key, volume or the error text) for a job (key, series_dir, anchor, config): an unreadable series is
+    reported by the caller and the others go on."""
+    key, series_dir, anchor, config = job
+    try:
+        return key, read_volume(series_dir, config, anchor)
+    except Exception as error:
+        return key, f'{type(error).__name__}: {error}'
+
+
+def read_volumes(jobs, config, workers):
+    """{key: volume or error text} for jobs [(key, series_dir, anchor)], read in `workers` forked processes."""
+    jobs = [(*job, config) for job in jobs]
+    if workers <= 1 or len(jobs) < 2:
+        return dict(map(read_volume_job, jobs))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('fork'), initializer=die_with_parent,
+                             initargs=(os.getpid(),)) as pool:
+        return dict(tqdm(pool.map(read_volume_job, jobs, chunksize=2), total=len(jobs), desc='localiser volumes'))
+
+
+def grid_point(volume, j, x, y):
+    """Series pixel (x, y) on slot j -> loc grid (u, v) (pixel centres map to pixel centres)."""
+    kx, ox, ky, oy = volume['to_grid'][j]
+    return kx * (x + 0.5) + ox - 0.5, ky * (y + 0.5) + oy - 0.5
+
+
+def series_point(volume, j, u, v):
+    kx, ox, ky, oy = volume['to_grid'][j]
+    return (u + 0.5 - ox) / kx - 0.5, (v + 0.5 - oy) / ky - 0.5
+
+
+def level_targets(volume, rows):
+    """(5, 3) float array of (slot, u, v) per level from annotated rows (instance_number, x, y, level_idx); NaN
+    where a level has no annotation or its slice is not in the volume."""
+    targets = np.full((len(LEVELS), 3), np.nan)
+    slot_of = {int(i): j for j, i in enumerate(volume['instance']) if i >= 0}
+    for instance, x, y, level in rows[['instance_number', 'x', 'y', 'level_idx']].itertuples(False):
+        if int(instance) in slot_of:
+            j = slot_of[int(instance)]
+            targets[level] = (j, *grid_point(volume, j, x, y))
+    return targets
+
+
+def conv_block(cin, cout):
+    return nn.Sequential(Conv2dNormActivation(cin, cout, 3), Conv2dNormActivation(cout, cout, 3))
+
+
+class LevelLocaliser(nn.Module):
+    """A small UNet: (slices, 3, S, S) -> (slices, 5, S, S) logits, one map per level. Input channels: each slice
+    and its two neighbours (the slice choice sees the canal fade across slices) plus the pixel's row and column
+    position in [-1, 1] (five discs look alike: where a disc sits in the image tells the levels apart, beside
+    the column's ends). A stride-2 stem keeps the work at half resolution; the logits are upsampled at the end."""
+
+    def __init__(self, width, levels=5, depth=4):
+        super().__init__()
+        widths = [width * 2 ** i for i in range(depth + 1)]
+        self.stem = Conv2dNormActivation(5, widths[0], 3, stride=2)
+        self.down = nn.ModuleList([conv_block(widths[0], widths[0])] + [conv_block(widths[i], widths[i + 1])
+                                                                        for i in range(depth)])
+        self.up = nn.ModuleList([nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in range(depth)])
+        self.merge = nn.ModuleList([conv_block(2 * widths[i], widths[i]) for i in range(depth)])
+        self.head = nn.Conv2d(widths[0], levels, 1)
+
+    def forward(self, x):
+        n, _, h, w = x.shape
+        rows = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype).view(1, 1, h, 1).expand(n, 1, h, w)
+        cols = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype).view(1, 1, 1, w).expand(n, 1, h, w)
+        x = self.stem(torch.cat([x, rows, cols], 1))
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else F.max_pool2d(x, 2))
+            skips.append(x)
+        for i in reversed(range(len(self.up))):
+            x = self.merge[i](torch.cat([self.up[i](x), skips[i]], 1))
+        return F.interpolate(self.head(x), size=(h, w), mode='bilinear', align_corners=False)
+
+
+def neighbour_channels(x):
+    """float slices (n, S, S) in [0, 1] -> (n, 3, S, S) normalised: each slice between its neighbours (black beyond
+    the first and last)."""
+    x = F.pad((x - 0.5) / 0.25, (0, 0, 0, 0, 1, 1), value=-2.0)
+    return torch.stack([x[:-2], x[1:-1], x[2:]], 1)
+
+
+def volume_input(volume, device):
+    """A volume's uint8 slices (n, S, S) -> the localiser's input (n, 3, S, S)."""
+    return neighbour_channels(torch.from_numpy(volume['image']).to(device).float().div_(255))
+
+
+LOC_AUGMENT = {'aug_rotate': 10.0, 'aug_scale': 0.2, 'aug_shift': 0.1}  # over the classifier's aug_* settings: whole
+#     series differ more in field of view and where the spine sits than crops around a point do
+
+
+def augment_study(volume, target, rng, config, device):
+    """One training view of a study: (input (n, 3, S, S), target (5, 3), valid (n,)). The classifier's augmentation
+    (draw_augmentation, augment_on_device: one zoom, rotation and shift for all slices, then gamma, contrast and
+    brightness) with LOC_AUGMENT's ranges, so the row/column channels stop being a shortcut; the slice order is
+    reversed half the time (left-right: the canal is symmetric). Targets move with the image; a point pushed out of
+    view is dropped."""
+    size, valid = volume['image'].shape[-1], volume['valid']
+    aug = draw_augmentation(rng, {**config, **LOC_AUGMENT})
+    angle, scale, shift = math.radians(aug[0]), aug[1], aug[2:4]
+    rotate_back = np.array([[math.cos(angle), math.sin(angle)], [-math.sin(angle), math.cos(angle)]])
+    target = np.array(target, float)
+    q = (2 * target[:, 1:] + 1) / size - 1  # pixel centres -> [-1, 1] (affine_grid, align_corners=False)
+    target[:, 1:] = ((scale * q @ rotate_back.T + 2 * shift + 1) * size - 1) / 2  # augment_on_device's forward map
+    target[((target[:, 1:] < -0.5) | (target[:, 1:] > size - 0.5)).any(1)] = np.nan
+    image = torch.from_numpy(volume['image']).to(device).float().div_(255)
+    if rng.random() < 0.5:
+        image, valid, target[:, 0] = image.flip(0), valid[::-1].copy(), len(valid) - 1 - target[:, 0]
+    x = augment_on_device(image[None, :, None], torch.from_numpy(aug)[None].to(device),
+                          torch.from_numpy(valid)[None].to(device), size)
+    return neighbour_channels(x[0, :, 0]), target, valid
+
+
+def level_log_probs(logits, valid):
+    """(n, 5, S, S) logits -> (5, n, S, S) log-probabilities, one softmax per level over every slice and pixel of
+    the series; slices that are not there (gaps, unreadable) get none."""
+    logits = logits.float().permute(1, 0, 2, 3).masked_fill(~valid.view(1, -1, 1, 1), -1e4)
+    return logits.flatten(1).log_softmax(1).view(logits.shape)
+
+
+def localiser_loss(logits, targets, valid, sigma):
+    """Cross entropy between each level's softmax and a Gaussian blob at its target (sigma grid pixels in-plane,
+    LOC_SLICE_SIGMA slices across), averaged over the annotated levels."""
+    have = ~torch.isnan(targets[:, 0])
+    if not have.any():
+        return logits.sum() * 0.0
+    n, _, size, _ = logits.shape
+    t = targets[have].view(-1, 3, 1, 1, 1)
+    j = torch.arange(n, device=logits.device, dtype=torch.float32).view(1, -1, 1, 1)
+    grid = torch.arange(size, device=logits.device, dtype=torch.float32)
+    blob = torch.exp(-(j - t[:, 0]) ** 2 / (2 * LOC_SLICE_SIGMA ** 2)
+                     - ((grid.view(1, 1, 1, -1) - t[:, 1]) ** 2 + (grid.view(1, 1, -1, 1) - t[:, 2]) ** 2)
+                     / (2 * sigma ** 2)) * valid.view(1, -1, 1, 1)
+    blob = blob / blob.sum((1, 2, 3), keepdim=True)
+    return -(blob * level_log_probs(logits, valid)[have]).sum((1, 2, 3)).mean()
+
+
+LEVEL_GAP_MM = (15.0, 60.0)  # consecutive disc levels lie this far apart along the spine (adult pitch ~30-40 mm)
+
+
+def peak_candidates(p, count, window):
+    """The `count` strongest local maxima of a 2-D map p (3 x 3 neighbourhood: two discs a few pixels apart stay
+    two), each scored by the mass within +-window pixels, down to 1/20 of the strongest: (log masses, rows, columns)
+    tensors."""
+    side = 2 * window + 1
+    mass = F.avg_pool2d(p[None, None], side, 1, window)[0, 0] * side ** 2
+    peaks = mass * (p == F.max_pool2d(p[None, None], 3, 1, 1)[0, 0])
+    values, index = peaks.flatten().topk(min(count, peaks.numel()))
+    keep = values >= values[0] * 0.05  # a faint bump is no candidate: better a slip than a point on noise
+    values, index = values[keep], index[keep]
+    return values.clamp_min(1e-30).log(), index // p.shape[1], index % p.shape[1]
+
+
+def decode_levels(probs, gap, window=2, count=4):
+    """(5, n, S, S) probabilities -> (5, 3) array of (slot, u, v). Per level, its slice is the one holding the most
+    probability; on it, `count` candidate peaks. The five peaks chosen maximise their summed log mass among the
+    choices that keep the levels in order down the spine (fit_square turns rows to run head to feet), each between
+    gap = (least, most) grid pixels below the one above: two levels never land on one disc, the commonest slip of
+    a heatmap localiser, nor does a level jump to a faint bump far away. No such choice: each level's strongest
+    peak. The point is the probability-weighted centre of the (2 window + 1)^2 pixels around the chosen peak."""
+    slices = probs.sum((2, 3)).argmax(1).tolist()
+    candidates = [peak_candidates(p[j], count, window) for p, j in zip(probs, slices)]
+    best, choice = -math.inf, [0] * len(probs)
+    for pick in itertools.product(*(range(len(c[0])) for c in candidates)):
+        rows = [float(c[1][i]) for c, i in zip(candidates, pick)]
+        score = sum(float(c[0][i]) for c, i in zip(candidates, pick))
+        if score > best and all(gap[0] <= b - a <= gap[1] for a, b in zip(rows, rows[1:])):
+            best, choice = score, list(pick)
+    out = np.zeros((len(probs), 3))
+    for level, (p, j, (_, rows, cols), i) in enumerate(zip(probs, slices, candidates, choice)):
+        v, u = int(rows[i]), int(cols[i])
+        v0, u0 = max(v - window, 0), max(u - window, 0)
+        patch = p[j, v0:v + window + 1, u0:u + window + 1]
+        vv, uu = torch.meshgrid(torch.arange(v0, v0 + patch.shape[0]), torch.arange(u0, u0 + patch.shape[1]),
+                                indexing='ij')
+        out[level] = j, float((patch * uu).sum() / patch.sum()), float((patch * vv).sum() / patch.sum())
+    return out
+
+
+def image_area(volume):
+    """(n, S, S) bool: the grid pixels each slot's image covers (fit_square leaves black bands around a
+    non-square field of view; a point there has no crop)."""
+    n, size = volume['image'].shape[:2]
+    grid = np.arange(size) + 0.5
+    area = np.zeros((n, size, size), bool)
+    for j, (kx, ox, ky, oy) in enumerate(volume['to_grid']):
+        cols, rows = (np.sort([o, o + k * extent]) for o, k, extent in
+                      ((ox, kx, volume['image_shape'][j][1]), (oy, ky, volume['image_shape'][j][0])))
+        area[j] = np.outer((grid > rows[0]) & (grid < rows[1]), (grid > cols[0]) & (grid < cols[1]))
+    return area
+
+
+@torch.inference_mode()
+def localise(models, volume, device, config):
+    """(5, 3) (slot, u, v) per level from the probabilities of `models` averaged (one model per fold), on the
+    slices' image area only."""
+    x, valid = volume_input(volume, device), torch.from_numpy(volume['valid']).to(device)
+    probs = 0
+    for model in models:
+        with autocast(device, config):
+            logits = model.eval()(x)
+        probs = probs + level_log_probs(logits, valid).exp() / len(models)
+    probs = probs * torch.from_numpy(image_area(volume)).to(probs.device)
+    grid_mm = np.median(volume['spacing'][volume['valid'], 1] / np.abs(volume['to_grid'][volume['valid'], 2]))
+    return decode_levels(probs.cpu(), (LEVEL_GAP_MM[0] / grid_mm, LEVEL_GAP_MM[1] / grid_mm))
+
+
+def train_localiser(volumes, targets, studies, config, device, seed, deadline=None):
+    """A LevelLocaliser trained on `studies` (keys of volumes/targets): AdamW, one-cycle LR, `loc_batch`
+    studies per step (their slices in one forward pass). No epoch starts that would not end before `deadline`
+    (now() time; the model keeps the epochs it had). Returns (model, loss per epoch)."""
+    seed_everything(seed)
+    model = LevelLocaliser(config['loc_channels']).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config['loc_lr'], weight_decay=1e-4)
+    batches = math.ceil(len(studies) / config['loc_batch'])
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, config['loc_lr'],
+                                                    total_steps=config['loc_epochs'] * batches, pct_start=0.15)
+    rng, losses = np.random.default_rng(seed), []
+    for epoch in range(config['loc_epochs']):
+        start = now()
+        model.train()
+        order, total = rng.permutation(len(studies)), 0.0
+        for b in range(batches):
+            batch = [studies[i] for i in order[b * config['loc_batch']:(b + 1) * config['loc_batch']]]
+            views = [augment_study(volumes[s], targets[s], rng, config, device) if config['loc_augment']
+                     else (volume_input(volumes[s], device), targets[s], volumes[s]['valid']) for s in batch]
+            with autocast(device, config):
+                logits = model(torch.cat([x for x, _, _ in views])).split([len(valid) for _, _, valid in views])
+            loss = sum(localiser_loss(out, torch.as_tensor(target, dtype=torch.float32, device=device),
+                                      torch.from_numpy(valid).to(device), config['loc_sigma'])
+                       for out, (_, target, valid) in zip(logits, views)) / len(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += loss.item() / batches
+        losses.append(total)
+        if deadline is not None and epoch + 1 < config['loc_epochs'] and deadline - now() < now() - start:
+            break  # the next epoch would end after the deadline
+    return model, losses
+
+
+def localisation_table(volumes, targets, predictions, rows):
+    """One row per annotated (study, level): true and predicted slot, instance and point, in-plane error in mm
+    (the predicted grid point on the annotated slice's pixel spacing)."""
+    records = []
+    for study in rows['study_id'].unique():
+        volume, target, pred = volumes[study], targets[study], predictions[study]
+        for level, (j, u, v) in enumerate(target):
+            if np.isnan(j):
+                continue
+            j, pj = int(j), int(pred[level, 0])
+            kx, _, ky, _ = volume['to_grid'][j]
+            dx = (pred[level, 1] - u) / abs(kx) * volume['spacing'][j][0]
+            dy = (pred[level, 2] - v) / abs(ky) * volume['spacing'][j][1]
+            records.append({'study_id': study, 'level': LEVELS[level], 'slot': j, 'pred_slot': pj,
+                            'instance_number': int(volume['instance'][j]),
+                            'pred_instance': int(volume['instance'][pj]),
+                            'slice_error': abs(pj - j), 'error_mm': float(np.hypot(dx, dy))})
+    return pd.DataFrame(records)
+
+
+def localisation_metrics(table):
+    """Per level and overall: exact and within-one-slice accuracy, median and 90th percentile error in mm."""
+    def stats(t):
+        return {'n': len(t), 'slice exact': (t['slice_error'] == 0).mean(),
+                'slice within 1': (t['slice_error'] <= 1).mean(), 'median mm': t['error_mm'].median(),
+                'p90 mm': t['error_mm'].quantile(0.9)}
+    per = {level: stats(t) for level, t in table.groupby('level')}
+    return pd.DataFrame({**per, 'all': stats(table)}).T.rename_axis('level').round(3)
+
+
+def plot_localisation(volumes, targets, predictions, studies, name='localisation'):
+    """Annotated (circles) and predicted (crosses) points on the annotated L3/L4 slice of a few studies; the
+    caption gives each level's slice error."""
+    fig, axes = plt.subplots(1, len(studies), figsize=(3.2 * len(studies), 3.6), squeeze=False)
+    for ax, study in zip(axes[0], studies):
+        target, pred = targets[study], predictions[study]
+        j = int(np.nan_to_num(target[2, 0], nan=pred[2, 0]))
+        ax.imshow(volumes[study]['image'][j], cmap='gray')
+        ax.scatter(target[:, 1], target[:, 2], s=60, facecolors='none', edgecolors='lime', label='annotated')
+        ax.scatter(pred[:, 1], pred[:, 2], s=40, marker='x', color='red', label='predicted')
+        ax.set_title(f'{study}: slice error ' + ','.join('-' if np.isnan(t) else str(int(abs(p - t)))
+                                                         for t, p in zip(target[:, 0], pred[:, 0])), fontsize=8)
+        ax.axis('off')
+    axes[0, 0].legend(fontsize=7, loc='lower left')
+    fig.suptitle('localiser on validation studies (L1/L2..L5/S1; slice of the annotated L3/L4)')
+    show(fig, name)
+
+
+def annotated_series(samples, root):
+    """Localiser jobs from the sample table: per study, its most annotated series, anchored at its most annotated
+    instance (the stack the annotations were made on); returns (jobs, {study: rows on that series})."""
+    jobs, rows_of = [], {}
+    for study, rows in samples.groupby('study_id'):
+        series = rows['series_id'].mode().iloc[0]
+        rows = rows[rows['series_id'] == series]
+        rows_of[study] = rows
+        jobs.append((study, Path(root) / 'train_images' / str(study) / str(series),
+                     int(rows['instance_number'].mode().iloc[0])))
+    return jobs, rows_of
+
+
+def train_localisers(samples, folds, config, device, workers, deadline=None):
+    """Per fold of `folds` (those whose classifier finished): a localiser on the fold's training studies
+    (fold{k}/localiser.pt), measured on its validation studies. `deadline` (now() time): the folds share the time
+    left equally; each localiser stops after the last epoch that ends within its share. Returns the volumes,
+    targets and predictions of the validation studies, the measurement table, its metrics, the training losses,
+    the studies whose series could not be read and every lost slice (ISSUE_COLUMNS)."""
+    jobs, rows_of = annotated_series(samples, config['data_root'])
+    volumes = read_volumes(jobs, config, workers)
+    issues = volume_issues(jobs, volumes, 'localiser')
+    failed = {s: v for s, v in volumes.items() if isinstance(v, str)}
+    for study, reason in failed.items():
+        warn(f'localiser: study {study} not used, its series cannot be read ({reason})')
+    volumes = {s: v for s, v in volumes.items() if s not in failed}
+    targets = {s: level_targets(v, rows_of[s]) for s, v in volumes.items()}
+    fold_of = samples.groupby('study_id')['fold'].first()
+    predictions, losses = {}, {}
+    for i, fold in enumerate(folds):
+        train = [s for s in volumes if fold_of[s] != fold and fold_of[s] >= 0 and not np.isnan(targets[s][:, 0]).all()]
+        start = time.time()
+        share = None if deadline is None else now() + (deadline - now()) / (len(folds) - i)
+        model, losses[fold] = train_localiser(volumes, targets, train, config, device, config['seed'] + 100 + fold,
+                                              share)
+        (Path(config['output_dir']) / f'fold{fold}').mkdir(parents=True, exist_ok=True)
+        save_atomic({'model': model.state_dict(), 'config': {k: config[k] for k in LOC_KEYS}, 'fold': fold,
+                     'version': LOCALISER_VERSION,
+                     'losses': losses[fold]}, Path(config['output_dir']) / f'fold{fold}' / 'localiser.pt')
+        for study in (s for s in volumes if fold_of[s] == fold):
+            predictions[study] = localise([model], volumes[study], device, config)
+        if len(losses[fold]) < config['loc_epochs']:
+            warn(f"fold {fold}: localiser stopped by the time budget after epoch {len(losses[fold])} of "
+                 f"{config['loc_epochs']}")
+        print(f'fold {fold}: localiser trained on {len(train)} studies in {time.time() - start:.0f} s, loss '
+              f'{losses[fold][0]:.3f} -> {losses[fold][-1]:.3f}')
+    table = localisation_table(volumes, targets, predictions, samples[samples['study_id'].isin(predictions)])
+    return {'volumes': {s: volumes[s] for s in predictions}, 'targets': targets, 'predictions': predictions,
+            'table': table, 'metrics': localisation_metrics(table), 'losses': losses, 'failed': failed,
+            'issues': issues}
+
+
+def volume_issues(jobs, volumes, who):
+    """ISSUE_COLUMNS rows for the volumes read for `jobs` [(study, series_dir, anchor)]: each lost slice (a gap, a
+    skipped or undecodable file) with its file and reason, and each series that could not be read at all; `who`
+    ('localiser', 'test') names the reader in the row's 'what'."""
+    rows = []
+    for study, series_dir, _ in jobs:
+        volume, series = volumes[study], int(Path(series_dir).name)
+        if isinstance(volume, str):
+            rows.append((study, series, '', '', f'{who} series not read', volume))
+        else:
+            rows += [(study, series, '', file, f'{who} slice lost', reason) for file, reason in volume['issues']]
+    return pd.DataFrame(rows, columns=ISSUE_COLUMNS)
+
+
+def point_rows(studies, volumes, predictions, condition_rows=None):
+    """Classifier rows at the predicted slice and point: one per (study, level) of `studies`, with the columns
+    build_cache needs (label 0 when `condition_rows`, the validation rows with their labels, is not given)."""
+    records = []
+    for study in studies:
+        volume, pred = volumes[study], predictions[study]
+        for level, (j, u, v) in enumerate(pred):
+            if np.isnan(j):  # (annotated points passed as predictions: a level without one)
+                continue
+            x, y = series_point(volume, int(j), u, v)
+            instance = int(volume['instance'][int(j)])
+            records.append({'study_id': study, 'series_id': int(Path(volume['series_dir']).name),
+                            'instance_number': instance, 'x': x, 'y': y, 'level': LEVELS[level], 'level_idx': level,
+                            'path': str(Path(volume['series_dir']) / f'{instance}.dcm')})
+    rows = pd.DataFrame(records, columns=['study_id', 'series_id', 'instance_number', 'x', 'y', 'level',
+                                          'level_idx', 'path'])
+    if condition_rows is None:
+        return rows.assign(label=0)
+    return rows.merge(condition_rows[['study_id', 'level', 'label']], on=['study_id', 'level'])
+
+
+def classify_rows(rows, classifiers, config, device, workers):
+    """Mean probabilities (raw P_COLUMNS and prior-corrected PC_COLUMNS) of `classifiers` [(model, class weights)]
+    on crops at the rows' instance and point (built like the training crops, by build_cache). Rows whose crop
+    cannot be built keep NaN (the caller fills them with the priors and counts them)."""
+    rows = rows.reset_index(drop=True)
+    out = rows.copy()
+    out[P_COLUMNS + PC_COLUMNS] = np.nan
+    if rows.empty:
+        return out
+    kept, images, masks, _ = build_cache(rows, config, workers)
+    if kept.empty:
+        return out
+    loader = make_loader(RSNADatasetV9(kept, images, masks, config, train=False), config, device, False)
+    raw = corrected = 0
+    for model, weights in classifiers:
+        probs = predict(model, loader, CompetitionWeightedCE(weights).to(device), device, config)['probs']
+        raw, corrected = raw + probs / len(classifiers), corrected + prior_corrected(probs, weights) / len(classifiers)
+    out.loc[kept.index, P_COLUMNS], out.loc[kept.index, PC_COLUMNS] = raw, corrected
+    return out
+
+
+def label_priors(data_root):
+    """{train.csv column: [normal_mild, moderate, severe]}: the class frequencies of each (condition, level) in
+    train.csv, add-one smoothed (a class never seen still gets a finite loss)."""
+    labels = pd.read_csv(Path(data_root) / 'train.csv')
+    return {column: ((counts := np.array([(labels[column] == c).sum() for c in CLASSES], float) + 1)
+                     / counts.sum()).tolist() for column in labels.columns if column != 'study_id'}
+
+
+def fill_priors(frame, priors, condition):
+    """Rows of `frame` (study_id, level, P/PC columns) without probabilities get the priors of their level
+    (PC: re-weighted by the metric's row weights, as the model's). Returns (frame, rows filled)."""
+    frame = frame.copy()
+    empty = frame[P_COLUMNS[0]].isna()
+    prior = np.array([priors[f'{condition}_{level}'] for level in frame.loc[empty, 'level']]).reshape(-1, 3)
+    frame.loc[empty, P_COLUMNS] = prior
+    frame.loc[empty, PC_COLUMNS] = prior_corrected(prior, [1.0, 1.0, 1.0]) if len(prior) else prior
+    return frame, int(empty.sum())
+
+
+PREDICT_KEYS = PREPROCESS_KEYS + (  # the classifier's saved settings a prediction uses (batch size and precision
+    'backbone', 'gru_hidden', 'gru_layers', 'attention_hidden', 'pooling', 'dropout', 'gru_dropout',  # too:
+    'precision', 'batch_size')  # a submission run then computes the training run's submission bit for bit)
+
+
+def load_run(folder, config, device, folds=None):
+    """The classifiers (fold*/final.pt), localisers (fold*/localiser.pt) and priors (priors.json) of a finished
+    run's output folder, checked: every fold saved with the same settings, each localiser with the settings of
+    its classifier's run (the same preprocessing) and with the other folds' localisers, every weight loaded strictly.
+    Returns {'config': this run's CONFIG with the saved prediction settings (the classifiers' PREDICT_KEYS, the
+    localisers' LOC_OWN_KEYS), 'classifiers': [(model, class weights)], 'localisers', 'priors', 'folds'}."""
+    folder = Path(folder)
+    run = {'classifiers': [], 'localisers': [], 'folds': []}
+    saved_settings = loc_settings = None
+    paths = (sorted(folder.glob('fold*/final.pt')) if folds is None
+             else [folder / f'fold{f}' / 'final.pt' for f in folds])
+    for path in paths:
+        saved = torch.load(path, map_location='cpu', weights_only=False)
+        settings = {k: saved['config'].get(k) for k in PREDICT_KEYS}
+        if saved_settings is not None and settings != saved_settings:
+            raise ValueError(f'{path} was trained with other settings than {run["folds"][0]}: '
+                             f'{ {k: (saved_settings[k], v) for k, v in settings.items() if v != saved_settings[k]} }')
+        saved_settings = settings
+        model = SpineModelV9({**saved['config'], 'pretrained': 'none'})
+        model.load_state_dict(saved['model'])
+        run['classifiers'].append((model.to(device).eval(), saved['class_weights']))
+        run['folds'].append(path.parent.name)
+        loc_path = path.with_name('localiser.pt')
+        if not loc_path.exists():
+            raise FileNotFoundError(f'{loc_path} is missing: that run trained no localiser (localiser: off?)')
+        loc = torch.load(loc_path, map_location='cpu', weights_only=False)
+        if loc.get('version') != LOCALISER_VERSION:
+            raise ValueError(f"{loc_path} was saved by an older notebook (localiser version {loc.get('version', 1)}, "
+                             f'this one reads volumes as version {LOCALISER_VERSION}): train the localiser again')
+        changed = {k: (settings[k], v) for k, v in loc['config'].items() if k in settings and settings[k] != v}
+        if changed:
+            raise ValueError(f'{loc_path} does not belong to the run of {path}: {{key: (classifier, localiser)}} '
+                             f'= {changed}')
+        own = {k: loc['config'][k] for k in LOC_OWN_KEYS}
+        if loc_settings is not None and own != loc_settings:
+            raise ValueError(f'{loc_path} was trained with other settings than the localiser of {run["folds"][0]}: '
+                             f'{ {k: (loc_settings[k], v) for k, v in own.items() if v != loc_settings[k]} }')
+        loc_settings = own
+        localiser = LevelLocaliser(loc['config']['loc_channels'])
+        localiser.load_state_dict(loc['model'])
+        run['localisers'].append(localiser.to(device).eval())
+    if not run['classifiers']:
+        raise FileNotFoundError(f'{folder}: no fold*/final.pt (the output folder of a finished training run)')
+    saved_settings = {**saved_settings, **loc_settings}
+    differ = {k: (v, config[k]) for k, v in saved_settings.items() if config[k] != v}
+    if differ:
+        print(f'{folder}: prediction uses the settings the models were trained with; this run differs in '
+              f'{{key: (trained, here)}} = {differ}')
+    run['config'] = {**config, **saved_settings}
+    priors = folder / 'priors.json'
+    if not priors.exists() and not (Path(config['data_root']) / 'train.csv').exists():
+        raise FileNotFoundError(f"{priors} is missing and {config['data_root']} has no train.csv to count the "
+                                'priors from: attach the whole output folder of the training run')
+    run['priors'] = json.loads(priors.read_text()) if priors.exists() else label_priors(config['data_root'])
+    return run
+
+
+def localisation_cost(oof, loc, run, config, device, workers):
+    """The final models on their validation rows (the OOF rows) cropped at the predicted points, beside the same
+    rows at the annotated points (oracle). A row without a prediction or a crop gets the priors, counted."""
+    condition, frames = config['condition'], []
+    by_fold = dict(zip(run['folds'], run['classifiers']))
+    for fold, rows in oof.groupby('fold'):
+        studies = [s for s in rows['study_id'].unique() if s in loc['predictions']]
+        points = point_rows(studies, loc['volumes'], loc['predictions'], rows)
+        probs = classify_rows(points, [by_fold[f'fold{fold}']], run['config'], device, workers)
+        frames.append(rows[['study_id', 'level', 'label']].merge(
+            probs[['study_id', 'level'] + P_COLUMNS + PC_COLUMNS], on=['study_id', 'level'], how='left'))
+    predicted, fallback = fill_priors(pd.concat(frames, ignore_index=True), run['priors'], condition)
+    oracle = oof.set_index(['study_id', 'level']).loc[pd.MultiIndex.from_frame(predicted[['study_id', 'level']])]
+    return {'oracle': summarize(oracle.reset_index(), condition), 'predicted': summarize(predicted, condition),
+            'fallback_rows': fallback, 'rows': len(predicted)}
+
+
+def predict_test(run, config, device, workers):
+    """Spinal canal probabilities of every test study in sample_submission.csv (one row per level: study_id,
+    level, P/PC columns; NaN for a study without a usable series), {study: why it has none} and the test volumes'
+    lost slices (volume_issues)."""
+    root = Path(config['data_root'])
+    descriptions = pd.read_csv(root / 'test_series_descriptions.csv')
+    studies = submission_studies(config)
+    jobs, missing = [], {}
+    for study in studies:
+        series = pick_series(descriptions, study, root / 'test_images', config['series_description'])
+        if series is None:
+            missing[study] = f"no {config['series_description']} series with DICOM files"
+        else:
+            jobs.append((study, root / 'test_images' / str(study) / str(series), None))
+    volumes = read_volumes(jobs, run['config'], workers)
+    issues = volume_issues(jobs, volumes, 'test')
+    missing.update({s: v for s, v in volumes.items() if isinstance(v, str)})
+    volumes = {s: v for s, v in volumes.items() if s not in missing}
+    predictions = {s: localise(run['localisers'], v, device, run['config']) for s, v in volumes.items()}
+    probs = classify_rows(point_rows(list(volumes), volumes, predictions), run['classifiers'], run['config'],
+                          device, workers)
+    every = pd.DataFrame([(s, level) for s in studies for level in LEVELS], columns=['study_id', 'level'])
+    probs = every.merge(probs[['study_id', 'level'] + P_COLUMNS + PC_COLUMNS], on=['study_id', 'level'], how='left')
+    for study, level in probs.loc[probs[P_COLUMNS[0]].isna(), ['study_id', 'level']].itertuples(False):
+        missing.setdefault(study, f'no crop could be built for some levels (e.g. {level})')
+    return probs, missing, issues
+
+
+def build_submission(sample, spinal, priors, condition, which):
+    """sample_submission's rows, in its order: the spinal rows from `spinal` (study_id, level, P/PC columns; NaN:
+    priors), every other row the priors of its (condition, level); `which` = 'corrected' | 'raw' (the priors
+    re-weighted by the metric's row weights, or the plain frequencies). Checked: nothing missing, rows sum to 1."""
+    study = sample['row_id'].str.split('_').str[0].astype(int)
+    column = sample['row_id'].str.split('_', n=1).str[1]
+    unknown = sorted(set(column) - set(priors))
+    if unknown:
+        raise ValueError(f'sample_submission.csv names targets that train.csv has no column for: {unknown[:3]}')
+    probs = np.array([priors[c] for c in column])
+    if which == 'corrected':
+        probs = prior_corrected(probs, [1.0, 1.0, 1.0])
+    columns = PC_COLUMNS if which == 'corrected' else P_COLUMNS
+    spinal = spinal.dropna(subset=columns)  # a study on priors has no model row
+    spinal = spinal.set_index(spinal['study_id'].astype(str) + f'_{condition}_' + spinal['level'])
+    model = sample['row_id'].isin(spinal.index).to_numpy()
+    probs[model] = spinal.loc[sample['row_id'][model], columns].to_numpy(float)
+    probs = probs / probs.sum(1, keepdims=True)
+    submission = pd.DataFrame(probs, columns=PROB_COLUMNS).assign(row_id=sample['row_id'].to_numpy())
+    submission = submission[['row_id'] + PROB_COLUMNS]
+    if submission[PROB_COLUMNS].isna().any().any() or not np.allclose(submission[PROB_COLUMNS].sum(axis=1), 1):
+        raise ValueError('submission has missing probabilities or rows that do not sum to 1')
+    assert len(study) == len(submission)
+    return submission, int(model.sum())
+
+
+def write_submission(run, config, device, workers):
+    """submission.csv in output_dir (and in /kaggle/working, where Kaggle looks for it) from the run in `run`;
+    returns (submission, facts for the report)."""
+    start = time.time()
+    sample = pd.read_csv(Path(config['data_root']) / 'sample_submission.csv')
+    spinal, missing, issues = predict_test(run, config, device, workers)
+    submission, from_model = build_submission(sample, spinal, run['priors'], config['condition'],
+                                              config['loc_submit_probs'])
+    seconds = time.time() - start
+    studies = spinal['study_id'].nunique()
+    out = Path(config['output_dir'])
+    write_atomic(out / 'submission.csv', submission.to_csv(index=False))
+    kaggle = Path('/kaggle/working/submission.csv')  # where a Kaggle submission is looked for
+    if runtime_environment() == 'kaggle' and kaggle.resolve() != (out / 'submission.csv').resolve():
+        shutil.copy(out / 'submission.csv', kaggle)
+    for study, why in missing.items():
+        warn(f'submission: study {study}: spinal canal rows from the priors ({why})')
+    info = {'rows': len(submission), 'studies': studies, 'spinal_rows_from_model': from_model,
+            'studies_on_priors': {str(k): v for k, v in missing.items()}, 'probabilities': config['loc_submit_probs'],
+            'folds': run['folds'], 'localisers': len(run['localisers']), 'seconds': seconds,
+            'seconds_per_study': seconds / max(studies, 1), 'device': str(device),
+            'issues': json.loads(issues.to_json(orient='records'))}
+    write_atomic(out / 'submission.json', json.dumps(info, indent=1))
+    print(f"submission.csv: {len(submission)} rows, {studies} studies, {from_model} spinal rows from the models "
+          f"({len(missing)} studies on priors), {config['loc_submit_probs']} probabilities, {seconds:.1f} s "
+          f"({info['seconds_per_study']:.2f} s per study on {device})")
+    return submission, info
+
+
+def probe_after_training(device, samples, config, studies=2):
+    """Seconds per study of the work after training, measured on `studies` training studies with untrained
+    models: reading a volume ('read'), one localiser epoch over it ('step', the second of two: the first pays for
+    warm-up), localising it with one model ('localise'), and cropping and classifying its levels with one
+    classifier ('classify'; crops in a scratch cache)."""
+    picked = samples[samples['study_id'].isin(samples['study_id'].unique()[:studies])]
+    jobs, rows_of = annotated_series(picked, config['data_root'])
+    classifier = [(SpineModelV9({**config, 'pretrained': 'none'}).to(device).eval(), config['class_weights'])]
+    times = {'read': [], 'step': [], 'localise': [], 'classify': []}
+    with tempfile.TemporaryDirectory(prefix='le3ba_probe_') as scratch:
+        one = {**config, 'loc_epochs': 1, 'loc_batch': 1, 'cache_dir': scratch}
+        for study, series_dir, anchor in jobs:
+            start = time.time()
+            volumes = {study: read_volume(series_dir, config, anchor)}
+            times['read'].append(time.time() - start)
+            targets = {study: level_targets(volumes[study], rows_of[study])}
+            for _ in range(2):
+                start = time.time()
+                model = train_localiser(volumes, targets, [study], one, device, config['seed'])[0]
+            times['step'].append(time.time() - start)
+            start = time.time()
+            prediction = {study: localise([model], volumes[study], device, config)}
+            times['localise'].append(time.time() - start)
+            start = time.time()
+            classify_rows(point_rows([study], volumes, prediction), classifier, one, device, 0)
+            times['classify'].append(time.time() - start)
+    return {k: float(np.mean(v)) for k, v in times.items()}
+
+
+def after_training_parts(probe, samples, config, folds):
+    """{part: projected seconds} of the work after training once `folds` finished, from the probe's seconds per
+    study: reading every annotated study's volume (on the loader workers); loc_epochs over each fold's training
+    studies; localising and classifying each fold's validation studies; reading, localising and classifying
+    every test study with each fold's models."""
+    fold_of = samples.groupby('study_id')['fold'].first()
+    per_model = probe['localise'] + probe['classify']
+    return {'volumes': probe['read'] * len(fold_of) / max(1, min(worker_count(config), len(fold_of))),
+            'localisers': sum(config['loc_epochs'] * ((fold_of != f) & (fold_of >= 0)).sum() * probe['step']
+                              for f in folds),
+            'validation': sum((fold_of == f).sum() for f in folds) * per_model,
+            'submission': len(submission_studies(config)) * (probe['read'] + len(folds) * per_model)}
+
+
+def after_training_plan(probe, samples, config):
+    """AFTER_TRAINING_S: [k] = projected seconds of the work after training once the first k folds of train_folds
+    finished."""
+    return [0.0] + [float(sum(after_training_parts(probe, samples, config, config['train_folds'][:k]).values()))
+                    for k in range(1, len(config['train_folds']) + 1)]
+
+
+def localise_and_submit(device, samples, oof, folds, config, workers, deadline=None, probe=None):
+    """The section's GPU work (run through on_device): in a training run (`samples` given) the localisers of the
+    finished `folds` and the cost of localisation on their validation rows; then, where the data root has the
+    test files, submission.csv. The localisers' epochs end by `deadline` less what the work after them needs
+    (after_training_parts from the `probe`). A submission run (submit_from, `samples` None) loads every fold of
+    that folder. Returns (localisation or None, submission facts or None)."""
+    loc = None
+    if samples is not None:
+        write_atomic(Path(config['output_dir']) / 'priors.json', json.dumps(label_priors(config['data_root'])))
+        if deadline is not None and probe is not None:
+            parts = after_training_parts(probe, samples, config, folds)
+            deadline -= parts['validation'] + parts['submission']
+        loc = train_localisers(samples, folds, config, device, workers, deadline)
+    run = load_run(config['submit_from'] or config['output_dir'], config, device, folds=folds)
+    if loc is not None:
+        loc['cost'] = localisation_cost(oof, loc, run, config, device, workers)
+    if has_test_files(config):
+        return loc, write_submission(run, config, device, workers)[1]
+    if samples is None:
+        raise FileNotFoundError(f"submit_from is set but {config['data_root']} has no test_series_descriptions.csv, "
+                                'test_images/ and sample_submission.csv (on Kaggle: add the competition as an input)')
+    return loc, None
+
+
+def cost_line(cost):
+    """The report's one line on the cost of localisation."""
+    oracle, pred = cost['oracle'], cost['predicted']
+    return (f"- Cost of localisation ({cost['rows']} validation rows, the same final models): BA "
+            f"{oracle['ba']:.4f} oracle -> {pred['ba']:.4f} predicted points; spinal terms prior-corrected "
+            f"{oracle['corrected']['competition_score_part']:.4f} -> "
+            f"{pred['corrected']['competition_score_part']:.4f}, "
+            f"raw {oracle['competition_score_part']:.4f} -> {pred['competition_score_part']:.4f} (lower is better; "
+            f"{cost['fallback_rows']} rows on priors: no prediction or crop).")
+
+
+def localisation_report(loc, submission_info, config):
+    """Markdown lines of the report's 'Localisation and submission' section (empty when the section did not run)."""
+    if loc is None and submission_info is None:
+        return []
+    lines = ['## Localisation and submission', '']
+    if loc is not None:
+        lines += [(f"Localiser: UNet width {config['loc_channels']} on {config['loc_size']} px slices, "
+                   f"{config['loc_epochs']} epochs, one per trained fold, measured on its validation studies "
+                   '(slice accuracy by anatomical position; point error in-plane, on the annotated slice):'), '',
+                  md_table(loc['metrics']), '']
+        if 'cost' in loc:
+            lines += [cost_line(loc['cost']), '- Predicted points, terms: ' + ', '.join(
+                f'{k} {v:.4f}' for k, v in loc['cost']['predicted']['corrected']['competition_terms'].items())
+                + ' (corrected).']
+        if loc['failed']:
+            lines.append(f"- Studies whose series could not be read (not used): {len(loc['failed'])}.")
+        short = {f: len(v) for f, v in loc['losses'].items() if len(v) < config['loc_epochs']}
+        if short:
+            lines.append('- Localisers stopped by the time budget: ' + ', '.join(
+                f"fold {f} after epoch {n} of {config['loc_epochs']}" for f, n in short.items()) + '.')
+        lines.append('')
+    if submission_info is not None:
+        info = submission_info
+        lines += [(f"- submission.csv: {info['rows']} rows, {info['studies']} test studies; "
+                   f"{info['spinal_rows_from_model']} spinal canal rows from the localiser and the fold models "
+                   f"({', '.join(info['folds'])}) averaged; "
+                   f"{len(info['studies_on_priors'])} studies' spinal rows on priors (no usable "
+                   f"{config['series_description']} series). The other 20 targets per study (foraminal, subarticular) "
+                   "are not trained here: they get train.csv's class frequencies for that condition and level "
+                   '(add-one smoothed).'),
+                  (f"- Probabilities submitted: {info['probabilities']} "
+                   + ('(prior-corrected: the metric weights rows 1/2/4 by label, and the model was trained with its '
+                      'own class weights; re-weighting to the metric lowers its expected loss; the priors are '
+                      're-weighted the same way).' if info['probabilities'] == 'corrected' else
+                      '(the softmax and the plain class frequencies).')),
+                  f"- Prediction time: {info['seconds_per_study']:.2f} s per study on {info['device']}.", '']
+    return lines
+
 
 # %% [markdown]
 # ## 7. Task 3.1: training
@@ -2113,6 +2967,17 @@ def run_in_processes(fn, processes, timeout=DDP_TIMEOUT):
     return out['value']
 
 
+def on_device(fn):
+    """fn(device) for the GPU work outside training (the localisers, predicted points, the submission, the probe
+    of their time): in one forked process, so that this kernel stays CUDA-free and the next Run all can still
+    fork one training process per GPU; here when the kernel initialised CUDA already (training on one GPU ran
+    here, so there is nothing to keep free). fn's value must hold CPU data only: loading CUDA tensors here would
+    initialise CUDA."""
+    if torch.cuda.is_initialized():
+        return fn(process_device(0))
+    return run_in_processes(fn, 1)
+
+
 def distributed_model(model, device, config):
     """What a training step runs: `model` wrapped in DistributedDataParallel (gradients averaged over the
     processes in backward), with SyncBatchNorm when sync_bn on GPUs; `model` itself in a single process. The
@@ -2292,12 +3157,21 @@ def time_budget_s(config):
     return hours * 3600 if hours else None
 
 
+AFTER_TRAINING_S = [0.0]  # [k]: projected seconds of the work after training (localisers, predicted points,
+#                            submission) once k folds finished; the training cell measures it (after_training_plan)
+
+
+def after_training_s(folds_finished):
+    return AFTER_TRAINING_S[min(folds_finished, len(AFTER_TRAINING_S) - 1)]
+
+
 def project_run(train_s, val_s, config, rows, epochs_done=1, folds_after=0, elapsed_s=0.0):
     """Projected seconds of this fold and of the whole run, from one epoch's measured training time
     (`train_s`) and one validation pass (`val_s`); `rows` = {'train', 'val', 'holdout'} sample counts.
     Counted: the remaining epochs and their validations, the train-BA probes at the plan's checkpoint
     epochs, and each fold's finish (SWA's BatchNorm pass over the training rows, the evaluation of up to
-    three models, the hold-out predictions); `folds_after` whole folds follow this one."""
+    three models, the hold-out predictions); `folds_after` whole folds follow this one; then the work after
+    training (AFTER_TRAINING_S, measured per study before training)."""
     per_row = val_s / max(rows['val'], 1)  # forward-only seconds per sample
     finish = per_row * (rows['train'] + rows.get('holdout', 0)) + 3 * val_s
 
@@ -2307,11 +3181,13 @@ def project_run(train_s, val_s, config, rows, epochs_done=1, folds_after=0, elap
         return len(epochs) * train_s + (sum(is_validation_epoch(e, config) for e in epochs) + checks) * val_s + finish
 
     fold, whole = fold_s(epochs_done + 1), fold_s(1)
-    run = elapsed_s + fold + folds_after * whole
+    after = after_training_s(len(config['train_folds']))
+    run = elapsed_s + fold + folds_after * whole + after
     budget = time_budget_s(config)
     text = (f'projected: this fold {fold / 3600:.2f} h more, a whole fold {whole / 3600:.2f} h, the run '
-            f'{run / 3600:.2f} h from setup ({len(config["train_folds"])} fold(s)); '
-            f'{SESSION_LIMIT[runtime_environment()]}; time budget '
+            f'{run / 3600:.2f} h from setup ({len(config["train_folds"])} fold(s)'
+            + (f', {after / 3600:.2f} h of it after training: localisers, predicted points, submission'
+               if after else '') + f'); {SESSION_LIMIT[runtime_environment()]}; time budget '
             + (f'{budget / 3600:.1f} h' if budget else 'none'))
     if budget and run > budget:
         text += ': the budget ends first, the fold that reaches it stops cleanly (continue_from goes on)'
@@ -2603,17 +3479,20 @@ def train_fold(fold, samples, images, masks, config, device, on_epoch_end=None, 
 
 
 def train_folds(samples, images, masks, config, device, processes=1, on_epoch_end=None):
-    """Every fold of train_folds in turn, within the time budget (counted from the setup cell); each fold's
-    result, out-of-fold rows and a progress report are written as soon as it ends. Each fold trains on
-    `processes` processes (run_fold). `on_epoch_end(fold, epoch)` is called after each epoch's checkpoint."""
+    """Every fold of train_folds in turn, within the time budget (counted from the setup cell, less the time the
+    work after training needs: AFTER_TRAINING_S); each fold's result, out-of-fold rows and a progress report are
+    written as soon as it ends. Each fold trains on `processes` processes (run_fold). `on_epoch_end(fold, epoch)`
+    is called after each epoch's checkpoint."""
     budget = time_budget_s(config)
-    deadline = None if budget is None else RUN_START + budget
     results = []
     for fold in config['train_folds']:
+        # the fold's epochs end in time for the work after training on the folds finished with it
+        deadline = None if budget is None else RUN_START + budget - after_training_s(len(results) + 1)
         epoch_s = max((r['history'][-1]['seconds'] for r in results if r['history']), default=0)
         if deadline is not None and results and deadline - now() < epoch_s:
             warn(f"fold {fold} not started: {max(deadline - now(), 0) / 3600:.2f} h of the time budget "
-                 f"({budget / 3600:.1f} h) left, one epoch takes {epoch_s / 3600:.2f} h; continue_from "
+                 f"({budget / 3600:.1f} h) left after keeping {after_training_s(len(results) + 1) / 3600:.2f} h "
+                 f"for the work after training, one epoch takes {epoch_s / 3600:.2f} h; continue_from "
                  'in a new session trains it')
             continue
         hook = None if on_epoch_end is None else functools.partial(on_epoch_end, fold)
@@ -2664,6 +3543,13 @@ def epoch_summary(row):
 if not SUBMIT_ONLY:  # a submission run (submit_from) trains nothing: see the localisation section
     resume_check(CONFIG, data_fingerprint(SAMPLES))  # every fold's checkpoint against this data, before any training
     PROCESSES = checked_processes(CONFIG)  # one per GPU (DistributedDataParallel) once they pass a start-up check
+    AFTER_TRAINING_PROBE = None
+    if localiser_wanted(CONFIG):  # the work after training shares the time budget: its seconds per study, first
+        AFTER_TRAINING_PROBE = on_device(functools.partial(probe_after_training, samples=SAMPLES, config=CONFIG))
+        AFTER_TRAINING_S = after_training_plan(AFTER_TRAINING_PROBE, SAMPLES, CONFIG)
+        print(f'after training (localisers, predicted points, submission): {AFTER_TRAINING_S[-1] / 3600:.2f} h '
+              'projected, kept free in the time budget; measured per study: '
+              + ', '.join(f'{k} {v:.2f} s' for k, v in AFTER_TRAINING_PROBE.items()))
     FOLD_RESULTS = train_folds(SAMPLES, IMAGES, MASKS, CONFIG, DEVICE, PROCESSES)
 
 # %% [markdown]
@@ -3036,734 +3922,25 @@ if not SUBMIT_ONLY:  # a submission run (submit_from) trains nothing: see the lo
                 'worst_errors', rows=WORST)
 
 # %% [markdown]
-# ## Beyond the plan: level localiser, predicted points, Kaggle submission
-# Everything above is measured on crops at the annotated point; test studies have no annotations. This section
-# (on when the data root holds the competition's test files, or `localiser: 'on'`, or `submit_from` is set):
-# 1. **Localiser.** Each study's Sagittal T2/STIR series is read through the classifier's path (file names as
-#    instance numbers, `stack_slots` for patient-axis order, repeated stacks and gaps, `decode_dicom` /
-#    `map_intensity` / `apply_clahe`) and every slice is resized to a `loc_size` square grid. A small UNet sees
-#    each slice with its two neighbours (3 channels) and draws 5 heatmaps, one per level; one softmax per level
-#    runs over all slices and pixels of the series, so the slice with the most probability mass is the level's
-#    slice and the weighted centre around the peak is its (x, y), mapped back to that slice's pixels. Targets: the
-#    spinal canal points of `train_label_coordinates.csv` (a Gaussian blob, `loc_sigma`). One localiser per
-#    trained fold, on that fold's training studies: a validation study is seen by neither model.
-#    **Which series:** in training, the annotated one; otherwise the study's Sagittal T2/STIR series with the most
-#    DICOM files (ties: the lowest series_id).
-# 2. **Measured on the validation fold:** exact and within-one-slice accuracy of the slice (anatomical position),
-#    in-plane point error in mm (median, 90th percentile), per level, and a figure.
-# 3. **Cost of localisation:** the same validation rows and the same final model (`fold{k}/final.pt`), cropped at
-#    the predicted slice and point instead of the annotated ones; a row whose predicted crop cannot be built gets
-#    the training priors and is counted.
-# 4. **Submission** (`submission.csv` in `output_dir`, and in `/kaggle/working` on Kaggle): every row of
-#    `sample_submission.csv`. Spinal canal rows: the fold localisers' heatmaps averaged, then each fold's classifier
-#    on the crops at those points, probabilities averaged over folds. The other 20 targets (not trained here) and
-#    any study whose Sagittal T2/STIR series is missing or unreadable: the training set's class frequencies per
-#    (condition, level) from train.csv, add-one smoothed. `loc_submit_probs: 'corrected'` (the default) submits
-#    prior-corrected probabilities (model and frequencies alike re-weighted by the metric's 1/2/4 row weights: the
-#    metric's expected loss is lowest there); 'raw' submits the softmax and the plain frequencies.
-#    Both the training run and a `submit_from` run build the submission from the files in an output folder
-#    (`fold*/final.pt`, `fold*/localiser.pt`, `priors.json`), so a submission run reproduces it exactly.
-
-# %% tags=["defs"]
-from torchvision.ops import Conv2dNormActivation
-
-LOC_SLICE_SIGMA = 0.5  # target blob width across slices, in slices: the annotated slice clearly first
-LOCALISER_VERSION = 2  # saved in localiser.pt: 2 = slices framed at equal mm per pixel and one orientation
-#                        (fit_square), trained augmented
-LOC_OWN_KEYS = ('loc_size', 'loc_channels', 'loc_sigma')  # the localiser's own shape; with the classifier's
-LOC_KEYS = LOC_OWN_KEYS + ('intensity', 'window_center', 'window_width', 'percentiles',  # preprocessing: what a
-                           'series_percentiles', 'clahe_clip', 'clahe_grid', 'series_description')  # volume depends on
-LOCALISATION = SUBMISSION_INFO = None  # this section's results; write_report adds its section when set
-
-
-def localiser_wanted(config):
-    """'on' / 'off', or for 'auto': on when a submission is wanted (test files in the data root, or submit_from)."""
-    if config['localiser'] != 'auto':
-        return config['localiser'] == 'on'
-    return bool(config['submit_from']) or has_test_files(config)
-
-
-def has_test_files(config):
-    root = Path(config['data_root'])
-    return all((root / name).exists() for name in ('test_series_descriptions.csv', 'test_images',
-                                                     'sample_submission.csv'))
-
-
-def pick_series(descriptions, study_id, images_dir, wanted):
-    """The study's `wanted` series used for localisation: the one with the most DICOM files (ties: lowest
-    series_id); None when it has none on disk."""
-    rows = descriptions[(descriptions['study_id'] == study_id) & (descriptions['series_description'] == wanted)]
-    counts = {int(s): len(list((Path(images_dir) / str(study_id) / str(s)).glob('*.dcm'))) for s in rows['series_id']}
-    counts = {s: n for s, n in counts.items() if n}
-    return min(counts, key=lambda s: (-counts[s], s)) if counts else None
-
-
-def read_volume(series_dir, config, anchor=None):
-    """One series as the localiser sees it: slices in anatomical order (stack_slots around `anchor`, default the
-    middle file), each framed on the loc_size square at equal mm per grid pixel along x and y, columns running
-    posterior and rows running down (fit_square).
-    Returns {'image' uint8 (n, S, S), 'valid' (n,) bool, 'instance' (n,) int (-1 in a gap or for an unreadable
-    file), 'to_grid' (n, 4) (kx, ox, ky, oy): grid u + 0.5 = kx (x + 0.5) + ox (v likewise), 'image_shape' (n, 2)
-    rows, columns, 'spacing' (n, 2) mm per series pixel along x, y, 'issues': [(file, reason)]}. Raises ValueError
-    when no slice is usable."""
-    headers, skipped = read_series_headers(series_dir)
-    if not headers:
-        raise ValueError(f'{series_dir}: no readable slice ({len(skipped)} files skipped)')
-    anchor = anchor if anchor in headers else sorted(headers)[len(headers) // 2]
-    slots = stack_slots(headers, skipped, anchor)
-    size, ref = config['loc_size'], headers[anchor]
-    n = len(slots)
-    volume = {'image': np.zeros((n, size, size), np.uint8), 'valid': np.zeros(n, bool), 'instance': np.full(n, -1),
-              'to_grid': np.tile([size / int(ref.Columns), 0.0, size / int(ref.Rows), 0.0], (n, 1)),
-              'image_shape': np.tile([int(ref.Rows), int(ref.Columns)], (n, 1)),
-              'spacing': np.tile(slice_geometry(ref)[3], (n, 1)), 'issues': list(skipped.items()),
-              'series_dir': str(series_dir)}
-    volume['issues'] += [slot for slot in slots if isinstance(slot, tuple)]  # gaps: (file, reason)
-    images, failed = mapped_slices(headers, [slot for slot in slots if isinstance(slot, int)], config)
-    volume['issues'] += [(f'{instance}.dcm', reason) for instance, reason in failed.items()]
-    if not images:
-        raise ValueError(f'{series_dir}: no slice could be decoded')
-    for j, image in ((j, images[slot]) for j, slot in enumerate(slots) if isinstance(slot, int) and slot in images):
-        row_dir, col_dir, _, volume['spacing'][j] = slice_geometry(headers[slots[j]])
-        volume['image'][j], volume['to_grid'][j] = fit_square(image, volume['spacing'][j], size,
-                                                              (row_dir[1] < 0, col_dir[2] > 0))
-        volume['image_shape'][j] = image.shape
-        volume['valid'][j], volume['instance'][j] = True, slots[j]
-    return volume
-
-
-def fit_square(image, spacing, size, flip=(False, False)):
-    """(size x size uint8, (kx, ox, ky, oy)): `image` shrunk (INTER_AREA) to the same mm per pixel along x and y
-    (`spacing`), its longer side filling the square, centred, black around, and mirrored along x / y where `flip`
-    says; u + 0.5 = kx (x + 0.5) + ox (kx < 0: mirrored). Anatomy keeps its shape and its side whatever the matrix
-    (384 x 640), pixel aspect or in-plane orientation: the UNet sees one spine, as a radiologist's viewer shows it."""
-    rows, cols = image.shape
-    mm = max(cols * spacing[0], rows * spacing[1]) / size  # mm per grid pixel
-    width, height = (max(1, min(size, round(n * sp / mm))) for n, sp in ((cols, spacing[0]), (rows, spacing[1])))
-    ox, oy = (size - width) // 2, (size - height) // 2
-    shrunk = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)[::-1 if flip[1] else 1,
-                                                                             ::-1 if flip[0] else 1]
-    out = np.zeros((size, size), np.uint8)
-    out[oy:oy + height, ox:ox + width] = shrunk
-    kx, ky = width / cols, height / rows
-    return out, (-kx if flip[0] else kx, ox + width if flip[0] else ox, -ky if flip[1] else ky,
-                 oy + height if flip[1] else oy)
-
-
-def read_volume_job(job):
-    """(key, volume or the error text) for a job (key, series_dir, anchor, config): an unreadable series is
-    reported by the caller and the others go on."""
-    key, series_dir, anchor, config = job
-    try:
-        return key, read_volume(series_dir, config, anchor)
-    except Exception as error:
-        return key, f'{type(error).__name__}: {error}'
-
-
-def read_volumes(jobs, config, workers):
-    """{key: volume or error text} for jobs [(key, series_dir, anchor)], read in `workers` forked processes."""
-    jobs = [(*job, config) for job in jobs]
-    if workers <= 1 or len(jobs) < 2:
-        return dict(map(read_volume_job, jobs))
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('fork'), initializer=die_with_parent,
-                             initargs=(os.getpid(),)) as pool:
-        return dict(tqdm(pool.map(read_volume_job, jobs, chunksize=2), total=len(jobs), desc='localiser volumes'))
-
-
-def grid_point(volume, j, x, y):
-    """Series pixel (x, y) on slot j -> loc grid (u, v) (pixel centres map to pixel centres)."""
-    kx, ox, ky, oy = volume['to_grid'][j]
-    return kx * (x + 0.5) + ox - 0.5, ky * (y + 0.5) + oy - 0.5
-
-
-def series_point(volume, j, u, v):
-    kx, ox, ky, oy = volume['to_grid'][j]
-    return (u + 0.5 - ox) / kx - 0.5, (v + 0.5 - oy) / ky - 0.5
-
-
-def level_targets(volume, rows):
-    """(5, 3) float array of (slot, u, v) per level from annotated rows (instance_number, x, y, level_idx); NaN
-    where a level has no annotation or its slice is not in the volume."""
-    targets = np.full((len(LEVELS), 3), np.nan)
-    slot_of = {int(i): j for j, i in enumerate(volume['instance']) if i >= 0}
-    for instance, x, y, level in rows[['instance_number', 'x', 'y', 'level_idx']].itertuples(False):
-        if int(instance) in slot_of:
-            j = slot_of[int(instance)]
-            targets[level] = (j, *grid_point(volume, j, x, y))
-    return targets
-
-
-def conv_block(cin, cout):
-    return nn.Sequential(Conv2dNormActivation(cin, cout, 3), Conv2dNormActivation(cout, cout, 3))
-
-
-class LevelLocaliser(nn.Module):
-    """A small UNet: (slices, 3, S, S) -> (slices, 5, S, S) logits, one map per level. Input channels: each slice
-    and its two neighbours (the slice choice sees the canal fade across slices) plus the pixel's row and column
-    position in [-1, 1] (five discs look alike: where a disc sits in the image tells the levels apart, beside
-    the column's ends). A stride-2 stem keeps the work at half resolution; the logits are upsampled at the end."""
-
-    def __init__(self, width, levels=5, depth=4):
-        super().__init__()
-        widths = [width * 2 ** i for i in range(depth + 1)]
-        self.stem = Conv2dNormActivation(5, widths[0], 3, stride=2)
-        self.down = nn.ModuleList([conv_block(widths[0], widths[0])] + [conv_block(widths[i], widths[i + 1])
-                                                                        for i in range(depth)])
-        self.up = nn.ModuleList([nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in range(depth)])
-        self.merge = nn.ModuleList([conv_block(2 * widths[i], widths[i]) for i in range(depth)])
-        self.head = nn.Conv2d(widths[0], levels, 1)
-
-    def forward(self, x):
-        n, _, h, w = x.shape
-        rows = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype).view(1, 1, h, 1).expand(n, 1, h, w)
-        cols = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype).view(1, 1, 1, w).expand(n, 1, h, w)
-        x = self.stem(torch.cat([x, rows, cols], 1))
-        skips = []
-        for i, block in enumerate(self.down):
-            x = block(x if i == 0 else F.max_pool2d(x, 2))
-            skips.append(x)
-        for i in reversed(range(len(self.up))):
-            x = self.merge[i](torch.cat([self.up[i](x), skips[i]], 1))
-        return F.interpolate(self.head(x), size=(h, w), mode='bilinear', align_corners=False)
-
-
-def neighbour_channels(x):
-    """float slices (n, S, S) in [0, 1] -> (n, 3, S, S) normalised: each slice between its neighbours (black beyond
-    the first and last)."""
-    x = F.pad((x - 0.5) / 0.25, (0, 0, 0, 0, 1, 1), value=-2.0)
-    return torch.stack([x[:-2], x[1:-1], x[2:]], 1)
-
-
-def volume_input(volume, device):
-    """A volume's uint8 slices (n, S, S) -> the localiser's input (n, 3, S, S)."""
-    return neighbour_channels(torch.from_numpy(volume['image']).to(device).float().div_(255))
-
-
-LOC_AUGMENT = {'aug_rotate': 10.0, 'aug_scale': 0.2, 'aug_shift': 0.1}  # over the classifier's aug_* settings: whole
-#     series differ more in field of view and where the spine sits than crops around a point do
-
-
-def augment_study(volume, target, rng, config, device):
-    """One training view of a study: (input (n, 3, S, S), target (5, 3), valid (n,)). The classifier's augmentation
-    (draw_augmentation, augment_on_device: one zoom, rotation and shift for all slices, then gamma, contrast and
-    brightness) with LOC_AUGMENT's ranges, so the row/column channels stop being a shortcut; the slice order is
-    reversed half the time (left-right: the canal is symmetric). Targets move with the image; a point pushed out of
-    view is dropped."""
-    size, valid = volume['image'].shape[-1], volume['valid']
-    aug = draw_augmentation(rng, {**config, **LOC_AUGMENT})
-    angle, scale, shift = math.radians(aug[0]), aug[1], aug[2:4]
-    rotate_back = np.array([[math.cos(angle), math.sin(angle)], [-math.sin(angle), math.cos(angle)]])
-    target = np.array(target, float)
-    q = (2 * target[:, 1:] + 1) / size - 1  # pixel centres -> [-1, 1] (affine_grid, align_corners=False)
-    target[:, 1:] = ((scale * q @ rotate_back.T + 2 * shift + 1) * size - 1) / 2  # augment_on_device's forward map
-    target[((target[:, 1:] < -0.5) | (target[:, 1:] > size - 0.5)).any(1)] = np.nan
-    image = torch.from_numpy(volume['image']).to(device).float().div_(255)
-    if rng.random() < 0.5:
-        image, valid, target[:, 0] = image.flip(0), valid[::-1].copy(), len(valid) - 1 - target[:, 0]
-    x = augment_on_device(image[None, :, None], torch.from_numpy(aug)[None].to(device),
-                          torch.from_numpy(valid)[None].to(device), size)
-    return neighbour_channels(x[0, :, 0]), target, valid
-
-
-def level_log_probs(logits, valid):
-    """(n, 5, S, S) logits -> (5, n, S, S) log-probabilities, one softmax per level over every slice and pixel of
-    the series; slices that are not there (gaps, unreadable) get none."""
-    logits = logits.float().permute(1, 0, 2, 3).masked_fill(~valid.view(1, -1, 1, 1), -1e4)
-    return logits.flatten(1).log_softmax(1).view(logits.shape)
-
-
-def localiser_loss(logits, targets, valid, sigma):
-    """Cross entropy between each level's softmax and a Gaussian blob at its target (sigma grid pixels in-plane,
-    LOC_SLICE_SIGMA slices across), averaged over the annotated levels."""
-    have = ~torch.isnan(targets[:, 0])
-    if not have.any():
-        return logits.sum() * 0.0
-    n, _, size, _ = logits.shape
-    t = targets[have].view(-1, 3, 1, 1, 1)
-    j = torch.arange(n, device=logits.device, dtype=torch.float32).view(1, -1, 1, 1)
-    grid = torch.arange(size, device=logits.device, dtype=torch.float32)
-    blob = torch.exp(-(j - t[:, 0]) ** 2 / (2 * LOC_SLICE_SIGMA ** 2)
-                     - ((grid.view(1, 1, 1, -1) - t[:, 1]) ** 2 + (grid.view(1, 1, -1, 1) - t[:, 2]) ** 2)
-                     / (2 * sigma ** 2)) * valid.view(1, -1, 1, 1)
-    blob = blob / blob.sum((1, 2, 3), keepdim=True)
-    return -(blob * level_log_probs(logits, valid)[have]).sum((1, 2, 3)).mean()
-
-
-LEVEL_GAP_MM = (15.0, 60.0)  # consecutive disc levels lie this far apart along the spine (adult pitch ~30-40 mm)
-
-
-def peak_candidates(p, count, window):
-    """The `count` strongest local maxima of a 2-D map p (3 x 3 neighbourhood: two discs a few pixels apart stay
-    two), each scored by the mass within +-window pixels, down to 1/20 of the strongest: (log masses, rows, columns)
-    tensors."""
-    side = 2 * window + 1
-    mass = F.avg_pool2d(p[None, None], side, 1, window)[0, 0] * side ** 2
-    peaks = mass * (p == F.max_pool2d(p[None, None], 3, 1, 1)[0, 0])
-    values, index = peaks.flatten().topk(min(count, peaks.numel()))
-    keep = values >= values[0] * 0.05  # a faint bump is no candidate: better a slip than a point on noise
-    values, index = values[keep], index[keep]
-    return values.clamp_min(1e-30).log(), index // p.shape[1], index % p.shape[1]
-
-
-def decode_levels(probs, gap, window=2, count=4):
-    """(5, n, S, S) probabilities -> (5, 3) array of (slot, u, v). Per level, its slice is the one holding the most
-    probability; on it, `count` candidate peaks. The five peaks chosen maximise their summed log mass among the
-    choices that keep the levels in order down the spine (fit_square turns rows to run head to feet), each between
-    gap = (least, most) grid pixels below the one above: two levels never land on one disc, the commonest slip of
-    a heatmap localiser, nor does a level jump to a faint bump far away. No such choice: each level's strongest
-    peak. The point is the probability-weighted centre of the (2 window + 1)^2 pixels around the chosen peak."""
-    slices = probs.sum((2, 3)).argmax(1).tolist()
-    candidates = [peak_candidates(p[j], count, window) for p, j in zip(probs, slices)]
-    best, choice = -math.inf, [0] * len(probs)
-    for pick in itertools.product(*(range(len(c[0])) for c in candidates)):
-        rows = [float(c[1][i]) for c, i in zip(candidates, pick)]
-        score = sum(float(c[0][i]) for c, i in zip(candidates, pick))
-        if score > best and all(gap[0] <= b - a <= gap[1] for a, b in zip(rows, rows[1:])):
-            best, choice = score, list(pick)
-    out = np.zeros((len(probs), 3))
-    for level, (p, j, (_, rows, cols), i) in enumerate(zip(probs, slices, candidates, choice)):
-        v, u = int(rows[i]), int(cols[i])
-        v0, u0 = max(v - window, 0), max(u - window, 0)
-        patch = p[j, v0:v + window + 1, u0:u + window + 1]
-        vv, uu = torch.meshgrid(torch.arange(v0, v0 + patch.shape[0]), torch.arange(u0, u0 + patch.shape[1]),
-                                indexing='ij')
-        out[level] = j, float((patch * uu).sum() / patch.sum()), float((patch * vv).sum() / patch.sum())
-    return out
-
-
-def image_area(volume):
-    """(n, S, S) bool: the grid pixels each slot's image covers (fit_square leaves black bands around a
-    non-square field of view; a point there has no crop)."""
-    n, size = volume['image'].shape[:2]
-    grid = np.arange(size) + 0.5
-    area = np.zeros((n, size, size), bool)
-    for j, (kx, ox, ky, oy) in enumerate(volume['to_grid']):
-        cols, rows = (np.sort([o, o + k * extent]) for o, k, extent in
-                      ((ox, kx, volume['image_shape'][j][1]), (oy, ky, volume['image_shape'][j][0])))
-        area[j] = np.outer((grid > rows[0]) & (grid < rows[1]), (grid > cols[0]) & (grid < cols[1]))
-    return area
-
-
-@torch.inference_mode()
-def localise(models, volume, device, config):
-    """(5, 3) (slot, u, v) per level from the probabilities of `models` averaged (one model per fold), on the
-    slices' image area only."""
-    x, valid = volume_input(volume, device), torch.from_numpy(volume['valid']).to(device)
-    probs = 0
-    for model in models:
-        with autocast(device, config):
-            logits = model.eval()(x)
-        probs = probs + level_log_probs(logits, valid).exp() / len(models)
-    probs = probs * torch.from_numpy(image_area(volume)).to(probs.device)
-    grid_mm = np.median(volume['spacing'][volume['valid'], 1] / np.abs(volume['to_grid'][volume['valid'], 2]))
-    return decode_levels(probs.cpu(), (LEVEL_GAP_MM[0] / grid_mm, LEVEL_GAP_MM[1] / grid_mm))
-
-
-def train_localiser(volumes, targets, studies, config, device, seed):
-    """A LevelLocaliser trained on `studies` (keys of volumes/targets): AdamW, one-cycle LR, `loc_batch`
-    studies per step (their slices in one forward pass). Returns (model, loss per epoch)."""
-    seed_everything(seed)
-    model = LevelLocaliser(config['loc_channels']).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config['loc_lr'], weight_decay=1e-4)
-    batches = math.ceil(len(studies) / config['loc_batch'])
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, config['loc_lr'],
-                                                    total_steps=config['loc_epochs'] * batches, pct_start=0.15)
-    rng, losses = np.random.default_rng(seed), []
-    for _ in range(config['loc_epochs']):
-        model.train()
-        order, total = rng.permutation(len(studies)), 0.0
-        for b in range(batches):
-            batch = [studies[i] for i in order[b * config['loc_batch']:(b + 1) * config['loc_batch']]]
-            views = [augment_study(volumes[s], targets[s], rng, config, device) if config['loc_augment']
-                     else (volume_input(volumes[s], device), targets[s], volumes[s]['valid']) for s in batch]
-            with autocast(device, config):
-                logits = model(torch.cat([x for x, _, _ in views])).split([len(valid) for _, _, valid in views])
-            loss = sum(localiser_loss(out, torch.as_tensor(target, dtype=torch.float32, device=device),
-                                      torch.from_numpy(valid).to(device), config['loc_sigma'])
-                       for out, (_, target, valid) in zip(logits, views)) / len(batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += loss.item() / batches
-        losses.append(total)
-    return model, losses
-
-
-def localisation_table(volumes, targets, predictions, rows):
-    """One row per annotated (study, level): true and predicted slot, instance and point, in-plane error in mm
-    (the predicted grid point on the annotated slice's pixel spacing)."""
-    records = []
-    for study in rows['study_id'].unique():
-        volume, target, pred = volumes[study], targets[study], predictions[study]
-        for level, (j, u, v) in enumerate(target):
-            if np.isnan(j):
-                continue
-            j, pj = int(j), int(pred[level, 0])
-            kx, _, ky, _ = volume['to_grid'][j]
-            dx = (pred[level, 1] - u) / abs(kx) * volume['spacing'][j][0]
-            dy = (pred[level, 2] - v) / abs(ky) * volume['spacing'][j][1]
-            records.append({'study_id': study, 'level': LEVELS[level], 'slot': j, 'pred_slot': pj,
-                            'instance_number': int(volume['instance'][j]),
-                            'pred_instance': int(volume['instance'][pj]),
-                            'slice_error': abs(pj - j), 'error_mm': float(np.hypot(dx, dy))})
-    return pd.DataFrame(records)
-
-
-def localisation_metrics(table):
-    """Per level and overall: exact and within-one-slice accuracy, median and 90th percentile error in mm."""
-    def stats(t):
-        return {'n': len(t), 'slice exact': (t['slice_error'] == 0).mean(),
-                'slice within 1': (t['slice_error'] <= 1).mean(), 'median mm': t['error_mm'].median(),
-                'p90 mm': t['error_mm'].quantile(0.9)}
-    per = {level: stats(t) for level, t in table.groupby('level')}
-    return pd.DataFrame({**per, 'all': stats(table)}).T.rename_axis('level').round(3)
-
-
-def plot_localisation(volumes, targets, predictions, studies, name='localisation'):
-    """Annotated (circles) and predicted (crosses) points on the annotated L3/L4 slice of a few studies; the
-    caption gives each level's slice error."""
-    fig, axes = plt.subplots(1, len(studies), figsize=(3.2 * len(studies), 3.6), squeeze=False)
-    for ax, study in zip(axes[0], studies):
-        target, pred = targets[study], predictions[study]
-        j = int(np.nan_to_num(target[2, 0], nan=pred[2, 0]))
-        ax.imshow(volumes[study]['image'][j], cmap='gray')
-        ax.scatter(target[:, 1], target[:, 2], s=60, facecolors='none', edgecolors='lime', label='annotated')
-        ax.scatter(pred[:, 1], pred[:, 2], s=40, marker='x', color='red', label='predicted')
-        ax.set_title(f'{study}: slice error ' + ','.join('-' if np.isnan(t) else str(int(abs(p - t)))
-                                                         for t, p in zip(target[:, 0], pred[:, 0])), fontsize=8)
-        ax.axis('off')
-    axes[0, 0].legend(fontsize=7, loc='lower left')
-    fig.suptitle('localiser on validation studies (L1/L2..L5/S1; slice of the annotated L3/L4)')
-    show(fig, name)
-
-
-def annotated_series(samples, root):
-    """Localiser jobs from the sample table: per study, its most annotated series, anchored at its most annotated
-    instance (the stack the annotations were made on); returns (jobs, {study: rows on that series})."""
-    jobs, rows_of = [], {}
-    for study, rows in samples.groupby('study_id'):
-        series = rows['series_id'].mode().iloc[0]
-        rows = rows[rows['series_id'] == series]
-        rows_of[study] = rows
-        jobs.append((study, Path(root) / 'train_images' / str(study) / str(series),
-                     int(rows['instance_number'].mode().iloc[0])))
-    return jobs, rows_of
-
-
-def train_localisers(samples, config, device, workers):
-    """Per trained fold: a localiser on the fold's training studies (fold{k}/localiser.pt), measured on its
-    validation studies. Returns the volumes, targets and predictions of the validation studies, the
-    measurement table, its metrics, the training losses and the studies whose series could not be read."""
-    jobs, rows_of = annotated_series(samples, config['data_root'])
-    volumes = read_volumes(jobs, config, workers)
-    failed = {s: v for s, v in volumes.items() if isinstance(v, str)}
-    for study, reason in failed.items():
-        warn(f'localiser: study {study} not used, its series cannot be read ({reason})')
-    volumes = {s: v for s, v in volumes.items() if s not in failed}
-    targets = {s: level_targets(v, rows_of[s]) for s, v in volumes.items()}
-    fold_of = samples.groupby('study_id')['fold'].first()
-    predictions, losses = {}, {}
-    for fold in config['train_folds']:
-        train = [s for s in volumes if fold_of[s] != fold and fold_of[s] >= 0 and not np.isnan(targets[s][:, 0]).all()]
-        start = time.time()
-        model, losses[fold] = train_localiser(volumes, targets, train, config, device, config['seed'] + 100 + fold)
-        (Path(config['output_dir']) / f'fold{fold}').mkdir(parents=True, exist_ok=True)
-        save_atomic({'model': model.state_dict(), 'config': {k: config[k] for k in LOC_KEYS}, 'fold': fold,
-                     'version': LOCALISER_VERSION,
-                     'losses': losses[fold]}, Path(config['output_dir']) / f'fold{fold}' / 'localiser.pt')
-        for study in (s for s in volumes if fold_of[s] == fold):
-            predictions[study] = localise([model], volumes[study], device, config)
-        print(f'fold {fold}: localiser trained on {len(train)} studies in {time.time() - start:.0f} s, loss '
-              f'{losses[fold][0]:.3f} -> {losses[fold][-1]:.3f}')
-    table = localisation_table(volumes, targets, predictions, samples[samples['study_id'].isin(predictions)])
-    return {'volumes': {s: volumes[s] for s in predictions}, 'targets': targets, 'predictions': predictions,
-            'table': table, 'metrics': localisation_metrics(table), 'losses': losses, 'failed': failed}
-
-
-def point_rows(studies, volumes, predictions, condition_rows=None):
-    """Classifier rows at the predicted slice and point: one per (study, level) of `studies`, with the columns
-    build_cache needs (label 0 when `condition_rows`, the validation rows with their labels, is not given)."""
-    records = []
-    for study in studies:
-        volume, pred = volumes[study], predictions[study]
-        for level, (j, u, v) in enumerate(pred):
-            if np.isnan(j):  # (annotated points passed as predictions: a level without one)
-                continue
-            x, y = series_point(volume, int(j), u, v)
-            instance = int(volume['instance'][int(j)])
-            records.append({'study_id': study, 'series_id': int(Path(volume['series_dir']).name),
-                            'instance_number': instance, 'x': x, 'y': y, 'level': LEVELS[level], 'level_idx': level,
-                            'path': str(Path(volume['series_dir']) / f'{instance}.dcm')})
-    rows = pd.DataFrame(records, columns=['study_id', 'series_id', 'instance_number', 'x', 'y', 'level',
-                                          'level_idx', 'path'])
-    if condition_rows is None:
-        return rows.assign(label=0)
-    return rows.merge(condition_rows[['study_id', 'level', 'label']], on=['study_id', 'level'])
-
-
-def classify_rows(rows, classifiers, config, device, workers):
-    """Mean probabilities (raw P_COLUMNS and prior-corrected PC_COLUMNS) of `classifiers` [(model, class weights)]
-    on crops at the rows' instance and point (built like the training crops, by build_cache). Rows whose crop
-    cannot be built keep NaN (the caller fills them with the priors and counts them)."""
-    rows = rows.reset_index(drop=True)
-    out = rows.copy()
-    out[P_COLUMNS + PC_COLUMNS] = np.nan
-    if rows.empty:
-        return out
-    kept, images, masks, _ = build_cache(rows, config, workers)
-    if kept.empty:
-        return out
-    loader = make_loader(RSNADatasetV9(kept, images, masks, config, train=False), config, device, False)
-    raw = corrected = 0
-    for model, weights in classifiers:
-        probs = predict(model, loader, CompetitionWeightedCE(weights).to(device), device, config)['probs']
-        raw, corrected = raw + probs / len(classifiers), corrected + prior_corrected(probs, weights) / len(classifiers)
-    out.loc[kept.index, P_COLUMNS], out.loc[kept.index, PC_COLUMNS] = raw, corrected
-    return out
-
-
-def label_priors(data_root):
-    """{train.csv column: [normal_mild, moderate, severe]}: the class frequencies of each (condition, level) in
-    train.csv, add-one smoothed (a class never seen still gets a finite loss)."""
-    labels = pd.read_csv(Path(data_root) / 'train.csv')
-    return {column: ((counts := np.array([(labels[column] == c).sum() for c in CLASSES], float) + 1)
-                     / counts.sum()).tolist() for column in labels.columns if column != 'study_id'}
-
-
-def fill_priors(frame, priors, condition):
-    """Rows of `frame` (study_id, level, P/PC columns) without probabilities get the priors of their level
-    (PC: re-weighted by the metric's row weights, as the model's). Returns (frame, rows filled)."""
-    frame = frame.copy()
-    empty = frame[P_COLUMNS[0]].isna()
-    prior = np.array([priors[f'{condition}_{level}'] for level in frame.loc[empty, 'level']]).reshape(-1, 3)
-    frame.loc[empty, P_COLUMNS] = prior
-    frame.loc[empty, PC_COLUMNS] = prior_corrected(prior, [1.0, 1.0, 1.0]) if len(prior) else prior
-    return frame, int(empty.sum())
-
-
-PREDICT_KEYS = PREPROCESS_KEYS + (  # the classifier's saved settings a prediction uses (batch size and precision
-    'backbone', 'gru_hidden', 'gru_layers', 'attention_hidden', 'pooling', 'dropout', 'gru_dropout',  # too:
-    'precision', 'batch_size')  # a submission run then computes the training run's submission bit for bit)
-
-
-def load_run(folder, config, device, folds=None):
-    """The classifiers (fold*/final.pt), localisers (fold*/localiser.pt) and priors (priors.json) of a finished
-    run's output folder, checked: every fold saved with the same settings, each localiser with the settings of
-    its classifier's run (the same preprocessing) and with the other folds' localisers, every weight loaded strictly.
-    Returns {'config': this run's CONFIG with the saved prediction settings (the classifiers' PREDICT_KEYS, the
-    localisers' LOC_OWN_KEYS), 'classifiers': [(model, class weights)], 'localisers', 'priors', 'folds'}."""
-    folder = Path(folder)
-    run = {'classifiers': [], 'localisers': [], 'folds': []}
-    saved_settings = loc_settings = None
-    paths = (sorted(folder.glob('fold*/final.pt')) if folds is None
-             else [folder / f'fold{f}' / 'final.pt' for f in folds])
-    for path in paths:
-        saved = torch.load(path, map_location='cpu', weights_only=False)
-        settings = {k: saved['config'].get(k) for k in PREDICT_KEYS}
-        if saved_settings is not None and settings != saved_settings:
-            raise ValueError(f'{path} was trained with other settings than {run["folds"][0]}: '
-                             f'{ {k: (saved_settings[k], v) for k, v in settings.items() if v != saved_settings[k]} }')
-        saved_settings = settings
-        model = SpineModelV9({**saved['config'], 'pretrained': 'none'})
-        model.load_state_dict(saved['model'])
-        run['classifiers'].append((model.to(device).eval(), saved['class_weights']))
-        run['folds'].append(path.parent.name)
-        loc_path = path.with_name('localiser.pt')
-        if not loc_path.exists():
-            raise FileNotFoundError(f'{loc_path} is missing: that run trained no localiser (localiser: off?)')
-        loc = torch.load(loc_path, map_location='cpu', weights_only=False)
-        if loc.get('version') != LOCALISER_VERSION:
-            raise ValueError(f"{loc_path} was saved by an older notebook (localiser version {loc.get('version', 1)}, "
-                             f'this one reads volumes as version {LOCALISER_VERSION}): train the localiser again')
-        changed = {k: (settings[k], v) for k, v in loc['config'].items() if k in settings and settings[k] != v}
-        if changed:
-            raise ValueError(f'{loc_path} does not belong to the run of {path}: {{key: (classifier, localiser)}} '
-                             f'= {changed}')
-        own = {k: loc['config'][k] for k in LOC_OWN_KEYS}
-        if loc_settings is not None and own != loc_settings:
-            raise ValueError(f'{loc_path} was trained with other settings than the localiser of {run["folds"][0]}: '
-                             f'{ {k: (loc_settings[k], v) for k, v in own.items() if v != loc_settings[k]} }')
-        loc_settings = own
-        localiser = LevelLocaliser(loc['config']['loc_channels'])
-        localiser.load_state_dict(loc['model'])
-        run['localisers'].append(localiser.to(device).eval())
-    if not run['classifiers']:
-        raise FileNotFoundError(f'{folder}: no fold*/final.pt (the output folder of a finished training run)')
-    saved_settings = {**saved_settings, **loc_settings}
-    differ = {k: (v, config[k]) for k, v in saved_settings.items() if config[k] != v}
-    if differ:
-        print(f'{folder}: prediction uses the settings the models were trained with; this run differs in '
-              f'{{key: (trained, here)}} = {differ}')
-    run['config'] = {**config, **saved_settings}
-    priors = folder / 'priors.json'
-    run['priors'] = json.loads(priors.read_text()) if priors.exists() else label_priors(config['data_root'])
-    return run
-
-
-def localisation_cost(oof, loc, run, config, device, workers):
-    """The final models on their validation rows (the OOF rows) cropped at the predicted points, beside the same
-    rows at the annotated points (oracle). A row without a prediction or a crop gets the priors, counted."""
-    condition, frames = config['condition'], []
-    by_fold = dict(zip(run['folds'], run['classifiers']))
-    for fold, rows in oof.groupby('fold'):
-        studies = [s for s in rows['study_id'].unique() if s in loc['predictions']]
-        points = point_rows(studies, loc['volumes'], loc['predictions'], rows)
-        probs = classify_rows(points, [by_fold[f'fold{fold}']], run['config'], device, workers)
-        frames.append(rows[['study_id', 'level', 'label']].merge(
-            probs[['study_id', 'level'] + P_COLUMNS + PC_COLUMNS], on=['study_id', 'level'], how='left'))
-    predicted, fallback = fill_priors(pd.concat(frames, ignore_index=True), run['priors'], condition)
-    oracle = oof.set_index(['study_id', 'level']).loc[pd.MultiIndex.from_frame(predicted[['study_id', 'level']])]
-    return {'oracle': summarize(oracle.reset_index(), condition), 'predicted': summarize(predicted, condition),
-            'fallback_rows': fallback, 'rows': len(predicted)}
-
-
-def predict_test(run, config, device, workers):
-    """Spinal canal probabilities of every test study in sample_submission.csv (one row per level: study_id,
-    level, P/PC columns; NaN for a study without a usable series), and {study: why it has none}."""
-    root = Path(config['data_root'])
-    descriptions = pd.read_csv(root / 'test_series_descriptions.csv')
-    sample = pd.read_csv(root / 'sample_submission.csv')
-    studies = sorted({int(r.split('_')[0]) for r in sample['row_id']})
-    jobs, missing = [], {}
-    for study in studies:
-        series = pick_series(descriptions, study, root / 'test_images', config['series_description'])
-        if series is None:
-            missing[study] = f"no {config['series_description']} series with DICOM files"
-        else:
-            jobs.append((study, root / 'test_images' / str(study) / str(series), None))
-    volumes = read_volumes(jobs, run['config'], workers)
-    missing.update({s: v for s, v in volumes.items() if isinstance(v, str)})
-    volumes = {s: v for s, v in volumes.items() if s not in missing}
-    predictions = {s: localise(run['localisers'], v, device, run['config']) for s, v in volumes.items()}
-    probs = classify_rows(point_rows(list(volumes), volumes, predictions), run['classifiers'], run['config'],
-                          device, workers)
-    every = pd.DataFrame([(s, level) for s in studies for level in LEVELS], columns=['study_id', 'level'])
-    probs = every.merge(probs[['study_id', 'level'] + P_COLUMNS + PC_COLUMNS], on=['study_id', 'level'], how='left')
-    for study, level in probs.loc[probs[P_COLUMNS[0]].isna(), ['study_id', 'level']].itertuples(False):
-        missing.setdefault(study, f'no crop could be built for some levels (e.g. {level})')
-    return probs, missing
-
-
-def build_submission(sample, spinal, priors, condition, which):
-    """sample_submission's rows, in its order: the spinal rows from `spinal` (study_id, level, P/PC columns; NaN:
-    priors), every other row the priors of its (condition, level); `which` = 'corrected' | 'raw' (the priors
-    re-weighted by the metric's row weights, or the plain frequencies). Checked: nothing missing, rows sum to 1."""
-    study = sample['row_id'].str.split('_').str[0].astype(int)
-    column = sample['row_id'].str.split('_', n=1).str[1]
-    unknown = sorted(set(column) - set(priors))
-    if unknown:
-        raise ValueError(f'sample_submission.csv names targets that train.csv has no column for: {unknown[:3]}')
-    probs = np.array([priors[c] for c in column])
-    if which == 'corrected':
-        probs = prior_corrected(probs, [1.0, 1.0, 1.0])
-    columns = PC_COLUMNS if which == 'corrected' else P_COLUMNS
-    spinal = spinal.dropna(subset=columns)  # a study on priors has no model row
-    spinal = spinal.set_index(spinal['study_id'].astype(str) + f'_{condition}_' + spinal['level'])
-    model = sample['row_id'].isin(spinal.index).to_numpy()
-    probs[model] = spinal.loc[sample['row_id'][model], columns].to_numpy(float)
-    probs = probs / probs.sum(1, keepdims=True)
-    submission = pd.DataFrame(probs, columns=PROB_COLUMNS).assign(row_id=sample['row_id'].to_numpy())
-    submission = submission[['row_id'] + PROB_COLUMNS]
-    if submission[PROB_COLUMNS].isna().any().any() or not np.allclose(submission[PROB_COLUMNS].sum(axis=1), 1):
-        raise ValueError('submission has missing probabilities or rows that do not sum to 1')
-    assert len(study) == len(submission)
-    return submission, int(model.sum())
-
-
-def write_submission(run, config, device, workers):
-    """submission.csv in output_dir (and in /kaggle/working, where Kaggle looks for it) from the run in `run`;
-    returns (submission, facts for the report)."""
-    start = time.time()
-    sample = pd.read_csv(Path(config['data_root']) / 'sample_submission.csv')
-    spinal, missing = predict_test(run, config, device, workers)
-    submission, from_model = build_submission(sample, spinal, run['priors'], config['condition'],
-                                              config['loc_submit_probs'])
-    seconds = time.time() - start
-    studies = spinal['study_id'].nunique()
-    out = Path(config['output_dir'])
-    write_atomic(out / 'submission.csv', submission.to_csv(index=False))
-    kaggle = Path('/kaggle/working/submission.csv')  # where a Kaggle submission is looked for
-    if runtime_environment() == 'kaggle' and kaggle.resolve() != (out / 'submission.csv').resolve():
-        shutil.copy(out / 'submission.csv', kaggle)
-    for study, why in missing.items():
-        warn(f'submission: study {study}: spinal canal rows from the priors ({why})')
-    info = {'rows': len(submission), 'studies': studies, 'spinal_rows_from_model': from_model,
-            'studies_on_priors': {str(k): v for k, v in missing.items()}, 'probabilities': config['loc_submit_probs'],
-            'folds': run['folds'], 'localisers': len(run['localisers']), 'seconds': seconds,
-            'seconds_per_study': seconds / max(studies, 1), 'device': str(device)}
-    write_atomic(out / 'submission.json', json.dumps(info, indent=1))
-    print(f"submission.csv: {len(submission)} rows, {studies} studies, {from_model} spinal rows from the models "
-          f"({len(missing)} studies on priors), {config['loc_submit_probs']} probabilities, {seconds:.1f} s "
-          f"({info['seconds_per_study']:.2f} s per study on {device})")
-    return submission, info
-
-
-def cost_line(cost):
-    """The report's one line on the cost of localisation."""
-    oracle, pred = cost['oracle'], cost['predicted']
-    return (f"- Cost of localisation ({cost['rows']} validation rows, the same final models): BA "
-            f"{oracle['ba']:.4f} oracle -> {pred['ba']:.4f} predicted points; spinal terms prior-corrected "
-            f"{oracle['corrected']['competition_score_part']:.4f} -> "
-            f"{pred['corrected']['competition_score_part']:.4f}, "
-            f"raw {oracle['competition_score_part']:.4f} -> {pred['competition_score_part']:.4f} (lower is better; "
-            f"{cost['fallback_rows']} rows on priors: no prediction or crop).")
-
-
-def localisation_report(loc, submission_info, config):
-    """Markdown lines of the report's 'Localisation and submission' section (empty when the section did not run)."""
-    if loc is None and submission_info is None:
-        return []
-    lines = ['## Localisation and submission', '']
-    if loc is not None:
-        lines += [(f"Localiser: UNet width {config['loc_channels']} on {config['loc_size']} px slices, "
-                   f"{config['loc_epochs']} epochs, one per trained fold, measured on its validation studies "
-                   '(slice accuracy by anatomical position; point error in-plane, on the annotated slice):'), '',
-                  md_table(loc['metrics']), '']
-        if 'cost' in loc:
-            lines += [cost_line(loc['cost']), '- Predicted points, terms: ' + ', '.join(
-                f'{k} {v:.4f}' for k, v in loc['cost']['predicted']['corrected']['competition_terms'].items())
-                + ' (corrected).']
-        if loc['failed']:
-            lines.append(f"- Studies whose series could not be read (not used): {len(loc['failed'])}.")
-        lines.append('')
-    if submission_info is not None:
-        info = submission_info
-        lines += [(f"- submission.csv: {info['rows']} rows, {info['studies']} test studies; "
-                   f"{info['spinal_rows_from_model']} spinal canal rows from the localiser and the fold models "
-                   f"({', '.join(info['folds'])}) averaged; "
-                   f"{len(info['studies_on_priors'])} studies' spinal rows on priors (no usable "
-                   f"{config['series_description']} series). The other 20 targets per study (foraminal, subarticular) "
-                   "are not trained here: they get train.csv's class frequencies for that condition and level "
-                   '(add-one smoothed).'),
-                  (f"- Probabilities submitted: {info['probabilities']} "
-                   + ('(prior-corrected: the metric weights rows 1/2/4 by label, and the model was trained with its '
-                      'own class weights; re-weighting to the metric lowers its expected loss; the priors are '
-                      're-weighted the same way).' if info['probabilities'] == 'corrected' else
-                      '(the softmax and the plain class frequencies).')),
-                  f"- Prediction time: {info['seconds_per_study']:.2f} s per study on {info['device']}.", '']
-    return lines
-
+# ## Beyond the plan, run: localisers, predicted points, submission
+# The section defined before section 7 runs here, in one child process (`on_device`: the kernel stays CUDA-free,
+# so a second *Run all* still trains on every GPU): the localisers of the folds that finished, the cost of
+# localisation on their validation rows, and `submission.csv`. Their epochs end in time for the rest of the work
+# (the time budget kept its projected time free during training); a submission run only predicts.
 
 # %%
 if localiser_wanted(CONFIG):
-    if not SUBMIT_ONLY:
-        write_atomic(OUTPUT_DIR / 'priors.json', json.dumps(label_priors(CONFIG['data_root'])))
-        LOCALISATION = train_localisers(SAMPLES, CONFIG, DEVICE, NUM_WORKERS)
+    _budget = time_budget_s(CONFIG)  # the localisers end in time for the rest (deadline: seconds since the epoch)
+    LOCALISATION, SUBMISSION_INFO = on_device(functools.partial(  # in a child process: the kernel stays CUDA-free
+        localise_and_submit, samples=None if SUBMIT_ONLY else SAMPLES, oof=None if SUBMIT_ONLY else OOF,
+        folds=None if SUBMIT_ONLY else [r['fold'] for r in FOLD_RESULTS],  # those that finished (time budget)
+        config=CONFIG, workers=NUM_WORKERS, deadline=None if _budget is None else RUN_START + _budget,
+        probe=None if SUBMIT_ONLY else AFTER_TRAINING_PROBE))
+    if LOCALISATION is not None:
         LOCALISATION['table'].to_csv(OUTPUT_DIR / 'localisation.csv', index=False)
         print(LOCALISATION['metrics'].to_string())
         plot_localisation(LOCALISATION['volumes'], LOCALISATION['targets'], LOCALISATION['predictions'],
                           list(LOCALISATION['predictions'])[:4])
-    RUN = load_run(CONFIG['submit_from'] or OUTPUT_DIR, CONFIG, DEVICE,
-                   folds=None if SUBMIT_ONLY else CONFIG['train_folds'])
-    if not SUBMIT_ONLY:
-        LOCALISATION['cost'] = localisation_cost(OOF, LOCALISATION, RUN, CONFIG, DEVICE, NUM_WORKERS)
-    if has_test_files(CONFIG):
-        SUBMISSION, SUBMISSION_INFO = write_submission(RUN, CONFIG, DEVICE, NUM_WORKERS)
-    elif SUBMIT_ONLY:
-        raise FileNotFoundError(f"submit_from is set but {CONFIG['data_root']} has no test_series_descriptions.csv, "
-                                'test_images/ and sample_submission.csv (on Kaggle: add the competition as an input)')
-    if not SUBMIT_ONLY:
         print(cost_line(LOCALISATION['cost']))
 
 # %% [markdown]
@@ -3961,7 +4138,9 @@ def write_report(config, samples, skipped, failures, results, oof, final, compar
 
 # %%
 if not SUBMIT_ONLY:  # a submission run (submit_from) trains nothing: see the localisation section
-    REPORT = write_report(CONFIG, SAMPLES, SKIPPED, DATA_ISSUES, FOLD_RESULTS, OOF, FINAL, COMPARISON, HOLDOUT,
-                          ANALYSIS, CONFUSED)
+    _issues = [DATA_ISSUES] + ([] if LOCALISATION is None else [LOCALISATION['issues']]) + (
+        [] if SUBMISSION_INFO is None else [pd.DataFrame(SUBMISSION_INFO['issues'], columns=ISSUE_COLUMNS)])
+    REPORT = write_report(CONFIG, SAMPLES, SKIPPED, pd.concat(_issues, ignore_index=True), FOLD_RESULTS, OOF, FINAL,
+                          COMPARISON, HOLDOUT, ANALYSIS, CONFUSED)
     print(f"wrote {OUTPUT_DIR / 'v9_Results.md'}, metrics.json, oof.csv")
     print(success_table(FINAL, FOLD_RESULTS, ANALYSIS, list(OOF['model'])).to_string(index=False))
