@@ -35,12 +35,19 @@ import importlib
 import importlib.metadata
 import importlib.util
 import subprocess
+from pathlib import Path
 
 RUNTIME_PACKAGES = {  # import name: what pip installs if it is missing or older (floors: requirements.txt)
     'torch': 'torch', 'torchvision': 'torchvision', 'cv2': 'opencv-python-headless', 'numpy': 'numpy',
     'pandas': 'pandas', 'sklearn': 'scikit-learn', 'scipy': 'scipy', 'matplotlib': 'matplotlib', 'tqdm': 'tqdm',
     'pydicom': 'pydicom>=3.0.2',  # 3.0 brought pydicom.pixels; the platforms' own packages are left as they are
 }
+# Where attached datasets are mounted: a submission runs with Internet off, so a missing package comes from a
+# wheel in one of them. Kaggle mounts a dataset at <root>/<dataset> or <root>/datasets/<owner>/<dataset>; a wheel
+# is looked for there or one folder down (an uploaded folder), never deeper, so the competition's ~150k DICOM
+# files (<root>/[competitions/]<competition>/train_images/<study>/<series>/) are never walked.
+WHEEL_ROOTS = [Path('/kaggle/input')]
+WHEEL_PATTERNS = ('*/*.whl', '*/*/*.whl', 'datasets/*/*/*.whl', 'datasets/*/*/*/*.whl')
 
 
 def version_key(version):
@@ -65,21 +72,62 @@ def missing_packages(packages=RUNTIME_PACKAGES):
     return missing
 
 
+def wheel_name(distribution):
+    """How a wheel's file name spells a distribution: 'opencv-python-headless' -> 'opencv_python_headless'."""
+    return distribution.replace('-', '_').replace('.', '_').lower()
+
+
+def attached_wheels():
+    """Every wheel file in the attached datasets (WHEEL_ROOTS, to WHEEL_PATTERNS' depth)."""
+    return sorted({wheel for root in WHEEL_ROOTS for pattern in WHEEL_PATTERNS for wheel in root.glob(pattern)})
+
+
+def newest_wheel(requirement, wheels):
+    """The newest of `wheels` that is of `requirement`'s distribution and meets its floor, or None."""
+    distribution, _, floor = requirement.partition('>=')
+    versions = {}
+    for wheel in wheels:
+        name, version = (wheel.name.split('-') + [''])[:2]  # {distribution}-{version}-...-{platform}.whl
+        if name.lower() == wheel_name(distribution) and version_key(version) >= version_key(floor or '0'):
+            versions[wheel] = version_key(version)
+    return max(versions, key=versions.get, default=None)
+
+
+def install_error(requirements, error):
+    """The error that stops the notebook when pip could not install `requirements`, saying how to get them."""
+    patterns = ', '.join(f'{root}/<dataset>/{wheel_name(req.partition(">=")[0])}-*.whl'
+                         for root in WHEEL_ROOTS for req in requirements)
+    return RuntimeError(
+        f"pip could not install {', '.join(requirements)} ({error}). Offline? On Kaggle: Settings -> Internet on, "
+        f'or Add Input -> a dataset holding a wheel of each (this cell looks for {patterns}, also one folder down '
+        "and under datasets/<owner>/; README: Kaggle); elsewhere: `pip install -r requirements.txt`. Then run "
+        'this cell again.')
+
+
 def install_missing(packages=RUNTIME_PACKAGES, run=subprocess.check_call):
-    """pip-installs what missing_packages finds, quietly, and says what and why; offline, stops naming them."""
+    """pip-installs what missing_packages finds, from attached wheels where there are, else from pip's index,
+    quietly, and says what, why and from where; offline, stops naming what it could not install."""
     import sys  # here, not above: the imports cell imports it for everything else
 
     missing = missing_packages(packages)
     if not missing:
         return []
-    print('Installing ' + ', '.join(f'{req} ({why})' for req, why in missing.items()) + ': needed by the imports below')
-    try:
-        run([sys.executable, '-m', 'pip', 'install', '--quiet', *missing])
-    except (subprocess.CalledProcessError, OSError) as error:
-        raise RuntimeError(
-            f"pip could not install {', '.join(missing)} ({error}). Offline? On Kaggle: Settings -> Internet on, "
-            'or Add Input -> a dataset of these wheels and `pip install --no-index --find-links <its folder> '
-            f"{' '.join(missing)}`; elsewhere: `pip install -r requirements.txt`. Then run this cell again.") from None
+    wheels = attached_wheels()
+    chosen = {req: newest_wheel(req, wheels) for req in missing}
+    print('Installing ' + ', '.join(f'{req} ({why}' + (f'; from {chosen[req]})' if chosen[req] else ')')
+                                    for req, why in missing.items()) + ': needed by the imports below')
+    # Two pip commands, not one with --find-links: the wheels go in with no index contacted (offline they still
+    # install, and the error names only what had none); with --find-links pip would ask the index for them too.
+    from_wheels = [req for req in missing if chosen[req]]
+    from_index = [req for req in missing if not chosen[req]]
+    for requirements, args in ((from_wheels, ['--no-index', *(str(chosen[req]) for req in from_wheels)]),
+                               (from_index, from_index)):
+        if not requirements:
+            continue
+        try:
+            run([sys.executable, '-m', 'pip', 'install', '--quiet', *args])
+        except (subprocess.CalledProcessError, OSError) as error:
+            raise install_error(requirements, error) from None
     importlib.invalidate_caches()
     upgraded = [name for name, req in packages.items() if missing.get(req, 'not installed') != 'not installed']
     if any(name in sys.modules for name in upgraded):

@@ -1,5 +1,6 @@
-"""The notebook's first code cell (tag `install`): installs only what the runtime lacks, driven through the
-notebook's own cell with pip mocked."""
+"""The notebook's first code cell (tag `install`): installs only what the runtime lacks, from wheels in the
+attached datasets where there are, driven through the notebook's own cell with pip mocked and a tmp folder as
+the datasets' root."""
 
 import ast
 import importlib
@@ -17,6 +18,20 @@ from notebook_cells import NOTEBOOK, notebook_namespace
 def cell():
     """The install cell's namespace; running it here (everything installed) already must install nothing."""
     return notebook_namespace({}, tags=("install",))
+
+
+@pytest.fixture(autouse=True)
+def inputs(cell, tmp_path, monkeypatch):
+    """An empty tmp folder stands in for /kaggle/input (the one root searched for wheels)."""
+    monkeypatch.setitem(cell, "WHEEL_ROOTS", [tmp_path])
+    return tmp_path
+
+
+def wheel(folder, name):
+    """An (empty) wheel file `name` in `folder`, made with its parents."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).touch()
+    return folder / name
 
 
 class Pip:
@@ -46,9 +61,10 @@ def test_is_the_first_code_cell_and_imports_only_the_standard_library():
     nb = nbformat.read(NOTEBOOK, as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert code[0].metadata.get("tags") == ["install"]
-    imported = {alias.name.split(".")[0] for node in ast.walk(ast.parse(code[0].source))
+    imported = {(node.module if isinstance(node, ast.ImportFrom) else alias.name).split(".")[0]
+                for node in ast.walk(ast.parse(code[0].source))
                 if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
-    assert imported == {"importlib", "subprocess", "sys"}
+    assert imported == {"importlib", "pathlib", "subprocess", "sys"}
     assert imported <= sys.stdlib_module_names
     # every third-party package the notebook imports is one the cell checks
     top = {alias.name.split(".")[0] if isinstance(node, ast.Import) else node.module.split(".")[0]
@@ -77,15 +93,102 @@ def test_missing_packages_get_one_quiet_pip_command_and_one_line(cell, monkeypat
                    "needed by the imports below\n")
 
 
-def test_offline_stops_with_a_message_naming_the_packages_and_how_to_attach_them(cell, monkeypatch):
+def test_offline_stops_with_a_message_naming_the_packages_and_how_to_attach_them(cell, monkeypatch, inputs):
     hide(monkeypatch, "pydicom")
     pip = Pip(fail=True)
     with pytest.raises(RuntimeError) as error:
         cell["install_missing"](run=pip)
     message = str(error.value)
     assert message.startswith("pip could not install pydicom>=3.0.2 (")
-    assert "Internet on" in message and "--no-index --find-links" in message and "run this cell again" in message
+    assert "Internet on" in message and "run this cell again" in message
+    assert f"a dataset holding a wheel of each (this cell looks for {inputs}/<dataset>/pydicom-*.whl," in message
     assert len(pip.calls) == 1
+
+
+def test_an_attached_wheel_is_installed_with_no_index_and_said(cell, monkeypatch, capsys, inputs):
+    hide(monkeypatch, "pydicom")
+    found = wheel(inputs / "pydicom-wheel", "pydicom-3.0.2-py3-none-any.whl")
+    pip = Pip()
+    assert cell["install_missing"](run=pip) == ["pydicom>=3.0.2"]
+    assert pip.calls == [[sys.executable, "-m", "pip", "install", "--quiet", "--no-index", str(found)]]
+    assert capsys.readouterr().out == (f"Installing pydicom>=3.0.2 (not installed; from {found}): "
+                                       "needed by the imports below\n")
+
+
+def test_wheel_names_compare_normalised_and_case_insensitively(cell, inputs):
+    found = wheel(inputs / "datasets" / "owner" / "cv", "OpenCV_Python_Headless-4.11.0.86-cp37-abi3-linux.whl")
+    wheel(inputs / "cv", "opencv_python-4.12.0.88-cp37-abi3-linux.whl")  # another distribution
+    assert cell["newest_wheel"]("opencv-python-headless", cell["attached_wheels"]()) == found
+
+
+def test_a_wheel_below_the_floor_is_ignored_and_pip_index_used(cell, monkeypatch, inputs):
+    hide(monkeypatch, "pydicom")
+    wheel(inputs / "old", "pydicom-2.4.4-py3-none-any.whl")
+    pip = Pip()
+    cell["install_missing"](run=pip)
+    assert pip.calls == [[sys.executable, "-m", "pip", "install", "--quiet", "pydicom>=3.0.2"]]
+
+
+def test_the_newest_satisfying_wheel_wins(cell, inputs):
+    for folder, version in [("a", "3.0.2"), ("b", "2.4.4"), ("b", "3.0.10"), ("c/d", "3.0.9")]:
+        wheel(inputs / folder, f"pydicom-{version}-py3-none-any.whl")
+    newest = cell["newest_wheel"]("pydicom>=3.0.2", cell["attached_wheels"]())
+    assert newest == inputs / "b" / "pydicom-3.0.10-py3-none-any.whl"  # versions compare as numbers
+
+
+def test_wheels_cover_some_the_index_the_rest(cell, monkeypatch, capsys, inputs):
+    hide(monkeypatch, "pydicom", "tqdm")
+    found = wheel(inputs / "datasets" / "me" / "pydicom-wheel" / "pydicom-wheel", "pydicom-3.0.2-py3-none-any.whl")
+    pip = Pip()
+    assert cell["install_missing"](run=pip) == ["tqdm", "pydicom>=3.0.2"]
+    assert pip.calls == [[sys.executable, "-m", "pip", "install", "--quiet", "--no-index", str(found)],
+                         [sys.executable, "-m", "pip", "install", "--quiet", "tqdm"]]
+    assert capsys.readouterr().out == ("Installing tqdm (not installed), "
+                                       f"pydicom>=3.0.2 (not installed; from {found}): needed by the imports below\n")
+
+
+def test_offline_the_wheels_go_in_and_the_error_names_only_the_rest(cell, monkeypatch, inputs):
+    hide(monkeypatch, "pydicom", "tqdm")
+    wheel(inputs / "pydicom-wheel", "pydicom-3.0.2-py3-none-any.whl")
+
+    def offline(command):  # pip without an index fails; --no-index with a wheel file works
+        if "--no-index" not in command:
+            raise subprocess.CalledProcessError(1, command)
+
+    with pytest.raises(RuntimeError, match=r"^pip could not install tqdm \("):
+        cell["install_missing"](run=offline)
+
+
+@pytest.mark.parametrize("folder", [("dataset", "folder", "folder"),  # two folders inside a dataset
+                                    ("competitions", "rsna", "train_images"),
+                                    ("datasets", "owner", "data", "sub", "sub")])
+def test_wheels_deeper_than_a_folder_inside_a_dataset_are_not_searched(cell, monkeypatch, inputs, folder):
+    hide(monkeypatch, "pydicom")
+    wheel(inputs.joinpath(*folder), "pydicom-3.0.2-py3-none-any.whl")
+    assert cell["attached_wheels"]() == []
+    pip = Pip()
+    cell["install_missing"](run=pip)
+    assert pip.calls == [[sys.executable, "-m", "pip", "install", "--quiet", "pydicom>=3.0.2"]]
+
+
+class Root:
+    """A wheel root that records the patterns it is searched with."""
+
+    def __init__(self):
+        self.patterns = []
+
+    def glob(self, pattern):
+        self.patterns.append(pattern)
+        return iter(())
+
+
+def test_nothing_missing_searches_no_folder(cell, monkeypatch):
+    root = Root()
+    monkeypatch.setitem(cell, "WHEEL_ROOTS", [root])
+    assert cell["install_missing"](run=Pip()) == [] and root.patterns == []
+    hide(monkeypatch, "pydicom")
+    cell["install_missing"](run=Pip())
+    assert root.patterns == list(cell["WHEEL_PATTERNS"])
 
 
 def test_old_pydicom_is_named_and_upgraded_then_a_restart_asked(cell, monkeypatch):
