@@ -1872,9 +1872,10 @@ def read_volume(series_dir, config, anchor=None):
     volume = {'image': np.zeros((n, size, size), np.uint8), 'valid': np.zeros(n, bool), 'instance': np.full(n, -1),
               'to_grid': np.tile([size / int(ref.Columns), 0.0, size / int(ref.Rows), 0.0], (n, 1)),
               'image_shape': np.tile([int(ref.Rows), int(ref.Columns)], (n, 1)),
-              'spacing': np.tile(slice_geometry(ref)[3], (n, 1)), 'issues': list(skipped.items()),
+              'spacing': np.tile(slice_geometry(ref)[3], (n, 1)),
               'series_dir': str(series_dir)}
-    volume['issues'] += [slot for slot in slots if isinstance(slot, tuple)]  # gaps: (file, reason)
+    gaps = [slot for slot in slots if isinstance(slot, tuple)]  # (file, reason): a skipped file in a gap names it
+    volume['issues'] = [(f, why) for f, why in skipped.items() if f not in {g for g, _ in gaps}] + gaps
     images, failed = mapped_slices(headers, [slot for slot in slots if isinstance(slot, int)], config)
     volume['issues'] += [(f'{instance}.dcm', reason) for instance, reason in failed.items()]
     if not images:

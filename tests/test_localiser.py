@@ -27,7 +27,7 @@ def setup(loc_study_set, tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(setup):
     nb, config, samples = setup
-    return nb["train_localisers"](samples, config, CPU, 1)
+    return nb["train_localisers"](samples, config["train_folds"], config, CPU, 1)
 
 
 def test_volume_follows_the_classifier_read_path(setup, loc_study_set):

@@ -557,3 +557,29 @@ def test_realistic_preset_under_dicom_intensity_masks_the_slice_without_window_t
         assert not masks[rows["cache_index"], slot].any()
         assert (np.asarray(images[rows["cache_index"], slot]) == 0).all()
         assert masks[rows["cache_index"], HALF].all()  # the annotated slices are there
+
+
+def test_realistic_preset_localiser_volumes_list_every_lost_slice_with_its_file(nb, realistic):
+    """Issue 23 item 8: the localiser's volumes lose slices too (a file without geometry, a truncated file, a gap);
+    volume_issues lists each with its file and reason, as the classifier's issues table does."""
+    quirks, samples, _, _, _, _, cfg = realistic
+    config = {**cfg, "loc_size": 64}
+    jobs, _ = nb["annotated_series"](samples, cfg["data_root"])
+    volumes = nb["read_volumes"](jobs, config, 1)
+    issues = nb["volume_issues"](jobs, volumes, "localiser")
+    assert list(issues.columns) == nb["ISSUE_COLUMNS"]
+    read = {(study, int(Path(d).name)) for study, d, _ in jobs}
+    lost = issues[issues["what"] == "localiser slice lost"]
+    listed = set(zip(lost["study_id"], lost["series_id"], lost["file"]))
+    for name, cause in (("missing_geometry", ""), ("truncated_file", "truncated")):
+        expected = {(q["study_id"], q["series_id"], Path(q["file"]).name) for q in quirks[name]
+                    if (q["study_id"], q["series_id"]) in read}
+        assert expected and expected <= listed, name
+        rows = lost[[(s, f) in {(s, f) for s, _, f in expected} for s, f in zip(lost["study_id"], lost["file"])]]
+        assert len(rows) == len(expected) and rows["reason"].str.len().gt(0).all()
+        assert rows["reason"].str.contains(cause).all(), rows["reason"].tolist()
+    gaps = lost[lost["reason"].str.startswith("gap in the slice positions")]
+    missing = {(q["study_id"], Path(q["file"]).name) for q in quirks["missing_slice"]}
+    assert {(s, f) for s, f in zip(gaps["study_id"], gaps["file"])} & missing  # a deleted file named as the gap
+    # nothing else: the rows are exactly the volumes' own issues
+    assert len(lost) == sum(len(v["issues"]) for v in volumes.values() if not isinstance(v, str))

@@ -9,11 +9,13 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "le3ba_v9.ipynb"
 LIBRARY_TAGS = ("parameters", "setup", "defs")  # not "install": tests and benchmarks never run pip
 
 
-def notebook_namespace(overrides, tags=LIBRARY_TAGS):
+def notebook_namespace(overrides, tags=LIBRARY_TAGS, before_cell=None):
     """Execute the notebook's own cells tagged `tags` (None: every code cell) in-process, with
     CONFIG_OVERRIDES set as papermill would, and return the resulting namespace (a dict): tests call the
     notebook's definitions, never copies. The namespace is a registered module, so worker processes
-    find its functions by name, as they find them in a kernel's __main__."""
+    find its functions by name, as they find them in a kernel's __main__. `before_cell(namespace, source)`,
+    when given, runs before each executed cell (a test replaces the training clock before the cell that
+    trains)."""
 
     import nbformat
 
@@ -26,6 +28,8 @@ def notebook_namespace(overrides, tags=LIBRARY_TAGS):
         cell_tags = set(cell.metadata.get("tags", []))
         if cell.cell_type != "code" or (tags is not None and not cell_tags & set(tags)):
             continue
+        if before_cell is not None:
+            before_cell(namespace, cell.source)
         exec(compile(cell.source, f"le3ba_v9.ipynb[{'/'.join(sorted(cell_tags))}]", "exec"), namespace)
         if "parameters" in cell_tags:
             namespace["CONFIG_OVERRIDES"] = dict(overrides)
