@@ -2956,8 +2956,10 @@ def process_main(rank, world, port, parent, folder, fn, timeout):
     device = process_device(rank)
     if device.type == 'cuda':
         torch.cuda.set_device(device)
-    else:  # the CPU processes share the cores
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world))
+    # One intra-op thread: GNU OpenMP cannot start a parallel region in a child forked from a process whose OpenMP
+    # threads exist (the kernel's CPU forward passes started them): it waits for them forever. On a GPU the CPU
+    # side of the work is small; on the CPU (tests, the demo) this costs speed, not results.
+    torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     warnings_before = len(WARNINGS)
     try:

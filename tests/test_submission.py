@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -93,15 +94,48 @@ def papermill_run(tmp, name, overrides):
                                progress_bar=False)
 
 
+BUDGET_H = 6.5  # on a clock where each epoch takes 1 h: fold 0 stops after epoch 6 of 8 (a 7th would end at 7 h)
+
+
+def hour_epochs(namespace, source):
+    """Before the training cell: each classifier epoch takes 1 h on the training clock, which otherwise stands still
+    from 0 (the time budget's start); the rest of the work takes its real seconds, a few."""
+    if "FOLD_RESULTS = train_folds(" in source:
+        clock, real = [0.0], namespace["run_epoch"]
+
+        def run_epoch(*args):
+            clock[0] += 3600.0
+            return real(*args)
+
+        namespace.update(now=lambda: clock[0], run_epoch=run_epoch, RUN_START=0.0)
+        (namespace["OUTPUT_DIR"] / "pids.txt").write_text(f"{os.getpid()}\n")
+        real_localisers = namespace["train_localisers"]
+
+        def train_localisers(*args, **kwargs):  # where the localiser section's work ran
+            with open(namespace["OUTPUT_DIR"] / "pids.txt", "a") as file:
+                file.write(f"{os.getpid()}\n")
+            return real_localisers(*args, **kwargs)
+
+        namespace["train_localisers"] = train_localisers
+
+
 @pytest.fixture(scope="module")
 def runs(loc_study_set, tmp_path_factory):
-    """A training run on the generated set with its test split, then a submit-only run from a copy of its output."""
+    """Issue 23's Kaggle run: the whole notebook on folds 0 and 1 with the localiser on (the test files are there) and
+    a time budget that ends training inside fold 0, so fold 1 never starts; then a submit-only run from a read-only
+    copy of its output on a data root holding only the test files."""
     tmp = tmp_path_factory.mktemp("kaggle_flow")
-    papermill_run(tmp, "train", {**TINY, "data_root": str(loc_study_set), "output_dir": str(tmp / "train")})
+    notebook_namespace({**TINY, "data_root": str(loc_study_set), "output_dir": str(tmp / "train"),
+                        "train_folds": [0, 1], "time_budget_h": BUDGET_H}, tags=None, before_cell=hour_epochs)
     shutil.copytree(tmp / "train", tmp / "attached")  # as Kaggle attaches an output: a read-only copy
     for path in (tmp / "attached").rglob("*"):
         path.chmod(0o555 if path.is_dir() else 0o444)
-    papermill_run(tmp, "submit", {"data_root": str(loc_study_set), "output_dir": str(tmp / "submit"),
+    test_only = tmp / "test_only"  # what Kaggle's scoring run may mount: the test files alone
+    test_only.mkdir()
+    (test_only / "test_images").symlink_to(loc_study_set / "test_images")
+    for name in ("test_series_descriptions.csv", "sample_submission.csv"):
+        shutil.copy(loc_study_set / name, test_only / name)
+    papermill_run(tmp, "submit", {"data_root": str(test_only), "output_dir": str(tmp / "submit"),
                                   "submit_from": str(tmp / "attached"), "num_workers": 0})
     return tmp
 
@@ -151,7 +185,27 @@ def test_kaggle_flow_training_run_writes_a_valid_submission_that_beats_the_prior
     assert (runs / "train" / "figures" / "localisation.png").stat().st_size > 5_000
 
 
+def test_kaggle_flow_budget_stopped_run_submits_with_the_folds_that_finished(runs):
+    """The budget ended fold 0 after epoch 6 of 8 and never started fold 1: the localiser and the submission use
+    fold 0 alone (a fold 1 localiser or final.pt would have crashed the section before), the report names the
+    budget, and the section's work ran in a child process (the kernel stays CUDA-free)."""
+    out = runs / "train"
+    assert (out / "fold0" / "final.pt").exists() and (out / "fold0" / "localiser.pt").exists()
+    assert not (out / "fold1" / "final.pt").exists() and not (out / "fold1" / "localiser.pt").exists()
+    info = json.loads((out / "submission.json").read_text())
+    assert info["folds"] == ["fold0"] and info["localisers"] == 1
+    report = (out / "v9_Results.md").read_text()
+    assert f"- Fold 0: stopped by the time budget after epoch 6 of {TINY['epochs']} (time_budget_h" in report
+    assert "- Folds not started (time budget): [1]." in report
+    assert "fold 1 not started" in report and "for the work after training" in report
+    kernel, *section = (int(line) for line in (out / "pids.txt").read_text().split())
+    assert len(section) == 1 and section[0] != kernel
+
+
 def test_kaggle_flow_submit_only_run_reproduces_the_submission_exactly(runs):
+    """From the read-only output, on a data root with test_images/, test_series_descriptions.csv and
+    sample_submission.csv only (no train.csv, no training DICOM)."""
+    assert not (runs / "test_only" / "train.csv").exists()
     assert (runs / "submit" / "submission.csv").read_bytes() == (runs / "train" / "submission.csv").read_bytes()
     assert not (runs / "submit" / "fold0").exists()  # nothing was trained
     assert not (runs / "submit" / "v9_Results.md").exists()
