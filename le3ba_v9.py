@@ -2116,39 +2116,45 @@ def localise(models, volume, device, config):
     return decode_levels(probs.cpu(), (LEVEL_GAP_MM[0] / grid_mm, LEVEL_GAP_MM[1] / grid_mm))
 
 
-def train_localiser(volumes, targets, studies, config, device, seed, deadline=None):
+def train_localiser(volumes, targets, studies, config, device, seed, name='localiser', deadline=None):
     """A LevelLocaliser trained on `studies` (keys of volumes/targets): AdamW, one-cycle LR, `loc_batch`
-    studies per step (their slices in one forward pass). No epoch starts that would not end before `deadline`
-    (now() time; the model keeps the epochs it had). Returns (model, loss per epoch)."""
+    studies per step (their slices in one forward pass), each step through guarded_step (a GradScaler under
+    fp16; no clipping; a non-finite step skipped, reported as `name`'s and counted towards max_nonfinite_steps).
+    No epoch starts that would not end before `deadline` (now() time; the model keeps the epochs it had).
+    Returns (model, mean loss of the applied steps per epoch, skipped steps)."""
     seed_everything(seed)
     model = LevelLocaliser(config['loc_channels']).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config['loc_lr'], weight_decay=1e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision_in_use(device, config) == 'fp16')
     batches = math.ceil(len(studies) / config['loc_batch'])
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, config['loc_lr'],
                                                     total_steps=config['loc_epochs'] * batches, pct_start=0.15)
-    rng, losses = np.random.default_rng(seed), []
-    for epoch in range(config['loc_epochs']):
+    rng, losses, state, skipped = np.random.default_rng(seed), [], {'nonfinite': 0, 'nonfinite_pending': 0}, 0
+    for epoch in range(1, config['loc_epochs'] + 1):
         start = now()
         model.train()
-        order, total = rng.permutation(len(studies)), 0.0
+        order, applied = rng.permutation(len(studies)), []
         for b in range(batches):
             batch = [studies[i] for i in order[b * config['loc_batch']:(b + 1) * config['loc_batch']]]
             views = [augment_study(volumes[s], targets[s], rng, config, device) if config['loc_augment']
                      else (volume_input(volumes[s], device), targets[s], volumes[s]['valid']) for s in batch]
+            saved_bn = batchnorm_buffers(model)
             with autocast(device, config):
                 logits = model(torch.cat([x for x, _, _ in views])).split([len(valid) for _, _, valid in views])
             loss = sum(localiser_loss(out, torch.as_tensor(target, dtype=torch.float32, device=device),
                                       torch.from_numpy(valid).to(device), config['loc_sigma'])
                        for out, (_, target, valid) in zip(logits, views)) / len(batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            skip = functools.partial(skip_step, loss, scaler, device, config, state, f'{name} epoch {epoch} step {b}',
+                                     f'studies {batch}')
+            if guarded_step(model, loss, optimizer, scaler, math.inf, saved_bn, state, skip) is None:
+                skipped += 1
+            else:
+                applied.append(loss.item())
             scheduler.step()
-            total += loss.item() / batches
-        losses.append(total)
-        if deadline is not None and epoch + 1 < config['loc_epochs'] and deadline - now() < now() - start:
+        losses.append(float(np.mean(applied)) if applied else math.nan)
+        if deadline is not None and epoch < config['loc_epochs'] and deadline - now() < now() - start:
             break  # the next epoch would end after the deadline
-    return model, losses
+    return model, losses, skipped
 
 
 def localisation_table(volumes, targets, predictions, rows):
@@ -2227,13 +2233,14 @@ def train_localisers(samples, folds, config, device, workers, deadline=None):
     volumes = {s: v for s, v in volumes.items() if s not in failed}
     targets = {s: level_targets(v, rows_of[s]) for s, v in volumes.items()}
     fold_of = samples.groupby('study_id')['fold'].first()
-    predictions, losses = {}, {}
+    predictions, losses, skipped = {}, {}, {}
     for i, fold in enumerate(folds):
         train = [s for s in volumes if fold_of[s] != fold and fold_of[s] >= 0 and not np.isnan(targets[s][:, 0]).all()]
         start = time.time()
         share = None if deadline is None else now() + (deadline - now()) / (len(folds) - i)
-        model, losses[fold] = train_localiser(volumes, targets, train, config, device, config['seed'] + 100 + fold,
-                                              share)
+        model, losses[fold], skipped[fold] = train_localiser(volumes, targets, train, config, device,
+                                                             config['seed'] + 100 + fold, f'fold {fold} localiser',
+                                                             share)
         (Path(config['output_dir']) / f'fold{fold}').mkdir(parents=True, exist_ok=True)
         save_atomic({'model': model.state_dict(), 'config': {k: config[k] for k in LOC_KEYS}, 'fold': fold,
                      'version': LOCALISER_VERSION,
@@ -2244,11 +2251,11 @@ def train_localisers(samples, folds, config, device, workers, deadline=None):
             warn(f"fold {fold}: localiser stopped by the time budget after epoch {len(losses[fold])} of "
                  f"{config['loc_epochs']}")
         print(f'fold {fold}: localiser trained on {len(train)} studies in {time.time() - start:.0f} s, loss '
-              f'{losses[fold][0]:.3f} -> {losses[fold][-1]:.3f}')
+              f'{losses[fold][0]:.3f} -> {losses[fold][-1]:.3f}, {skipped[fold]} non-finite step(s) skipped')
     table = localisation_table(volumes, targets, predictions, samples[samples['study_id'].isin(predictions)])
     return {'volumes': {s: volumes[s] for s in predictions}, 'targets': targets, 'predictions': predictions,
             'table': table, 'metrics': localisation_metrics(table), 'losses': losses, 'failed': failed,
-            'issues': issues}
+            'nonfinite_steps': skipped, 'issues': issues}
 
 
 def volume_issues(jobs, volumes, who):
@@ -2761,7 +2768,7 @@ def make_loader(dataset, config, device, train, generator=None, every_epoch=Fals
 
 def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, device, config, state, epoch):
     """One pass over the training loader; returns loss, train BA, gradient-norm statistics, LR per step.
-    A step whose gradient norm is not finite is never applied, under any precision (see skip_step)."""
+    A step whose gradient norm is not finite is never applied, under any precision (guarded_step, skip_step)."""
     model.train()
     losses, norms, preds, labels, lrs = [], [], [], [], []
     skipped = 0
@@ -2772,25 +2779,23 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, devi
                                 batch['aug'].to(device, non_blocking=True), mask, config['aug_noise'],
                                 config['img_size'])
         target = batch['label'].to(device, non_blocking=True)
+        saved_bn = batchnorm_buffers(model)  # the forward moves them; a skipped step puts them back
         with autocast(device, config):
             logits, _ = model(images, batch['level'].to(device, non_blocking=True), mask)
             loss = criterion(logits, target)
         # backward even on a non-finite loss: under DDP every process must join the gradient all-reduce,
-        # and the decision below then rests on the same global norm everywhere
-        scaler.scale(loss * global_batch_share(criterion, target)).backward()  # several processes: global weights
-        scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config['clip_grad_norm'])
-        if torch.isfinite(norm):  # the one host sync per step
-            scaler.step(optimizer)
+        # and the decision then rests on the same global norm everywhere
+        skip = functools.partial(skip_step, loss, scaler, device, config, state, f'epoch {epoch} step {step}',
+                                 f"samples {sample_ids(loader.dataset, batch['index'])}")
+        norm = guarded_step(model, loss * global_batch_share(criterion, target),  # several processes: global weights
+                            optimizer, scaler, config['clip_grad_norm'], saved_bn, state, skip)
+        if norm is not None:
             norms.append(norm)
             losses.append(loss.detach().float())
             preds.append(logits.detach().argmax(1))
             labels.append(target)
         else:
             skipped += 1
-            skip_step(loader, batch, loss, scaler, device, config, state, f'epoch {epoch} step {step}')
-        scaler.update()  # with a GradScaler: a skipped step lowers the loss scale
-        optimizer.zero_grad(set_to_none=True)
         lrs.append([g['lr'] for g in optimizer.param_groups])
         if scheduler is not None:
             scheduler.step()
@@ -2818,15 +2823,53 @@ NONFINITE_ADVICE = {  # what to try when steps keep coming out non-finite, by th
 }
 
 
-def skip_step(loader, batch, loss, scaler, device, config, state, where):
-    """Count and report a step whose gradient norm is not finite (its gradients are dropped by the caller's
-    zero_grad). Under fp16 a GradScaler overflow while the loss scale is still above 1 is its normal
-    calibration (it lowers the scale and retries): counted in the epoch's row, not towards the stop."""
+def batchnorm_buffers(model):
+    """(buffer, copy) for every BatchNorm running statistic of `model`: a forward in train mode updates them in
+    place, so a step that is then skipped must put them back (guarded_step)."""
+    return [(b, b.clone()) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for b in m.buffers()]
+
+
+def guarded_step(model, loss, optimizer, scaler, max_norm, saved_bn, state, skip):
+    """The training step of every model here, after its forward: backward through the GradScaler, unscale, clip
+    the global gradient norm to `max_norm` (math.inf: measured, never clipped) and apply the optimizer step only
+    when that norm is finite. A skipped step also puts BatchNorm's running statistics back to `saved_bn` (taken by
+    batchnorm_buffers before the forward that went non-finite) and calls skip() (skip_step: counts, reports, may
+    stop the run). Returns the pre-clip norm, or None when the step was skipped."""
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    applied = bool(torch.isfinite(norm))  # the one host sync per step
+    if applied:
+        scaler.step(optimizer)
+        state['nonfinite_pending'] = 0  # the skips held before it were the GradScaler's calibration
+    else:
+        with torch.no_grad():
+            for buffer, value in saved_bn:
+                buffer.copy_(value)
+        skip()  # before scaler.update: skip_step judges the scale this step ran at
+    scaler.update()  # with a GradScaler: a skipped step halves the loss scale
+    optimizer.zero_grad(set_to_none=True)  # a skipped step's gradients are dropped here
+    return norm if applied else None
+
+
+def skip_step(loss, scaler, device, config, state, where, trained_on):
+    """Count and report a step whose gradient norm is not finite (guarded_step did not apply it); beyond
+    max_nonfinite_steps counted skips, stop with advice for the precision that ran. `where` (e.g. 'epoch 3 step
+    7') and `trained_on` (e.g. "samples [...]") go into the warning.
+    Under fp16 a GradScaler overflow while the loss scale is above 1 may be its calibration (the scaler halves the
+    scale and retries): such a skip is held as pending in state['nonfinite_pending'], consecutive pending skips
+    add up, and an applied step clears them (guarded_step). A skip at the scale's floor (<= 1) counts itself and
+    every pending skip before it towards max_nonfinite_steps: a NaN that persists from the default scale 65536
+    stops the run once 16 halvings have brought the scale to 1, not max_nonfinite_steps skips later."""
     if scaler.is_enabled() and scaler.get_scale() > 1.0:
+        state['nonfinite_pending'] = state.get('nonfinite_pending', 0) + 1
         return
-    state['nonfinite'] += 1
-    warn(f'{where}: non-finite gradient norm (loss {loss.item():.4g}); step skipped; samples '
-         f"{sample_ids(loader.dataset, batch['index'])}")
+    pending = state.get('nonfinite_pending', 0)
+    state['nonfinite'] += 1 + pending
+    state['nonfinite_pending'] = 0
+    before = f'; counted with the {pending} skipped just before it at higher loss scales' if pending else ''
+    warn(f'{where}: non-finite gradient norm (loss {loss.item():.4g}); step skipped; {trained_on}{before}')
     if state['nonfinite'] > config['max_nonfinite_steps']:
         ran = precision_in_use(device, config)
         raise FloatingPointError(f"{state['nonfinite']} non-finite steps under precision {ran} (more than "
@@ -2904,11 +2947,31 @@ def rng_states():
 
 
 def set_rng_states(states):
-    torch.set_rng_state(states['torch'])
+    torch.set_rng_state(states['torch'].cpu())  # .cpu(): a checkpoint loaded with map_location='cuda' moved it
     np.random.set_state(states['numpy'])
     random.setstate(states['python'])
     if states['cuda'] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states['cuda'])
+        torch.cuda.set_rng_state_all([state.cpu() for state in states['cuda']])
+
+
+def process_seed(config, fold, rank, epoch=0):
+    """Seed of process `rank`'s random streams (dropout masks, augmentation noise) in a fold: process 0's is the
+    fold's seed, so one process draws as it always did; `epoch` > 0: a stream started afresh after that epoch."""
+    return config['seed'] + fold + 10_000 * rank + 1_000_000 * epoch
+
+
+def restore_rng_states(saved, f, config):
+    """This process's random streams from a checkpoint's 'rng': a list by rank (an older checkpoint's single dict:
+    process 0's streams, in every process, as before). A process beyond the list (resumed on more processes than
+    saved it) starts its own stream from process_seed at the checkpoint's epoch."""
+    saved = [saved] * world_size() if isinstance(saved, dict) else saved
+    if world_size() > len(saved) and is_main_process():  # process 0 says it (the others' output is silenced)
+        print(f"fold {f.fold}: the checkpoint holds the random streams of {len(saved)} process(es); processes "
+              f"{len(saved)}-{world_size() - 1} start new ones (from seed, fold, rank and epoch {f.state['epoch']})")
+    if process_rank() < len(saved):
+        set_rng_states(saved[process_rank()])
+    else:
+        seed_everything(process_seed(config, f.fold, process_rank(), f.state['epoch']))
 
 
 # --- Several processes per fold: DistributedDataParallel, one process per GPU, forked from the notebook ---
@@ -3074,9 +3137,18 @@ def gather_batches(device, *outputs):
     process order (so in the rows' order: evaluation_shard), on `device`. Unchanged in a single process."""
     if world_size() == 1:
         return outputs
-    everyone = [None] * world_size()
-    dist.all_gather_object(everyone, [[t.cpu() for t in batches] for batches in outputs])
+    everyone = gathered([[t.cpu() for t in batches] for batches in outputs])
     return tuple([t.to(device) for shard in everyone for t in shard[k]] for k in range(len(outputs)))
+
+
+def gathered(value):
+    """Every process's `value` (any picklable object), as a list by rank, in every process (a collective: every
+    process must call it); [value] in a single process."""
+    if world_size() == 1:
+        return [value]
+    everyone = [None] * world_size()
+    dist.all_gather_object(everyone, value)
+    return everyone
 
 
 def global_batch_share(criterion, target):
@@ -3280,8 +3352,11 @@ def fold_pieces(fold, samples, images, masks, config, device):
     f.swa_model = AveragedModel(f.model) if config['use_swa'] else None
     f.step_model = distributed_model(f.model, device, config)  # several processes: DDP (after SWA's plain copy)
     f.step_model = torch.compile(f.step_model) if config['compile'] and device.type == 'cuda' else f.step_model
+    if process_rank():  # the same initial weights everywhere (above), then each process its own dropout and noise
+        seed_everything(process_seed(config, fold, process_rank()))
     f.state = {'epoch': 0, 'history': [], 'checkpoints': [], 'actions': [], 'lr_steps': [], 'best_ba': -1.0,
-               'best_epoch': None, 'nonfinite': 0, 'stopped_by': None, 'patience_out': False, 'warnings': []}
+               'best_epoch': None, 'nonfinite': 0, 'nonfinite_pending': 0, 'stopped_by': None, 'patience_out': False,
+               'warnings': []}
     f.rows = {'train': len(f.train_rows), 'val': len(f.val_rows), 'holdout': len(f.holdout_rows)}
     f.folds_after = len(config['train_folds']) - 1 - config['train_folds'].index(fold) \
         if fold in config['train_folds'] else 0
@@ -3325,14 +3400,16 @@ def resume_fold(f, config, device):
         f.state['stopped_by'] = 'early'
     if f.state.get('stopped_by') == 'budget':  # a new session, a new budget: the fold goes on
         f.state['stopped_by'] = None
-    set_rng_states(ckpt['rng'])
+    restore_rng_states(ckpt['rng'], f, config)  # each process its own streams
     for message in f.state['warnings']:  # printed before the interruption: they belong in this run's report
         WARNINGS.append(f'{message} (printed before the run was resumed)')
     print(f"fold {f.fold}: resumed after epoch {f.state['epoch']}")
 
 
 def save_fold_checkpoint(f, config):
-    """last.pt: everything resume_fold needs to continue after this epoch (written by process 0)."""
+    """last.pt: everything resume_fold needs to continue after this epoch (written by process 0), with every
+    process's random streams (a list by rank)."""
+    rng = gathered(rng_states())  # a collective: before the other processes return
     if not is_main_process():
         return
     save_atomic({'model': f.model.state_dict(), 'optimizer': f.optimizer.state_dict(),
@@ -3340,7 +3417,7 @@ def save_fold_checkpoint(f, config):
                  'criterion': f.criterion.state_dict(),
                  'swa_model': f.swa_model.state_dict() if f.swa_model is not None else None,
                  'swa_scheduler': f.swa_scheduler.state_dict() if f.swa_scheduler is not None else None,
-                 'state': f.state, 'rng': rng_states(),
+                 'state': f.state, 'rng': rng,
                  'config': {**comparable(config), 'data_fingerprint': f.fingerprint}}, f.last_path)
 
 

@@ -4,6 +4,7 @@ with the gloo backend: the same code path as one process per GPU with NCCL."""
 import copy
 import datetime
 import os
+import random
 import re
 import signal
 import subprocess
@@ -244,3 +245,50 @@ def test_ddp_check_dry_run_prints_every_row(tmp_path):
     rates = [float(rows[k][1].split()[0]) for k in ("(2) 1 process", "(3) 2 processes")]
     assert all(r > 0 for r in rates)
     assert "4 of 4 checks passed" in run.stdout
+
+
+def draw():
+    return torch.rand(3), np.random.rand(3), random.random()
+
+
+def same(a, b):
+    return torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+def streams_per_process(nb, cached, config, device):
+    """In each process: draws after fold_pieces, after an epoch-3 checkpoint, and after resuming it from the list of
+    every process's streams, from an older checkpoint's single dict and from a list one process saved."""
+    f = nb["fold_pieces"](0, *cached, config, device)
+    out = {"start": draw()}
+    f.state["epoch"] = 3
+    nb["save_fold_checkpoint"](f, config)
+    out["after_save"] = draw()
+    torch.distributed.barrier()
+    original = torch.load(f.last_path, weights_only=False)
+    out["saved"] = len(original["rng"])
+    for kind, rng in (("list", original["rng"]), ("dict", original["rng"][0]), ("one", original["rng"][:1])):
+        torch.distributed.barrier()  # every process has read the file before process 0 rewrites it
+        if nb["is_main_process"]():
+            nb["save_atomic"]({**original, "rng": rng}, f.last_path)
+        torch.distributed.barrier()
+        nb["resume_fold"](f, config, device)
+        out[kind] = draw()
+    return nb["gathered"](out)
+
+
+def test_each_process_draws_its_own_stream_and_resumes_it(nb, cached, tmp_path):
+    """Issue 23 item 7c: process 1 draws other dropout masks and noise than process 0 (whose draws are one
+    process's); a checkpoint holds both processes' streams and a resume gives each its own; an older checkpoint's
+    single dict goes to every process; a process the checkpoint has no stream for starts from process_seed."""
+    config = tiny(nb, tmp_path / "two")
+    two = nb["run_in_processes"](lambda device: streams_per_process(nb, cached, config, device), 2)
+    nb["fold_pieces"](0, *cached, tiny(nb, tmp_path / "one"), CPU)
+    assert same(draw(), two[0]["start"])  # process 0 draws as a single process does
+    assert not torch.equal(two[0]["start"][0], two[1]["start"][0])
+    assert two[0]["saved"] == two[1]["saved"] == 2
+    for rank in (0, 1):
+        assert same(two[rank]["list"], two[rank]["after_save"]), rank
+        assert same(two[rank]["dict"], two[0]["after_save"]), rank
+    assert same(two[0]["one"], two[0]["after_save"])
+    nb["seed_everything"](nb["process_seed"](config, 0, 1, 3))
+    assert same(two[1]["one"], draw()) and not same(two[1]["one"], two[0]["one"])

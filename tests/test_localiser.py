@@ -81,7 +81,7 @@ def test_localiser_learns_the_anatomy_and_a_shuffled_control_does_not(setup, tra
     fold = samples.groupby("study_id")["fold"].first()
     train = [s for s in volumes if fold[s] != 0]
     shuffled = dict(zip(train, [targets[s] for s in np.random.default_rng(0).permutation(train)]))
-    model, _ = nb["train_localiser"](volumes, shuffled, train, config, CPU, config["seed"] + 100)
+    model, *_ = nb["train_localiser"](volumes, shuffled, train, config, CPU, config["seed"] + 100)
     val = [s for s in volumes if fold[s] == 0]
     predictions = {s: nb["localise"]([model], volumes[s], CPU, config) for s in val}
     control = nb["localisation_metrics"](nb["localisation_table"](volumes, targets, predictions,
@@ -249,3 +249,60 @@ def test_localise_never_places_a_point_off_the_image(defs):
     for j, u, v in points:
         x, y = defs["series_point"](volume, int(j), u, v)
         assert 0 <= x < 64 and 0 <= y < 128
+
+
+# --- the localiser's training step (issue 23 item 6): guarded_step, as the classifier's ---
+LOC_TINY = {"loc_channels": 4, "loc_epochs": 2, "loc_batch": 1, "loc_augment": False, "loc_sigma": 1.0,
+            "loc_lr": 1e-3, "precision": "fp32"}
+
+
+def tiny_studies(n=2, size=32, slices=4):
+    rng = np.random.default_rng(0)
+    volumes = {s: {"image": rng.integers(0, 256, (slices, size, size), dtype=np.uint8),
+                   "valid": np.ones(slices, bool)} for s in range(n)}
+    targets = {s: np.array([[1 + k % 2, 16, 4 + 6 * k] for k in range(5)], float) for s in range(n)}
+    return volumes, targets
+
+
+def nan_input_on_calls(defs, monkeypatch, bad):
+    """The notebook's LevelLocaliser, its input's first slice NaN on the `bad` calls (0-based, or 'all');
+    returns the BatchNorm statistics recorded before each call's forward."""
+    seen = []
+
+    class Flaky(defs["LevelLocaliser"]):
+        def forward(self, x):
+            seen.append({k: v.clone() for k, v in self.state_dict().items() if "running" in k or "num_batches" in k})
+            if bad == "all" or len(seen) - 1 in bad:
+                x = x.clone()
+                x[0] = float("nan")
+            return super().forward(x)
+
+    monkeypatch.setitem(defs, "LevelLocaliser", Flaky)
+    return seen
+
+
+def test_a_nan_localiser_step_is_skipped_counted_and_its_batchnorm_put_back(defs, monkeypatch):
+    config = {**defs["CONFIG"], **LOC_TINY, "max_nonfinite_steps": 5}
+    volumes, targets = tiny_studies()
+    seen = nan_input_on_calls(defs, monkeypatch, {3})  # the last of 2 epochs x 2 steps
+    defs["WARNINGS"].clear()
+    model, losses, skipped = defs["train_localiser"](volumes, targets, [0, 1], config, CPU, 0, "fold 9 localiser")
+    assert skipped == 1 and len(seen) == 4
+    assert len(defs["WARNINGS"]) == 1
+    assert defs["WARNINGS"][0].startswith("fold 9 localiser epoch 2 step 1: non-finite gradient norm (loss nan)")
+    assert "studies [" in defs["WARNINGS"][0]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    after = {k: v for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    assert len(after) > 20 and all(torch.equal(after[k], seen[3][k]) for k in after)  # as before the NaN forward
+    assert len(losses) == 2 and all(np.isfinite(losses))  # epoch 2's loss: its applied step alone
+
+
+def test_persistent_nan_in_the_localiser_stops_beyond_max_nonfinite_steps(defs, monkeypatch):
+    config = {**defs["CONFIG"], **LOC_TINY, "max_nonfinite_steps": 2}
+    volumes, targets = tiny_studies()
+    nan_input_on_calls(defs, monkeypatch, "all")
+    defs["WARNINGS"].clear()
+    with pytest.raises(FloatingPointError, match="3 non-finite steps under precision fp32.*lower the learning"):
+        defs["train_localiser"](volumes, targets, [0, 1], config, CPU, 0)
+    assert [w.split(":")[0] for w in defs["WARNINGS"]] == ["localiser epoch 1 step 0", "localiser epoch 1 step 1",
+                                                          "localiser epoch 2 step 0"]

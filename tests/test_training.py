@@ -291,12 +291,91 @@ def test_a_nan_gradient_is_never_applied_and_the_next_step_trains(nb, cached, tm
     assert all(torch.isfinite(v).all() for v in changed.values() if v.is_floating_point())
 
 
-def test_the_stop_message_names_the_precision_that_ran_and_what_fits_it(nb, cached, tmp_path):
+def test_the_stop_message_names_the_precision_that_ran_and_what_fits_it(nb, tmp_path):
     config = small_config(nb, tmp_path, precision="fp16", max_nonfinite_steps=5)
-    _, loader, *_ = epoch_pieces(nb, cached, config)
-    batch = next(iter(loader))
     off = torch.amp.GradScaler("cpu", enabled=False)  # a scale that can go no lower: every skip counts
     for device, ran, advice in ((torch.device("cuda"), "fp16", "precision='bf16' on a GPU that has it"),
                                 (CPU, "fp32", "lower the learning rates")):  # fp16 on the CPU runs as fp32
         with pytest.raises(FloatingPointError, match=rf"6 non-finite steps under precision {ran} .*{advice}"):
-            nb["skip_step"](loader, batch, torch.tensor(float("nan")), off, device, config, {"nonfinite": 5}, "here")
+            nb["skip_step"](torch.tensor(float("nan")), off, device, config, {"nonfinite": 5}, "here", "samples []")
+
+
+def one_batch_loader(nb, cached, config):
+    samples, images, masks = cached
+    eight = nb["RSNADatasetV9"](samples[samples["fold"] != 0].head(8), images, masks, config, train=True)
+    return nb["make_loader"](eight, config, CPU, train=True, generator=torch.Generator().manual_seed(0))
+
+
+def batchnorm_statistics(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+def test_a_skipped_step_puts_the_batchnorm_statistics_back(nb, cached, tmp_path):
+    """Issue 23 item 7a: a NaN image makes the forward's BatchNorm update NaN; the skipped step restores the
+    running statistics (and num_batches_tracked) the model had before that forward."""
+    config = small_config(nb, tmp_path)
+    model, _, criterion, optimizer, scaler = epoch_pieces(nb, cached, config)
+    loader = one_batch_loader(nb, cached, config)
+    before, moved = batchnorm_statistics(model), []
+
+    def nan_image(module, args):  # the batch's first sample turns NaN
+        images = args[0].clone()
+        images[0] = float("nan")
+        return (images, *args[1:])
+
+    model.register_forward_pre_hook(nan_image)
+    model.register_forward_hook(lambda module, args, out: moved.append(batchnorm_statistics(module)))
+    state = {"nonfinite": 0}
+    stats, _ = nb["train_one_epoch"](model, loader, criterion, optimizer, None, scaler, CPU, config, state, 1)
+    assert stats["nonfinite_steps"] == 1 and state["nonfinite"] == 1
+    assert len(before) > 30 and len(moved) == 1
+    first_mean = next(k for k in before if k.endswith("running_mean"))
+    assert torch.isnan(moved[0][first_mean]).any()  # the forward did move them (to NaN)
+    assert all(int(moved[0][k]) == int(before[k]) + 1 for k in before if "num_batches" in k)
+    after = batchnorm_statistics(model)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+class NaNOnCalls(torch.nn.Module):
+    """A criterion (the notebook's weighted CE) whose loss is NaN on the given calls (1-based)."""
+
+    def __init__(self, criterion, bad):
+        super().__init__()
+        self.criterion, self.bad, self.calls = criterion, bad, 0
+
+    def forward(self, logits, labels):
+        self.calls += 1
+        loss = self.criterion(logits, labels)
+        return loss * float("nan") if self.bad == "all" or self.calls in self.bad else loss
+
+
+def test_fp16_skips_above_scale_1_are_pending_and_count_once_the_scale_is_at_its_floor(nb, cached, tmp_path):
+    """Issue 23 item 7b with a CPU GradScaler (fp16's scaler). A persistent NaN from scale 8: skips at 8, 4 and 2
+    are held pending, the skip at scale 1 counts all 4 and stops the run (max_nonfinite_steps 2). A skip at scale 2
+    followed by an applied step counts nothing; a later skip at scale 1 then counts itself alone."""
+    config = small_config(nb, tmp_path, precision="fp16", max_nonfinite_steps=2)
+    model, loader, criterion, optimizer, _ = epoch_pieces(nb, cached, config)
+    assert len(loader) == 4
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    scaler, state = torch.amp.GradScaler("cpu", init_scale=8.0), {"nonfinite": 0}
+    nb["WARNINGS"].clear()
+    with pytest.raises(FloatingPointError, match="4 non-finite steps under precision fp32"):
+        nb["train_one_epoch"](model, loader, NaNOnCalls(criterion, "all"), optimizer, None, scaler, CPU, config,
+                              state, 1)
+    assert scaler.get_scale() == 1.0 and state == {"nonfinite": 4, "nonfinite_pending": 0}
+    assert len(nb["WARNINGS"]) == 1 and "counted with the 3 skipped just before it" in nb["WARNINGS"][0]
+    assert all(torch.equal(before[k], v) for k, v in model.named_parameters())
+    # calibration: NaN on steps 1 and 3, from scale 2
+    scaler, state = torch.amp.GradScaler("cpu", init_scale=2.0), {"nonfinite": 0}
+    nb["WARNINGS"].clear()
+    stats, _ = nb["train_one_epoch"](model, loader, NaNOnCalls(criterion, {1, 3}), optimizer, None, scaler, CPU,
+                                     config, state, 1)
+    assert stats["nonfinite_steps"] == 2 and state == {"nonfinite": 1, "nonfinite_pending": 0}
+    assert len(nb["WARNINGS"]) == 1 and "epoch 1 step 2:" in nb["WARNINGS"][0]
+    assert "counted with" not in nb["WARNINGS"][0]
+    # one skip at a high scale, then applied steps: nothing counted
+    scaler, state = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10), {"nonfinite": 0}
+    stats, _ = nb["train_one_epoch"](model, loader, NaNOnCalls(criterion, {1}), optimizer, None, scaler, CPU,
+                                     config, state, 2)
+    assert stats["nonfinite_steps"] == 1 and state == {"nonfinite": 0, "nonfinite_pending": 0}
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
