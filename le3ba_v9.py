@@ -1677,6 +1677,9 @@ class MeanMIL(nn.Module):
 # ## 5. Task 1.3: class-weighted cross entropy
 # The weights live in a registered buffer, so they follow the model to the GPU and into checkpoints.
 # PyTorch's weighted mean divides by the summed weights of the batch's targets.
+# A model trained with these weights over-predicts the weighted classes by their ratio; the official metric weights
+# rows 1/2/4 by their true label instead, so `prior_corrected` moves its probabilities to the metric's weights
+# (used by the scores of section 8 and by the submission).
 
 # %% tags=["defs"]
 class CompetitionWeightedCE(nn.Module):
@@ -1686,6 +1689,20 @@ class CompetitionWeightedCE(nn.Module):
 
     def forward(self, logits, labels):
         return F.cross_entropy(logits.float(), labels, weight=self.weights.float())
+
+
+PROB_COLUMNS = ['normal_mild', 'moderate', 'severe']
+P_COLUMNS = [f'p_{c}' for c in PROB_COLUMNS]  # the same probabilities in oof.csv
+PC_COLUMNS = [f'pc_{c}' for c in PROB_COLUMNS]  # prior-corrected for the official metric
+ROW_WEIGHTS = [1.0, 2.0, 4.0]  # official sample weight by true label
+
+
+def prior_corrected(probs, class_weights):
+    """Probabilities of a model trained with `class_weights`, re-weighted to the official metric's row weights
+    (p * [1, 2, 4] / class_weights, renormalised): the minimiser of the metric's expected loss when the raw
+    probabilities minimise the class-weighted cross entropy."""
+    corrected = np.asarray(probs, float) * np.array(ROW_WEIGHTS) / np.asarray(class_weights, float)
+    return corrected / corrected.sum(1, keepdims=True)
 
 # %% [markdown]
 # ## 6. Task 2.1: the model
@@ -3701,10 +3718,6 @@ if not SUBMIT_ONLY:  # a submission run (submit_from) trains nothing: see the lo
 # studies measure the ensemble).
 
 # %% tags=["defs"]
-PROB_COLUMNS = ['normal_mild', 'moderate', 'severe']
-P_COLUMNS = [f'p_{c}' for c in PROB_COLUMNS]  # the same probabilities in oof.csv
-PC_COLUMNS = [f'pc_{c}' for c in PROB_COLUMNS]  # prior-corrected for the official metric
-ROW_WEIGHTS = [1.0, 2.0, 4.0]  # official sample weight by true label
 SCORE_NAME = 'spinal terms of the official metric, oracle localisation'
 METRIC_GROUPS = {'spinal': 'spinal_canal_stenosis', 'foraminal': 'neural_foraminal_narrowing',
                  'subarticular': 'subarticular_stenosis'}
@@ -3753,14 +3766,6 @@ def kaggle_frames(oof, condition, columns=P_COLUMNS):
         row_id=row_id.to_numpy(), sample_weight=np.array(ROW_WEIGHTS)[oof['label']])
     submission = pd.DataFrame(oof[columns].to_numpy(), columns=PROB_COLUMNS)
     return solution, submission.assign(row_id=row_id.to_numpy())
-
-
-def prior_corrected(probs, class_weights):
-    """Probabilities of a model trained with `class_weights`, re-weighted to the official metric's row weights
-    (p * [1, 2, 4] / class_weights, renormalised): the minimiser of the metric's expected loss when the raw
-    probabilities minimise the class-weighted cross entropy."""
-    corrected = np.asarray(probs, float) * np.array(ROW_WEIGHTS) / np.asarray(class_weights, float)
-    return corrected / corrected.sum(1, keepdims=True)
 
 
 def with_corrected(frame, class_weights):
