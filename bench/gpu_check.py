@@ -15,6 +15,9 @@ Each row prints what it measured, what is expected and PASS/FAIL (the expected f
       the setup cells left CUDA uninitialised in this process
   (7) a fold's projected time against its measured time: a 2-epoch fold at the plan's sizes, the projection
       after epoch 1 (the notebook's project_run, issue 17 item 4) against the fold's measured wall time
+  (8) the localiser section's GPU work in a child process (on_device, issue 23 item 3): a localiser forward on the
+      GPU there, CUDA still uninitialised here afterwards, and the training processes' start-up check still
+      passing on every GPU (checked_processes: 2 on Kaggle's T4 x2), as a second Run all would find them
 `--dry-run` runs the same code on the CPU at tiny sizes (CI checks that the script works; no figures).
 """
 
@@ -69,6 +72,11 @@ def main(argv=None):
                              "pretrained": "none", "num_workers": 2, "precision": "fp16"})
     config = nb["CONFIG"]
     setup_left_cuda_alone = not torch.cuda.is_initialized()  # the setup cells ran; nothing else has used CUDA
+    # (8), before anything here touches CUDA: the GPU work of the localiser section runs in a child process
+    child = nb["on_device"](lambda dev: (dev.type, float(nb["LevelLocaliser"](8).to(dev)(
+        torch.zeros(2, 3, 64, 64, device=dev)).float().abs().sum())))
+    after_child = not torch.cuda.is_initialized()
+    processes = nb["checked_processes"]({**nb["CONFIG"], "processes": "auto"})
     samples, _ = nb["build_sample_table"](config)
     samples, images, masks, failures = nb["build_cache"](samples, config, workers=2)
     assert failures.empty, failures
@@ -170,6 +178,10 @@ def main(argv=None):
                                   epochs_done=0)["whole_fold_s"]
     check("(7) projected vs measured fold", f"projected {projected:.0f} s, measured {measured:.0f} s",
           "within 25 %", abs(projected - measured) <= 0.25 * measured or not cuda)
+    check("(8) section's GPU work in a child", f"ran on {child[0]}, CUDA here uninitialised {after_child}",
+          f"{device.type}, True", child[0] == device.type and math.isfinite(child[1]) and after_child)
+    want = max(1, torch.cuda.device_count())
+    check("(8) then the training processes", f"{processes} process(es)", f"{want} (one per GPU)", processes == want)
     print(f"{sum(rows)} of {len(rows)} checks passed")
     return 0 if all(rows) else 1
 

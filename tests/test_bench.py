@@ -63,12 +63,14 @@ def test_tiny_benchmark_prints_every_row_with_positive_finite_numbers(tmp_path):
 
 
 def test_gpu_check_dry_run_prints_every_row_and_passes(tmp_path):
-    """bench/gpu_check.py --dry-run: the GPU-only checks' code runs on the CPU (no figures); rows (1)-(7) PASS
-    (row 7 trains a 2-epoch tiny fold and projects it with the notebook's project_run)."""
+    """bench/gpu_check.py --dry-run: the GPU-only checks' code runs on the CPU (no figures); rows (1)-(8) PASS
+    (row 7 trains a 2-epoch tiny fold and projects it with the notebook's project_run; row 8 runs a localiser
+    forward in a child process through on_device and then the training processes' check)."""
     run = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--dry-run", "--work", str(tmp_path)],
                          cwd=REPO, capture_output=True, text=True, timeout=400)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = re.findall(r"^\((\d)\) .*\| (PASS|FAIL)$", run.stdout, flags=re.MULTILINE)
-    assert {row for row, _ in rows} == {"1", "2", "3", "4", "5", "6", "7"} and {v for _, v in rows} == {"PASS"}
+    assert {row for row, _ in rows} == {"1", "2", "3", "4", "5", "6", "7", "8"} and {v for _, v in rows} == {"PASS"}
     assert "(6) GPU check: kernel, verdict" in run.stdout and "(7) projected vs measured fold" in run.stdout
+    assert "(8) section's GPU work in a child | ran on cpu, CUDA here uninitialised True" in run.stdout
     assert run.stdout.rstrip().endswith(f"{len(rows)} of {len(rows)} checks passed")
