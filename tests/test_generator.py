@@ -320,7 +320,8 @@ def test_realistic_geometry_quirks(realistic):
     for it in q["flipped_normal"]:
         iop = np.array(_any_file(root, it).ImageOrientationPatient, float)
         clean = np.array(gen.SAG_IOP if it["series_description"].startswith("Sagittal") else gen.AX_IOP)
-        assert np.dot(iop[:3], clean[:3]) < -0.98 and np.allclose(iop[3:], clean[3:])
+        # axial_blocks tilt the column direction up to 20 degrees about x; the row direction stays patient x
+        assert np.dot(iop[:3], clean[:3]) < -0.98 and np.dot(iop[3:], clean[3:]) > 0.93 and iop[3] == 0
     for it in q["oblique"]:
         iop = np.array(_any_file(root, it).ImageOrientationPatient, float)
         angle = np.degrees(np.arccos(abs(iop[1])))  # row direction against patient y, rotated about z
@@ -456,3 +457,112 @@ def test_realistic_deterministic_and_cli(tmp_path):
     for rel in sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.*")):
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
     assert all(b["quirks"].values())  # forced even on 2 studies
+
+
+# --- issue 24: the Sagittal T1 / Axial T2 quirks and each condition's signal at its own point ------------------
+
+def _series_files(root, item):
+    """(instance number from the file name) -> dataset with pixels, for the item's series."""
+    folder = root / f"train_images/{item['study_id']}/{item['series_id']}"
+    return {int(f.stem): pydicom.dcmread(f) for f in folder.glob("*.dcm")}
+
+
+def _to_patient(ds, x, y):
+    """Patient (x, y, z) mm of pixel (column x, row y) through the file's own geometry."""
+    iop = np.array(ds.ImageOrientationPatient, float)
+    sr, sc = (float(v) for v in ds.PixelSpacing)
+    return np.array(ds.ImagePositionPatient, float) + x * sc * iop[:3] + y * sr * iop[3:]
+
+
+def _anatomical_key(ds):
+    """The generator's anatomical order without its normal's sign: image centre's -x (sagittal) or z (axial)."""
+    centre = _to_patient(ds, (ds.Columns - 1) / 2, (ds.Rows - 1) / 2)
+    return -centre[0] if ds.SeriesDescription.startswith("Sagittal") else centre[2]
+
+
+def _normal(ds):
+    iop = np.array(ds.ImageOrientationPatient, float)
+    return np.cross(iop[:3], iop[3:])
+
+
+def test_realistic_axial_blocks(realistic):
+    """Each level's block has its own tilt about x (its slices parallel and evenly spaced), and the level's
+    subarticular points lie on a slice of that block, on the bright recess."""
+    root, summary = realistic
+    coords = pd.read_csv(root / "train_label_coordinates.csv")
+    items = summary["quirks"]["axial_blocks"]
+    assert len(items) >= 2 and all(it["series_description"] == "Axial T2" for it in items)
+    checked = 0
+    for it in items:
+        files = _series_files(root, it)
+        blocks = {lv: inst for lv, inst in it["block_instances"].items() if inst}
+        assert sorted(files) == sorted(i for inst in blocks.values() for i in inst)
+        normals = {tuple(np.round(_normal(files[i]), 6)) for i in files}
+        assert len(normals) == len(blocks) in (4, 5)
+        for lv, inst in blocks.items():
+            iops = {tuple(files[i].ImageOrientationPatient) for i in inst}
+            assert len(iops) == 1  # one block: parallel slices
+            iop = np.array(iops.pop(), float)
+            assert abs(iop[0]) == 1 and iop[1:4].tolist() == [0, 0, 0]  # rotated about x (flipped_normal: -x rows)
+            angle = np.degrees(np.arctan2(iop[5], iop[4]))
+            assert abs(angle - it["tilt_degrees"][lv]) < 1e-3 and 5 <= abs(angle) <= 20
+            pos = np.sort([np.dot(files[i].ImagePositionPatient, _normal(files[i])) for i in inst])
+            assert np.ptp(np.diff(pos)) < 1e-3 and np.diff(pos).min() > 2.9  # evenly spaced along the normal
+            rows = coords[(coords.series_id == it["series_id"]) & (coords.level == lv)]
+            for r in rows.itertuples():
+                assert r.instance_number in inst
+                ds = files[r.instance_number]
+                side = 1 if r.condition.startswith("Left") else -1
+                lateral = (side * 8 / float(ds.PixelSpacing[1])) * ds.ImageOrientationPatient[0]
+                img = ds.pixel_array.astype(float)
+                assert img[round(r.y), round(r.x)] > 2 * img[round(r.y), round(r.x + lateral)]
+                checked += 1
+    assert checked >= 20
+    signs = {np.sign(a) for it in items for a in it["tilt_degrees"].values()}
+    assert signs == {-1.0, 1.0}  # tilts change sign along the spine
+
+
+def test_realistic_axial_missing_level(realistic):
+    root, summary = realistic
+    coords = pd.read_csv(root / "train_label_coordinates.csv")
+    train = pd.read_csv(root / "train.csv").set_index("study_id")
+    items = summary["quirks"]["axial_missing_level"]
+    assert items and any(it["series_id"] in {b["series_id"] for b in summary["quirks"]["axial_blocks"]}
+                         for it in items)
+    for it in items:
+        files = _series_files(root, it)
+        assert it["block_instances"][it["level"]] == []
+        present = [inst for inst in it["block_instances"].values() if inst]
+        assert len(present) == 4 and sorted(files) == sorted(i for inst in present for i in inst)
+        rows = coords[(coords.study_id == it["study_id"]) & (coords.level == it["level"])]
+        assert not rows.condition.str.contains("Subarticular").any()
+        lv = it["level"].lower().replace("/", "_")
+        labels = train.loc[it["study_id"], [f"left_subarticular_stenosis_{lv}", f"right_subarticular_stenosis_{lv}"]]
+        assert labels.notna().any()  # the labels stay
+        other = coords[(coords.study_id == it["study_id"]) & (coords.series_id == it["series_id"])]
+        assert set(other.level) == set(gen.LEVEL_NAMES.values()) - {it["level"]}
+
+
+def _order_in_files(root, item):
+    """Instance numbers (file names) in anatomical order, read back from the files' positions."""
+    files = _series_files(root, item)
+    return [i for i, _ in sorted(files.items(), key=lambda kv: _anatomical_key(kv[1]))]
+
+
+def test_realistic_interleaved_and_reversed_order(realistic):
+    root, summary = realistic
+    q = summary["quirks"]
+    for it in q["interleaved_order"]:
+        inst = _order_in_files(root, it)
+        assert inst == it["instance_numbers"]
+        assert inst != sorted(inst) and inst != sorted(inst, reverse=True)
+        half = (len(inst) + 1) // 2  # the 1st, 3rd, ... slices first, then the 2nd, 4th, ...
+        assert inst[::2] == list(range(min(inst), min(inst) + half)) and inst[1::2] == list(
+            range(min(inst) + half, min(inst) + len(inst)))
+    for it in q["reversed_order"]:
+        inst = _order_in_files(root, it)
+        assert inst == it["instance_numbers"] == sorted(inst, reverse=True)
+        assert it["series_id"] in summary["reversed_series"]
+    kinds = {name: {it["series_description"] for it in q[name]} for name in ("interleaved_order", "reversed_order")}
+    assert kinds["reversed_order"] == {"Sagittal T1", "Axial T2"} and kinds["interleaved_order"]
+    assert not {it["series_id"] for it in q["interleaved_order"]} & set(summary["reversed_series"])
