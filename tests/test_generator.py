@@ -566,3 +566,58 @@ def test_realistic_interleaved_and_reversed_order(realistic):
     kinds = {name: {it["series_description"] for it in q[name]} for name in ("interleaved_order", "reversed_order")}
     assert kinds["reversed_order"] == {"Sagittal T1", "Axial T2"} and kinds["interleaved_order"]
     assert not {it["series_id"] for it in q["interleaved_order"]} & set(summary["reversed_series"])
+
+
+SIDE_CONDITIONS = gen.CONDITIONS[1:]  # foraminal (Sagittal T1) and subarticular (Axial T2), left then right
+SIGNAL_SET = {"n_studies": 1, "seed": 7, "rle_fraction": 0.0, "missing_label_frac": 0.0,
+              "quirks": {"axial_blocks": 1.0, "flipped_normal": 1.0}}
+ALL_NORMAL = {(0, c, lv): 0 for c in SIDE_CONDITIONS for lv in gen.LEVELS}
+
+
+@pytest.fixture(scope="module")
+def all_normal(tmp_path_factory):
+    """A one-study set (tilted axial blocks, every series flipped) whose side conditions are all Normal/Mild."""
+    root = tmp_path_factory.mktemp("all_normal")
+    gen.make_study_set(root, _labels=ALL_NORMAL, **SIGNAL_SET)
+    return root
+
+
+def _pixel_positions(ds):
+    """Patient (x, y, z) of every pixel of a file, (rows, columns, 3)."""
+    r, c = np.mgrid[:ds.Rows, :ds.Columns]
+    return _to_patient(ds, c[..., None], r[..., None])
+
+
+def _point(root, coords, cond, level):
+    """The condition's annotated point at a level: its file and patient position."""
+    r = coords[(coords.condition == gen.CONDITION_NAMES[cond]) & (coords.level == level)].iloc[0]
+    ds = pydicom.dcmread(root / f"train_images/{r.study_id}/{r.series_id}/{r.instance_number}.dcm")
+    return f"train_images/{r.study_id}/{r.series_id}/{r.instance_number}.dcm", _to_patient(ds, r.x, r.y)
+
+
+@pytest.mark.parametrize("cond", SIDE_CONDITIONS)
+def test_side_signal_only_at_its_own_point(all_normal, tmp_path, cond):
+    """The same anatomy and noise with one label at L3/L4 made Severe: the files change only within 15 mm of that
+    condition's annotated point (darker there: the foramen or recess narrows), not at the other side's point at
+    that level nor at the condition's other levels."""
+    gen.make_study_set(tmp_path, _labels={**ALL_NORMAL, (0, cond, "l3_l4"): 2}, **SIGNAL_SET)
+    coords = pd.read_csv(all_normal / "train_label_coordinates.csv")
+    assert coords.equals(pd.read_csv(tmp_path / "train_label_coordinates.csv"))
+    _, at = _point(all_normal, coords, cond, "L3/L4")
+    mirror = cond.replace("left", "@").replace("right", "left").replace("@", "right")
+    quiet = [_point(all_normal, coords, mirror, "L3/L4")[1]]
+    quiet += [_point(all_normal, coords, cond, lv)[1] for lv in sorted(set(gen.LEVEL_NAMES.values()) - {"L3/L4"})]
+    changed, near_point = set(), []
+    for f in sorted(all_normal.glob("train_images/*/*/*.dcm")):
+        a, rel = pydicom.dcmread(f), f.relative_to(all_normal)
+        diff = a.pixel_array.astype(int) - pydicom.dcmread(tmp_path / rel).pixel_array.astype(int)
+        pos = _pixel_positions(a)
+        dist = np.linalg.norm(pos - at, axis=-1)
+        if (np.abs(diff) > 2).any():  # beyond rounding of the faint tail across slices
+            changed.add(a.SeriesDescription)
+            assert dist[np.abs(diff) > 2].max() < 15, rel
+        near_point.extend(diff[dist < 3])
+        for q in quiet:
+            assert np.abs(diff[np.linalg.norm(pos - q, axis=-1) < 5]).max(initial=0) <= 2, rel
+    assert changed == {gen.CONDITION_SERIES[cond]}
+    assert np.mean(near_point) > 100  # Normal/Mild minus Severe: darker at the point
