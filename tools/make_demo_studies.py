@@ -5,13 +5,16 @@ this module. They mimic the competition root file for file (CSV columns and spel
 ``train_images/{study}/{series}/{instance}.dcm`` tree, 12-bit MR DICOM, RLE Lossless on part of
 the series) and the quirks a reader must survive: instance numbers that do not start at 1 or run
 against anatomical order, per-series image size, pixel spacing and intensity scale, and annotated
-slices near the series edge.
+slices near the series edge. With quirks on (QUIRKS, REALISTIC) the Sagittal T1 and Axial T2 series get
+their own too: axial blocks tilted to each disc, a missing axial level, interleaved or reversed order.
 
-The images carry a learnable signal for spinal canal stenosis: on the Sagittal T2/STIR midline
-slice a bright CSF band is narrowed at each disc level according to the level's severity, and the
-label's (x, y) is the canal centre there. Anatomy is defined in patient millimetres (LPS) and
-sampled on each series' own pixel grid, so fixed-size crops in mm look alike across series.
-Foraminal (Sagittal T1) and subarticular (Axial T2) severities are reflected more loosely.
+The images carry a learnable signal for all five conditions, each only near its own annotated point:
+on the Sagittal T2/STIR midline slice a bright CSF band is narrowed at each disc by the spinal level's
+severity (the label's (x, y) is the canal centre there); on the lateral Sagittal T1 slices (left = +x)
+the bright foraminal fat shrinks with that side's foraminal severity; on each level's Axial T2 slices
+the subarticular recess of each side shrinks with its severity. Anatomy is defined in patient
+millimetres (LPS) and sampled on each series' own pixel grid (tilted planes included), so fixed-size
+crops in mm look alike across series.
 
 Usage: ``python tools/make_demo_studies.py OUT_DIR --studies 40 --seed 0 --mix 0.6,0.2,0.2 [--realistic]``
 """
