@@ -320,7 +320,8 @@ def test_realistic_geometry_quirks(realistic):
     for it in q["flipped_normal"]:
         iop = np.array(_any_file(root, it).ImageOrientationPatient, float)
         clean = np.array(gen.SAG_IOP if it["series_description"].startswith("Sagittal") else gen.AX_IOP)
-        assert np.dot(iop[:3], clean[:3]) < -0.98 and np.allclose(iop[3:], clean[3:])
+        # axial_blocks tilt the column direction up to 20 degrees about x; the row direction stays patient x
+        assert np.dot(iop[:3], clean[:3]) < -0.98 and np.dot(iop[3:], clean[3:]) > 0.93 and iop[3] == 0
     for it in q["oblique"]:
         iop = np.array(_any_file(root, it).ImageOrientationPatient, float)
         angle = np.degrees(np.arccos(abs(iop[1])))  # row direction against patient y, rotated about z
@@ -456,3 +457,167 @@ def test_realistic_deterministic_and_cli(tmp_path):
     for rel in sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.*")):
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
     assert all(b["quirks"].values())  # forced even on 2 studies
+
+
+# --- issue 24: the Sagittal T1 / Axial T2 quirks and each condition's signal at its own point ------------------
+
+def _series_files(root, item):
+    """(instance number from the file name) -> dataset with pixels, for the item's series."""
+    folder = root / f"train_images/{item['study_id']}/{item['series_id']}"
+    return {int(f.stem): pydicom.dcmread(f) for f in folder.glob("*.dcm")}
+
+
+def _to_patient(ds, x, y):
+    """Patient (x, y, z) mm of pixel (column x, row y) through the file's own geometry."""
+    iop = np.array(ds.ImageOrientationPatient, float)
+    sr, sc = (float(v) for v in ds.PixelSpacing)
+    return np.array(ds.ImagePositionPatient, float) + x * sc * iop[:3] + y * sr * iop[3:]
+
+
+def _anatomical_key(ds):
+    """The generator's anatomical order without its normal's sign: image centre's -x (sagittal) or z (axial)."""
+    centre = _to_patient(ds, (ds.Columns - 1) / 2, (ds.Rows - 1) / 2)
+    return -centre[0] if ds.SeriesDescription.startswith("Sagittal") else centre[2]
+
+
+def _normal(ds):
+    iop = np.array(ds.ImageOrientationPatient, float)
+    return np.cross(iop[:3], iop[3:])
+
+
+def test_realistic_axial_blocks(realistic):
+    """Each level's block has its own tilt about x (its slices parallel and evenly spaced), and the level's
+    subarticular points lie on a slice of that block, on the bright recess."""
+    root, summary = realistic
+    coords = pd.read_csv(root / "train_label_coordinates.csv")
+    items = summary["quirks"]["axial_blocks"]
+    assert len(items) >= 2 and all(it["series_description"] == "Axial T2" for it in items)
+    checked = 0
+    for it in items:
+        files = _series_files(root, it)
+        blocks = {lv: inst for lv, inst in it["block_instances"].items() if inst}
+        assert sorted(files) == sorted(i for inst in blocks.values() for i in inst)
+        normals = {tuple(np.round(_normal(files[i]), 6)) for i in files}
+        assert len(normals) == len(blocks) in (4, 5)
+        for lv, inst in blocks.items():
+            iops = {tuple(files[i].ImageOrientationPatient) for i in inst}
+            assert len(iops) == 1  # one block: parallel slices
+            iop = np.array(iops.pop(), float)
+            assert abs(iop[0]) == 1 and iop[1:4].tolist() == [0, 0, 0]  # rotated about x (flipped_normal: -x rows)
+            angle = np.degrees(np.arctan2(iop[5], iop[4]))
+            assert abs(angle - it["tilt_degrees"][lv]) < 1e-3 and 5 <= abs(angle) <= 20
+            pos = np.sort([np.dot(files[i].ImagePositionPatient, _normal(files[i])) for i in inst])
+            assert np.ptp(np.diff(pos)) < 1e-3 and np.diff(pos).min() > 2.9  # evenly spaced along the normal
+            rows = coords[(coords.series_id == it["series_id"]) & (coords.level == lv)]
+            for r in rows.itertuples():
+                assert r.instance_number in inst
+                ds = files[r.instance_number]
+                side = 1 if r.condition.startswith("Left") else -1
+                lateral = (side * 8 / float(ds.PixelSpacing[1])) * ds.ImageOrientationPatient[0]
+                img = ds.pixel_array.astype(float)
+                assert img[round(r.y), round(r.x)] > 2 * img[round(r.y), round(r.x + lateral)]
+                checked += 1
+    assert checked >= 20
+    signs = {np.sign(a) for it in items for a in it["tilt_degrees"].values()}
+    assert signs == {-1.0, 1.0}  # tilts change sign along the spine
+
+
+def test_realistic_axial_missing_level(realistic):
+    root, summary = realistic
+    coords = pd.read_csv(root / "train_label_coordinates.csv")
+    train = pd.read_csv(root / "train.csv").set_index("study_id")
+    items = summary["quirks"]["axial_missing_level"]
+    assert items and any(it["series_id"] in {b["series_id"] for b in summary["quirks"]["axial_blocks"]}
+                         for it in items)
+    for it in items:
+        files = _series_files(root, it)
+        assert it["block_instances"][it["level"]] == []
+        present = [inst for inst in it["block_instances"].values() if inst]
+        assert len(present) == 4 and sorted(files) == sorted(i for inst in present for i in inst)
+        rows = coords[(coords.study_id == it["study_id"]) & (coords.level == it["level"])]
+        assert not rows.condition.str.contains("Subarticular").any()
+        lv = it["level"].lower().replace("/", "_")
+        labels = train.loc[it["study_id"], [f"left_subarticular_stenosis_{lv}", f"right_subarticular_stenosis_{lv}"]]
+        assert labels.notna().any()  # the labels stay
+        other = coords[(coords.study_id == it["study_id"]) & (coords.series_id == it["series_id"])]
+        assert set(other.level) == set(gen.LEVEL_NAMES.values()) - {it["level"]}
+
+
+def _order_in_files(root, item):
+    """Instance numbers (file names) in anatomical order, read back from the files' positions."""
+    files = _series_files(root, item)
+    return [i for i, _ in sorted(files.items(), key=lambda kv: _anatomical_key(kv[1]))]
+
+
+def test_realistic_interleaved_and_reversed_order(realistic):
+    root, summary = realistic
+    q = summary["quirks"]
+    for it in q["interleaved_order"]:
+        inst = _order_in_files(root, it)
+        assert inst == it["instance_numbers"]
+        assert inst != sorted(inst) and inst != sorted(inst, reverse=True)
+        half = (len(inst) + 1) // 2  # the 1st, 3rd, ... slices first, then the 2nd, 4th, ...
+        assert inst[::2] == list(range(min(inst), min(inst) + half)) and inst[1::2] == list(
+            range(min(inst) + half, min(inst) + len(inst)))
+    for it in q["reversed_order"]:
+        inst = _order_in_files(root, it)
+        assert inst == it["instance_numbers"] == sorted(inst, reverse=True)
+        assert it["series_id"] in summary["reversed_series"]
+    kinds = {name: {it["series_description"] for it in q[name]} for name in ("interleaved_order", "reversed_order")}
+    assert kinds["reversed_order"] == {"Sagittal T1", "Axial T2"} and kinds["interleaved_order"]
+    assert not {it["series_id"] for it in q["interleaved_order"]} & set(summary["reversed_series"])
+
+
+SIDE_CONDITIONS = gen.CONDITIONS[1:]  # foraminal (Sagittal T1) and subarticular (Axial T2), left then right
+SIGNAL_SET = {"n_studies": 1, "seed": 7, "rle_fraction": 0.0, "missing_label_frac": 0.0,
+              "quirks": {"axial_blocks": 1.0, "flipped_normal": 1.0}}
+ALL_NORMAL = {(0, c, lv): 0 for c in SIDE_CONDITIONS for lv in gen.LEVELS}
+
+
+@pytest.fixture(scope="module")
+def all_normal(tmp_path_factory):
+    """A one-study set (tilted axial blocks, every series flipped) whose side conditions are all Normal/Mild."""
+    root = tmp_path_factory.mktemp("all_normal")
+    gen.make_study_set(root, _labels=ALL_NORMAL, **SIGNAL_SET)
+    return root
+
+
+def _pixel_positions(ds):
+    """Patient (x, y, z) of every pixel of a file, (rows, columns, 3)."""
+    r, c = np.mgrid[:ds.Rows, :ds.Columns]
+    return _to_patient(ds, c[..., None], r[..., None])
+
+
+def _point(root, coords, cond, level):
+    """The condition's annotated point at a level: its file and patient position."""
+    r = coords[(coords.condition == gen.CONDITION_NAMES[cond]) & (coords.level == level)].iloc[0]
+    ds = pydicom.dcmread(root / f"train_images/{r.study_id}/{r.series_id}/{r.instance_number}.dcm")
+    return f"train_images/{r.study_id}/{r.series_id}/{r.instance_number}.dcm", _to_patient(ds, r.x, r.y)
+
+
+@pytest.mark.parametrize("cond", SIDE_CONDITIONS)
+def test_side_signal_only_at_its_own_point(all_normal, tmp_path, cond):
+    """The same anatomy and noise with one label at L3/L4 made Severe: the files change only within 15 mm of that
+    condition's annotated point (darker there: the foramen or recess narrows), not at the other side's point at
+    that level nor at the condition's other levels."""
+    gen.make_study_set(tmp_path, _labels={**ALL_NORMAL, (0, cond, "l3_l4"): 2}, **SIGNAL_SET)
+    coords = pd.read_csv(all_normal / "train_label_coordinates.csv")
+    assert coords.equals(pd.read_csv(tmp_path / "train_label_coordinates.csv"))
+    _, at = _point(all_normal, coords, cond, "L3/L4")
+    mirror = cond.replace("left", "@").replace("right", "left").replace("@", "right")
+    quiet = [_point(all_normal, coords, mirror, "L3/L4")[1]]
+    quiet += [_point(all_normal, coords, cond, lv)[1] for lv in sorted(set(gen.LEVEL_NAMES.values()) - {"L3/L4"})]
+    changed, near_point = set(), []
+    for f in sorted(all_normal.glob("train_images/*/*/*.dcm")):
+        a, rel = pydicom.dcmread(f), f.relative_to(all_normal)
+        diff = a.pixel_array.astype(int) - pydicom.dcmread(tmp_path / rel).pixel_array.astype(int)
+        pos = _pixel_positions(a)
+        dist = np.linalg.norm(pos - at, axis=-1)
+        if (np.abs(diff) > 2).any():  # beyond rounding of the faint tail across slices
+            changed.add(a.SeriesDescription)
+            assert dist[np.abs(diff) > 2].max() < 15, rel
+        near_point.extend(diff[dist < 3])
+        for q in quiet:
+            assert np.abs(diff[np.linalg.norm(pos - q, axis=-1) < 5]).max(initial=0) <= 2, rel
+    assert changed == {gen.CONDITION_SERIES[cond]}
+    assert np.mean(near_point) > 100  # Normal/Mild minus Severe: darker at the point

@@ -5,13 +5,16 @@ this module. They mimic the competition root file for file (CSV columns and spel
 ``train_images/{study}/{series}/{instance}.dcm`` tree, 12-bit MR DICOM, RLE Lossless on part of
 the series) and the quirks a reader must survive: instance numbers that do not start at 1 or run
 against anatomical order, per-series image size, pixel spacing and intensity scale, and annotated
-slices near the series edge.
+slices near the series edge. With quirks on (QUIRKS, REALISTIC) the Sagittal T1 and Axial T2 series get
+their own too: axial blocks tilted to each disc, a missing axial level, interleaved or reversed order.
 
-The images carry a learnable signal for spinal canal stenosis: on the Sagittal T2/STIR midline
-slice a bright CSF band is narrowed at each disc level according to the level's severity, and the
-label's (x, y) is the canal centre there. Anatomy is defined in patient millimetres (LPS) and
-sampled on each series' own pixel grid, so fixed-size crops in mm look alike across series.
-Foraminal (Sagittal T1) and subarticular (Axial T2) severities are reflected more loosely.
+The images carry a learnable signal for all five conditions, each only near its own annotated point:
+on the Sagittal T2/STIR midline slice a bright CSF band is narrowed at each disc by the spinal level's
+severity (the label's (x, y) is the canal centre there); on the lateral Sagittal T1 slices (left = +x)
+the bright foraminal fat shrinks with that side's foraminal severity; on each level's Axial T2 slices
+the subarticular recess of each side shrinks with its severity. Anatomy is defined in patient
+millimetres (LPS) and sampled on each series' own pixel grid (tilted planes included), so fixed-size
+crops in mm look alike across series.
 
 Usage: ``python tools/make_demo_studies.py OUT_DIR --studies 40 --seed 0 --mix 0.6,0.2,0.2 [--realistic]``
 """
@@ -73,7 +76,8 @@ CANAL_FADE_SLICES = 1.5  # sigma (in slices) of the canal contrast around the mi
 
 QUIRKS = ("anisotropic", "varied_sizes", "flipped_normal", "oblique", "repeated_stack", "missing_geometry",
           "instance_mismatch", "duplicate_coordinates", "outlier_pixels", "missing_slice", "bad_coordinates",
-          "truncated_file", "missing_window")
+          "truncated_file", "missing_window", "axial_blocks", "axial_missing_level", "interleaved_order",
+          "reversed_order")
 GEOMETRY_QUIRKS = QUIRKS[:4]  # drawn per series, all three series types (oblique: sagittal ones only)
 # The preset the tests and the realistic demo use: real class mix, real share of empty label cells
 # (about 1-2 % of the 1,975 x 25 cells), every quirk on, each at least once (see _quirk_flags).
@@ -83,13 +87,17 @@ REALISTIC = {
     "quirks": {"anisotropic": 0.3, "varied_sizes": 0.3, "flipped_normal": 0.4, "oblique": 0.3,
                "repeated_stack": 0.1, "missing_geometry": 0.1, "instance_mismatch": 0.05,
                "duplicate_coordinates": 0.05, "outlier_pixels": 0.1, "missing_slice": 0.05,
-               "bad_coordinates": 0.02, "truncated_file": 0.05, "missing_window": 0.05},
+               "bad_coordinates": 0.02, "truncated_file": 0.05, "missing_window": 0.05, "axial_blocks": 0.5,
+               "axial_missing_level": 0.05, "interleaved_order": 0.05, "reversed_order": 0.1},
 }
 LARGE_SIZES = [384, 512, 640, 768, 1024]  # varied_sizes: real series run 384-1024 px
 GEOMETRY_TAGS = ["ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"]
 WINDOW_TAGS = ["WindowCenter", "WindowWidth"]  # missing_window: what intensity='dicom' reads
 LATE_QUIRKS = ("missing_window",)  # added later: drawn from a stream of their own, so the files and places of
 #                                    the earlier quirks stay as they were for a given seed
+# Quirks of the Sagittal T1 and Axial T2 series (issue 24), drawn from a third stream of their own.
+T1_AXIAL_QUIRKS = ("axial_blocks", "axial_missing_level", "interleaved_order", "reversed_order")
+BLOCK_TILT = (5.0, 20.0)  # axial_blocks: degrees about patient x, each block tilted to its own disc
 BAD_KINDS = {"x_far": ("x", 5000.0), "y_negative": ("y", -300.0), "x_nan": ("x", float("nan")),
              "edge": ("x", None)}  # edge: 2 px beyond the last column, must stay usable
 
@@ -148,10 +156,15 @@ class _Anatomy:
         return _ramp(np.minimum(self.col_top - z, z - self.col_bot))
 
 
-def _finish(rng, img, scale):
-    """Rician-like noise, a smooth bias field and the series' own scale -> uint16 12-bit values."""
+def _finish(rng, img, scale, keep=None):
+    """Rician-like noise, a smooth bias field and the series' own scale -> uint16 12-bit values.
+
+    keep: the slices of a full stack that img holds (axial_missing_level): noise is drawn for the full
+    stack, so that the random stream, and every file written after this one, stays as without the quirk."""
+    sigma = rng.uniform(0.025, 0.04)
+    noise = rng.standard_normal(img.shape if keep is None else (len(keep), *img.shape[1:]), np.float32)
     # |signal + noise| is Rician-like where it matters (dark background) at half the cost.
-    noisy = np.abs(img + rng.uniform(0.025, 0.04) * rng.standard_normal(img.shape, np.float32))
+    noisy = np.abs(img + sigma * (noise if keep is None else noise[keep]))
     r = np.linspace(-1, 1, img.shape[-2], dtype=np.float32)[:, None]
     c = np.linspace(-1, 1, img.shape[-1], dtype=np.float32)[None, :]
     a = rng.uniform(-0.2, 0.2, 3)
@@ -245,17 +258,57 @@ def _sagittal(rng, anat, kind, n, mid, gap, q=None, x_off=None):
 
 
 def _axial(rng, anat, q=None):
-    """Axial T2: 2-4 slices per disc level, canal, vertebra and subarticular recesses."""
-    rows, cols, sp_r, sp_c = _grid(*_geometry(rng, [256, 320], (160, 220)), q or {})
+    """Axial T2: 2-4 slices per disc level (ascending z), canal, vertebra and subarticular recesses.
+
+    q: the series' quirks; q["blocks"]: tilt in degrees of each level's block (see _block_planes).
+    Returns the volume, per-slice IPP and IOP, the grid g and planes: (y, z, cos, sin) of each slice's
+    first row and direction, which _recess_points needs."""
+    q = q or {}
+    rows, cols, sp_r, sp_c = _grid(*_geometry(rng, [256, 320], (160, 220)), q)
     per, gap = int(rng.integers(2, 5)), rng.uniform(3, 4)
     stack = (np.arange(per) - (per - 1) / 2) * gap  # a short stack centred on each disc
-    z = np.sort(np.concatenate([zi + stack for zi in anat.z_disc]) + rng.uniform(-1, 1, 5 * per))
-    z = z.astype(np.float32)
+    jitter = rng.uniform(-1, 1, 5 * per)
+    z = np.sort(np.concatenate([zi + stack for zi in anat.z_disc]) + jitter).astype(np.float32)
     x0 = -cols * sp_c / 2 + rng.uniform(-8, 8)
     y0 = anat.y_canal - rng.uniform(0.55, 0.65) * rows * sp_r
     xx = (x0 + np.arange(cols, dtype=np.float32) * sp_c)[None, None, :]
-    yy = (y0 + np.arange(rows, dtype=np.float32) * sp_r)[None, :, None]
-    zz = z[:, None, None]
+    g = {"rows": rows, "cols": cols, "sp_r": sp_r, "sp_c": sp_c, "x0": x0, "y0": y0, "per": per}
+    if "blocks" in q:  # one jitter per block: its slices stay evenly spaced along its own normal
+        ipp, iop, yy, zz, planes = _block_planes(anat, q["blocks"], stack + jitter[::per, None], g)
+    else:
+        yy = (y0 + np.arange(rows, dtype=np.float32) * sp_r)[None, :, None]
+        zz = z[:, None, None]
+        ipp, iop = [[float(x0), float(y0), float(zk)] for zk in z], AX_IOP
+        planes = [(y0, zk, 1.0, 0.0) for zk in z]
+    return _axial_anatomy(anat, xx, yy, zz), ipp, iop, g, planes
+
+
+def _block_planes(anat, tilts, offsets, g):
+    """Tilted axial blocks, ascending z: block i crosses the canal centre at disc i, rotated tilts[i] degrees
+    about patient x; its slices lie offsets[i] mm along the block's normal (0, -sin, cos).
+
+    Returns per-slice IPP and IOP, each pixel row's patient y and z (slices, rows, 1) and the planes."""
+    ipp, iop, planes = [], [], []
+    for i in range(4, -1, -1):  # L5/S1 first: ascending z, as the untilted stack
+        a = np.radians(tilts[i])
+        c, s = float(np.cos(a)), float(np.sin(a))
+        zi = float(anat.z_disc[i])
+        yi = float(anat.yc(zi))
+        pivot = (yi - g["y0"]) / g["sp_r"]  # the row that crosses the canal: where it sits untilted
+        for off in offsets[4 - i]:
+            py = yi - off * s - pivot * g["sp_r"] * c
+            pz = zi + off * c - pivot * g["sp_r"] * s
+            ipp.append([float(g["x0"]), float(py), float(pz)])
+            iop.append([1.0, 0.0, 0.0, 0.0, c, s])
+            planes.append((py, pz, c, s))
+    r = np.arange(g["rows"], dtype=np.float32) * np.float32(g["sp_r"])
+    yy = np.stack([(p[0] + r * p[2]).astype(np.float32) for p in planes])[:, :, None]
+    zz = np.stack([(p[1] + r * p[3]).astype(np.float32) for p in planes])[:, :, None]
+    return ipp, iop, yy, zz, planes
+
+
+def _axial_anatomy(anat, xx, yy, zz):
+    """The axial anatomy at patient points (xx, yy, zz), arrays that broadcast to (slices, rows, columns)."""
     yc = anat.yc(zz)
 
     def ellipse(cx, cy, rx, ry):
@@ -270,9 +323,23 @@ def _axial(rng, anat, q=None):
     for side, sign in enumerate((1, -1)):
         g = anat.narrowing(zz, anat.sub_open[side])
         vol = vol + ellipse(sign * anat.recess_x, ry, 3.0 * g, 2.5 * g) * (0.9 - vol)
-    ipp = [[float(x0), float(y0), float(zk)] for zk in z]
-    g = {"rows": rows, "cols": cols, "sp_r": sp_r, "sp_c": sp_c, "x0": x0, "y0": y0}
-    return vol.astype(np.float32), ipp, g, z
+    return vol.astype(np.float32)
+
+
+def _recess_points(anat, g, planes, sign):
+    """(slice, col px, row px) of one side's subarticular recess at each disc: the slice nearest the disc
+    (by its plane's z at the canal), the row where the slice meets the recess centre."""
+    out = []
+    for zi in anat.z_disc:
+        zc = np.array([pz + ((anat.yc(zi) - py) / c) * s for py, pz, c, s in planes])  # each plane's z at the canal
+        k = int(np.argmin(np.abs(zc - zi)))
+        py, pz, c, s = planes[k]
+        r = (anat.yc(pz) - anat.hw0 * 0.3 - py) / (g["sp_r"] * c)
+        for _ in range(4 if s else 0):  # a tilted row's z moves with it: a few fixed-point steps
+            y, z = py + r * g["sp_r"] * c, pz + r * g["sp_r"] * s
+            r = r + (anat.yc(z) - anat.hw0 * 0.3 - y) / (g["sp_r"] * c)
+        out.append((k, (sign * anat.recess_x - g["x0"]) / g["sp_c"], r))
+    return out
 
 
 def _write_series(folder, vol, ipp, iop, spacing, thickness, instances, meta, rle, edits=None):
@@ -280,8 +347,7 @@ def _write_series(folder, vol, ipp, iop, spacing, thickness, instances, meta, rl
 
     spacing: (row, column) PixelSpacing; edits: instance -> {tag: value, or None to leave it out}."""
     folder.mkdir(parents=True, exist_ok=True)
-    row, col = np.array(iop[:3]), np.array(iop[3:])
-    normal = np.cross(row, col)
+    iops = _per_slice(iop, len(ipp))
     sub = vol[:, ::4, ::4]
     lo, hi = np.percentile(sub, [1, 99.5])  # each file carries its series' window
     plugin = "pylibjpeg" if "pylibjpeg" in RLELosslessEncoder.available_plugins else ""
@@ -304,9 +370,9 @@ def _write_series(folder, vol, ipp, iop, spacing, thickness, instances, meta, rl
         ds.SeriesNumber = meta["series_number"]
         ds.SeriesDescription = meta["description"]
         ds.InstanceNumber = int(inst)
-        ds.ImageOrientationPatient = [float(v) for v in iop]
+        ds.ImageOrientationPatient = [float(v) for v in iops[k]]
         ds.ImagePositionPatient = [round(v, 4) for v in ipp[k]]
-        ds.SliceLocation = round(float(np.dot(ipp[k], normal)), 4)
+        ds.SliceLocation = round(float(np.dot(ipp[k], np.cross(iops[k][:3], iops[k][3:]))), 4)
         ds.SliceThickness = round(thickness, 3)
         ds.PixelSpacing = [round(spacing[0], 6), round(spacing[1], 6)]
         ds.Rows, ds.Columns = vol.shape[1:]
@@ -363,6 +429,59 @@ def _quirk_flags(rng, quirks, n_studies):
     return flags
 
 
+def _force_among(rng, flags, allowed):
+    """Make sure a quirk occurs on an allowed entry: set one random allowed entry if none is set."""
+    if allowed.any() and not (flags & allowed).any():
+        flags.flat[rng.choice(np.flatnonzero(allowed))] = True
+    return flags
+
+
+def _t1_axial_flags(rng, quirks, n_studies, reversed_):
+    """Where the Sagittal T1 / Axial T2 quirks go: (study, series type) arrays (order quirks, the T1 and axial
+    columns only) or one bool per study (axial ones). reversed_order adds reversed T1/axial series to reversed_
+    (in place), at least one of each type; interleaved_order wins over a reversed order on the same series."""
+    flags, other = {}, np.zeros((n_studies, 3), bool)
+    other[:, [0, 2]] = True
+    for name in T1_AXIAL_QUIRKS:
+        if name in quirks:
+            flags[name] = rng.random((n_studies, 3) if name.endswith("order") else n_studies) < quirks[name]
+    if "interleaved_order" in flags:
+        flags["interleaved_order"] &= other
+        _force_among(rng, flags["interleaved_order"], other)
+        reversed_ &= ~flags["interleaved_order"]
+    if "reversed_order" in flags:
+        free = other & ~flags.get("interleaved_order", np.zeros_like(other))
+        reversed_ |= flags.pop("reversed_order") & free
+        for t in (0, 2):
+            _force_among(rng, reversed_[:, t], free[:, t])
+        flags["reversed_order"] = reversed_ & other
+    if "axial_blocks" in flags:
+        _force_one(rng, flags["axial_blocks"])
+    if "axial_missing_level" in flags:  # at least one on a study whose axial series is in blocks
+        _force_among(rng, flags["axial_missing_level"], flags.get("axial_blocks", np.ones(n_studies, bool)))
+    return flags
+
+
+def _axial_quirks(rng, flags, s):
+    """This study's axial_blocks tilts (degrees per level, L1/L2 first) and axial_missing_level level index."""
+    q = {}
+    if "axial_blocks" in flags and flags["axial_blocks"][s]:
+        # Lordosis-like: the upper blocks lean one way, the lower ones the other, L3/L4 either way.
+        signs = np.array([-1, -1, rng.choice([-1, 1]), 1, 1]) * rng.choice([-1, 1])
+        q["blocks"] = [float(v) for v in signs * rng.uniform(*BLOCK_TILT, 5)]
+    if "axial_missing_level" in flags and flags["axial_missing_level"][s]:
+        q["missing_level"] = int(rng.integers(5))
+    return q
+
+
+def _instance_order(n, reverse, interleave):
+    """Instance number offset of each anatomical slice: in order, reversed, or odd positions (1st, 3rd, ...)
+    first then even ones (interleaved acquisition)."""
+    if interleave:
+        return np.argsort(np.concatenate([np.arange(0, n, 2), np.arange(1, n, 2)]))
+    return np.arange(n)[::-1] if reverse else np.arange(n)
+
+
 def _series_quirks(rng, flags, s, t):
     """Geometry quirk parameters of one series (see _grid, _sagittal and _flip)."""
     on = {name: name in flags and bool(flags[name][s, t]) for name in GEOMETRY_QUIRKS}
@@ -379,11 +498,17 @@ def _series_quirks(rng, flags, s, t):
     return q
 
 
+def _per_slice(iop, n):
+    """One IOP per slice: iop is the series' one (6 numbers) or already a list per slice (axial_blocks)."""
+    return list(iop) if np.ndim(iop) == 2 else [iop] * n
+
+
 def _flip(vol, ipp, iop, g):
     """Mirror the columns and negate the row direction: same anatomy in patient space, normal reversed."""
-    shift = (g["cols"] - 1) * g["sp_c"] * np.asarray(iop[:3])
-    ipp = [[float(v) for v in np.add(p, shift)] for p in ipp]
-    return np.ascontiguousarray(vol[:, :, ::-1]), ipp, [-v + 0.0 for v in iop[:3]] + list(iop[3:])
+    iops = _per_slice(iop, len(ipp))
+    ipp = [[float(v) for v in np.add(p, (g["cols"] - 1) * g["sp_c"] * np.asarray(o[:3]))] for p, o in zip(ipp, iops)]
+    flipped = [[-v + 0.0 for v in o[:3]] + list(o[3:]) for o in iops]
+    return np.ascontiguousarray(vol[:, :, ::-1]), ipp, flipped if np.ndim(iop) == 2 else flipped[0]
 
 
 def _canal_points(anat, g, k, jit_mm):
@@ -400,7 +525,8 @@ def _plan_file_quirks(rng, flags, s, n, mid, count):
     rng.shuffle(near)
     rng.shuffle(far)
     plan = {}
-    on = {name: name in flags and bool(flags[name][s]) for name in QUIRKS if name not in GEOMETRY_QUIRKS}
+    on = {name: name in flags and bool(flags[name][s]) for name in QUIRKS
+          if name not in GEOMETRY_QUIRKS + T1_AXIAL_QUIRKS}
     for name in ("missing_slice", "truncated_file"):
         if on[name]:
             plan[name] = near.pop()
@@ -418,6 +544,39 @@ def _plan_file_quirks(rng, flags, s, n, mid, count):
     return plan
 
 
+def _drop_level(vol, ipp, iop, g, pts, level):
+    """axial_missing_level: the level's slices (its block: per slices, ascending z) gone and its subarticular
+    points None; g["keep"] marks the slices left, the other points are re-indexed to them."""
+    keep = np.ones(len(ipp), bool)
+    keep[(4 - level) * g["per"]:(5 - level) * g["per"]] = False
+    g["keep"] = keep
+    new_index = np.cumsum(keep) - 1
+    for cond in CONDITIONS[3:5]:
+        pts[cond] = [None if i == level else (int(new_index[k]), cx, cy) for i, (k, cx, cy) in enumerate(pts[cond])]
+    iops = _per_slice(iop, len(ipp))
+    return vol[keep], [p for p, k in zip(ipp, keep) if k], [o for o, k in zip(iops, keep) if k]
+
+
+def _record_t1_axial(found, where, flags, s, t, q, inst_of):
+    """The summary's record of the T1/axial quirks on one series; inst_of: instance number per anatomical slice."""
+    inst = [int(v) for v in inst_of]
+    for name in ("interleaved_order", "reversed_order"):
+        if name in flags and flags[name][s, t]:
+            found[name].append({**where, "instance_numbers": inst})
+    if "blocks" in q or "missing_level" in q:  # the axial series: its slices per level, ascending z
+        gone = q.get("missing_level")
+        present = [lv for lv in range(4, -1, -1) if lv != gone]
+        per = len(inst) // len(present)
+        blocks = {LEVEL_NAMES[LEVELS[lv]]: inst[j * per:(j + 1) * per] for j, lv in enumerate(present)}
+        if gone is not None:
+            blocks[LEVEL_NAMES[LEVELS[gone]]] = []
+            found["axial_missing_level"].append({**where, "level": LEVEL_NAMES[LEVELS[gone]],
+                                                 "block_instances": blocks})
+        if "blocks" in q:
+            tilts = {LEVEL_NAMES[lv]: a for lv, a in zip(LEVELS, q["blocks"])}
+            found["axial_blocks"].append({**where, "tilt_degrees": tilts, "block_instances": blocks})
+
+
 def _file_item(where, inst_of, mid, k, **extra):
     """The summary's record of a quirk on one file: anatomical slice k, `offset` slices from the annotated one."""
     inst = int(inst_of[k])
@@ -427,7 +586,7 @@ def _file_item(where, inst_of, mid, k, **extra):
 
 def make_study_set(out_dir, n_studies=40, seed=0, class_mix=(0.6, 0.2, 0.2),
                    missing_label_frac=0.03, rle_fraction=0.5, quirks=None, test_studies=0,
-                   _taken=None) -> dict:
+                   _taken=None, _labels=None) -> dict:
     """Write a competition-layout study set under out_dir and return a summary dict.
 
     class_mix: probabilities of Normal/Mild, Moderate, Severe for the spinal canal labels.
@@ -437,6 +596,8 @@ def make_study_set(out_dir, n_studies=40, seed=0, class_mix=(0.6, 0.2, 0.2),
     same files as before quirks existed (quirks draw from their own random stream).
     test_studies: N > 0 writes a test split of N other studies in the competition's layout (see
     _write_test_split) instead of the two training studies copied as test images; 0 keeps the output as it was.
+    _labels: {(study index, condition, level): severity index} set over the drawn labels (tests: the same
+    anatomy and noise with one label changed).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -455,6 +616,8 @@ def make_study_set(out_dir, n_studies=40, seed=0, class_mix=(0.6, 0.2, 0.2),
     sev = np.empty((n_studies, 5, 5), int)
     sev[:, 0] = rng.choice(3, (n_studies, 5), p=mix)
     sev[:, 1:] = rng.choice(3, (n_studies, 4, 5), p=OTHER_MIX)
+    for (st, cond, lv), k in (_labels or {}).items():  # after the draws: the random stream does not move
+        sev[st, CONDITIONS.index(cond), LEVELS.index(lv)] = k
     missing = rng.random((n_studies, 5, 5)) < missing_label_frac
     if n_studies >= 10:
         spinal_missing = missing[:, 0]  # a view: forcing writes through to `missing`
@@ -469,9 +632,12 @@ def make_study_set(out_dir, n_studies=40, seed=0, class_mix=(0.6, 0.2, 0.2),
         _force_one(rng, rle, True)
         _force_one(rng, rle, False)
     uid_seed = f"rsna-demo-{seed}"
-    flags = _quirk_flags(qrng, {k: v for k, v in quirks.items() if k not in LATE_QUIRKS}, n_studies)
+    early = {k: v for k, v in quirks.items() if k not in LATE_QUIRKS + T1_AXIAL_QUIRKS}
+    flags = _quirk_flags(qrng, early, n_studies)
     flags.update(_quirk_flags(np.random.default_rng([seed, 13]),
                               {k: v for k, v in quirks.items() if k in LATE_QUIRKS}, n_studies))
+    arng = np.random.default_rng([seed, 14])  # the T1/axial quirks' stream (issue 24)
+    flags.update(_t1_axial_flags(arng, quirks, n_studies, reversed_))
     found = {name: [] for name in quirks}  # the summary's record of where each quirk is
     count, large_done = {}, False
     spinal_rows, protected = [], set()  # (row index, image columns) of spinal rows; rows bad_coordinates spares
@@ -513,13 +679,13 @@ def make_study_set(out_dir, n_studies=40, seed=0, class_mix=(0.6, 0.2, 0.2),
         series[kind] = ([(vol, ipp, iop, g)], 0, gap1 - 0.5)
 
         kind = "Axial T2"
-        vol, ipp, g, z = _axial(rng, anat, qs[2])
+        qs[2].update(_axial_quirks(arng, flags, s))
+        vol, ipp, iop, g, planes = _axial(rng, anat, qs[2])
         for side, cond in enumerate(CONDITIONS[3:5]):
-            sign = 1 if side == 0 else -1
-            ks = [int(np.argmin(np.abs(z - zi))) for zi in anat.z_disc]
-            pts[cond] = [(k, (sign * anat.recess_x - g["x0"]) / g["sp_c"],
-                          (anat.yc(z[k]) - anat.hw0 * 0.3 - g["y0"]) / g["sp_r"]) for k in ks]
-        series[kind] = ([(vol, ipp, AX_IOP, g)], 0, 3.0)
+            pts[cond] = _recess_points(anat, g, planes, 1 if side == 0 else -1)
+        if "missing_level" in qs[2]:
+            vol, ipp, iop = _drop_level(vol, ipp, iop, g, pts, qs[2]["missing_level"])
+        series[kind] = ([(vol, ipp, iop, g)], 0, 3.0)
 
         for t, kind in enumerate(SERIES_TYPES):  # geometry quirks, recorded where they are
             stacks, annotated, thick = series[kind]
@@ -529,7 +695,7 @@ def make_study_set(out_dir, n_studies=40, seed=0, class_mix=(0.6, 0.2, 0.2),
                 cols = stacks[annotated][3]["cols"]
                 for cond in pts:
                     if CONDITION_SERIES.get(cond, "Sagittal T1") == kind:
-                        pts[cond] = [(k, cols - 1 - cx, cy) for k, cx, cy in pts[cond]]
+                        pts[cond] = [p and (p[0], cols - 1 - p[1], p[2]) for p in pts[cond]]  # None: no slice
                 series[kind] = (stacks, annotated, thick)
             g, iop = stacks[0][3], stacks[0][2]
             where = {"study_id": study, "series_id": sid, "series_description": kind}
@@ -545,7 +711,8 @@ def make_study_set(out_dir, n_studies=40, seed=0, class_mix=(0.6, 0.2, 0.2),
             stacks, annotated, thick = series[kind]
             n = len(stacks[0][0])
             start = int(rng.integers(1, 21))  # real instance numbers rarely start at 1
-            order = np.arange(n)[::-1] if reversed_[s, t] else np.arange(n)
+            interleave = "interleaved_order" in flags and flags["interleaved_order"][s, t]
+            order = _instance_order(n, reversed_[s, t], interleave)
             stack_inst = [start + j * n + order for j in range(len(stacks))]  # a second stack follows on
             instances[kind] = stack_inst[annotated]  # instance number of each anatomical index
             scale = rng.uniform(600, 3800) / 0.95  # brightest tissue lands near this max
@@ -556,9 +723,10 @@ def make_study_set(out_dir, n_studies=40, seed=0, class_mix=(0.6, 0.2, 0.2),
                     "series_uid": generate_uid(entropy_srcs=[uid_seed, str(sid)]),
                     "for_uid": generate_uid(entropy_srcs=[uid_seed, str(study), "for"])}
             folder = out / "train_images" / str(study) / str(sid)
-            pixels = [_finish(rng, stacks[0][0], scale)]
+            pixels = [_finish(rng, stacks[0][0], scale, stacks[0][3].get("keep"))]
             pixels += [_finish(qrng, v, qrng.uniform(600, 3800) / 0.95) for v, *_ in stacks[1:]]
             where = {"study_id": study, "series_id": sid}
+            _record_t1_axial(found, {**where, "series_description": kind}, flags, s, t, qs[t], instances[kind])
             if len(stacks) > 1:
                 found["repeated_stack"].append({
                     **where, "stacks": [[int(v) for v in si] for si in stack_inst],
@@ -613,9 +781,10 @@ def make_study_set(out_dir, n_studies=40, seed=0, class_mix=(0.6, 0.2, 0.2),
             t = SERIES_TYPES.index(kind)
             stacks, annotated, _ = series[kind]
             rows, cols = stacks[annotated][3]["rows"], stacks[annotated][3]["cols"]
-            for i, (k, cx, cy) in enumerate(pts[cond]):
-                if missing[s, c, i]:
+            for i, pt in enumerate(pts[cond]):
+                if missing[s, c, i] or pt is None:  # None: axial_missing_level, the label stays
                     continue
+                k, cx, cy = pt
                 if c == 0 and i == dup_level:  # the same level on Sagittal T1, listed first
                     g1 = series["Sagittal T1"][0][0][3]
                     k1, x1, y1 = pts["spinal_on_t1"][i]
