@@ -2310,6 +2310,46 @@ def point_rows(studies, volumes, predictions, condition_rows=None):
     return rows.merge(condition_rows[['study_id', 'level', 'label']], on=['study_id', 'level'])
 
 
+# Issue 24: a level's axial slice from its sagittal point, through the patient frame (LPS mm) the series share.
+AXIAL_MAX_MM = 10.0  # farthest slice plane from the point that still shows its level: about one disc height
+#                      (8-12 mm); an axial block is 3-4 mm per slice, so a level with slices is within ~2 mm, while
+#                      a missing level's nearest slices belong to a neighbouring disc, 20+ mm away (pitch 30-40 mm)
+AXIAL_EDGE_MM = 5.0  # the point's projection may fall this far outside a slice's image (an annotation near the
+#                      edge of a tight field of view); farther, the slice (e.g. a tilted block's plane met far from
+#                      its image) does not show the point
+
+
+def patient_point(ds, x, y):
+    """Pixel (column x, row y; floats, pixel centres at integers) of a slice -> its LPS point in mm."""
+    row_dir, col_dir, position, spacing = slice_geometry(ds)  # row_dir: along a row, i.e. increasing x
+    return position + x * spacing[0] * row_dir + y * spacing[1] * col_dir
+
+
+def pixel_point(ds, point):
+    """(x, y, distance): the pixel of `point` projected onto the slice's plane and its signed distance in mm from
+    the plane along the slice normal (row_dir x col_dir). DICOM's directions are unit and orthogonal."""
+    row_dir, col_dir, position, spacing = slice_geometry(ds)
+    offset = np.asarray(point, float) - position
+    return (float(offset @ row_dir / spacing[0]), float(offset @ col_dir / spacing[1]),
+            float(offset @ np.cross(row_dir, col_dir)))
+
+
+def axial_slice_for(point, headers, max_mm=AXIAL_MAX_MM, edge_mm=AXIAL_EDGE_MM):
+    """(instance, x, y, distance) of the slice of `headers` ({instance: header}) whose plane is nearest the patient
+    point `point`, among the slices whose image (within edge_mm) holds its projection; None when no such slice
+    is within max_mm (a level the series does not cover). Each slice's own orientation and position: several
+    differently tilted blocks, any file order; ties go to the lower instance."""
+    best = None
+    for instance, ds in headers.items():
+        x, y, distance = pixel_point(ds, point)
+        spacing = slice_geometry(ds)[3]
+        inside = all(-0.5 - edge_mm / sp <= v <= n - 0.5 + edge_mm / sp  # the image spans -0.5 .. n - 0.5 pixels
+                     for v, n, sp in ((x, int(ds.Columns), spacing[0]), (y, int(ds.Rows), spacing[1])))
+        if inside and abs(distance) <= max_mm and (best is None or (abs(distance), instance) < (abs(best[3]), best[0])):
+            best = (instance, x, y, distance)
+    return best
+
+
 def classify_rows(rows, classifiers, config, device, workers):
     """Mean probabilities (raw P_COLUMNS and prior-corrected PC_COLUMNS) of `classifiers` [(model, class weights)]
     on crops at the rows' instance and point (built like the training crops, by build_cache). Rows whose crop
