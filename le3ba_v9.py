@@ -174,8 +174,9 @@ CONFIG = {
     'demo_studies': 48,          # size of that synthetic set
     'demo_data': 'clean',        # clean: learnable in minutes | realistic: the real class mix and data quirks
                                  # (tools/make_demo_studies.py REALISTIC): tests the data handling, learns little
-    'condition': 'spinal_canal_stenosis',  # train.csv column prefix of the condition trained
-    'series_description': 'Sagittal T2/STIR',  # series type the condition is read on
+    'conditions': ['spinal_canal_stenosis'],  # train.csv column prefixes trained, each on its own series
+                                 # (CONDITION_SERIES); ['spinal_canal_stenosis'] is the plan's run; all five:
+                                 # list(CONDITION_SERIES) (one model, a condition x level embedding)
     'intensity': 'minmax',       # minmax (v4's choice) | window | percentile | series_percentile | dicom: Task 1.1
     'window_center': 50,         # used by intensity='window' (the plan's literal WC/WW)
     'window_width': 350,         # (WW 350 keeps values in [-125, 225] only)
@@ -299,6 +300,14 @@ KAGGLE_TEMP = Path('/kaggle/temp')  # scratch disk, not saved with the notebook'
 KAGGLE_DATA_ROOTS = [Path('/kaggle/input') / COMPETITION, Path('/kaggle/input/competitions') / COMPETITION]
 CLASSES = ['Normal/Mild', 'Moderate', 'Severe']
 LEVELS = ['l1_l2', 'l2_l3', 'l3_l4', 'l4_l5', 'l5_s1']
+SPINAL = 'spinal_canal_stenosis'
+CONDITION_SERIES = {  # each condition of train.csv and the series type its points are annotated on
+    SPINAL: 'Sagittal T2/STIR',
+    'left_neural_foraminal_narrowing': 'Sagittal T1',  # each side on its own lateral slice
+    'right_neural_foraminal_narrowing': 'Sagittal T1',
+    'left_subarticular_stenosis': 'Axial T2',  # each level on its own axial slices
+    'right_subarticular_stenosis': 'Axial T2',
+}
 DEMO_PRESET = {  # small enough to train on 2 CPU cores, big enough to learn the synthetic signal
     'epochs': 10, 'img_size': 64, 'batch_size': 8, 'num_folds': 4, 'warmup_epochs': 1,
     'swa_start_epoch': 7, 'patience': 10, 'backbone': 'mobilenet_v3_small', 'pretrained': 'none',
@@ -380,6 +389,13 @@ def check_settings(config):
                          'None for the platform default')
     if config['continue_from'] and not config['resume']:
         raise ValueError("CONFIG['continue_from'] is set but resume=False: continuing needs resume=True")
+    unknown = [c for c in config['conditions'] if c not in CONDITION_SERIES]
+    if not config['conditions'] or unknown or len(set(config['conditions'])) < len(config['conditions']):
+        raise ValueError(f"CONFIG['conditions'] = {config['conditions']!r}: a list of distinct conditions from "
+                         f'{list(CONDITION_SERIES)}')
+    if config['localiser'] == 'on' and not config['submit_from'] and SPINAL not in config['conditions']:
+        raise ValueError(f"CONFIG['localiser'] = 'on' needs {SPINAL!r} in CONFIG['conditions'] (the localiser finds "
+                         'its points from the spinal canal annotations)')
     check_processes(config)
     if config['loc_size'] % 32:
         raise ValueError(f"CONFIG['loc_size'] = {config['loc_size']}: use a multiple of 32 (the localiser halves "
@@ -511,7 +527,7 @@ def comparable(config):
 def data_fingerprint(samples):
     """Hash of the sample table and its fold assignment: a resumed fold must train and validate on the same
     rows, or studies it trained on could land in its validation fold."""
-    cols = ['study_id', 'series_id', 'instance_number', 'level', 'label', 'fold']
+    cols = ['study_id', 'series_id', 'instance_number', 'condition', 'level', 'label', 'fold']
     return hashlib.sha256(samples[cols].to_csv(index=False).encode()).hexdigest()[:16]
 
 
@@ -846,22 +862,19 @@ def official_labels(values):
     return fixed
 
 
-def build_sample_table(config):
-    """(samples, skipped): usable rows, and a count of the dropped ones (label rows or coordinate rows) by reason."""
-    root = Path(config['data_root'])
-    cond, wanted = config['condition'], config['series_description']
-    labels = pd.read_csv(root / 'train.csv')
-    coords = pd.read_csv(root / 'train_label_coordinates.csv')
-    series = pd.read_csv(root / 'train_series_descriptions.csv')
+def rows_of_condition(cond, labels, coords, series, root):
+    """One row per (study, level) of condition `cond` with its annotated series, instance and point, and the
+    reason it cannot be used ('' when it can); plus the reasons of the coordinate rows left out."""
+    wanted = CONDITION_SERIES[cond]
     columns = [f'{cond}_{lv}' for lv in LEVELS]
     if not set(columns) <= set(labels.columns):
         raise ValueError(f"train.csv has no columns {sorted(set(columns) - set(labels.columns))}: "
-                         f"check CONFIG['condition'] = {cond!r}")
+                         f"check CONFIG['conditions'] ({cond!r})")
     table = labels.melt(id_vars='study_id', value_vars=columns, var_name='column', value_name='severity')
     table['level'] = table['column'].str[len(cond) + 1:]
     table['severity'] = official_labels(table['severity'])
-    # One coordinate per (study, level): a row on the trained series type wins over rows on other series
-    # (the real data has levels annotated on Sagittal T1 too); among equals the first in the file.
+    # One coordinate per (study, level): a row on the condition's series type wins over rows on other series
+    # (the real data has spinal levels annotated on Sagittal T1 too); among equals the first in the file.
     coords = coords[coords['condition'] == cond.replace('_', ' ').title()]
     coords = (coords.assign(level=coords['level'].str.lower().str.replace('/', '_'))
               .merge(series, on=['study_id', 'series_id'], how='left'))
@@ -872,7 +885,8 @@ def build_sample_table(config):
     extra_reason = np.where(coords['on_series'], 'duplicate coordinate on the trained series (first kept)',
                             np.where(kept_on_series, f'coordinate on another series (ignored: one on {wanted} exists)',
                                      'duplicate coordinate on another series (first kept)'))[extra.to_numpy()]
-    table = table.merge(coords[~extra].drop(columns='on_series'), on=['study_id', 'level'], how='left')
+    table = table.merge(coords[~extra].drop(columns=['on_series', 'condition']), on=['study_id', 'level'],
+                        how='left')
     table['path'] = [root / 'train_images' / f'{s}/{int(r)}/{int(i)}.dcm' if pd.notna(r) and pd.notna(i) else None
                      for s, r, i in zip(table['study_id'], table['series_id'], table['instance_number'])]
     unknown = sorted(set(table['severity'].dropna()) - set(CLASSES), key=str)
@@ -889,18 +903,38 @@ def build_sample_table(config):
     table['skip'] = ''
     for reason, hit in reasons:
         table.loc[hit & (table['skip'] == ''), 'skip'] = reason
-    skipped = (pd.concat([table.loc[table['skip'] != '', 'skip'], pd.Series(extra_reason, dtype=object)])
-               .value_counts().rename_axis('reason').reset_index(name='rows'))
+    return table.assign(condition=cond), pd.Series(extra_reason, dtype=object)
+
+
+def build_sample_table(config):
+    """(samples, skipped): usable rows of every condition in CONFIG['conditions'] (one per study, condition and
+    level; `target_idx` = the model's condition x level embedding row), and a count of the dropped ones (label
+    rows or coordinate rows) by condition and reason."""
+    root = Path(config['data_root'])
+    labels = pd.read_csv(root / 'train.csv')
+    coords = pd.read_csv(root / 'train_label_coordinates.csv')
+    series = pd.read_csv(root / 'train_series_descriptions.csv')
+    tables, skipped = [], []
+    for cond in config['conditions']:
+        table, extra = rows_of_condition(cond, labels, coords, series, root)
+        tables.append(table)
+        skipped.append(pd.concat([table.loc[table['skip'] != '', 'skip'], extra]).rename('reason').to_frame()
+                       .assign(condition=cond))
+    table = pd.concat(tables, ignore_index=True)
+    skipped = (pd.concat(skipped).value_counts(['condition', 'reason'], sort=False).rename('rows').reset_index()
+               .sort_values(['condition', 'rows'], ascending=[True, False], kind='stable').reset_index(drop=True))
     samples = table[table['skip'] == ''].copy()
     if samples.empty:
-        why = '; '.join(f'{r}: {n}' for r, n in zip(skipped['reason'], skipped['rows'])) or 'train.csv has no rows'
-        raise ValueError(f"No usable sample of {cond} in {root}: every (study, level) row was dropped ({why}). "
-                         "Check the CSVs and CONFIG['condition'] / CONFIG['series_description'].")
+        why = '; '.join(f'{c} {r}: {n}' for c, r, n in skipped.itertuples(False)) or 'train.csv has no rows'
+        raise ValueError(f"No usable sample of {config['conditions']} in {root}: every (study, level) row was dropped "
+                         f"({why}). Check the CSVs and CONFIG['conditions'].")
     samples['label'] = samples['severity'].map(CLASSES.index).astype(int)
     samples['level_idx'] = samples['level'].map(LEVELS.index).astype(int)
+    samples['target_idx'] = samples['condition'].map(config['conditions'].index) * len(LEVELS) + samples['level_idx']
     samples[['series_id', 'instance_number']] = samples[['series_id', 'instance_number']].astype(int)
     samples['path'] = samples['path'].astype(str)
-    cols = ['study_id', 'series_id', 'instance_number', 'x', 'y', 'level', 'level_idx', 'label', 'path']
+    cols = ['study_id', 'series_id', 'instance_number', 'x', 'y', 'condition', 'level', 'level_idx', 'target_idx',
+            'label', 'path']
     return samples[cols].reset_index(drop=True), skipped
 
 
@@ -1006,7 +1040,7 @@ if not SUBMIT_ONLY:  # a submission run reads the test files only: see the local
 # %% tags=["defs"]
 PREPROCESS_KEYS = ('img_size', 'num_slices', 'intensity', 'window_center', 'window_width', 'percentiles',
                    'series_percentiles',
-                   'clahe_clip', 'clahe_grid', 'crop_mm', 'condition', 'series_description')
+                   'clahe_clip', 'clahe_grid', 'crop_mm', 'conditions')
 
 
 def decode_dicom(path):
@@ -1139,7 +1173,8 @@ def crop_side(config):
     return side
 
 
-ISSUE_COLUMNS = ['study_id', 'series_id', 'level', 'file', 'what', 'reason']  # DATA_ISSUES: one row per problem
+ISSUE_COLUMNS = ['study_id', 'series_id', 'condition', 'level', 'file', 'what', 'reason']  # DATA_ISSUES: a row per
+#                                                                                            problem
 EDGE_TOLERANCE = 0.25  # an annotated point may lie up to this fraction of crop_mm outside its image: the crop
 #                        still holds at least a quarter of its side of image (real annotations near the border)
 
@@ -1229,12 +1264,13 @@ def mapped_slices(headers, instances, config):
 
 
 def plan_samples(rows, headers, skipped, config, note):
-    """{row position: (level, anchor instance, annotated point in patient mm, [(slice j, slot)])} for the rows of
-    one series whose annotated file and point are usable (the others are noted as dropped samples); a slot is an
-    instance, or (file, reason) for a gap (stack_slots). Padding beyond the series edge has no slot."""
+    """{row position: ((condition, level), anchor instance, annotated point in patient mm, [(slice j, slot)])} for
+    the rows of one series whose annotated file and point are usable (the others are noted as dropped samples); a
+    slot is an instance, or (file, reason) for a gap (stack_slots). Padding beyond the series edge has no slot."""
     n = config['num_slices']
     plans, slots_of = {}, {}  # slots per annotated instance: levels annotated on one slice share them
-    for k, (instance, x, y, level) in enumerate(rows[['instance_number', 'x', 'y', 'level']].itertuples(False)):
+    for k, (instance, x, y, *level) in enumerate(rows[['instance_number', 'x', 'y', 'condition', 'level']]
+                                                 .itertuples(False)):
         file = f'{instance}.dcm'
         if instance not in headers:
             note(level, file, 'sample dropped', skipped.get(file, 'annotated file not found'))
@@ -1251,7 +1287,7 @@ def plan_samples(rows, headers, skipped, config, note):
             slots_of[instance] = stack_slots(headers, skipped, instance)
         slots = slots_of[instance]
         centre = slots.index(instance)
-        plans[k] = (level, instance, position + x * spacing[0] * row_dir + y * spacing[1] * col_dir,
+        plans[k] = (tuple(level), instance, position + x * spacing[0] * row_dir + y * spacing[1] * col_dir,
                     [(j, slots[s]) for j, s in enumerate(range(centre - n // 2, centre + n // 2 + 1))
                      if 0 <= s < len(slots) and slots[s] is not None])  # padding, not an issue
     return plans
@@ -1269,14 +1305,14 @@ def preprocess_series(job):
     masks = np.zeros((len(rows), n), bool)
     issues = []
 
-    def note(level, file, what, reason):
+    def note(sample, file, what, reason):  # sample: (condition, level), or ('', '') for a file of the series
         issues.append(dict(zip(ISSUE_COLUMNS, (int(rows['study_id'].iloc[0]), int(rows['series_id'].iloc[0]),
-                                               level, file, what, reason))))
+                                               *sample, file, what, reason))))
 
     try:
         headers, skipped = read_series_headers(series_dir)
         for file, reason in skipped.items():
-            note('', file, 'slice skipped', reason)
+            note(('', ''), file, 'slice skipped', reason)
         plans = plan_samples(rows, headers, skipped, config, note)
         images, failed = mapped_slices(headers, sorted({slot for *_, plan in plans.values() for _, slot in plan
                                                         if isinstance(slot, int)}), config)
@@ -1306,12 +1342,12 @@ def preprocess_series(job):
     except Exception as error:  # unexpected: the series' samples are reported dropped; the other series go on
         stacks[:], masks[:] = 0, False
         issues.clear()
-        for level in rows['level']:
-            note(level, '', 'sample dropped', f'series failed: {type(error).__name__}: {error}')
+        for sample in rows[['condition', 'level']].itertuples(False):
+            note(tuple(sample), '', 'sample dropped', f'series failed: {type(error).__name__}: {error}')
     return rows.index.to_numpy(), stacks, masks, issues
 
 
-PREPROCESS_VERSION = 3  # part of the cache key: bump it whenever the preprocessing code changes
+PREPROCESS_VERSION = 4  # part of the cache key: bump it whenever the preprocessing code changes
 
 
 def cache_folder(samples, config):
@@ -1407,14 +1443,16 @@ def build_cache(samples, config, workers):
         else:
             print(f'cache reused: {folder}')
     issues = read_issues(folder)
-    dropped = issues.loc[issues['what'] == 'sample dropped', ['study_id', 'level']]
-    ok = ~pd.MultiIndex.from_frame(samples[['study_id', 'level']]).isin(pd.MultiIndex.from_frame(dropped))
+    key = ['study_id', 'condition', 'level']
+    dropped = issues.loc[issues['what'] == 'sample dropped', key]
+    ok = ~pd.MultiIndex.from_frame(samples[key]).isin(pd.MultiIndex.from_frame(dropped))
     kept = samples[ok].assign(cache_index=np.flatnonzero(ok))
     return kept, np.load(folder / 'images.npy', mmap_mode='r'), np.load(folder / 'masks.npy'), issues
 
 
 def read_issues(folder):
-    return pd.read_csv(folder / 'issues.csv', keep_default_na=False, dtype={'level': str, 'file': str})
+    return pd.read_csv(folder / 'issues.csv', keep_default_na=False, dtype={'condition': str, 'level': str,
+                                                                            'file': str})
 
 
 AUG_PARAMS = ('angle_deg', 'scale', 'shift_x', 'shift_y', 'gamma', 'contrast', 'brightness')
@@ -1451,7 +1489,7 @@ class RSNADatasetV9(Dataset):
         self.cache_index = samples['cache_index'].to_numpy()
         self.study_ids = samples['study_id'].to_numpy()
         self.masks = torch.from_numpy(masks[self.cache_index])
-        self.levels = torch.tensor(samples['level_idx'].to_numpy())
+        self.levels = torch.tensor(samples['target_idx'].to_numpy())  # the model's condition x level row
         self.labels = torch.tensor(samples['label'].to_numpy())
 
     def set_epoch(self, epoch):
@@ -1768,7 +1806,7 @@ class SpineModelV9(nn.Module):
         slice_dim = 2 * config['gru_hidden']
         self.attention = (AttentionMIL(slice_dim, config['attention_hidden']) if config['pooling'] == 'attention'
                           else MeanMIL())
-        self.level_embedding = nn.Embedding(len(LEVELS), 256)
+        self.level_embedding = nn.Embedding(len(LEVELS) * len(config['conditions']), 256)  # condition x level
         self.classifier = nn.Sequential(nn.Linear(slice_dim + 256, 512), nn.ReLU(inplace=True),
                                         nn.Dropout(config['dropout']), nn.Linear(512, len(CLASSES)))
         with torch.no_grad():
@@ -1845,15 +1883,16 @@ LOCALISER_VERSION = 2  # saved in localiser.pt: 2 = slices framed at equal mm pe
 #                        (fit_square), trained augmented
 LOC_OWN_KEYS = ('loc_size', 'loc_channels', 'loc_sigma')  # the localiser's own shape; with the classifier's
 LOC_KEYS = LOC_OWN_KEYS + ('intensity', 'window_center', 'window_width', 'percentiles',  # preprocessing: what a
-                           'series_percentiles', 'clahe_clip', 'clahe_grid', 'series_description')  # volume depends on
+                           'series_percentiles', 'clahe_clip', 'clahe_grid')  # volume depends on
 LOCALISATION = SUBMISSION_INFO = None  # this section's results; write_report adds its section when set
 
 
 def localiser_wanted(config):
-    """'on' / 'off', or for 'auto': on when a submission is wanted (test files in the data root, or submit_from)."""
+    """'on' / 'off', or for 'auto': on when a submission is wanted (test files in the data root, or submit_from)
+    and the spinal canal is trained (the localiser finds its points; check_settings stops 'on' without it)."""
     if config['localiser'] != 'auto':
         return config['localiser'] == 'on'
-    return bool(config['submit_from']) or has_test_files(config)
+    return bool(config['submit_from']) or (has_test_files(config) and SPINAL in config['conditions'])
 
 
 def has_test_files(config):
@@ -2223,10 +2262,11 @@ def plot_localisation(volumes, targets, predictions, studies, name='localisation
 
 
 def annotated_series(samples, root):
-    """Localiser jobs from the sample table: per study, its most annotated series, anchored at its most annotated
-    instance (the stack the annotations were made on); returns (jobs, {study: rows on that series})."""
+    """Localiser jobs from the sample table's spinal canal rows: per study, its most annotated series, anchored at
+    its most annotated instance (the stack the annotations were made on); returns (jobs, {study: rows on that
+    series})."""
     jobs, rows_of = [], {}
-    for study, rows in samples.groupby('study_id'):
+    for study, rows in samples[samples['condition'] == SPINAL].groupby('study_id'):
         series = rows['series_id'].mode().iloc[0]
         rows = rows[rows['series_id'] == series]
         rows_of[study] = rows
@@ -2283,9 +2323,9 @@ def volume_issues(jobs, volumes, who):
     for study, series_dir, _ in jobs:
         volume, series = volumes[study], int(Path(series_dir).name)
         if isinstance(volume, str):
-            rows.append((study, series, '', '', f'{who} series not read', volume))
+            rows.append((study, series, '', '', '', f'{who} series not read', volume))
         else:
-            rows += [(study, series, '', file, f'{who} slice lost', reason) for file, reason in volume['issues']]
+            rows += [(study, series, '', '', file, f'{who} slice lost', reason) for file, reason in volume['issues']]
     return pd.DataFrame(rows, columns=ISSUE_COLUMNS)
 
 
@@ -2301,9 +2341,10 @@ def point_rows(studies, volumes, predictions, condition_rows=None):
             x, y = series_point(volume, int(j), u, v)
             instance = int(volume['instance'][int(j)])
             records.append({'study_id': study, 'series_id': int(Path(volume['series_dir']).name),
-                            'instance_number': instance, 'x': x, 'y': y, 'level': LEVELS[level], 'level_idx': level,
+                            'instance_number': instance, 'x': x, 'y': y, 'condition': SPINAL,
+                            'level': LEVELS[level], 'level_idx': level,
                             'path': str(Path(volume['series_dir']) / f'{instance}.dcm')})
-    rows = pd.DataFrame(records, columns=['study_id', 'series_id', 'instance_number', 'x', 'y', 'level',
+    rows = pd.DataFrame(records, columns=['study_id', 'series_id', 'instance_number', 'x', 'y', 'condition', 'level',
                                           'level_idx', 'path'])
     if condition_rows is None:
         return rows.assign(label=0)
@@ -2355,6 +2396,7 @@ def classify_rows(rows, classifiers, config, device, workers):
     on crops at the rows' instance and point (built like the training crops, by build_cache). Rows whose crop
     cannot be built keep NaN (the caller fills them with the priors and counts them)."""
     rows = rows.reset_index(drop=True)
+    rows['target_idx'] = rows['condition'].map(config['conditions'].index) * len(LEVELS) + rows['level_idx']
     out = rows.copy()
     out[P_COLUMNS + PC_COLUMNS] = np.nan
     if rows.empty:
@@ -2379,12 +2421,14 @@ def label_priors(data_root):
                      / counts.sum()).tolist() for column in labels.columns if column != 'study_id'}
 
 
-def fill_priors(frame, priors, condition):
-    """Rows of `frame` (study_id, level, P/PC columns) without probabilities get the priors of their level
-    (PC: re-weighted by the metric's row weights, as the model's). Returns (frame, rows filled)."""
+def fill_priors(frame, priors):
+    """Rows of `frame` (study_id, condition, level, P/PC columns) without probabilities get the priors of their
+    condition and level (PC: re-weighted by the metric's row weights, as the model's). Returns (frame, rows
+    filled)."""
     frame = frame.copy()
     empty = frame[P_COLUMNS[0]].isna()
-    prior = np.array([priors[f'{condition}_{level}'] for level in frame.loc[empty, 'level']]).reshape(-1, 3)
+    prior = np.array([priors[f'{c}_{level}'] for c, level in frame.loc[empty, ['condition', 'level']]
+                      .itertuples(False)]).reshape(-1, 3)
     frame.loc[empty, P_COLUMNS] = prior
     frame.loc[empty, PC_COLUMNS] = prior_corrected(prior, [1.0, 1.0, 1.0]) if len(prior) else prior
     return frame, int(empty.sum())
@@ -2409,11 +2453,12 @@ def load_run(folder, config, device, folds=None):
     for path in paths:
         saved = torch.load(path, map_location='cpu', weights_only=False)
         settings = {k: saved['config'].get(k) for k in PREDICT_KEYS}
+        settings['conditions'] = settings['conditions'] or [saved['config']['condition']]  # saved before issue 24
         if saved_settings is not None and settings != saved_settings:
             raise ValueError(f'{path} was trained with other settings than {run["folds"][0]}: '
                              f'{ {k: (saved_settings[k], v) for k, v in settings.items() if v != saved_settings[k]} }')
         saved_settings = settings
-        model = SpineModelV9({**saved['config'], 'pretrained': 'none'})
+        model = SpineModelV9({**saved['config'], 'conditions': settings['conditions'], 'pretrained': 'none'})
         model.load_state_dict(saved['model'])
         run['classifiers'].append((model.to(device).eval(), saved['class_weights']))
         run['folds'].append(path.parent.name)
@@ -2455,17 +2500,18 @@ def load_run(folder, config, device, folds=None):
 def localisation_cost(oof, loc, run, config, device, workers):
     """The final models on their validation rows (the OOF rows) cropped at the predicted points, beside the same
     rows at the annotated points (oracle). A row without a prediction or a crop gets the priors, counted."""
-    condition, frames = config['condition'], []
+    frames = []
     by_fold = dict(zip(run['folds'], run['classifiers']))
+    oof = oof[oof['condition'] == SPINAL]  # the localiser finds the spinal canal points
     for fold, rows in oof.groupby('fold'):
         studies = [s for s in rows['study_id'].unique() if s in loc['predictions']]
         points = point_rows(studies, loc['volumes'], loc['predictions'], rows)
         probs = classify_rows(points, [by_fold[f'fold{fold}']], run['config'], device, workers)
-        frames.append(rows[['study_id', 'level', 'label']].merge(
+        frames.append(rows[['study_id', 'condition', 'level', 'label']].merge(
             probs[['study_id', 'level'] + P_COLUMNS + PC_COLUMNS], on=['study_id', 'level'], how='left'))
-    predicted, fallback = fill_priors(pd.concat(frames, ignore_index=True), run['priors'], condition)
+    predicted, fallback = fill_priors(pd.concat(frames, ignore_index=True), run['priors'])
     oracle = oof.set_index(['study_id', 'level']).loc[pd.MultiIndex.from_frame(predicted[['study_id', 'level']])]
-    return {'oracle': summarize(oracle.reset_index(), condition), 'predicted': summarize(predicted, condition),
+    return {'oracle': summarize(oracle.reset_index()), 'predicted': summarize(predicted),
             'fallback_rows': fallback, 'rows': len(predicted)}
 
 
@@ -2478,9 +2524,9 @@ def predict_test(run, config, device, workers):
     studies = submission_studies(config)
     jobs, missing = [], {}
     for study in studies:
-        series = pick_series(descriptions, study, root / 'test_images', config['series_description'])
+        series = pick_series(descriptions, study, root / 'test_images', CONDITION_SERIES[SPINAL])
         if series is None:
-            missing[study] = f"no {config['series_description']} series with DICOM files"
+            missing[study] = f"no {CONDITION_SERIES[SPINAL]} series with DICOM files"
         else:
             jobs.append((study, root / 'test_images' / str(study) / str(series), None))
     volumes = read_volumes(jobs, run['config'], workers)
@@ -2529,7 +2575,7 @@ def write_submission(run, config, device, workers):
     start = time.time()
     sample = pd.read_csv(Path(config['data_root']) / 'sample_submission.csv')
     spinal, missing, issues = predict_test(run, config, device, workers)
-    submission, from_model = build_submission(sample, spinal, run['priors'], config['condition'],
+    submission, from_model = build_submission(sample, spinal, run['priors'], SPINAL,
                                               config['loc_submit_probs'])
     seconds = time.time() - start
     studies = spinal['study_id'].nunique()
@@ -2664,7 +2710,7 @@ def localisation_report(loc, submission_info, config):
                    f"{info['spinal_rows_from_model']} spinal canal rows from the localiser and the fold models "
                    f"({', '.join(info['folds'])}) averaged; "
                    f"{len(info['studies_on_priors'])} studies' spinal rows on priors (no usable "
-                   f"{config['series_description']} series). The other 20 targets per study (foraminal, subarticular) "
+                   f"{CONDITION_SERIES[SPINAL]} series). The other 20 targets per study (foraminal, subarticular) "
                    "are not trained here: they get train.csv's class frequencies for that condition and level "
                    '(add-one smoothed).'),
                   (f"- Probabilities submitted: {info['probabilities']} "
@@ -2935,8 +2981,10 @@ def skip_step(loss, scaler, device, config, state, where, trained_on):
 
 
 def sample_ids(dataset, index):
-    """Sample ids (study_level) of dataset positions, for error messages."""
-    return [f'{dataset.study_ids[i]}_{LEVELS[dataset.levels[i]]}' for i in index.tolist()]
+    """Sample ids (study_condition_level, as the competition's row ids) of dataset positions, for error messages."""
+    conditions = dataset.config['conditions']
+    return [f'{dataset.study_ids[i]}_{conditions[dataset.levels[i] // len(LEVELS)]}_'
+            f'{LEVELS[dataset.levels[i] % len(LEVELS)]}' for i in index.tolist()]
 
 
 @torch.inference_mode()
@@ -3758,7 +3806,7 @@ if not SUBMIT_ONLY:  # a submission run (submit_from) trains nothing: see the lo
 # studies measure the ensemble).
 
 # %% tags=["defs"]
-SCORE_NAME = 'spinal terms of the official metric, oracle localisation'
+SCORE_NAME = "the official metric's terms of the trained conditions, oracle localisation"
 METRIC_GROUPS = {'spinal': 'spinal_canal_stenosis', 'foraminal': 'neural_foraminal_narrowing',
                  'subarticular': 'subarticular_stenosis'}
 
@@ -3799,9 +3847,10 @@ def competition_score(solution, submission):
     return float(np.mean(list(competition_terms(solution, submission).values())))
 
 
-def kaggle_frames(oof, condition, columns=P_COLUMNS):
-    """(solution, submission) frames in the competition's format from out-of-fold predictions."""
-    row_id = oof['study_id'].astype(str) + f'_{condition}_' + oof['level']
+def kaggle_frames(oof, columns=P_COLUMNS):
+    """(solution, submission) frames in the competition's format from out-of-fold predictions (rows with their
+    study_id, condition, level, label)."""
+    row_id = oof['study_id'].astype(str) + '_' + oof['condition'] + '_' + oof['level']
     solution = pd.DataFrame(np.eye(3)[oof['label']], columns=PROB_COLUMNS).assign(
         row_id=row_id.to_numpy(), sample_weight=np.array(ROW_WEIGHTS)[oof['label']])
     submission = pd.DataFrame(oof[columns].to_numpy(), columns=PROB_COLUMNS)
@@ -3822,7 +3871,7 @@ def oof_frame(results, kind_of):
     for result in results:
         kind = kind_of(result)
         ev = result['evaluations'][kind]
-        frame = result['val_rows'][['study_id', 'level', 'label', 'cache_index']].reset_index(drop=True)
+        frame = result['val_rows'][['study_id', 'condition', 'level', 'label', 'cache_index']].reset_index(drop=True)
         frame[P_COLUMNS] = ev['probs']
         frame = with_corrected(frame, result['class_weights'])
         frame[[f'attn_{j}' for j in range(ev['attention'].shape[1])]] = ev['attention']
@@ -3830,23 +3879,34 @@ def oof_frame(results, kind_of):
     return pd.concat(frames, ignore_index=True)
 
 
-def summarize(oof, condition):
-    """Classification metrics and the competition terms of one OOF frame, on the raw probabilities and
-    (under 'corrected') on the prior-corrected ones when the frame has them."""
+def summarize(oof):
+    """Classification metrics (pooled over the frame's conditions) and the competition terms of one OOF frame, on
+    the raw probabilities and (under 'corrected') on the prior-corrected ones when the frame has them."""
     def scores(columns):
         metrics = classification_metrics(oof['label'].to_numpy(), oof[columns].to_numpy())
-        terms = competition_terms(*kaggle_frames(oof, condition, columns))
+        terms = competition_terms(*kaggle_frames(oof, columns))
         return {**metrics, 'competition_terms': terms,
                 'competition_score_part': float(np.mean(list(terms.values())))}
     return {**scores(P_COLUMNS), **({'corrected': scores(PC_COLUMNS)} if set(PC_COLUMNS) <= set(oof) else {})}
 
 
-def model_comparison(results, condition):
+def per_condition(oof, columns=P_COLUMNS):
+    """Rows: each condition of the frame; balanced accuracy, recall per class, predictions per class, rows."""
+    table = {}
+    for condition, rows in oof.groupby('condition', sort=False):
+        m = classification_metrics(rows['label'].to_numpy(), rows[columns].to_numpy())
+        table[condition] = {'rows': len(rows), 'BA': m['ba'],
+                            **{f'recall {c}': r for c, r in zip(CLASSES, m['recall'])},
+                            'predicted per class': m['pred_counts'], 'confusion': m['confusion']}
+    return pd.DataFrame(table).T.rename_axis('condition')
+
+
+def model_comparison(results):
     """Metrics of every model kind, pooled over the trained folds (rows) -> table."""
     rows = {}
     for kind in ('best', 'last', 'swa'):
         if all(kind in r['evaluations'] for r in results):
-            s = summarize(oof_frame(results, lambda r, k=kind: k), condition)
+            s = summarize(oof_frame(results, lambda r, k=kind: k))
             rows[kind + (' (selected on val: optimistic)' if kind == 'best' else '')] = {
                 'BA': s['ba'], 'BA prior-corrected': s['corrected']['ba'],
                 **{f'recall {c}': r for c, r in zip(CLASSES, s['recall'])},
@@ -3855,24 +3915,24 @@ def model_comparison(results, condition):
     return pd.DataFrame(rows).T.rename_axis('model').round(4)
 
 
-def holdout_evaluation(results, condition):
+def holdout_evaluation(results):
     """Each fold's final model, and the average of their probabilities, on the held-out studies: the only
     honest measure of what a fold ensemble adds (out-of-fold predictions come from one model each)."""
     rows = {}
     frames = []
     for r in results:
-        frame = r['holdout']['rows'][['study_id', 'level', 'label']].reset_index(drop=True)
+        frame = r['holdout']['rows'][['study_id', 'condition', 'level', 'label']].reset_index(drop=True)
         frame[P_COLUMNS] = r['holdout']['probs']
         frames.append(with_corrected(frame, r['class_weights']))
-        rows[f"fold {r['fold']} ({r['holdout']['kind']})"] = summarize(frames[-1], condition)
+        rows[f"fold {r['fold']} ({r['holdout']['kind']})"] = summarize(frames[-1])
     ensemble = frames[0].copy()
     for columns in (P_COLUMNS, PC_COLUMNS):
         ensemble[columns] = np.mean([f[columns].to_numpy() for f in frames], axis=0)
-    rows[f'ensemble of {len(frames)} folds'] = summarize(ensemble, condition)
+    rows[f'ensemble of {len(frames)} folds'] = summarize(ensemble)
     return pd.DataFrame({name: {'BA': s['ba'], 'BA prior-corrected': s['corrected']['ba'],
                                 **{f'recall {c}': v for c, v in zip(CLASSES, s['recall'])},
-                                'spinal terms raw': s['competition_score_part'],
-                                'spinal terms corrected': s['corrected']['competition_score_part']}
+                                'metric terms raw': s['competition_score_part'],
+                                'metric terms corrected': s['corrected']['competition_score_part']}
                          for name, s in rows.items()}).T.rename_axis('model').round(4)
 
 
@@ -3917,8 +3977,10 @@ def not_applicable(title, name):
 
 def score_caveat(oof, config):
     """What the competition numbers are, next to them."""
-    return (f"({SCORE_NAME}: the mean of {config['condition']}'s sample-weighted log loss and any_severe_spinal, "
-            "2 of the leaderboard's 4 terms, on crops at the ground-truth point and instance (perfect "
+    terms = sorted({group for group, pattern in METRIC_GROUPS.items() if oof['condition'].str.endswith(pattern).any()}
+                   | ({'any_severe_spinal'} if (oof['condition'] == SPINAL).any() else set()))
+    return (f"({SCORE_NAME}: the mean of {', '.join(terms)}, {len(terms)} of the leaderboard's 4 terms (the "
+            "sample-weighted log losses), on crops at the ground-truth point and instance (perfect "
             f"localisation), for the {len(oof)} rows of {oof['study_id'].nunique()} studies that survived "
             f"filtering, validation folds {sorted(set(oof['fold']))} of {config['num_folds']}; not comparable "
             'with leaderboard scores)')
@@ -3990,14 +4052,16 @@ def plot_strips(oof, images, size, title, name, per_class=2, rows=None):
 # %%
 if not SUBMIT_ONLY:  # a submission run (submit_from) trains nothing: see the localisation section
     OOF = oof_frame(FOLD_RESULTS, lambda r: final_kind(r, CONFIG))
-    FINAL = summarize(OOF, CONFIG['condition'])
-    COMPARISON = model_comparison(FOLD_RESULTS, CONFIG['condition'])
+    FINAL = summarize(OOF)
+    COMPARISON = model_comparison(FOLD_RESULTS)
+    PER_CONDITION = per_condition(OOF)
+    print(PER_CONDITION.drop(columns='confusion').to_string())
     print(f"final model per fold: {dict(zip(OOF['fold'], OOF['model']))}")
     print(f"{SCORE_NAME} (raw / prior-corrected): {FINAL['competition_score_part']:.4f} / "
           f"{FINAL['corrected']['competition_score_part']:.4f}")
     print(score_caveat(OOF, CONFIG))
     print(COMPARISON.to_string())
-    HOLDOUT = holdout_evaluation(FOLD_RESULTS, CONFIG['condition']) if 'holdout' in FOLD_RESULTS[0] else None
+    HOLDOUT = holdout_evaluation(FOLD_RESULTS) if 'holdout' in FOLD_RESULTS[0] else None
     if HOLDOUT is not None:
         print(f"held-out studies ({FOLD_RESULTS[0]['holdout']['rows']['study_id'].nunique()}):")
         print(HOLDOUT.to_string())
@@ -4005,6 +4069,8 @@ if not SUBMIT_ONLY:  # a submission run (submit_from) trains nothing: see the lo
         warn(f'final model: {message}')
     plot_curves(FOLD_RESULTS)
     plot_confusion(FINAL['confusion'], f"final ({', '.join(sorted(set(OOF['model'])))})", 'confusion_matrix')
+    for _condition, _confusion in PER_CONDITION['confusion'].items() if len(PER_CONDITION) > 1 else ():
+        plot_confusion(_confusion, f'{_condition} (final)', f'confusion_{_condition}')
     plot_attention_heatmap(OOF, pooling=CONFIG['pooling'])
     plot_strips(OOF, IMAGES, CONFIG['img_size'],
                 f"{CONFIG['pooling']} pooling weight of each slice (examples per class)", 'attention_strips')
@@ -4267,7 +4333,8 @@ def write_report(config, samples, skipped, failures, results, oof, final, compar
         *headline_lines(config, results, kinds, final, oof, ran), '',
         '## Data', '',
         f"- Source: {data_source(config)} at `{config['data_root']}`",
-        f"- Condition: {config['condition']} on {config['series_description']}; {samples['study_id'].nunique()} "
+        "- Conditions: " + ', '.join(f'{c} on {CONDITION_SERIES[c]}' for c in config['conditions'])
+        + f"; {samples['study_id'].nunique()} "
         f'studies, {len(samples)} samples; classes: ' + ', '.join(f'{c} {n}' for c, n in counts.items()),
         (f"- Rows not used: {int(skipped['rows'].sum()) if len(skipped) else 0}; preprocessing: "
         + (', '.join(f'{n} {w}' for w, n in failures.groupby('what').size().items()) or 'no data issue')), '',
@@ -4284,6 +4351,8 @@ def write_report(config, samples, skipped, failures, results, oof, final, compar
         + ', '.join(f'{k} {v:.4f}' for k, v in final['competition_terms'].items()) + '; prior-corrected: '
         + ', '.join(f'{k} {v:.4f}' for k, v in final['corrected']['competition_terms'].items())
         + f'. {score_caveat(oof, config)}.', '',
+        'Per condition (final model, raw probabilities):', '',
+        md_table(per_condition(oof).drop(columns='confusion')), '',
         'All model kinds, pooled over folds (best = chosen on the same fold, so optimistic):', '',
         md_table(comparison), '',
         'Per-fold balanced accuracy of the final model: ' + ', '.join(f'fold {f}: {v:.4f}' for f, v in fold_ba.items())

@@ -68,10 +68,10 @@ def stopped_early(nb, cached, tmp_path_factory):
 def headline_model(nb, config, samples, result):
     """The report's 'Final model' line for one fold result."""
     oof = nb["oof_frame"]([result], lambda r: nb["final_kind"](r, config))
-    final = nb["summarize"](oof, config["condition"])
+    final = nb["summarize"](oof)
     tables = (pd.DataFrame(columns=["reason", "rows"]), pd.DataFrame(columns=nb["ISSUE_COLUMNS"]))
     report = nb["write_report"](config, samples, *tables, [result], oof, final,
-                                nb["model_comparison"]([result], config["condition"]), None,
+                                nb["model_comparison"]([result]), None,
                                 nb["attention_analysis"](oof, config["pooling"]),
                                 nb["confused_pairs"](final["confusion"]))
     return next(line for line in report.splitlines() if line.startswith("- Final model:"))

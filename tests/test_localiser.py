@@ -111,7 +111,7 @@ def test_classifier_with_predicted_points_beside_oracle(setup, trained):
     run = nb["load_run"](config["output_dir"], config, CPU, folds=[0])
     cost = nb["localisation_cost"](oof, trained, run, config, CPU, 1)
     assert cost["rows"] == len(oof) and cost["fallback_rows"] == 0
-    oracle = nb["summarize"](oof, config["condition"])
+    oracle = nb["summarize"](oof)
     assert cost["oracle"]["ba"] == pytest.approx(oracle["ba"])
     assert cost["oracle"]["corrected"]["competition_terms"] == pytest.approx(
         oracle["corrected"]["competition_terms"])

@@ -60,7 +60,7 @@ def copy_series(messy, tmp_path, which=0):
 def run(nb, folder, rows, config):
     ids, stacks, masks, issues = nb["preprocess_series"]((str(folder), rows, config))
     assert not isinstance(issues, str), f"the whole series failed: {issues}"
-    return stacks, masks, pd.DataFrame(issues, columns=["study_id", "series_id", "level", "file", "what", "reason"])
+    return stacks, masks, pd.DataFrame(issues, columns=nb["ISSUE_COLUMNS"])
 
 
 def point_mm(ds, x, y):
@@ -401,7 +401,7 @@ def realistic(nb, tmp_path_factory):
 
 def test_realistic_preset_drops_only_the_samples_that_cannot_be_built(realistic):
     quirks, samples, kept, _, _, issues, _ = realistic
-    assert list(issues.columns) == ["study_id", "series_id", "level", "file", "what", "reason"]
+    assert list(issues.columns) == ["study_id", "series_id", "condition", "level", "file", "what", "reason"]
     dropped = issues[issues["what"] == "sample dropped"]
     level_name = {lv.upper().replace("_", "/"): lv for lv in samples["level"].unique()}
     unusable = {(q["study_id"], level_name[q["level"]]) for q in quirks["bad_coordinates"] if q["kind"] != "edge"}

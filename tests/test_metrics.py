@@ -148,8 +148,8 @@ def test_submission_missing_a_row_is_a_value_error(nb):
 def test_kaggle_frames(nb):
     oof = pd.DataFrame({"study_id": [7, 7, 8], "level": ["l1_l2", "l4_l5", "l5_s1"], "label": [0, 2, 1],
                         "p_normal_mild": [0.7, 0.2, 0.3], "p_moderate": [0.2, 0.3, 0.6],
-                        "p_severe": [0.1, 0.5, 0.1], "fold": 0})
-    solution, submission = nb["kaggle_frames"](oof, "spinal_canal_stenosis")
+                        "p_severe": [0.1, 0.5, 0.1], "fold": 0, "condition": "spinal_canal_stenosis"})
+    solution, submission = nb["kaggle_frames"](oof)
     row_ids = ["7_spinal_canal_stenosis_l1_l2", "7_spinal_canal_stenosis_l4_l5", "8_spinal_canal_stenosis_l5_s1"]
     assert solution["row_id"].tolist() == row_ids
     assert submission["row_id"].tolist() == row_ids
@@ -410,8 +410,8 @@ def test_prior_corrected_probabilities_lower_the_official_weighted_log_loss(nb):
     # the notebook's own scorer agrees
     oof = pd.DataFrame({"study_id": np.arange(n) // 5, "level": np.array(["l1_l2", "l2_l3", "l3_l4", "l4_l5",
                                                                            "l5_s1"])[np.arange(n) % 5],
-                        "label": labels})
+                        "label": labels, "condition": "spinal_canal_stenosis"})
     oof[nb["P_COLUMNS"]] = raw
-    scored = nb["summarize"](nb["with_corrected"](oof, class_weights), "spinal_canal_stenosis")
+    scored = nb["summarize"](nb["with_corrected"](oof, class_weights))
     assert scored["competition_terms"]["spinal"] == pytest.approx(weighted_log_loss(labels, raw))
     assert scored["corrected"]["competition_terms"]["spinal"] == pytest.approx(weighted_log_loss(labels, corrected))

@@ -106,10 +106,15 @@ def test_no_usable_row_stops_with_the_reason(nb, study_set, tmp_path):
     train = pd.read_csv(root / "train.csv")
     train[[c for c in train.columns if c.startswith("spinal_canal")]] = np.nan
     train.to_csv(root / "train.csv", index=False)
-    with pytest.raises(ValueError, match=r"No usable sample of spinal_canal_stenosis .*no label: 60"):
+    with pytest.raises(ValueError, match=r"No usable sample of \['spinal_canal_stenosis'\] .*spinal_canal_stenosis no "
+                                         r"label: 60"):
         nb["build_sample_table"]({**nb["CONFIG"], "data_root": str(root)})
-    with pytest.raises(ValueError, match="annotated on a series other than Sagittal T2"):
-        nb["build_sample_table"]({**nb["CONFIG"], "series_description": "Sagittal T2"})
+    nb["CONDITION_SERIES"]["spinal_canal_stenosis"] = "Sagittal T2"  # a table entry naming no real series
+    try:
+        with pytest.raises(ValueError, match="annotated on a series other than Sagittal T2"):
+            nb["build_sample_table"](nb["CONFIG"])
+    finally:
+        nb["CONDITION_SERIES"]["spinal_canal_stenosis"] = "Sagittal T2/STIR"
 
 
 # --------------------------------------------------------------------------- issue 17: an honest hold-out share

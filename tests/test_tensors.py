@@ -165,7 +165,8 @@ def test_dataset_ships_the_margin_for_training_and_the_centre_for_evaluation(nb,
     assert side > size  # the cache holds a margin around the field of view
     start = (side - size) // 2
     images = np.stack([np.stack([smooth_image(side, 10 * k + j) for j in range(7)]) for k in range(3)])
-    samples = pd.DataFrame({"cache_index": [2, 0], "study_id": [1, 2], "level_idx": [0, 4], "label": [0, 2]})
+    samples = pd.DataFrame({"cache_index": [2, 0], "study_id": [1, 2], "level_idx": [0, 4], "target_idx": [0, 4],
+                            "label": [0, 2]})
     masks = np.ones((3, 7), bool)
     train = nb["RSNADatasetV9"](samples, images, masks, config, train=True)[0]
     evaluation = nb["RSNADatasetV9"](samples, images, masks, config, train=False)[0]
@@ -326,7 +327,7 @@ def test_cache_workers_die_when_the_notebook_is_killed(study_set, tmp_path):
 def test_augmentation_figure_numbers_epochs_as_training(nb, config):
     size, side = config["img_size"], nb["crop_side"](config)
     images = np.stack([np.stack([smooth_image(side, j) for j in range(7)])])
-    samples = pd.DataFrame({"cache_index": [0], "study_id": [1], "level_idx": [2], "label": [1]})
+    samples = pd.DataFrame({"cache_index": [0], "study_id": [1], "level_idx": [2], "target_idx": [2], "label": [1]})
     epochs = nb["plot_augmentations"](samples, images, np.ones((1, 7), bool), config, views=3, name="test_aug_epochs")
     (nb["FIGURES"] / "test_aug_epochs.png").unlink()
     assert epochs == [1, 2, 3]  # train_fold's first epoch is 1
