@@ -123,8 +123,8 @@ def test_nonfinite_loss_is_reported_skipped_and_stops_the_run(nb, cached, tmp_pa
     assert all(torch.equal(before[k], v) for k, v in model.named_parameters())  # no step was taken
     assert len(nb["WARNINGS"]) == 3
     assert all("non-finite gradient norm (loss nan); step skipped; samples ['" in w for w in nb["WARNINGS"])
-    # the batch's samples are named as study_level
-    assert any(f"'{s}_l" in nb["WARNINGS"][0] for s in loader.dataset.study_ids)
+    # the batch's samples are named as the competition's row ids, study_condition_level
+    assert any(f"'{s}_spinal_canal_stenosis_l" in nb["WARNINGS"][0] for s in loader.dataset.study_ids)
 
 
 def test_swa_batchnorm_statistics_are_recomputed(nb, cached, tmp_path):
