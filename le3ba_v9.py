@@ -1130,6 +1130,21 @@ def slice_normal(ds):
     return np.cross(iop[:3], iop[3:])
 
 
+def patient_point(ds, x, y):
+    """Pixel (column x, row y; floats, pixel centres at integers) of a slice -> its LPS point in mm."""
+    row_dir, col_dir, position, spacing = slice_geometry(ds)  # row_dir: along a row, i.e. increasing x
+    return position + x * spacing[0] * row_dir + y * spacing[1] * col_dir
+
+
+def pixel_point(ds, point):
+    """(x, y, distance): the pixel of `point` projected onto the slice's plane and its signed distance in mm from
+    the plane along the slice normal (row_dir x col_dir). DICOM's directions are unit and orthogonal."""
+    row_dir, col_dir, position, spacing = slice_geometry(ds)
+    offset = np.asarray(point, float) - position
+    return (float(offset @ row_dir / spacing[0]), float(offset @ col_dir / spacing[1]),
+            float(offset @ np.cross(row_dir, col_dir)))
+
+
 def crop_slice(image, ds, point_mm, config):
     """Square crop centred on a patient-space point: crop_side(config) pixels at img_size / crop_mm pixels per
     mm (the field of view crop_mm plus the augmentation margin); black beyond the image edge. Shrinking
@@ -1276,8 +1291,7 @@ def plan_samples(rows, headers, skipped, config, note):
             note(level, file, 'sample dropped', skipped.get(file, 'annotated file not found'))
             continue
         ds = headers[instance]
-        row_dir, col_dir, position, spacing = slice_geometry(ds)
-        margin = EDGE_TOLERANCE * config['crop_mm'] / spacing  # pixels, along x and y
+        margin = EDGE_TOLERANCE * config['crop_mm'] / slice_geometry(ds)[3]  # pixels, along x and y
         if not (-margin[0] <= x <= ds.Columns - 1 + margin[0] and -margin[1] <= y <= ds.Rows - 1 + margin[1]):
             note(level, file, 'sample dropped', f'annotated point ({x:g}, {y:g}) outside the {ds.Columns}x'
                  f'{ds.Rows} image by more than {EDGE_TOLERANCE:g} of the crop' if np.isfinite([x, y]).all()
@@ -1287,7 +1301,7 @@ def plan_samples(rows, headers, skipped, config, note):
             slots_of[instance] = stack_slots(headers, skipped, instance)
         slots = slots_of[instance]
         centre = slots.index(instance)
-        plans[k] = (tuple(level), instance, position + x * spacing[0] * row_dir + y * spacing[1] * col_dir,
+        plans[k] = (tuple(level), instance, patient_point(ds, x, y),
                     [(j, slots[s]) for j, s in enumerate(range(centre - n // 2, centre + n // 2 + 1))
                      if 0 <= s < len(slots) and slots[s] is not None])  # padding, not an issue
     return plans
@@ -2358,21 +2372,6 @@ AXIAL_MAX_MM = 10.0  # farthest slice plane from the point that still shows its 
 AXIAL_EDGE_MM = 5.0  # the point's projection may fall this far outside a slice's image (an annotation near the
 #                      edge of a tight field of view); farther, the slice (e.g. a tilted block's plane met far from
 #                      its image) does not show the point
-
-
-def patient_point(ds, x, y):
-    """Pixel (column x, row y; floats, pixel centres at integers) of a slice -> its LPS point in mm."""
-    row_dir, col_dir, position, spacing = slice_geometry(ds)  # row_dir: along a row, i.e. increasing x
-    return position + x * spacing[0] * row_dir + y * spacing[1] * col_dir
-
-
-def pixel_point(ds, point):
-    """(x, y, distance): the pixel of `point` projected onto the slice's plane and its signed distance in mm from
-    the plane along the slice normal (row_dir x col_dir). DICOM's directions are unit and orthogonal."""
-    row_dir, col_dir, position, spacing = slice_geometry(ds)
-    offset = np.asarray(point, float) - position
-    return (float(offset @ row_dir / spacing[0]), float(offset @ col_dir / spacing[1]),
-            float(offset @ np.cross(row_dir, col_dir)))
 
 
 def axial_slice_for(point, headers, max_mm=AXIAL_MAX_MM, edge_mm=AXIAL_EDGE_MM):
