@@ -1,4 +1,5 @@
-"""bench/throughput.py (issue 7): the --tiny run prints every row of its table with usable numbers."""
+"""bench/throughput.py (issue 7): the --tiny run prints every row of its table with usable numbers;
+bench/gpu_check.py --dry-run passes; bench/cache_size.py --tiny (issue 24 item 6) measures the arithmetic's bytes."""
 
 import json
 import math
@@ -75,3 +76,34 @@ def test_gpu_check_dry_run_prints_every_row_and_passes(tmp_path):
     assert re.search(r"^\(8\) section's GPU work in a child +\| ran on cpu, CUDA here uninitialised True ", run.stdout,
                      flags=re.MULTILINE)
     assert run.stdout.rstrip().endswith(f"{len(rows)} of {len(rows)} checks passed")
+
+
+def test_cache_size_tiny_row_per_series_type_at_the_arithmetic_bytes():
+    """bench/cache_size.py --tiny (3 studies, img_size 32, crop_side 2 x ceil(1.45 x 32 / 2) = 48): one row per series
+    type with positive, finite sizes and times; the cache's files hold 7 x 48^2 bytes of crops + 7 of mask per
+    sample, plus a few kB for the whole cache (.npy headers, issues.csv, done.json): within 1 % at this size; the
+    projection is the measured bytes per sample x 1975 studies x 5/10/10 samples per study."""
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "cache_size.py"), "--tiny"], cwd=REPO,
+                         capture_output=True, text=True, timeout=150)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "img_size 32, crop_side 48, num_slices 7" in run.stdout.splitlines()[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in run.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| series type")]
+    assert [r[0] for r in rows] == ["Sagittal T2/STIR", "Sagittal T1", "Axial T2"], run.stdout
+    arithmetic = 7 * 48**2 + 7
+    real = {"Sagittal T2/STIR": 1975 * 5, "Sagittal T1": 1975 * 10, "Axial T2": 1975 * 10}
+    total = 0
+    for series, conditions, samples, size, per_sample, arith, ratio, seconds, ms, full, gb in rows:
+        assert {"Sagittal T2/STIR": "spinal_canal", "Sagittal T1": "foraminal", "Axial T2": "subarticular"}[series] \
+            in conditions
+        samples, size, seconds = int(samples), int(size), float(seconds)
+        assert samples > 0 and size > 0 and math.isfinite(seconds) and seconds > 0 and float(ms) > 0
+        assert abs(float(per_sample) - size / samples) <= 0.5
+        assert int(arith) == arithmetic
+        assert samples * arithmetic <= size <= samples * arithmetic * 1.01  # the arrays, plus < 1 % of small files
+        assert float(ratio) == pytest.approx(size / samples / arithmetic, abs=5e-5)
+        assert int(full) == real[series]
+        projected = float(gb.split()[0])
+        assert projected == pytest.approx(size / samples * real[series] / 1e9, abs=0.005) and projected > 0
+        total += size / samples * real[series]
+    assert f"Full data: {total / 1e9:.2f} GB" in run.stdout and "not a measurement on the real data" in run.stdout
