@@ -233,8 +233,9 @@ CONFIG = {
     'loc_batch': 4,              # studies per optimiser step (a study = all slices of its series)
     'loc_sigma': 2.0,            # target blob width in grid pixels: forgives the annotations' ~1 mm jitter
     'loc_augment': True,         # localiser training: random zoom, rotation, shift, contrast, slice order
-    'loc_submit_probs': 'corrected',  # corrected | raw: probabilities written to submission.csv (the metric
-                                 # weights rows 1/2/4 by label: 'corrected' re-weights to that, see the section)
+    'loc_submit_probs': 'auto',  # auto | corrected | raw: probabilities written to submission.csv per condition
+                                 # (the metric weights rows 1/2/4 by label: 'corrected' re-weights to that); auto:
+                                 # the one with the lower out-of-fold loss at predicted points (see the section)
 }
 CONFIG_OVERRIDES = {}
 
@@ -341,7 +342,7 @@ def merge_config(config, overrides):
     choices = {'intensity': INTENSITY_MODES, 'precision': tuple(AMP_DTYPES),
                'final_model': ('swa', 'last', 'best'), 'pooling': ('attention', 'mean'),
                'demo_data': ('clean', 'realistic'), 'localiser': ('auto', 'on', 'off'),
-               'loc_submit_probs': ('corrected', 'raw')}
+               'loc_submit_probs': ('auto', 'corrected', 'raw')}
     for key, allowed in choices.items():
         if merged[key] not in allowed:
             raise ValueError(f"CONFIG['{key}'] = {merged[key]!r}; choose one of {allowed}")
@@ -980,8 +981,8 @@ def submission_studies(config):
 
 
 def submission_rows(config):
-    """Classifier rows a submission crops: one per test study and level."""
-    return len(submission_studies(config)) * len(LEVELS)
+    """Classifier rows a submission crops: one per test study, trained condition and level."""
+    return len(submission_studies(config)) * len(config['conditions']) * len(LEVELS)
 
 
 # %%
@@ -1893,8 +1894,16 @@ del _model, _logits, _weights
 from torchvision.ops import Conv2dNormActivation
 
 LOC_SLICE_SIGMA = 0.5  # target blob width across slices, in slices: the annotated slice clearly first
-LOCALISER_VERSION = 2  # saved in localiser.pt: 2 = slices framed at equal mm per pixel and one orientation
-#                        (fit_square), trained augmented
+LOCALISER_VERSION = 3  # saved in localiser.pt: 2 = slices framed at equal mm per pixel and one orientation
+#                        (fit_square), trained augmented; 3 = one localiser per series type (LOC_MODE), each slice's
+#                        place in the series an input channel
+LOC_MODE = {  # series type -> how its localiser finds its conditions' points (Sagittal T2/STIR first: the axial
+    #           slices are placed from its spinal canal points)
+    'Sagittal T2/STIR': 'volume',  # one map per condition and level, its softmax over every slice and pixel: the
+    'Sagittal T1': 'volume',       # slice and the point (a foramen: its side's lateral slice)
+    'Axial T2': 'slice',  # per level, the slice the DICOM geometry picks from that level's predicted spinal canal
+    #                       point (axial_slice_for); one map per condition finds the point in that slice
+}
 LOC_OWN_KEYS = ('loc_size', 'loc_channels', 'loc_sigma')  # the localiser's own shape; with the classifier's
 LOC_KEYS = LOC_OWN_KEYS + ('intensity', 'window_center', 'window_width', 'percentiles',  # preprocessing: what a
                            'series_percentiles', 'clahe_clip', 'clahe_grid')  # volume depends on
@@ -1903,10 +1912,31 @@ LOCALISATION = SUBMISSION_INFO = None  # this section's results; write_report ad
 
 def localiser_wanted(config):
     """'on' / 'off', or for 'auto': on when a submission is wanted (test files in the data root, or submit_from)
-    and the spinal canal is trained (the localiser finds its points; check_settings stops 'on' without it)."""
+    and the spinal canal is trained (its points place the axial slices; check_settings stops 'on' without it)."""
     if config['localiser'] != 'auto':
         return config['localiser'] == 'on'
     return bool(config['submit_from']) or (has_test_files(config) and SPINAL in config['conditions'])
+
+
+def localised_series(conditions):
+    """{series type: its conditions among `conditions`, in that order}, in LOC_MODE's order."""
+    out = {series: [c for c in conditions if CONDITION_SERIES[c] == series] for series in LOC_MODE}
+    return {series: conds for series, conds in out.items() if conds}
+
+
+def map_names(conds):
+    """The (condition, level index) of each point a series type's localisation gives, condition-major (a 'volume'
+    localiser's maps; a 'slice' localiser has one map per condition and runs once per level)."""
+    return [(c, level) for c in conds for level in range(len(LEVELS))]
+
+
+def mirror_maps(conds):
+    """Permutation of map_names(conds) exchanging each left condition with its right one: reversing a sagittal
+    series' slice order mirrors the patient left-right. None when a side's mirror is not trained (no reversal)."""
+    other = [c.replace('left_', '@').replace('right_', 'left_').replace('@', 'right_') for c in conds]
+    if not set(other) <= set(conds):
+        return None
+    return np.concatenate([np.arange(len(LEVELS)) + conds.index(c) * len(LEVELS) for c in other])
 
 
 def has_test_files(config):
@@ -1926,26 +1956,43 @@ def pick_series(descriptions, study_id, images_dir, wanted):
 
 def read_volume(series_dir, config, anchor=None):
     """One series as the localiser sees it: slices in anatomical order (stack_slots around `anchor`, default the
-    middle file), each framed on the loc_size square at equal mm per grid pixel along x and y, columns running
-    posterior and rows running down (fit_square).
-    Returns {'image' uint8 (n, S, S), 'valid' (n,) bool, 'instance' (n,) int (-1 in a gap or for an unreadable
-    file), 'to_grid' (n, 4) (kx, ox, ky, oy): grid u + 0.5 = kx (x + 0.5) + ox (v likewise), 'image_shape' (n, 2)
-    rows, columns, 'spacing' (n, 2) mm per series pixel along x, y, 'issues': [(file, reason)]}. Raises ValueError
-    when no slice is usable."""
+    middle file), each framed by frame_slots. Raises ValueError when no slice is usable."""
     headers, skipped = read_series_headers(series_dir)
     if not headers:
         raise ValueError(f'{series_dir}: no readable slice ({len(skipped)} files skipped)')
     anchor = anchor if anchor in headers else sorted(headers)[len(headers) // 2]
     slots = stack_slots(headers, skipped, anchor)
-    size, ref = config['loc_size'], headers[anchor]
+    gaps = [slot for slot in slots if isinstance(slot, tuple)]  # (file, reason): a skipped file in a gap names it
+    issues = [(f, why) for f, why in skipped.items() if f not in {g for g, _ in gaps}] + gaps
+    return frame_slots(headers, slots, config, series_dir, issues)
+
+
+def read_slices(series_dir, config, instances):
+    """The given instances of a series, one slot each in the given order (-1: an empty slot), framed by
+    frame_slots: the axial localiser's input, a slice per level. A missing or skipped file is an empty slot and an
+    issue. Raises ValueError when no slice is usable."""
+    headers, skipped = read_series_headers(series_dir)
+    slots = [None if i < 0 else i if i in headers else (f'{i}.dcm', skipped.get(f'{i}.dcm', 'file missing'))
+             for i in instances]
+    if not any(isinstance(slot, int) for slot in slots):
+        raise ValueError(f'{series_dir}: none of the slices {list(instances)} is readable')
+    return frame_slots(headers, slots, config, series_dir, [slot for slot in slots if isinstance(slot, tuple)])
+
+
+def frame_slots(headers, slots, config, series_dir, issues):
+    """Slots (an instance, or None / (file, reason) for an empty one) decoded through the classifier's path and
+    each framed on the loc_size square at equal mm per grid pixel along x and y, in one view orientation
+    (fit_square). Returns {'image' uint8 (n, S, S), 'valid' (n,) bool, 'instance' (n,) int (-1 in an empty slot
+    or for an unreadable file), 'to_grid' (n, 4) (kx, ox, ky, oy): grid u + 0.5 = kx (x + 0.5) + ox (v likewise),
+    'image_shape' (n, 2) rows, columns, 'spacing' (n, 2) mm per series pixel along x, y, 'centre_mm' (n, 3) each
+    image centre's patient point (NaN: none), 'series_dir', 'issues': [(file, reason)]}."""
+    size, ref = config['loc_size'], headers[next(slot for slot in slots if isinstance(slot, int))]
     n = len(slots)
     volume = {'image': np.zeros((n, size, size), np.uint8), 'valid': np.zeros(n, bool), 'instance': np.full(n, -1),
               'to_grid': np.tile([size / int(ref.Columns), 0.0, size / int(ref.Rows), 0.0], (n, 1)),
               'image_shape': np.tile([int(ref.Rows), int(ref.Columns)], (n, 1)),
-              'spacing': np.tile(slice_geometry(ref)[3], (n, 1)),
-              'series_dir': str(series_dir)}
-    gaps = [slot for slot in slots if isinstance(slot, tuple)]  # (file, reason): a skipped file in a gap names it
-    volume['issues'] = [(f, why) for f, why in skipped.items() if f not in {g for g, _ in gaps}] + gaps
+              'spacing': np.tile(slice_geometry(ref)[3], (n, 1)), 'centre_mm': np.full((n, 3), np.nan),
+              'series_dir': str(series_dir), 'issues': issues}
     images, failed = mapped_slices(headers, [slot for slot in slots if isinstance(slot, int)], config)
     volume['issues'] += [(f'{instance}.dcm', reason) for instance, reason in failed.items()]
     if not images:
@@ -1953,10 +2000,27 @@ def read_volume(series_dir, config, anchor=None):
     for j, image in ((j, images[slot]) for j, slot in enumerate(slots) if isinstance(slot, int) and slot in images):
         row_dir, col_dir, _, volume['spacing'][j] = slice_geometry(headers[slots[j]])
         volume['image'][j], volume['to_grid'][j] = fit_square(image, volume['spacing'][j], size,
-                                                              (row_dir[1] < 0, col_dir[2] > 0))
+                                                              view_flips(row_dir, col_dir))
         volume['image_shape'][j] = image.shape
+        volume['centre_mm'][j] = patient_point(headers[slots[j]], (image.shape[1] - 1) / 2, (image.shape[0] - 1) / 2)
         volume['valid'][j], volume['instance'][j] = True, slots[j]
     return volume
+
+
+VIEW_AXES = np.array([1.0, 1.0, -1.0])  # grid columns and rows run toward patient left, posterior and feet (LPS
+#   signs): a sagittal slice faces left, head up; an axial one is seen from the feet, the patient's left on the right
+
+
+def view_flips(row_dir, col_dir):
+    """(mirror x, mirror y) for fit_square: each in-plane direction turned to VIEW_AXES along the patient axis it
+    mostly follows."""
+    return tuple(bool(d[k] * VIEW_AXES[k] < 0) for d in (row_dir, col_dir) for k in [int(np.argmax(np.abs(d)))])
+
+
+def one_slot(volume, j):
+    """Slot j of a volume as a volume of its own (an axial level's slice for the 'slice' localiser)."""
+    return {**volume, **{k: volume[k][j:j + 1] for k in ('image', 'valid', 'instance', 'to_grid', 'image_shape',
+                                                          'spacing', 'centre_mm')}}
 
 
 def fit_square(image, spacing, size, flip=(False, False)):
@@ -1979,10 +2043,11 @@ def fit_square(image, spacing, size, flip=(False, False)):
 
 def read_volume_job(job):
     """(key, volume or the error text) for a job (key, series_dir, anchor, config): an unreadable series is
-    reported by the caller and the others go on."""
+    reported by the caller and the others go on. An anchor list reads those slices (read_slices)."""
     key, series_dir, anchor, config = job
     try:
-        return key, read_volume(series_dir, config, anchor)
+        read = read_slices if isinstance(anchor, list) else read_volume
+        return key, read(series_dir, config, anchor)
     except Exception as error:
         return key, f'{type(error).__name__}: {error}'
 
@@ -2008,15 +2073,16 @@ def series_point(volume, j, u, v):
     return (u + 0.5 - ox) / kx - 0.5, (v + 0.5 - oy) / ky - 0.5
 
 
-def level_targets(volume, rows):
-    """(5, 3) float array of (slot, u, v) per level from annotated rows (instance_number, x, y, level_idx); NaN
-    where a level has no annotation or its slice is not in the volume."""
-    targets = np.full((len(LEVELS), 3), np.nan)
+def level_targets(volume, rows, conds=(SPINAL,)):
+    """(maps, 3) float array of (slot, u, v) per map_names(conds) from annotated rows (instance_number, x, y,
+    condition, level_idx); NaN where a point has no annotation or its slice is not in the volume."""
+    index = {m: k for k, m in enumerate(map_names(list(conds)))}
+    targets = np.full((len(index), 3), np.nan)
     slot_of = {int(i): j for j, i in enumerate(volume['instance']) if i >= 0}
-    for instance, x, y, level in rows[['instance_number', 'x', 'y', 'level_idx']].itertuples(False):
-        if int(instance) in slot_of:
+    for instance, x, y, cond, level in rows[['instance_number', 'x', 'y', 'condition', 'level_idx']].itertuples(False):
+        if int(instance) in slot_of and (cond, level) in index:
             j = slot_of[int(instance)]
-            targets[level] = (j, *grid_point(volume, j, x, y))
+            targets[index[cond, level]] = (j, *grid_point(volume, j, x, y))
     return targets
 
 
@@ -2025,15 +2091,17 @@ def conv_block(cin, cout):
 
 
 class LevelLocaliser(nn.Module):
-    """A small UNet: (slices, 3, S, S) -> (slices, 5, S, S) logits, one map per level. Input channels: each slice
-    and its two neighbours (the slice choice sees the canal fade across slices) plus the pixel's row and column
-    position in [-1, 1] (five discs look alike: where a disc sits in the image tells the levels apart, beside
-    the column's ends). A stride-2 stem keeps the work at half resolution; the logits are upsampled at the end."""
+    """A small UNet: (slices, 4, S, S) -> (slices, levels, S, S) logits, one map per point (a level, or a side's
+    level). Input channels: each slice and its two neighbours (the slice choice sees the canal fade across slices),
+    the slice's place in the series, -1 (patient right) .. 1 (left) (the two foramina look alike: their side tells
+    them apart), plus the pixel's row and column position in [-1, 1] (five discs look alike: where a disc sits in
+    the image tells the levels apart, beside the column's ends). A stride-2 stem keeps the work at half
+    resolution; the logits are upsampled at the end."""
 
     def __init__(self, width, levels=5, depth=4):
         super().__init__()
         widths = [width * 2 ** i for i in range(depth + 1)]
-        self.stem = Conv2dNormActivation(5, widths[0], 3, stride=2)
+        self.stem = Conv2dNormActivation(6, widths[0], 3, stride=2)
         self.down = nn.ModuleList([conv_block(widths[0], widths[0])] + [conv_block(widths[i], widths[i + 1])
                                                                         for i in range(depth)])
         self.up = nn.ModuleList([nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in range(depth)])
@@ -2055,14 +2123,16 @@ class LevelLocaliser(nn.Module):
 
 
 def neighbour_channels(x):
-    """float slices (n, S, S) in [0, 1] -> (n, 3, S, S) normalised: each slice between its neighbours (black beyond
-    the first and last)."""
+    """float slices (n, S, S) in [0, 1] -> (n, 4, S, S) normalised: each slice between its neighbours (black beyond
+    the first and last), then its place in the series from -1 (first) to 1 (last; 0 for a single slice)."""
+    n = len(x)
+    place = torch.linspace(-1, 1, n, device=x.device) if n > 1 else torch.zeros(1, device=x.device)
     x = F.pad((x - 0.5) / 0.25, (0, 0, 0, 0, 1, 1), value=-2.0)
-    return torch.stack([x[:-2], x[1:-1], x[2:]], 1)
+    return torch.stack([x[:-2], x[1:-1], x[2:], place.view(n, 1, 1).expand_as(x[1:-1])], 1)
 
 
 def volume_input(volume, device):
-    """A volume's uint8 slices (n, S, S) -> the localiser's input (n, 3, S, S)."""
+    """A volume's uint8 slices (n, S, S) -> the localiser's input (n, 4, S, S)."""
     return neighbour_channels(torch.from_numpy(volume['image']).to(device).float().div_(255))
 
 
@@ -2070,12 +2140,13 @@ LOC_AUGMENT = {'aug_rotate': 10.0, 'aug_scale': 0.2, 'aug_shift': 0.1}  # over t
 #     series differ more in field of view and where the spine sits than crops around a point do
 
 
-def augment_study(volume, target, rng, config, device):
-    """One training view of a study: (input (n, 3, S, S), target (5, 3), valid (n,)). The classifier's augmentation
-    (draw_augmentation, augment_on_device: one zoom, rotation and shift for all slices, then gamma, contrast and
-    brightness) with LOC_AUGMENT's ranges, so the row/column channels stop being a shortcut; the slice order is
-    reversed half the time (left-right: the canal is symmetric). Targets move with the image; a point pushed out of
-    view is dropped."""
+def augment_study(volume, target, rng, config, device, mirror=None):
+    """One training view of a study: (input (n, 3, S, S), target (maps, 3), valid (n,)). The classifier's
+    augmentation (draw_augmentation, augment_on_device: one zoom, rotation and shift for all slices, then gamma,
+    contrast and brightness) with LOC_AUGMENT's ranges, so the row/column channels stop being a shortcut; the slice
+    order is reversed half the time, the patient mirrored left-right: `mirror` permutes the maps to match
+    (mirror_maps; None: none to exchange; False: never reversed). Targets move with the image; a point pushed out
+    of view is dropped."""
     size, valid = volume['image'].shape[-1], volume['valid']
     aug = draw_augmentation(rng, {**config, **LOC_AUGMENT})
     angle, scale, shift = math.radians(aug[0]), aug[1], aug[2:4]
@@ -2085,7 +2156,8 @@ def augment_study(volume, target, rng, config, device):
     target[:, 1:] = ((scale * q @ rotate_back.T + 2 * shift + 1) * size - 1) / 2  # augment_on_device's forward map
     target[((target[:, 1:] < -0.5) | (target[:, 1:] > size - 0.5)).any(1)] = np.nan
     image = torch.from_numpy(volume['image']).to(device).float().div_(255)
-    if rng.random() < 0.5:
+    if mirror is not False and rng.random() < 0.5:
+        target = target if mirror is None else target[mirror]
         image, valid, target[:, 0] = image.flip(0), valid[::-1].copy(), len(valid) - 1 - target[:, 0]
     x = augment_on_device(image[None, :, None], torch.from_numpy(aug)[None].to(device),
                           torch.from_numpy(valid)[None].to(device), size)
@@ -2093,8 +2165,8 @@ def augment_study(volume, target, rng, config, device):
 
 
 def level_log_probs(logits, valid):
-    """(n, 5, S, S) logits -> (5, n, S, S) log-probabilities, one softmax per level over every slice and pixel of
-    the series; slices that are not there (gaps, unreadable) get none."""
+    """(n, maps, S, S) logits -> (maps, n, S, S) log-probabilities, one softmax per map over every slice and pixel
+    of the series; slices that are not there (gaps, unreadable) get none."""
     logits = logits.float().permute(1, 0, 2, 3).masked_fill(~valid.view(1, -1, 1, 1), -1e4)
     return logits.flatten(1).log_softmax(1).view(logits.shape)
 
@@ -2172,28 +2244,58 @@ def image_area(volume):
 
 
 @torch.inference_mode()
-def localise(models, volume, device, config):
-    """(5, 3) (slot, u, v) per level from the probabilities of `models` averaged (one model per fold), on the
-    slices' image area only."""
+def localise(models, volume, device, config, group=5, allowed=None):
+    """(maps, 3) (slot, u, v) per map from the probabilities of `models` averaged (one model per fold), on the
+    slices' image area only and, where `allowed` ((maps, n) bool) is given, on the slices it allows each map (NaN:
+    none); each `group` of maps (a condition's five levels) decoded together by decode_levels (group 1: each map
+    alone, a 'slice' localiser's)."""
     x, valid = volume_input(volume, device), torch.from_numpy(volume['valid']).to(device)
     probs = 0
     for model in models:
         with autocast(device, config):
             logits = model.eval()(x)
         probs = probs + level_log_probs(logits, valid).exp() / len(models)
-    probs = probs * torch.from_numpy(image_area(volume)).to(probs.device)
+    probs = (probs * torch.from_numpy(image_area(volume)).to(probs.device)).cpu()
+    if allowed is not None:
+        probs = probs * torch.from_numpy(allowed)[:, :, None, None]
     grid_mm = np.median(volume['spacing'][volume['valid'], 1] / np.abs(volume['to_grid'][volume['valid'], 2]))
-    return decode_levels(probs.cpu(), (LEVEL_GAP_MM[0] / grid_mm, LEVEL_GAP_MM[1] / grid_mm))
+    out = np.concatenate([decode_levels(probs[g:g + group], (LEVEL_GAP_MM[0] / grid_mm, LEVEL_GAP_MM[1] / grid_mm))
+                          for g in range(0, len(probs), group)])
+    out[~(probs.flatten(1) > 0).any(1).numpy()] = np.nan  # a map with no slice it may take
+    return out
 
 
-def train_localiser(volumes, targets, studies, config, device, seed, name='localiser', deadline=None):
-    """A LevelLocaliser trained on `studies` (keys of volumes/targets): AdamW, one-cycle LR, `loc_batch`
-    studies per step (their slices in one forward pass), each step through guarded_step (a GradScaler under
-    fp16; no clipping; a non-finite step skipped, reported as `name`'s and counted towards max_nonfinite_steps).
-    No epoch starts that would not end before `deadline` (now() time; the model keeps the epochs it had).
-    Returns (model, mean loss of the applied steps per epoch, skipped steps)."""
+def side_of(condition):
+    """+1 for a left condition (the patient's left: +x in LPS), -1 for a right one, 0 otherwise."""
+    return 1 if condition.startswith('left_') else -1 if condition.startswith('right_') else 0
+
+
+def side_slices(volume, maps, midline_x):
+    """(maps, n) bool: the slices each map may take; a left point only on slices whose centre lies left of the
+    midline (LPS x above `midline_x`), a right one only right of it: a foramen is never read from the other side."""
+    side = np.array([side_of(c) for c, _ in maps])[:, None]
+    offset = np.nan_to_num(volume['centre_mm'][:, 0] - midline_x)[None]
+    return (side == 0) | (side * offset > 0)
+
+
+def localise_levels(models, volume, device, config, conds):
+    """A 'slice' localiser on a volume of one slot per level (read_slices): (maps, 3) (slot, u, v) per
+    map_names(conds), the slot being the level's; NaN for a level without a slice."""
+    out = np.full((len(conds) * len(LEVELS), 3), np.nan)
+    for level in np.flatnonzero(volume['valid']):
+        out[level::len(LEVELS)] = localise(models, one_slot(volume, level), device, config, 1) + [level, 0, 0]
+    return out
+
+
+def train_localiser(volumes, targets, studies, config, device, seed, name='localiser', deadline=None, mirror=None):
+    """A LevelLocaliser with a map per target row, trained on `studies` (keys of volumes/targets): AdamW, one-cycle
+    LR, `loc_batch` studies per step (their slices in one forward pass), each step through guarded_step (a
+    GradScaler under fp16; no clipping; a non-finite step skipped, reported as `name`'s and counted towards
+    max_nonfinite_steps). `mirror`: augment_study's. No epoch starts that would not end before `deadline` (now()
+    time; the model keeps the epochs it had). Returns (model, mean loss of the applied steps per epoch, skipped
+    steps)."""
     seed_everything(seed)
-    model = LevelLocaliser(config['loc_channels']).to(device)
+    model = LevelLocaliser(config['loc_channels'], len(targets[studies[0]])).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config['loc_lr'], weight_decay=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=precision_in_use(device, config) == 'fp16')
     batches = math.ceil(len(studies) / config['loc_batch'])
@@ -2206,7 +2308,7 @@ def train_localiser(volumes, targets, studies, config, device, seed, name='local
         order, applied = rng.permutation(len(studies)), []
         for b in range(batches):
             batch = [studies[i] for i in order[b * config['loc_batch']:(b + 1) * config['loc_batch']]]
-            views = [augment_study(volumes[s], targets[s], rng, config, device) if config['loc_augment']
+            views = [augment_study(volumes[s], targets[s], rng, config, device, mirror) if config['loc_augment']
                      else (volume_input(volumes[s], device), targets[s], volumes[s]['valid']) for s in batch]
             saved_bn = batchnorm_buffers(model)
             with autocast(device, config):
@@ -2227,60 +2329,99 @@ def train_localiser(volumes, targets, studies, config, device, seed, name='local
     return model, losses, skipped
 
 
-def localisation_table(volumes, targets, predictions, rows):
-    """One row per annotated (study, level): true and predicted slot, instance and point, in-plane error in mm
-    (the predicted grid point on the annotated slice's pixel spacing)."""
-    records = []
-    for study in rows['study_id'].unique():
-        volume, target, pred = volumes[study], targets[study], predictions[study]
-        for level, (j, u, v) in enumerate(target):
+def localisation_table(volumes, targets, predictions, maps, pred_volumes=None):
+    """One row per annotated (study, map): annotated and predicted instance, slices between them in the series'
+    anatomical order, and the distance between the two points in patient mm (a wrong slice counts its offset).
+    `pred_volumes`: where the predictions' slots are, when not `volumes` (the axial slices geometry picked)."""
+    records, headers = [], {}
+    for study, target in targets.items():
+        if study not in predictions:
+            continue
+        vt, vp = volumes[study], (pred_volumes or volumes)[study]
+        for (cond, level), (j, u, v), (pj, pu, pv) in zip(maps, target, predictions[study]):
             if np.isnan(j):
                 continue
-            j, pj = int(j), int(pred[level, 0])
-            kx, _, ky, _ = volume['to_grid'][j]
-            dx = (pred[level, 1] - u) / abs(kx) * volume['spacing'][j][0]
-            dy = (pred[level, 2] - v) / abs(ky) * volume['spacing'][j][1]
-            records.append({'study_id': study, 'level': LEVELS[level], 'slot': j, 'pred_slot': pj,
-                            'instance_number': int(volume['instance'][j]),
-                            'pred_instance': int(volume['instance'][pj]),
-                            'slice_error': abs(pj - j), 'error_mm': float(np.hypot(dx, dy))})
-    return pd.DataFrame(records)
+            record = {'study_id': study, 'condition': cond, 'level': LEVELS[level],
+                      'instance_number': int(vt['instance'][int(j)]), 'pred_instance': -1, 'slice_error': np.nan,
+                      'error_mm': np.nan}
+            if not np.isnan(pj):
+                record['pred_instance'] = int(vp['instance'][int(pj)])
+                record['slice_error'] = (abs(pj - j) if vp is vt else
+                                         abs(np.subtract(*slice_ranks(vt['series_dir'], headers).get_indexer(
+                                             [record['pred_instance'], record['instance_number']]))))
+                record['error_mm'] = float(np.linalg.norm(point_mm(vp, int(pj), pu, pv, headers)
+                                                          - point_mm(vt, int(j), u, v, headers)))
+            records.append(record)
+    return pd.DataFrame(records, columns=['study_id', 'condition', 'level', 'instance_number', 'pred_instance',
+                                          'slice_error', 'error_mm'])
+
+
+def series_headers(series_dir, cache):
+    if series_dir not in cache:
+        cache[series_dir] = read_series_headers(series_dir)[0]
+    return cache[series_dir]
+
+
+def point_mm(volume, j, u, v, cache):
+    """The patient point (LPS mm) of grid point (u, v) on slot j of a volume (`cache`: headers by series)."""
+    return patient_point(series_headers(volume['series_dir'], cache)[int(volume['instance'][j])],
+                         *series_point(volume, j, u, v))
+
+
+def slice_ranks(series_dir, cache):
+    """The series' instances in anatomical order (along the patient axis its median slice's normal follows most),
+    as a pandas Index: get_indexer gives ranks."""
+    headers = series_headers(series_dir, cache)
+    normal = slice_normal(headers[sorted(headers)[len(headers) // 2]])
+    axis = np.eye(3)[np.argmax(np.abs(normal))]
+    return pd.Index(sorted(headers, key=lambda i: float(np.asarray(headers[i].ImagePositionPatient, float) @ axis)))
 
 
 def localisation_metrics(table):
-    """Per level and overall: exact and within-one-slice accuracy, median and 90th percentile error in mm."""
+    """Per level (one condition) or per condition, and overall: rows, exact and within-one-slice accuracy, median
+    and 90th percentile error in mm; a point not predicted (its level not covered) counts as a wrong slice."""
     def stats(t):
         return {'n': len(t), 'slice exact': (t['slice_error'] == 0).mean(),
                 'slice within 1': (t['slice_error'] <= 1).mean(), 'median mm': t['error_mm'].median(),
                 'p90 mm': t['error_mm'].quantile(0.9)}
-    per = {level: stats(t) for level, t in table.groupby('level')}
-    return pd.DataFrame({**per, 'all': stats(table)}).T.rename_axis('level').round(3)
+    by = 'level' if table['condition'].nunique() == 1 else 'condition'
+    per = {key: stats(t) for key, t in table.groupby(by, sort=False)}
+    return pd.DataFrame({**per, 'all': stats(table)}).T.rename_axis(by).round(3)
 
 
-def plot_localisation(volumes, targets, predictions, studies, name='localisation'):
-    """Annotated (circles) and predicted (crosses) points on the annotated L3/L4 slice of a few studies; the
-    caption gives each level's slice error."""
+def plot_localisation(loc, series, name, count=4):
+    """Annotated (circles) and predicted (crosses) points of a few validation studies on the slice predicted for
+    the L3/L4 point of the series' first condition (the axial localiser: that level's slice, its annotated points
+    drawn at their place on their own slice); the caption gives each point's slice error."""
+    volumes, targets, predictions = (loc[k][series] for k in ('volumes', 'targets', 'predictions'))
+    studies = [s for s in predictions if s in targets and not np.isnan(predictions[s][2, 0])][:count]
+    if not studies:
+        return
     fig, axes = plt.subplots(1, len(studies), figsize=(3.2 * len(studies), 3.6), squeeze=False)
     for ax, study in zip(axes[0], studies):
         target, pred = targets[study], predictions[study]
-        j = int(np.nan_to_num(target[2, 0], nan=pred[2, 0]))
+        j, t = int(pred[2, 0]), target[2, 0]
         ax.imshow(volumes[study]['image'][j], cmap='gray')
-        ax.scatter(target[:, 1], target[:, 2], s=60, facecolors='none', edgecolors='lime', label='annotated')
-        ax.scatter(pred[:, 1], pred[:, 2], s=40, marker='x', color='red', label='predicted')
-        ax.set_title(f'{study}: slice error ' + ','.join('-' if np.isnan(t) else str(int(abs(p - t)))
-                                                         for t, p in zip(target[:, 0], pred[:, 0])), fontsize=8)
+        shown = pred[:, 0] == j if LOC_MODE[series] == 'volume' else np.arange(len(pred)) % len(LEVELS) == 2
+        on_target = (target[:, 0] == t) if not np.isnan(t) else shown & False
+        ax.scatter(target[on_target, 1], target[on_target, 2], s=60, facecolors='none', edgecolors='lime',
+                   label='annotated')
+        ax.scatter(pred[shown, 1], pred[shown, 2], s=40, marker='x', color='red', label='predicted')
+        table = loc['table'][(loc['table']['study_id'] == study) & (loc['table']['series'] == series)]
+        ax.set_title(f"{study}: slice error " + ','.join('-' if np.isnan(e) else str(int(e))
+                                                         for e in table['slice_error']), fontsize=8)
         ax.axis('off')
     axes[0, 0].legend(fontsize=7, loc='lower left')
-    fig.suptitle('localiser on validation studies (L1/L2..L5/S1; slice of the annotated L3/L4)')
+    fig.suptitle(f"{series} localiser on validation studies ({', '.join(loc['series'][series])})", fontsize=9)
     show(fig, name)
 
 
-def annotated_series(samples, root):
-    """Localiser jobs from the sample table's spinal canal rows: per study, its most annotated series, anchored at
-    its most annotated instance (the stack the annotations were made on); returns (jobs, {study: rows on that
-    series})."""
+def annotated_series(samples, root, conds=(SPINAL,)):
+    """Localiser jobs from the sample table's rows of `conds` (conditions of one series type): per study, its most
+    annotated series, anchored at its most annotated instance (the stack the annotations were made on); returns
+    (jobs, {study: rows on that series})."""
     jobs, rows_of = [], {}
-    for study, rows in samples[samples['condition'] == SPINAL].groupby('study_id'):
+    for study, rows in samples[samples['condition'].isin(conds)].groupby('study_id'):
         series = rows['series_id'].mode().iloc[0]
         rows = rows[rows['series_id'] == series]
         rows_of[study] = rows
@@ -2289,44 +2430,168 @@ def annotated_series(samples, root):
     return jobs, rows_of
 
 
-def train_localisers(samples, folds, config, device, workers, deadline=None):
-    """Per fold of `folds` (those whose classifier finished): a localiser on the fold's training studies
-    (fold{k}/localiser.pt), measured on its validation studies. `deadline` (now() time): the folds share the time
-    left equally; each localiser stops after the last epoch that ends within its share. Returns the volumes,
-    targets and predictions of the validation studies, the measurement table, its metrics, the training losses,
-    the studies whose series could not be read and every lost slice (ISSUE_COLUMNS)."""
-    jobs, rows_of = annotated_series(samples, config['data_root'])
+def level_instances(rows):
+    """A 'slice' localiser's slots: per level the instance most of its rows are annotated on (-1: none)."""
+    instances = [-1] * len(LEVELS)
+    for level, group in rows.groupby('level_idx'):
+        instances[level] = int(group['instance_number'].mode().iloc[0])
+    return instances
+
+
+def localiser_data(samples, config, series, conds, workers):
+    """One series type's annotated volumes: {'volumes': {study: volume}, 'targets': {study: (maps, 3)}, 'failed':
+    {study: why its series cannot be read}, 'issues': its lost slices (volume_issues)}. 'volume' mode: the
+    annotated stack (annotated_series); 'slice' mode: a slot per level, its annotated slice (level_instances)."""
+    jobs, rows_of = annotated_series(samples, config['data_root'], conds)
+    if LOC_MODE[series] == 'slice':
+        jobs = [(study, series_dir, level_instances(rows_of[study])) for study, series_dir, _ in jobs]
     volumes = read_volumes(jobs, config, workers)
     issues = volume_issues(jobs, volumes, 'localiser')
     failed = {s: v for s, v in volumes.items() if isinstance(v, str)}
     for study, reason in failed.items():
-        warn(f'localiser: study {study} not used, its series cannot be read ({reason})')
+        warn(f'{series} localiser: study {study} not used, its series cannot be read ({reason})')
     volumes = {s: v for s, v in volumes.items() if s not in failed}
-    targets = {s: level_targets(v, rows_of[s]) for s, v in volumes.items()}
+    return {'volumes': volumes, 'targets': {s: level_targets(v, rows_of[s], conds) for s, v in volumes.items()},
+            'failed': failed, 'issues': issues}
+
+
+def training_items(data, studies, mode):
+    """(volumes, targets, keys) a localiser trains on: the studies' volumes with a target ('volume' mode), or each
+    annotated level's slice ('slice' mode: key (study, level), a target per condition on its slot 0)."""
+    if mode == 'volume':
+        return data['volumes'], data['targets'], [s for s in studies if not np.isnan(data['targets'][s][:, 0]).all()]
+    volumes, targets = {}, {}
+    for study in studies:
+        for level in range(len(LEVELS)):
+            target = data['targets'][study][level::len(LEVELS)] - [level, 0, 0]
+            target[target[:, 0] != 0] = np.nan  # a side annotated on another level's slice: not this one's
+            if not np.isnan(target[:, 0]).all():
+                volumes[study, level] = one_slot(data['volumes'][study], level)
+                targets[study, level] = target
+    return volumes, targets, list(volumes)
+
+
+def train_localisers(samples, folds, config, device, workers, deadline=None):
+    """Per fold of `folds` (those whose classifier finished): a localiser per series type (localised_series) on the
+    fold's training studies, all in fold{k}/localiser.pt, measured on its validation studies, whose axial slices
+    are those the geometry picks from the fold's predicted spinal canal points. `deadline` (now() time): the
+    localisers share the time left equally; each stops after the last epoch that ends within its share. Returns
+    {'series': {series type: conditions}, 'volumes', 'targets', 'predictions': {series type: {study: ...}} of the
+    validation studies (the axial targets are on 'target_volumes', the annotated slices), 'points': the classifier
+    rows at the predicted points, the measurement 'table', its 'metrics', 'losses' {fold: {series type: per
+    epoch}}, 'failed' {series type: {study: why not read}}, 'nonfinite_steps' {fold: count} and 'issues' (every
+    lost slice, ISSUE_COLUMNS)}."""
+    series_of = localised_series(config['conditions'])
+    data = {series: localiser_data(samples, config, series, conds, workers) for series, conds in series_of.items()}
     fold_of = samples.groupby('study_id')['fold'].first()
-    predictions, losses, skipped = {}, {}, {}
+    predictions, volumes = {series: {} for series in series_of}, {series: {} for series in series_of}
+    losses, skipped, issues = {}, {}, [d['issues'] for d in data.values()]
     for i, fold in enumerate(folds):
-        train = [s for s in volumes if fold_of[s] != fold and fold_of[s] >= 0 and not np.isnan(targets[s][:, 0]).all()]
         start = time.time()
-        share = None if deadline is None else now() + (deadline - now()) / (len(folds) - i)
-        model, losses[fold], skipped[fold] = train_localiser(volumes, targets, train, config, device,
-                                                             config['seed'] + 100 + fold, f'fold {fold} localiser',
-                                                             share)
-        (Path(config['output_dir']) / f'fold{fold}').mkdir(parents=True, exist_ok=True)
-        save_atomic({'model': model.state_dict(), 'config': {k: config[k] for k in LOC_KEYS}, 'fold': fold,
-                     'version': LOCALISER_VERSION,
-                     'losses': losses[fold]}, Path(config['output_dir']) / f'fold{fold}' / 'localiser.pt')
-        for study in (s for s in volumes if fold_of[s] == fold):
-            predictions[study] = localise([model], volumes[study], device, config)
-        if len(losses[fold]) < config['loc_epochs']:
-            warn(f"fold {fold}: localiser stopped by the time budget after epoch {len(losses[fold])} of "
+        train = [s for s in fold_of.index if fold_of[s] != fold and fold_of[s] >= 0]
+        models, losses[fold], skipped[fold] = train_fold_localisers(data, series_of, train, fold, config, device,
+                                                                    deadline, (len(folds) - i) * len(series_of))
+        val = [s for s in fold_of.index if fold_of[s] == fold]
+        sagittal = {series: {s: data[series]['volumes'][s] for s in val if s in data[series]['volumes']}
+                    for series in series_of if LOC_MODE[series] == 'volume'}
+        axial_dirs = {s: v['series_dir'] for s, v in data.get('Axial T2', {'volumes': {}})['volumes'].items()
+                      if s in val}
+        found, read, lost, _ = predict_points({s: [m] for s, m in models.items()}, series_of, sagittal, axial_dirs,
+                                              config, device, workers, 'validation')
+        issues.append(lost)
+        for series in series_of:
+            predictions[series].update(found[series])
+            volumes[series].update(read[series])
+        print(f"fold {fold}: localisers ({', '.join(series_of)}) trained on {len(train)} studies in "
+              f'{time.time() - start:.0f} s, loss ' + ', '.join(f'{v[0]:.3f} -> {v[-1]:.3f}'
+                                                            for v in losses[fold].values())
+              + f', {skipped[fold]} non-finite step(s) skipped')
+    targets = {series: {s: d['targets'][s] for s in predictions[series]} for series, d in data.items()}
+    table = pd.concat([localisation_table(data[series]['volumes'], targets[series], predictions[series],
+                                          map_names(conds), volumes[series]).assign(series=series)
+                       for series, conds in series_of.items()], ignore_index=True)
+    return {'series': series_of, 'volumes': volumes, 'targets': targets, 'predictions': predictions,
+            'target_volumes': {series: {s: d['volumes'][s] for s in predictions[series]} for series, d in data.items()},
+            'points': point_rows(predictions, volumes, series_of), 'table': table,
+            'metrics': localisation_metrics(table), 'losses': losses,
+            'failed': {series: d['failed'] for series, d in data.items()}, 'nonfinite_steps': skipped,
+            'issues': pd.concat(issues, ignore_index=True)}
+
+
+def train_fold_localisers(data, series_of, train, fold, config, device, deadline, left):
+    """One fold's localisers, one per series type (the `train` studies of localiser_data's `data`), saved together
+    in fold{k}/localiser.pt. `left`: the localisers still to train, these included; each takes an equal share of
+    the time to `deadline`. Returns ({series type: model}, {series type: loss per epoch}, skipped steps)."""
+    models, losses, skipped = {}, {}, 0
+    for k, (series, conds) in enumerate(series_of.items()):
+        share = None if deadline is None else now() + (deadline - now()) / (left - k)
+        items = training_items(data[series], [s for s in train if s in data[series]['volumes']], LOC_MODE[series])
+        if not items[2]:
+            raise ValueError(f'fold {fold}: no training study has a readable annotated {series} series')
+        models[series], losses[series], n = train_localiser(
+            *items, config, device, config['seed'] + 100 + fold + 1000 * k, f'fold {fold} {series} localiser',
+            share, mirror_maps(conds) if LOC_MODE[series] == 'volume' else False)
+        skipped += n
+        if len(losses[series]) < config['loc_epochs']:
+            warn(f"fold {fold}: {series} localiser stopped by the time budget after epoch {len(losses[series])} of "
                  f"{config['loc_epochs']}")
-        print(f'fold {fold}: localiser trained on {len(train)} studies in {time.time() - start:.0f} s, loss '
-              f'{losses[fold][0]:.3f} -> {losses[fold][-1]:.3f}, {skipped[fold]} non-finite step(s) skipped')
-    table = localisation_table(volumes, targets, predictions, samples[samples['study_id'].isin(predictions)])
-    return {'volumes': {s: volumes[s] for s in predictions}, 'targets': targets, 'predictions': predictions,
-            'table': table, 'metrics': localisation_metrics(table), 'losses': losses, 'failed': failed,
-            'nonfinite_steps': skipped, 'issues': issues}
+    (Path(config['output_dir']) / f'fold{fold}').mkdir(parents=True, exist_ok=True)
+    save_atomic({'models': {s: m.state_dict() for s, m in models.items()}, 'series': series_of,
+                 'config': {k: config[k] for k in LOC_KEYS}, 'fold': fold, 'version': LOCALISER_VERSION,
+                 'losses': losses}, Path(config['output_dir']) / f'fold{fold}' / 'localiser.pt')
+    return models, losses, skipped
+
+
+def predict_points(models, series_of, sagittal, axial_dirs, config, device, workers, who):
+    """The points of every localised condition: the sagittal series types on their volumes (`sagittal`: {series
+    type: {study: volume}}; a side's points on its side of the predicted spinal canal, or of the series' middle
+    without one), then each study's axial slices, placed through the DICOM geometry from its predicted spinal
+    canal points in its axial series (`axial_dirs`: {study: folder}), and the points in them. `models`:
+    {series type: [models]}. Returns ({series type: {study: (maps, 3)}} (an axial study that could not be placed
+    or read: NaN), {series type: {study: the volume its slots refer to}}, the axial volumes' lost slices
+    (volume_issues, `who` reading) and {study: why it has no axial points})."""
+    t2 = 'Sagittal T2/STIR'
+    predictions = {t2: {s: localise(models[t2], v, device, config) for s, v in sagittal.get(t2, {}).items()}}
+    canal = {s: spinal_points_mm(sagittal[t2][s], p, series_of[t2]) for s, p in predictions[t2].items()}
+    for series in (s for s in sagittal if s != t2):  # a side's points only on its side of the canal (side_slices)
+        maps = map_names(series_of[series])
+        predictions[series] = {s: localise(models[series], v, device, config, allowed=side_slices(
+            v, maps, np.median(canal[s][:, 0]) if s in canal else np.nanmedian(v['centre_mm'][:, 0])))
+            for s, v in sagittal[series].items()}
+    read, missing, jobs = dict(sagittal), {}, []
+    if 'Axial T2' not in series_of:
+        return predictions, read, pd.DataFrame(columns=ISSUE_COLUMNS), missing
+    for study, series_dir in axial_dirs.items():
+        if study not in canal:
+            missing[study] = 'no spinal canal points to place its axial slices'
+            continue
+        instances = axial_slices(canal[study], series_dir)
+        if max(instances) < 0:
+            missing[study] = f'no axial slice within {AXIAL_MAX_MM:g} mm of any predicted level'
+        else:
+            jobs.append((study, series_dir, instances))
+    volumes = read_volumes(jobs, config, workers)
+    missing.update({s: v for s, v in volumes.items() if isinstance(v, str)})
+    read['Axial T2'] = {s: v for s, v in volumes.items() if s not in missing}
+    conds = series_of['Axial T2']
+    predictions['Axial T2'] = {s: localise_levels(models['Axial T2'], v, device, config, conds)
+                               for s, v in read['Axial T2'].items()}
+    predictions['Axial T2'].update({s: np.full((len(conds) * len(LEVELS), 3), np.nan) for s in missing})
+    return predictions, read, volume_issues(jobs, volumes, who), missing
+
+
+def spinal_points_mm(volume, prediction, conds):
+    """(5, 3) patient points (LPS mm) of the spinal canal levels predicted on a Sagittal T2/STIR volume."""
+    first, cache = conds.index(SPINAL) * len(LEVELS), {}
+    return np.array([point_mm(volume, int(j), u, v, cache) for j, u, v in prediction[first:first + len(LEVELS)]])
+
+
+def axial_slices(points, series_dir):
+    """Per level, the instance of the axial series' slice at its patient point (axial_slice_for; -1 where the
+    series has no slice near it)."""
+    headers, _ = read_series_headers(series_dir)
+    found = [axial_slice_for(point, headers) for point in points]
+    return [-1 if f is None else f[0] for f in found]
 
 
 def volume_issues(jobs, volumes, who):
@@ -2343,29 +2608,30 @@ def volume_issues(jobs, volumes, who):
     return pd.DataFrame(rows, columns=ISSUE_COLUMNS)
 
 
-def point_rows(studies, volumes, predictions, condition_rows=None):
-    """Classifier rows at the predicted slice and point: one per (study, level) of `studies`, with the columns
-    build_cache needs (label 0 when `condition_rows`, the validation rows with their labels, is not given)."""
+def point_rows(predictions, volumes, series_of, condition_rows=None):
+    """Classifier rows at the predicted slices and points: one per (study, condition, level) with a point
+    (`predictions` and `volumes` as predict_points returns them), with the columns build_cache needs (label 0
+    when `condition_rows`, the validation rows with their labels, is not given)."""
     records = []
-    for study in studies:
-        volume, pred = volumes[study], predictions[study]
-        for level, (j, u, v) in enumerate(pred):
-            if np.isnan(j):  # (annotated points passed as predictions: a level without one)
-                continue
-            x, y = series_point(volume, int(j), u, v)
-            instance = int(volume['instance'][int(j)])
-            records.append({'study_id': study, 'series_id': int(Path(volume['series_dir']).name),
-                            'instance_number': instance, 'x': x, 'y': y, 'condition': SPINAL,
-                            'level': LEVELS[level], 'level_idx': level,
-                            'path': str(Path(volume['series_dir']) / f'{instance}.dcm')})
+    for series, found in predictions.items():
+        maps = map_names(series_of[series])
+        for study, prediction in found.items():
+            volume = volumes[series].get(study)
+            for (condition, level), (j, u, v) in zip(maps, prediction):
+                if np.isnan(j):  # not placed (an axial level the series does not cover)
+                    continue
+                x, y = series_point(volume, int(j), u, v)
+                instance = int(volume['instance'][int(j)])
+                records.append({'study_id': study, 'series_id': int(Path(volume['series_dir']).name),
+                                'instance_number': instance, 'x': x, 'y': y, 'condition': condition,
+                                'level': LEVELS[level], 'level_idx': level,
+                                'path': str(Path(volume['series_dir']) / f'{instance}.dcm')})
     rows = pd.DataFrame(records, columns=['study_id', 'series_id', 'instance_number', 'x', 'y', 'condition', 'level',
                                           'level_idx', 'path'])
     if condition_rows is None:
         return rows.assign(label=0)
-    return rows.merge(condition_rows[['study_id', 'level', 'label']], on=['study_id', 'level'])
-
-
-# Issue 24: a level's axial slice from its sagittal point, through the patient frame (LPS mm) the series share.
+    return rows.merge(condition_rows[['study_id', 'condition', 'level', 'label']],
+                      on=['study_id', 'condition', 'level'])
 AXIAL_MAX_MM = 10.0  # farthest slice plane from the point that still shows its level: about one disc height
 #                      (8-12 mm); an axial block is 3-4 mm per slice, so a level with slices is within ~2 mm, while
 #                      a missing level's nearest slices belong to a neighbouring disc, 20+ mm away (pitch 30-40 mm)
@@ -2439,13 +2705,16 @@ PREDICT_KEYS = PREPROCESS_KEYS + (  # the classifier's saved settings a predicti
 
 
 def load_run(folder, config, device, folds=None):
-    """The classifiers (fold*/final.pt), localisers (fold*/localiser.pt) and priors (priors.json) of a finished
-    run's output folder, checked: every fold saved with the same settings, each localiser with the settings of
-    its classifier's run (the same preprocessing) and with the other folds' localisers, every weight loaded strictly.
-    Returns {'config': this run's CONFIG with the saved prediction settings (the classifiers' PREDICT_KEYS, the
-    localisers' LOC_OWN_KEYS), 'classifiers': [(model, class weights)], 'localisers', 'priors', 'folds'}."""
+    """The classifiers (fold*/final.pt), localisers (fold*/localiser.pt), priors (priors.json) and out-of-fold
+    choice of probabilities (probabilities.json, None without it) of a finished run's output folder, checked:
+    every fold saved with the same settings, each localiser with the settings of its classifier's run (the same
+    preprocessing, a localiser for each series type its conditions need) and with the other folds' localisers,
+    every weight loaded strictly. Returns {'config': this run's CONFIG with the saved prediction settings (the
+    classifiers' PREDICT_KEYS, the localisers' LOC_OWN_KEYS), 'classifiers': [(model, class weights)],
+    'localisers': {series type: [model per fold]}, 'series': {series type: conditions}, 'priors', 'choice',
+    'folds'}."""
     folder = Path(folder)
-    run = {'classifiers': [], 'localisers': [], 'folds': []}
+    run = {'classifiers': [], 'localisers': {}, 'folds': []}
     saved_settings = loc_settings = None
     paths = (sorted(folder.glob('fold*/final.pt')) if folds is None
              else [folder / f'fold{f}' / 'final.pt' for f in folds])
@@ -2461,25 +2730,7 @@ def load_run(folder, config, device, folds=None):
         model.load_state_dict(saved['model'])
         run['classifiers'].append((model.to(device).eval(), saved['class_weights']))
         run['folds'].append(path.parent.name)
-        loc_path = path.with_name('localiser.pt')
-        if not loc_path.exists():
-            raise FileNotFoundError(f'{loc_path} is missing: that run trained no localiser (localiser: off?)')
-        loc = torch.load(loc_path, map_location='cpu', weights_only=False)
-        if loc.get('version') != LOCALISER_VERSION:
-            raise ValueError(f"{loc_path} was saved by an older notebook (localiser version {loc.get('version', 1)}, "
-                             f'this one reads volumes as version {LOCALISER_VERSION}): train the localiser again')
-        changed = {k: (settings[k], v) for k, v in loc['config'].items() if k in settings and settings[k] != v}
-        if changed:
-            raise ValueError(f'{loc_path} does not belong to the run of {path}: {{key: (classifier, localiser)}} '
-                             f'= {changed}')
-        own = {k: loc['config'][k] for k in LOC_OWN_KEYS}
-        if loc_settings is not None and own != loc_settings:
-            raise ValueError(f'{loc_path} was trained with other settings than the localiser of {run["folds"][0]}: '
-                             f'{ {k: (loc_settings[k], v) for k, v in own.items() if v != loc_settings[k]} }')
-        loc_settings = own
-        localiser = LevelLocaliser(loc['config']['loc_channels'])
-        localiser.load_state_dict(loc['model'])
-        run['localisers'].append(localiser.to(device).eval())
+        loc_settings = load_localisers(path.with_name('localiser.pt'), settings, loc_settings, run, device)
     if not run['classifiers']:
         raise FileNotFoundError(f'{folder}: no fold*/final.pt (the output folder of a finished training run)')
     saved_settings = {**saved_settings, **loc_settings}
@@ -2493,79 +2744,135 @@ def load_run(folder, config, device, folds=None):
         raise FileNotFoundError(f"{priors} is missing and {config['data_root']} has no train.csv to count the "
                                 'priors from: attach the whole output folder of the training run')
     run['priors'] = json.loads(priors.read_text()) if priors.exists() else label_priors(config['data_root'])
+    choice = folder / 'probabilities.json'
+    run['choice'] = json.loads(choice.read_text()) if choice.exists() else None
     return run
+
+
+def load_localisers(loc_path, settings, loc_settings, run, device):
+    """Adds one fold's localisers (localiser.pt beside its final.pt) to run['localisers'] after load_run's checks;
+    returns their own settings (LOC_OWN_KEYS)."""
+    if not loc_path.exists():
+        raise FileNotFoundError(f'{loc_path} is missing: that run trained no localiser (localiser: off?)')
+    loc = torch.load(loc_path, map_location='cpu', weights_only=False)
+    if loc.get('version') != LOCALISER_VERSION:
+        raise ValueError(f"{loc_path} was saved by an older notebook (localiser version {loc.get('version', 1)}, "
+                         f'this one reads volumes as version {LOCALISER_VERSION}): train the localiser again')
+    changed = {k: (settings[k], v) for k, v in loc['config'].items() if k in settings and settings[k] != v}
+    if loc['series'] != localised_series(settings['conditions']):
+        changed['series'] = (localised_series(settings['conditions']), loc['series'])
+    if changed:
+        raise ValueError(f'{loc_path} does not belong to the run of its final.pt: {{key: (classifier, localiser)}} '
+                         f'= {changed}')
+    own = {k: loc['config'][k] for k in LOC_OWN_KEYS}
+    if loc_settings is not None and own != loc_settings:
+        raise ValueError(f'{loc_path} was trained with other settings than the localiser of {run["folds"][0]}: '
+                         f'{ {k: (loc_settings[k], v) for k, v in own.items() if v != loc_settings[k]} }')
+    run['series'] = loc['series']
+    for series, state in loc['models'].items():
+        localiser = LevelLocaliser(own['loc_channels'], state['head.weight'].shape[0])
+        localiser.load_state_dict(state)
+        run['localisers'].setdefault(series, []).append(localiser.to(device).eval())
+    return own
 
 
 def localisation_cost(oof, loc, run, config, device, workers):
     """The final models on their validation rows (the OOF rows) cropped at the predicted points, beside the same
-    rows at the annotated points (oracle). A row without a prediction or a crop gets the priors, counted."""
+    rows at the annotated points (oracle). A row without a predicted point or crop gets the priors, counted per
+    condition. Returns the two summaries, the predicted rows' 'frame' and the counts."""
     frames = []
     by_fold = dict(zip(run['folds'], run['classifiers']))
-    oof = oof[oof['condition'] == SPINAL]  # the localiser finds the spinal canal points
+    keys = ['study_id', 'condition', 'level']
     for fold, rows in oof.groupby('fold'):
-        studies = [s for s in rows['study_id'].unique() if s in loc['predictions']]
-        points = point_rows(studies, loc['volumes'], loc['predictions'], rows)
-        probs = classify_rows(points, [by_fold[f'fold{fold}']], run['config'], device, workers)
-        frames.append(rows[['study_id', 'condition', 'level', 'label']].merge(
-            probs[['study_id', 'level'] + P_COLUMNS + PC_COLUMNS], on=['study_id', 'level'], how='left'))
-    predicted, fallback = fill_priors(pd.concat(frames, ignore_index=True), run['priors'])
-    oracle = oof.set_index(['study_id', 'level']).loc[pd.MultiIndex.from_frame(predicted[['study_id', 'level']])]
-    return {'oracle': summarize(oracle.reset_index()), 'predicted': summarize(predicted),
-            'fallback_rows': fallback, 'rows': len(predicted)}
+        points = loc['points'][loc['points']['study_id'].isin(rows['study_id'])]
+        probs = classify_rows(points.drop(columns='label').merge(rows[keys + ['label']], on=keys),
+                              [by_fold[f'fold{fold}']], run['config'], device, workers)
+        frames.append(rows[keys + ['label']].merge(probs[keys + P_COLUMNS + PC_COLUMNS], on=keys, how='left'))
+    predicted = pd.concat(frames, ignore_index=True)
+    fallback = predicted.loc[predicted[P_COLUMNS[0]].isna(), 'condition'].value_counts().to_dict()
+    predicted, _ = fill_priors(predicted, run['priors'])
+    oracle = oof.set_index(keys).loc[pd.MultiIndex.from_frame(predicted[keys])].reset_index()
+    return {'oracle': summarize(oracle), 'predicted': summarize(predicted), 'frame': predicted,
+            'fallback_rows': int(sum(fallback.values())), 'fallback_by_condition': fallback, 'rows': len(predicted)}
+
+
+def choose_probabilities(frame):
+    """{condition: {'raw': loss, 'corrected': loss, 'chosen': the lower}}: the metric's weighted log loss (row
+    weights 1/2/4 by label) of each condition's raw and prior-corrected probabilities on out-of-fold rows."""
+    choice = {}
+    for condition, rows in frame.groupby('condition', sort=False):
+        weights = np.array(ROW_WEIGHTS)[rows['label']]
+        probs = {kind: rows[columns].to_numpy(float) for kind, columns in (('raw', P_COLUMNS),
+                                                                            ('corrected', PC_COLUMNS))}
+        loss = {kind: float(log_loss(rows['label'], p / p.sum(1, keepdims=True), sample_weight=weights,
+                                     labels=[0, 1, 2])) for kind, p in probs.items()}  # float32 sums: renormalised
+        choice[condition] = {**loss, 'chosen': min(loss, key=loss.get)}
+    return choice
 
 
 def predict_test(run, config, device, workers):
-    """Spinal canal probabilities of every test study in sample_submission.csv (one row per level: study_id,
-    level, P/PC columns; NaN for a study without a usable series), {study: why it has none} and the test volumes'
-    lost slices (volume_issues)."""
-    root = Path(config['data_root'])
+    """Probabilities of every trained condition and level of every test study in sample_submission.csv (study_id,
+    condition, level, P/PC columns; NaN without a point or crop), the rows without them with why (study_id,
+    condition, level, reason), and the test volumes' lost slices (volume_issues)."""
+    root, series_of = Path(config['data_root']), run['series']
     descriptions = pd.read_csv(root / 'test_series_descriptions.csv')
-    studies = submission_studies(config)
-    jobs, missing = [], {}
-    for study in studies:
-        series = pick_series(descriptions, study, root / 'test_images', CONDITION_SERIES[SPINAL])
-        if series is None:
-            missing[study] = f"no {CONDITION_SERIES[SPINAL]} series with DICOM files"
-        else:
-            jobs.append((study, root / 'test_images' / str(study) / str(series), None))
-    volumes = read_volumes(jobs, run['config'], workers)
-    issues = volume_issues(jobs, volumes, 'test')
-    missing.update({s: v for s, v in volumes.items() if isinstance(v, str)})
-    volumes = {s: v for s, v in volumes.items() if s not in missing}
-    predictions = {s: localise(run['localisers'], v, device, run['config']) for s, v in volumes.items()}
-    probs = classify_rows(point_rows(list(volumes), volumes, predictions), run['classifiers'], run['config'],
-                          device, workers)
-    every = pd.DataFrame([(s, level) for s in studies for level in LEVELS], columns=['study_id', 'level'])
-    probs = every.merge(probs[['study_id', 'level'] + P_COLUMNS + PC_COLUMNS], on=['study_id', 'level'], how='left')
-    for study, level in probs.loc[probs[P_COLUMNS[0]].isna(), ['study_id', 'level']].itertuples(False):
-        missing.setdefault(study, f'no crop could be built for some levels (e.g. {level})')
-    return probs, missing, issues
+    studies, sagittal, axial_dirs, issues, missing = submission_studies(config), {}, {}, [], {}
+    for series in series_of:
+        jobs = []
+        for study in studies:
+            picked = pick_series(descriptions, study, root / 'test_images', series)
+            if picked is None:
+                missing[study, series] = f'no {series} series with DICOM files'
+            elif LOC_MODE[series] == 'slice':
+                axial_dirs[study] = root / 'test_images' / str(study) / str(picked)
+            else:
+                jobs.append((study, root / 'test_images' / str(study) / str(picked), None))
+        if LOC_MODE[series] == 'volume':
+            volumes = read_volumes(jobs, run['config'], workers)
+            issues.append(volume_issues(jobs, volumes, 'test'))
+            missing.update({(s, series): v for s, v in volumes.items() if isinstance(v, str)})
+            sagittal[series] = {s: v for s, v in volumes.items() if not isinstance(v, str)}
+    predictions, volumes, lost, unplaced = predict_points(run['localisers'], series_of, sagittal, axial_dirs,
+                                                          run['config'], device, workers, 'test')
+    missing.update({(s, 'Axial T2'): why for s, why in unplaced.items()})
+    probs = classify_rows(point_rows(predictions, volumes, series_of), run['classifiers'], run['config'], device,
+                          workers)
+    keys = ['study_id', 'condition', 'level']
+    every = pd.DataFrame([(s, c, level) for s in studies for c in run['config']['conditions'] for level in LEVELS],
+                         columns=keys)
+    probs = every.merge(probs[keys + P_COLUMNS + PC_COLUMNS], on=keys, how='left')
+    on_priors = probs.loc[probs[P_COLUMNS[0]].isna(), keys].copy()
+    on_priors['reason'] = [missing.get((s, CONDITION_SERIES[c]), 'no point placed or no crop built at this level')
+                           for s, c in on_priors[['study_id', 'condition']].itertuples(False)]
+    return probs, on_priors, pd.concat(issues + [lost], ignore_index=True)
 
 
-def build_submission(sample, spinal, priors, condition, which):
-    """sample_submission's rows, in its order: the spinal rows from `spinal` (study_id, level, P/PC columns; NaN:
-    priors), every other row the priors of its (condition, level); `which` = 'corrected' | 'raw' (the priors
-    re-weighted by the metric's row weights, or the plain frequencies). Checked: nothing missing, rows sum to 1."""
-    study = sample['row_id'].str.split('_').str[0].astype(int)
+def build_submission(sample, rows, priors, choice):
+    """sample_submission's rows, in its order: from `rows` (study_id, condition, level, P/PC columns; NaN: none)
+    where they have probabilities, every other row the priors of its (condition, level). Each condition's rows raw
+    or prior-corrected as `choice` ({condition: 'raw' | 'corrected'}; not in it: 'corrected') says, priors alike
+    (corrected: re-weighted by the metric's row weights). Checked: nothing missing, rows sum to 1. Returns
+    (submission, {condition: rows from the models})."""
     column = sample['row_id'].str.split('_', n=1).str[1]
     unknown = sorted(set(column) - set(priors))
     if unknown:
         raise ValueError(f'sample_submission.csv names targets that train.csv has no column for: {unknown[:3]}')
-    probs = np.array([priors[c] for c in column])
-    if which == 'corrected':
-        probs = prior_corrected(probs, [1.0, 1.0, 1.0])
-    columns = PC_COLUMNS if which == 'corrected' else P_COLUMNS
-    spinal = spinal.dropna(subset=columns)  # a study on priors has no model row
-    spinal = spinal.set_index(spinal['study_id'].astype(str) + f'_{condition}_' + spinal['level'])
-    model = sample['row_id'].isin(spinal.index).to_numpy()
-    probs[model] = spinal.loc[sample['row_id'][model], columns].to_numpy(float)
+    condition = column.str.rsplit('_', n=2).str[0]
+    corrected = (condition.map(lambda c: choice.get(c, 'corrected')) == 'corrected').to_numpy()
+    probs = np.array([priors[c] for c in column]).reshape(-1, 3)
+    probs[corrected] = prior_corrected(probs[corrected], [1.0, 1.0, 1.0])
+    rows = rows.dropna(subset=P_COLUMNS)  # a row on priors has no model probabilities
+    rows = rows.set_index(rows['study_id'].astype(str) + '_' + rows['condition'] + '_' + rows['level'])
+    model = sample['row_id'].isin(rows.index).to_numpy()
+    picked = rows.loc[sample['row_id'][model]]
+    probs[model] = np.where(corrected[model, None], picked[PC_COLUMNS].to_numpy(float),
+                            picked[P_COLUMNS].to_numpy(float))
     probs = probs / probs.sum(1, keepdims=True)
     submission = pd.DataFrame(probs, columns=PROB_COLUMNS).assign(row_id=sample['row_id'].to_numpy())
     submission = submission[['row_id'] + PROB_COLUMNS]
     if submission[PROB_COLUMNS].isna().any().any() or not np.allclose(submission[PROB_COLUMNS].sum(axis=1), 1):
         raise ValueError('submission has missing probabilities or rows that do not sum to 1')
-    assert len(study) == len(submission)
-    return submission, int(model.sum())
+    return submission, condition[model].value_counts().to_dict()
 
 
 def write_submission(run, config, device, workers):
@@ -2573,57 +2880,73 @@ def write_submission(run, config, device, workers):
     returns (submission, facts for the report)."""
     start = time.time()
     sample = pd.read_csv(Path(config['data_root']) / 'sample_submission.csv')
-    spinal, missing, issues = predict_test(run, config, device, workers)
-    submission, from_model = build_submission(sample, spinal, run['priors'], SPINAL,
-                                              config['loc_submit_probs'])
+    probs, on_priors, issues = predict_test(run, config, device, workers)
+    choice = submitted_probabilities(run, config)
+    submission, from_model = build_submission(sample, probs, run['priors'], choice)
     seconds = time.time() - start
-    studies = spinal['study_id'].nunique()
+    studies = probs['study_id'].nunique()
     out = Path(config['output_dir'])
     write_atomic(out / 'submission.csv', submission.to_csv(index=False))
     kaggle = Path('/kaggle/working/submission.csv')  # where a Kaggle submission is looked for
     if runtime_environment() == 'kaggle' and kaggle.resolve() != (out / 'submission.csv').resolve():
         shutil.copy(out / 'submission.csv', kaggle)
-    for study, why in missing.items():
-        warn(f'submission: study {study}: spinal canal rows from the priors ({why})')
-    info = {'rows': len(submission), 'studies': studies, 'spinal_rows_from_model': from_model,
-            'studies_on_priors': {str(k): v for k, v in missing.items()}, 'probabilities': config['loc_submit_probs'],
-            'folds': run['folds'], 'localisers': len(run['localisers']), 'seconds': seconds,
-            'seconds_per_study': seconds / max(studies, 1), 'device': str(device),
+    for (study, condition), rows in on_priors.groupby(['study_id', 'condition'], sort=False):
+        warn(f"submission: study {study}: {condition} {', '.join(rows['level'])} from the priors "
+             f"({rows['reason'].iloc[0]})")
+    info = {'rows': len(submission), 'studies': studies, 'rows_from_model': from_model,
+            'on_priors': on_priors.to_dict(orient='records'), 'probabilities': choice,
+            'conditions': run['config']['conditions'], 'folds': run['folds'], 'localisers': len(run['folds']),
+            'seconds': seconds, 'seconds_per_study': seconds / max(studies, 1), 'device': str(device),
             'issues': json.loads(issues.to_json(orient='records'))}
-    write_atomic(out / 'submission.json', json.dumps(info, indent=1))
-    print(f"submission.csv: {len(submission)} rows, {studies} studies, {from_model} spinal rows from the models "
-          f"({len(missing)} studies on priors), {config['loc_submit_probs']} probabilities, {seconds:.1f} s "
-          f"({info['seconds_per_study']:.2f} s per study on {device})")
+    write_atomic(out / 'submission.json', json.dumps(info, indent=1, default=int))
+    print(f"submission.csv: {len(submission)} rows, {studies} studies, {sum(from_model.values())} rows from the "
+          f"models ({len(on_priors)} trained rows on priors), {seconds:.1f} s ({info['seconds_per_study']:.2f} s "
+          f"per study on {device})")
     return submission, info
+
+
+def submitted_probabilities(run, config):
+    """{condition: 'raw' | 'corrected'}: loc_submit_probs for every condition, or for 'auto' the training run's
+    out-of-fold choice (probabilities.json; without it, 'corrected')."""
+    if config['loc_submit_probs'] != 'auto':
+        return {c: config['loc_submit_probs'] for c in run['config']['conditions']}
+    if run['choice'] is None:
+        warn("loc_submit_probs 'auto': the run has no probabilities.json (no out-of-fold choice): corrected")
+        return {c: 'corrected' for c in run['config']['conditions']}
+    return {c: v['chosen'] for c, v in run['choice'].items()}
 
 
 def probe_after_training(device, samples, config, studies=2):
     """Seconds per study of the work after training, measured on `studies` training studies with untrained
-    models: reading a volume ('read'), one localiser epoch over it ('step', the second of two: the first pays for
-    warm-up), localising it with one model ('localise'), and cropping and classifying its levels with one
-    classifier ('classify'; crops in a scratch cache)."""
+    models, summed over the series types localised: reading its volumes ('read'), one localiser epoch over them
+    ('step', the second of two: the first pays for warm-up), localising them with one model ('localise'), and
+    cropping and classifying the study's points with one classifier ('classify'; crops in a scratch cache)."""
     picked = samples[samples['study_id'].isin(samples['study_id'].unique()[:studies])]
-    jobs, rows_of = annotated_series(picked, config['data_root'])
+    series_of = localised_series(config['conditions'])
     classifier = [(SpineModelV9({**config, 'pretrained': 'none'}).to(device).eval(), config['class_weights'])]
-    times = {'read': [], 'step': [], 'localise': [], 'classify': []}
+    times = {'read': 0.0, 'step': 0.0, 'localise': 0.0, 'classify': 0.0}
     with tempfile.TemporaryDirectory(prefix='le3ba_probe_') as scratch:
         one = {**config, 'loc_epochs': 1, 'loc_batch': 1, 'cache_dir': scratch}
-        for study, series_dir, anchor in jobs:
+        predictions, volumes = {}, {}
+        for series, conds in series_of.items():
             start = time.time()
-            volumes = {study: read_volume(series_dir, config, anchor)}
-            times['read'].append(time.time() - start)
-            targets = {study: level_targets(volumes[study], rows_of[study])}
+            data = localiser_data(picked, config, series, conds, 0)
+            times['read'] += time.time() - start
+            items = training_items(data, list(data['volumes']), LOC_MODE[series])
             for _ in range(2):
                 start = time.time()
-                model = train_localiser(volumes, targets, [study], one, device, config['seed'])[0]
-            times['step'].append(time.time() - start)
+                model = train_localiser(*items, one, device, config['seed'])[0]
+            times['step'] += time.time() - start
             start = time.time()
-            prediction = {study: localise([model], volumes[study], device, config)}
-            times['localise'].append(time.time() - start)
-            start = time.time()
-            classify_rows(point_rows([study], volumes, prediction), classifier, one, device, 0)
-            times['classify'].append(time.time() - start)
-    return {k: float(np.mean(v)) for k, v in times.items()}
+            volumes[series] = data['volumes']
+            predictions[series] = {s: (localise([model], v, device, config) if LOC_MODE[series] == 'volume' else
+                                       localise_levels([model], v, device, config, conds))
+                                   for s, v in data['volumes'].items()}
+            times['localise'] += time.time() - start
+        start = time.time()
+        classify_rows(point_rows(predictions, volumes, series_of), classifier, one, device, 0)
+        times['classify'] += time.time() - start
+    return {k: v / picked['study_id'].nunique() for k, v in times.items()}
 
 
 def after_training_parts(probe, samples, config, folds):
@@ -2649,20 +2972,23 @@ def after_training_plan(probe, samples, config):
 
 def localise_and_submit(device, samples, oof, folds, config, workers, deadline=None, probe=None):
     """The section's GPU work (run through on_device): in a training run (`samples` given) the localisers of the
-    finished `folds` and the cost of localisation on their validation rows; then, where the data root has the
-    test files, submission.csv. The localisers' epochs end by `deadline` less what the work after them needs
+    finished `folds`, the cost of localisation on their validation rows and the choice of raw or prior-corrected
+    probabilities per condition from it (probabilities.json); then, where the data root has the test files,
+    submission.csv. The localisers' epochs end by `deadline` less what the work after them needs
     (after_training_parts from the `probe`). A submission run (submit_from, `samples` None) loads every fold of
     that folder. Returns (localisation or None, submission facts or None)."""
-    loc = None
+    loc, out = None, Path(config['output_dir'])
     if samples is not None:
-        write_atomic(Path(config['output_dir']) / 'priors.json', json.dumps(label_priors(config['data_root'])))
+        write_atomic(out / 'priors.json', json.dumps(label_priors(config['data_root'])))
         if deadline is not None and probe is not None:
             parts = after_training_parts(probe, samples, config, folds)
             deadline -= parts['validation'] + parts['submission']
         loc = train_localisers(samples, folds, config, device, workers, deadline)
-    run = load_run(config['submit_from'] or config['output_dir'], config, device, folds=folds)
+    run = load_run(config['submit_from'] or out, config, device, folds=folds)
     if loc is not None:
         loc['cost'] = localisation_cost(oof, loc, run, config, device, workers)
+        run['choice'] = loc['choice'] = choose_probabilities(loc['cost']['frame'])
+        write_atomic(out / 'probabilities.json', json.dumps(loc['choice'], indent=1))
     if has_test_files(config):
         return loc, write_submission(run, config, device, workers)[1]
     if samples is None:
@@ -2675,11 +3001,23 @@ def cost_line(cost):
     """The report's one line on the cost of localisation."""
     oracle, pred = cost['oracle'], cost['predicted']
     return (f"- Cost of localisation ({cost['rows']} validation rows, the same final models): BA "
-            f"{oracle['ba']:.4f} oracle -> {pred['ba']:.4f} predicted points; spinal terms prior-corrected "
+            f"{oracle['ba']:.4f} oracle -> {pred['ba']:.4f} predicted points; mean of the terms prior-corrected "
             f"{oracle['corrected']['competition_score_part']:.4f} -> "
             f"{pred['corrected']['competition_score_part']:.4f}, "
             f"raw {oracle['competition_score_part']:.4f} -> {pred['competition_score_part']:.4f} (lower is better; "
-            f"{cost['fallback_rows']} rows on priors: no prediction or crop).")
+            f"{cost['fallback_rows']} rows on priors: no predicted point or crop).")
+
+
+def cost_table(cost, choice):
+    """The official metric's terms with oracle and predicted points side by side on the same rows, raw and
+    prior-corrected, and the probabilities a submission takes per term's conditions (lower out-of-fold loss)."""
+    oracle, pred = cost['oracle'], cost['predicted']
+    chosen = {term: ', '.join(sorted({v['chosen'] for c, v in choice.items() if METRIC_GROUPS.get(term, SPINAL) in c}))
+              for term in oracle['competition_terms']}
+    return pd.DataFrame({'oracle raw': oracle['competition_terms'], 'predicted raw': pred['competition_terms'],
+                         'oracle corrected': oracle['corrected']['competition_terms'],
+                         'predicted corrected': pred['corrected']['competition_terms'],
+                         'submitted': chosen}).rename_axis('term').round(4)
 
 
 def localisation_report(loc, submission_info, config):
@@ -2688,36 +3026,51 @@ def localisation_report(loc, submission_info, config):
         return []
     lines = ['## Localisation and submission', '']
     if loc is not None:
-        lines += [(f"Localiser: UNet width {config['loc_channels']} on {config['loc_size']} px slices, "
-                   f"{config['loc_epochs']} epochs, one per trained fold, measured on its validation studies "
-                   '(slice accuracy by anatomical position; point error in-plane, on the annotated slice):'), '',
-                  md_table(loc['metrics']), '']
+        lines += [(f"Localisers: a UNet of width {config['loc_channels']} per series type "
+                   f"({', '.join(f'{s}: {len(c)} condition(s)' for s, c in loc['series'].items())}) on "
+                   f"{config['loc_size']} px slices, {config['loc_epochs']} epochs, one set per trained fold, measured "
+                   'on its validation studies (slice accuracy by anatomical position; point error: patient mm between '
+                   'the predicted and annotated points; the axial slices are those the DICOM geometry picks from the '
+                   'predicted spinal canal points):'), '', md_table(loc['metrics']), '']
         if 'cost' in loc:
-            lines += [cost_line(loc['cost']), '- Predicted points, terms: ' + ', '.join(
-                f'{k} {v:.4f}' for k, v in loc['cost']['predicted']['corrected']['competition_terms'].items())
-                + ' (corrected).']
-        if loc['failed']:
-            lines.append(f"- Studies whose series could not be read (not used): {len(loc['failed'])}.")
-        short = {f: len(v) for f, v in loc['losses'].items() if len(v) < config['loc_epochs']}
+            lines += [cost_line(loc['cost']), '',
+                      ("The official metric's terms on those rows, oracle and predicted points (lower is better; "
+                       "'submitted': the probabilities submission.csv takes for the term's conditions, the lower "
+                       'out-of-fold loss at predicted points, probabilities.json):'), '',
+                      md_table(cost_table(loc['cost'], loc['choice'])), '']
+            if loc['cost']['fallback_rows']:
+                lines.append('- Validation rows on priors (no predicted point or crop), by condition: ' + ', '.join(
+                    f'{c} {n}' for c, n in loc['cost']['fallback_by_condition'].items()) + '.')
+        failed = {s: len(f) for s, f in loc['failed'].items() if f}
+        if failed:
+            lines.append(f'- Studies whose series could not be read (not used): {failed}.')
+        short = {(f, s): len(v) for f, by in loc['losses'].items() for s, v in by.items()
+                 if len(v) < config['loc_epochs']}
         if short:
             lines.append('- Localisers stopped by the time budget: ' + ', '.join(
-                f"fold {f} after epoch {n} of {config['loc_epochs']}" for f, n in short.items()) + '.')
+                f"fold {f} {s} after epoch {n} of {config['loc_epochs']}" for (f, s), n in short.items()) + '.')
         lines.append('')
     if submission_info is not None:
-        info = submission_info
-        lines += [(f"- submission.csv: {info['rows']} rows, {info['studies']} test studies; "
-                   f"{info['spinal_rows_from_model']} spinal canal rows from the localiser and the fold models "
-                   f"({', '.join(info['folds'])}) averaged; "
-                   f"{len(info['studies_on_priors'])} studies' spinal rows on priors (no usable "
-                   f"{CONDITION_SERIES[SPINAL]} series). The other 20 targets per study (foraminal, subarticular) "
-                   "are not trained here: they get train.csv's class frequencies for that condition and level "
-                   '(add-one smoothed).'),
-                  (f"- Probabilities submitted: {info['probabilities']} "
-                   + ('(prior-corrected: the metric weights rows 1/2/4 by label, and the model was trained with its '
-                      'own class weights; re-weighting to the metric lowers its expected loss; the priors are '
-                      're-weighted the same way).' if info['probabilities'] == 'corrected' else
-                      '(the softmax and the plain class frequencies).')),
-                  f"- Prediction time: {info['seconds_per_study']:.2f} s per study on {info['device']}.", '']
+        lines += submission_lines(submission_info)
+    return lines
+
+
+def submission_lines(info):
+    """The report's lines on submission.csv."""
+    untrained = sorted(set(CONDITION_SERIES) - set(info['conditions']))
+    on_priors = pd.DataFrame(info['on_priors'], columns=['study_id', 'condition', 'level', 'reason'])
+    lines = [(f"- submission.csv: {info['rows']} rows, {info['studies']} test studies; rows from the localisers and "
+              f"the fold models ({', '.join(info['folds'])}) averaged, by condition: "
+              + ', '.join(f'{c} {n}' for c, n in info['rows_from_model'].items()) + '.'),
+             (f'- Trained rows on priors (train.csv\'s class frequencies for that condition and level, add-one '
+              f'smoothed): {len(on_priors)}' + ('.' if on_priors.empty else ', by condition and reason: ' + '; '.join(
+                  f'{c}: {r} ({n})' for (c, r), n in on_priors.groupby(['condition', 'reason']).size().items()) + '.'))]
+    if untrained:
+        lines.append(f'- Not trained here, all rows on priors: {", ".join(untrained)}.')
+    lines += ['- Probabilities submitted per condition (raw softmax, or prior-corrected: re-weighted to the metric\'s '
+              '1/2/4 row weights; the priors the same way): ' + ', '.join(
+                  f'{c} {v}' for c, v in info['probabilities'].items()) + '.',
+              f"- Prediction time: {info['seconds_per_study']:.2f} s per study on {info['device']}.", '']
     return lines
 
 
@@ -4177,9 +4530,11 @@ if localiser_wanted(CONFIG):
     if LOCALISATION is not None:
         LOCALISATION['table'].to_csv(OUTPUT_DIR / 'localisation.csv', index=False)
         print(LOCALISATION['metrics'].to_string())
-        plot_localisation(LOCALISATION['volumes'], LOCALISATION['targets'], LOCALISATION['predictions'],
-                          list(LOCALISATION['predictions'])[:4])
+        for _series in LOCALISATION['series']:  # localisation.png: Sagittal T2/STIR; then one figure per series type
+            plot_localisation(LOCALISATION, _series, 'localisation' + ('' if _series == 'Sagittal T2/STIR' else
+                                                                       '_' + _series.lower().replace(' ', '_')))
         print(cost_line(LOCALISATION['cost']))
+        print(cost_table(LOCALISATION['cost'], LOCALISATION['choice']).to_string())
 
 # %% [markdown]
 # ## 10. Results report

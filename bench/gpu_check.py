@@ -74,7 +74,7 @@ def main(argv=None):
     setup_left_cuda_alone = not torch.cuda.is_initialized()  # the setup cells ran; nothing else has used CUDA
     # (8), before anything here touches CUDA: the GPU work of the localiser section runs in a child process
     child = nb["on_device"](lambda dev: (dev.type, float(nb["LevelLocaliser"](8).to(dev)(
-        torch.zeros(2, 3, 64, 64, device=dev)).float().abs().sum())))
+        torch.zeros(2, 4, 64, 64, device=dev)).float().abs().sum())))
     after_child = not torch.cuda.is_initialized()
     processes = nb["checked_processes"]({**nb["CONFIG"], "processes": "auto"})
     samples, _ = nb["build_sample_table"](config)

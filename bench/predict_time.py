@@ -1,7 +1,8 @@
 """Prediction time per test study on this machine's CPU at the notebook's default sizes (EfficientNet-V2-S
-classifier at 256 px, localiser at 256 px, one fold; random weights: the time does not depend on them).
+classifier at 256 px, localisers at 256 px, one fold; random weights: the time does not depend on them), for all
+25 targets by default: the three series types' localisers, the axial slices placed through the geometry, 25 crops.
 
-Usage: python bench/predict_time.py [--studies 4] [--workers 2]
+Usage: python bench/predict_time.py [--studies 4] [--workers 2] [--conditions spinal_canal_stenosis ...]
 """
 
 import argparse
@@ -20,30 +21,37 @@ sys.path.insert(0, str(REPO / "tools"))
 from make_demo_studies import make_study_set  # noqa: E402
 from notebook_cells import notebook_namespace  # noqa: E402
 
+ALL_FIVE = ["spinal_canal_stenosis", "left_neural_foraminal_narrowing", "right_neural_foraminal_narrowing",
+            "left_subarticular_stenosis", "right_subarticular_stenosis"]
+
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--studies", type=int, default=4)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--conditions", nargs="+", default=ALL_FIVE, help="default: all five (the 25 targets)")
     a = p.parse_args(argv)
     tmp = Path(tempfile.mkdtemp())
     make_study_set(tmp / "data", n_studies=2, seed=0, test_studies=a.studies)
     nb = notebook_namespace({"data_root": str(tmp / "data"), "output_dir": str(tmp / "out"), "pretrained": "none",
-                             "num_workers": a.workers})
+                             "num_workers": a.workers, "conditions": a.conditions})
     config, cpu = nb["CONFIG"], torch.device("cpu")
     fold = tmp / "out" / "fold0"
     fold.mkdir(parents=True)
     torch.save({"model": nb["SpineModelV9"](config).state_dict(), "kind": "swa", "config": config,
                 "class_weights": config["class_weights"]}, fold / "final.pt")
-    torch.save({"model": nb["LevelLocaliser"](config["loc_channels"]).state_dict(),
-                "config": {k: config[k] for k in nb["LOC_KEYS"]}, "version": nb["LOCALISER_VERSION"]},
-               fold / "localiser.pt")
+    series = nb["localised_series"](config["conditions"])  # a localiser per series type, maps as trained
+    maps = {s: len(c) * (5 if nb["LOC_MODE"][s] == "volume" else 1) for s, c in series.items()}
+    torch.save({"models": {s: nb["LevelLocaliser"](config["loc_channels"], m).state_dict() for s, m in maps.items()},
+                "series": series, "config": {k: config[k] for k in nb["LOC_KEYS"]},
+                "version": nb["LOCALISER_VERSION"]}, fold / "localiser.pt")
     (tmp / "out" / "priors.json").write_text(json.dumps(nb["label_priors"](config["data_root"])))
     run = nb["load_run"](tmp / "out", config, cpu)
     cpu_start = time.process_time()  # CPU time of all this process's threads (--workers 1: all the work)
     _, info = nb["write_submission"](run, config, cpu, a.workers)
     cpu_seconds = (time.process_time() - cpu_start) / info["studies"]
     print(f"{info['seconds_per_study']:.2f} s wall, {cpu_seconds:.2f} s CPU per study ({info['studies']} studies, "
+          f"{sum(info['rows_from_model'].values())} rows from the models, {len(info['on_priors'])} on priors, "
           f"one fold, {torch.get_num_threads()} torch threads, {a.workers} workers; load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
 

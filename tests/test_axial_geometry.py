@@ -160,3 +160,57 @@ def test_generated_canal_points_find_the_subarticular_slices(nb, tmp_path):
             assert right < x < left  # patient left is +x, and the axial rows run to patient left
             assert abs(x - (left + right) / 2) * ax_sp[1] <= 0.55
     assert checked >= 30  # 4 studies x 5 levels x 2 sides, less the labels the generator left out
+
+
+def fake_localiser(n, size, peaks):
+    """A stand-in localiser whose logits are +10 at each map's (slot, row, column) in `peaks` {map: [(slot, v, u)]}
+    and -10 elsewhere (for any input: the decoding and the side rule are what is tested)."""
+    import torch
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            logits = torch.full((n, len(peaks), size, size), -10.0)
+            for m, points in peaks.items():
+                for j, v, u, value in points:
+                    logits[j, m, v, u] = value
+            return logits
+
+    return Fixed()
+
+
+def sagittal_volume(xs, size=64):
+    """A localiser volume of len(xs) slices whose image centres lie at patient x = xs (slot order: increasing x,
+    patient right to left), 1 mm grid pixels."""
+    n = len(xs)
+    return {"image": np.zeros((n, size, size), np.uint8), "valid": np.ones(n, bool), "instance": np.arange(n),
+            "to_grid": np.tile([1.0, 0.0, 1.0, 0.0], (n, 1)), "image_shape": np.tile([size, size], (n, 1)),
+            "spacing": np.ones((n, 2)), "centre_mm": np.array([[x, 0.0, 0.0] for x in xs])}
+
+
+def test_a_left_foramen_is_never_read_from_the_right_side(nb):
+    """Heatmaps that put each left level's strongest peak on a slice right of the canal (patient x -15 mm, LPS)
+    and a weaker one on the left (+15 mm), and the right levels the other way round: unconstrained, the decoder
+    takes the wrong sides; with side_slices (midline x = 0, the canal's) every left point is on the left slice and
+    every right point on the right one; a side with no slice (all slices right of the midline) has no point."""
+    import torch
+
+    xs = [-20.0, -15.0, -10.0, -5.0, 0.0, 5.0, 10.0, 15.0, 20.0]
+    maps = nb["map_names"](["left_neural_foraminal_narrowing", "right_neural_foraminal_narrowing"])
+    rows = [2, 17, 32, 47, 62]  # 15 mm apart: the levels' order rule (LEVEL_GAP_MM) holds
+    wrong, right_side = 1, 7  # slots at x = -15 (patient right) and x = +15 (patient left)
+    peaks = {m: [((wrong if cond.startswith("left") else right_side), rows[level], 30, 10.0),
+                 ((right_side if cond.startswith("left") else wrong), rows[level], 30, 8.0)]
+             for m, (cond, level) in enumerate(maps)}
+    volume, config = sagittal_volume(xs), {**nb["CONFIG"], "precision": "fp32"}
+    model = fake_localiser(len(xs), 64, peaks)
+    cpu = torch.device("cpu")
+    free = nb["localise"]([model], volume, cpu, config)
+    assert (free[:5, 0] == wrong).all() and (free[5:, 0] == right_side).all()  # the mirror-image mistake
+    sided = nb["localise"]([model], volume, cpu, config, allowed=nb["side_slices"](volume, maps, 0.0))
+    assert (sided[:5, 0] == right_side).all() and (sided[5:, 0] == wrong).all()
+    x_of = np.array(xs)[sided[:, 0].astype(int)]
+    assert (x_of[:5] > 0).all() and (x_of[5:] < 0).all()
+    np.testing.assert_allclose(sided[:, 2], rows * 2, atol=0.5)
+    right_only = sagittal_volume([x - 30 for x in xs])  # every slice right of the midline
+    none_left = nb["localise"]([model], right_only, cpu, config, allowed=nb["side_slices"](right_only, maps, 0.0))
+    assert np.isnan(none_left[:5]).all() and not np.isnan(none_left[5:]).any()

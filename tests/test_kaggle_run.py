@@ -93,14 +93,16 @@ def test_localisers_share_the_time_left_and_stop_at_their_deadline(loc_setup, mo
     monkeypatch.setitem(nb, "train_localiser", train_localiser)
     nb["WARNINGS"].clear()
     loc = nb["train_localisers"](samples, [0, 1], config, CPU, 1, deadline=35.0)
-    assert {f: len(losses) for f, losses in loc["losses"].items()} == {0: 1, 1: 2}
+    assert {f: len(losses["Sagittal T2/STIR"]) for f, losses in loc["losses"].items()} == {0: 1, 1: 2}
     assert clock[0] == pytest.approx(30.0)
     assert [w for w in nb["WARNINGS"] if "localiser stopped" in w] == [
-        "fold 0: localiser stopped by the time budget after epoch 1 of 6",
-        "fold 1: localiser stopped by the time budget after epoch 2 of 6"]
-    assert set(loc["predictions"]) == set(fold_of.index[fold_of.isin([0, 1])]) - set(loc["failed"])
+        "fold 0: Sagittal T2/STIR localiser stopped by the time budget after epoch 1 of 6",
+        "fold 1: Sagittal T2/STIR localiser stopped by the time budget after epoch 2 of 6"]
+    assert set(loc["predictions"]["Sagittal T2/STIR"]) == (set(fold_of.index[fold_of.isin([0, 1])])
+                                                           - set(loc["failed"]["Sagittal T2/STIR"]))
     lines = nb["localisation_report"](loc, None, config)
-    assert "- Localisers stopped by the time budget: fold 0 after epoch 1 of 6, fold 1 after epoch 2 of 6." in lines
+    assert ("- Localisers stopped by the time budget: fold 0 Sagittal T2/STIR after epoch 1 of 6, fold 1 Sagittal "
+            "T2/STIR after epoch 2 of 6.") in lines
 
 
 def test_on_device_runs_in_a_child_unless_this_process_initialised_cuda(nb, monkeypatch):
