@@ -116,12 +116,17 @@ def test_classifier_with_predicted_points_beside_oracle(setup, trained):
     assert cost["oracle"]["corrected"]["competition_terms"] == pytest.approx(
         oracle["corrected"]["competition_terms"])
     assert np.isfinite(cost["predicted"]["corrected"]["competition_score_part"])
-    perfect = {**trained, "points": nb["point_rows"](trained["targets"], trained["target_volumes"], trained["series"])}
+    perfect = {**trained, "points": nb["point_rows"](trained["targets"], trained["target_volumes"],
+                                                     trained["series"])}  # the annotated points as predictions
     exact = nb["localisation_cost"](oof, perfect, run, config, CPU, 1)
     assert exact["predicted"]["corrected"]["competition_terms"] == pytest.approx(
         oracle["corrected"]["competition_terms"], abs=1e-4)
-    lines = nb["localisation_report"](trained | {"cost": cost}, None, config)
+    choice = nb["choose_probabilities"](cost["frame"])
+    spinal = choice["spinal_canal_stenosis"]
+    assert spinal["chosen"] == min(("raw", "corrected"), key=spinal.get)
+    lines = nb["localisation_report"](trained | {"cost": cost, "choice": choice}, None, config)
     assert any(line.startswith("- Cost of localisation") for line in lines)
+    assert "\n| spinal | " in "\n".join(lines)  # the terms, oracle beside predicted
 
 
 # --- the localiser's pieces, each against a hand-made answer (no training) ---
