@@ -174,9 +174,11 @@ CONFIG = {
     'demo_studies': 48,          # size of that synthetic set
     'demo_data': 'clean',        # clean: learnable in minutes | realistic: the real class mix and data quirks
                                  # (tools/make_demo_studies.py REALISTIC): tests the data handling, learns little
-    'conditions': ['spinal_canal_stenosis'],  # train.csv column prefixes trained, each on its own series
-                                 # (CONDITION_SERIES); ['spinal_canal_stenosis'] is the plan's run; all five:
-                                 # list(CONDITION_SERIES) (one model, a condition x level embedding)
+    'conditions': [              # train.csv column prefixes trained, each on its own series (CONDITION_SERIES):
+        'spinal_canal_stenosis',  # all five, the competition's 25 targets (one model, a condition x level
+        'left_neural_foraminal_narrowing', 'right_neural_foraminal_narrowing',  # embedding);
+        'left_subarticular_stenosis', 'right_subarticular_stenosis'],  # ['spinal_canal_stenosis'] alone is
+                                 # exactly the plan's run
     'intensity': 'minmax',       # minmax (v4's choice) | window | percentile | series_percentile | dicom: Task 1.1
     'window_center': 50,         # used by intensity='window' (the plan's literal WC/WW)
     'window_width': 350,         # (WW 350 keeps values in [-125, 225] only)
@@ -794,7 +796,8 @@ def check_disk(needs):
                       if runtime_environment() == 'kaggle' else '')
             raise OSError(f'Not enough disk: this run will write {need / GiB:.2f} GiB to {what}, and only '
                           f'{free / GiB:.2f} GiB is free there{kaggle}. Free some space, or point output_dir / '
-                          'cache_dir at a larger disk, or train fewer folds per run.')
+                          'cache_dir at a larger disk, or train fewer folds per run; the crop cache shrinks with '
+                          'fewer conditions (each adds its studies x 5 samples) or a smaller img_size.')
 
 
 def check_resources(config, n_samples):

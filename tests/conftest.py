@@ -26,7 +26,8 @@ def nb(study_set, tmp_path_factory):
     """The notebook's definitions, set up on the session's generated study set (CPU, small sizes)."""
     out = tmp_path_factory.mktemp("run")
     return notebook_namespace({"data_root": str(study_set), "output_dir": str(out), "img_size": 64,
-                               "num_workers": 0, "backbone": "mobilenet_v3_small", "pretrained": "none"})
+                               "num_workers": 0, "backbone": "mobilenet_v3_small", "pretrained": "none",
+                               "conditions": ["spinal_canal_stenosis"]})  # the plan's run; all five: own tests
 
 
 @pytest.fixture(scope="session")

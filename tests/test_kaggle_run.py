@@ -63,6 +63,7 @@ def loc_setup(loc_study_set, tmp_path_factory):
     out = tmp_path_factory.mktemp("loc_budget")
     nb = notebook_namespace({"data_root": str(loc_study_set), "output_dir": str(out), "img_size": 64,
                              "num_workers": 0, "backbone": "mobilenet_v3_small", "pretrained": "none",
+                             "conditions": ["spinal_canal_stenosis"],
                              "num_folds": 4, **LOC, "loc_epochs": 6})
     samples, _ = nb["build_sample_table"](nb["CONFIG"])
     return nb, nb["assign_folds"](samples, nb["CONFIG"])

@@ -18,6 +18,7 @@ def setup(loc_study_set, tmp_path_factory):
     out = tmp_path_factory.mktemp("loc_run")
     nb = notebook_namespace({"data_root": str(loc_study_set), "output_dir": str(out), "img_size": 64,
                              "num_workers": 0, "backbone": "mobilenet_v3_small", "pretrained": "none",
+                             "conditions": ["spinal_canal_stenosis"],
                              "num_folds": 4, **LOC})
     config = nb["CONFIG"]
     samples, _ = nb["build_sample_table"](config)

@@ -295,7 +295,7 @@ def test_cache_workers_die_when_the_notebook_is_killed(study_set, tmp_path):
             time.sleep(60)
 
         ns = notebook_namespace({{"data_root": {str(study_set)!r}, "output_dir": {str(tmp_path / "out")!r},
-                                  "num_workers": 2, "img_size": 32}})
+                                  "num_workers": 2, "img_size": 32, "conditions": ["spinal_canal_stenosis"]}})
         ns["preprocess_series"] = slow
         samples, _ = ns["build_sample_table"](ns["CONFIG"])
         ns["build_cache"](samples, ns["CONFIG"], 2)

@@ -188,7 +188,7 @@ def test_learns_a_clear_signal_to_balanced_accuracy_080(tmp_path, pooling):
     root = tmp_path / "data"
     make_study_set(root, n_studies=48, seed=7, class_mix=(0.5, 0.25, 0.25))
     ns = notebook_namespace({"demo": True, "data_root": str(root), "output_dir": str(tmp_path / "run"),
-                             "num_workers": 2, "pooling": pooling})
+                             "num_workers": 2, "pooling": pooling, "conditions": ["spinal_canal_stenosis"]})
     config = ns["CONFIG"]
     samples, _ = ns["build_sample_table"](config)
     cached = ns["build_cache"](ns["assign_folds"](samples, config), config, 2)[:3]
