@@ -106,16 +106,21 @@ def side_runs(nb, tmp_path_factory):
 
 def test_each_side_condition_is_learned_from_its_own_side(side_runs):
     """Balanced accuracy of the SWA model on fold 0's validation rows (48 studies, the demo preset's sizes), per side
-    and with left and right pooled ('both_'). The foramina are learned from their own side; the control, every left
-    and right label exchanged in train.csv only, stays near chance (1/3). The generated subarticular recesses are
-    small (5-6 mm open, 2 mm severe: a few pixels of a 64 px crop of 60 mm), so that condition is learned weakly and
-    noisily per side; it is asserted pooled, against its control. Measured (2026-12-03, torch 2.14.1, `python -m
-    pytest -s tests/test_conditions.py -k learned`): foramina 0.90 / 0.77, subarticular 0.43 / 0.48 (pooled 0.43);
-    exchanged 0.27 / 0.34 / 0.32 / 0.31 (pooled subarticular 0.32)."""
+    and with left and right pooled ('both_'). Each side condition is learned from its own side; the control, every
+    left and right label exchanged in train.csv only, stays near chance (1/3) for the foramina, whose other side lies
+    on another slice. The axial crop of one subarticular recess (60 mm) also holds the other side's, ~20 mm off its
+    centre, so the subarticular control can learn some of the exchanged label from there: it is held below the real
+    model per side and pooled, not below 0.45. Measured (2026-12-03, torch 2.14.1, `python -m pytest -s
+    tests/test_conditions.py -k learned`): foramina 0.97 / 0.97, subarticular 0.75 / 0.81 (pooled 0.79); exchanged
+    0.28 / 0.37 / 0.56 / 0.36 (pooled subarticular 0.45). Before the recesses grew (3.0 x 2.5 mm open, axes linear
+    in the open fraction): subarticular 0.43 / 0.48 (pooled 0.43), exchanged 0.32 / 0.31."""
     real, exchanged = side_runs
     print(pd.DataFrame({"real": real, "left/right exchanged": exchanged}).round(3).to_string())
-    assert (real[SIDES[:2]] >= 0.70).all(), real
-    assert (exchanged[SIDES] < 0.45).all(), exchanged
-    assert (real - exchanged)[SIDES[:2]].min() >= 0.25
-    sub = "both_subarticular_stenosis"
-    assert real[sub] >= 0.40 and real[sub] - exchanged[sub] >= 0.06, (real[sub], exchanged[sub])
+    fora, sub = SIDES[:2], SIDES[2:]
+    assert (real[fora] >= 0.70).all(), real
+    assert (exchanged[fora] < 0.45).all(), exchanged
+    assert (real - exchanged)[fora].min() >= 0.25
+    assert (real[sub] >= 0.60).all(), real
+    assert (real - exchanged)[sub].min() >= 0.10, (real - exchanged)[sub]
+    both = "both_subarticular_stenosis"
+    assert real[both] >= 0.65 and real[both] - exchanged[both] >= 0.20, (real[both], exchanged[both])

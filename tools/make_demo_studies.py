@@ -68,6 +68,13 @@ OTHER_MIX = (0.7, 0.2, 0.1)
 # Fraction of the canal (or foramen / recess) left open at a disc, per severity: (low, high).
 CANAL_OPEN = [(0.85, 1.0), (0.42, 0.58), (0.10, 0.20)]
 SIDE_OPEN = [(0.85, 1.0), (0.50, 0.65), (0.25, 0.35)]
+# Subarticular recess on Axial T2: an ellipse of half-axes (x, y) RECESS_HALF_MM times open ** RECESS_SHRINK, so that
+# its area falls with the cube of the open fraction: up to 12 x 10 mm open (13 x 11 px of a 64 px crop of 60 mm),
+# ~5 x 4 mm moderate, ~2 x 1.5 mm severe. Centred 9-11 mm from the midline (recess_x), it shows as an ear lateral of the
+# canal (the canal's pixels are left as they are); its soft edge stays 2.5 mm or more off the midline, clear of the
+# other side's recess, and within 6.5 mm (x) and 5.5 mm (y) of its own annotated point.
+RECESS_HALF_MM = (6.0, 5.0)
+RECESS_SHRINK = 1.5
 SAG_IOP = [0.0, 1.0, 0.0, 0.0, 0.0, -1.0]  # rows run posterior, columns run inferior
 AX_IOP = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]  # rows run to patient left, columns posterior
 EDGE_FRAC = 0.10  # studies whose annotated spinal slice lies at or next to the series edge
@@ -321,8 +328,9 @@ def _axial_anatomy(anat, xx, yy, zz):
     vol = vol + canal * (0.95 - vol)
     ry = yc - anat.hw0 * 0.3
     for side, sign in enumerate((1, -1)):
-        g = anat.narrowing(zz, anat.sub_open[side])
-        vol = vol + ellipse(sign * anat.recess_x, ry, 3.0 * g, 2.5 * g) * (0.9 - vol)
+        g = anat.narrowing(zz, anat.sub_open[side]) ** RECESS_SHRINK
+        recess = ellipse(sign * anat.recess_x, ry, RECESS_HALF_MM[0] * g, RECESS_HALF_MM[1] * g)
+        vol = vol + recess * np.maximum(0.9 - vol, 0)  # brightens up to 0.9, never dims the canal
     return vol.astype(np.float32)
 
 
