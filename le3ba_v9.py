@@ -1863,35 +1863,42 @@ print('dummy forward: logits', tuple(_logits.shape), 'attention', tuple(_weights
 del _model, _logits, _weights
 
 # %% [markdown]
-# ## Beyond the plan: level localiser, predicted points, Kaggle submission
+# ## Beyond the plan: localisers, predicted points, Kaggle submission
 # Everything the plan measures is on crops at the annotated point; test studies have no annotations. This section
 # (on when the data root holds the competition's test files, or `localiser: 'on'`, or `submit_from` is set) runs
 # after section 9; it is defined here, before training, because the training cell first measures its work per
 # study (`probe_after_training`) and keeps that time free in the time budget (`AFTER_TRAINING_S`):
-# 1. **Localiser.** Each study's Sagittal T2/STIR series is read through the classifier's path (file names as
-#    instance numbers, `stack_slots` for patient-axis order, repeated stacks and gaps, `decode_dicom` /
-#    `map_intensity` / `apply_clahe`) and every slice is resized to a `loc_size` square grid. A small UNet sees
-#    each slice with its two neighbours (3 channels) and draws 5 heatmaps, one per level; one softmax per level
-#    runs over all slices and pixels of the series, so the slice with the most probability mass is the level's
-#    slice and the weighted centre around the peak is its (x, y), mapped back to that slice's pixels. Targets: the
-#    spinal canal points of `train_label_coordinates.csv` (a Gaussian blob, `loc_sigma`). One localiser per
-#    trained fold, on that fold's training studies: a validation study is seen by neither model.
-#    **Which series:** in training, the annotated one; otherwise the study's Sagittal T2/STIR series with the most
-#    DICOM files (ties: the lowest series_id).
-# 2. **Measured on the validation fold:** exact and within-one-slice accuracy of the slice (anatomical position),
-#    in-plane point error in mm (median, 90th percentile), per level, and a figure.
+# 1. **Localisers**, one per series type (`LOC_MODE`). Each series is read through the classifier's path (file names
+#    as instance numbers, `stack_slots` for patient-axis order, repeated stacks and gaps, `decode_dicom` /
+#    `map_intensity` / `apply_clahe`) and every slice is framed on a `loc_size` square grid in one view orientation.
+#    A small UNet sees each slice with its two neighbours and its place in the series and draws one heatmap per
+#    point. Sagittal T2/STIR (the spinal canal, 5 maps) and Sagittal T1 (each foramen's 5 levels, 10 maps): one
+#    softmax per map over all slices and pixels, so the slice with the most mass is the point's slice and the
+#    weighted centre around the peak its (x, y); a foramen only on slices on its side of the predicted canal.
+#    Axial T2: each level's slice is the one the DICOM geometry places at the level's predicted spinal canal point
+#    (patient frame: ImagePositionPatient, ImageOrientationPatient, PixelSpacing), and a 2-map UNet finds the
+#    left and right points in it. Targets: the points of `train_label_coordinates.csv` (a Gaussian blob,
+#    `loc_sigma`). One set of localisers per trained fold, on that fold's training studies: a validation study is
+#    seen by none of them. **Which series:** in training, the annotated one; otherwise the study's series of that
+#    type with the most DICOM files (ties: the lowest series_id).
+# 2. **Measured on the validation fold**, per condition: exact and within-one-slice accuracy of the slice
+#    (anatomical position) and the distance between predicted and annotated points in patient mm, and a figure per
+#    series type.
 # 3. **Cost of localisation:** the same validation rows and the same final model (`fold{k}/final.pt`), cropped at
-#    the predicted slice and point instead of the annotated ones; a row whose predicted crop cannot be built gets
-#    the training priors and is counted.
+#    the predicted slices and points instead of the annotated ones: the official metric's terms side by side; a row
+#    whose predicted point or crop cannot be built gets the training priors and is counted. Each condition's
+#    probabilities are then submitted raw or prior-corrected, whichever has the lower loss there.
 # 4. **Submission** (`submission.csv` in `output_dir`, and in `/kaggle/working` on Kaggle): every row of
-#    `sample_submission.csv`. Spinal canal rows: the fold localisers' heatmaps averaged, then each fold's classifier
-#    on the crops at those points, probabilities averaged over folds. The other 20 targets (not trained here) and
-#    any study whose Sagittal T2/STIR series is missing or unreadable: the training set's class frequencies per
-#    (condition, level) from train.csv, add-one smoothed. `loc_submit_probs: 'corrected'` (the default) submits
-#    prior-corrected probabilities (model and frequencies alike re-weighted by the metric's 1/2/4 row weights: the
-#    metric's expected loss is lowest there); 'raw' submits the softmax and the plain frequencies.
+#    `sample_submission.csv`. Each trained target: the fold localisers' heatmaps averaged, then each fold's
+#    classifier on the crops at those points, probabilities averaged over folds. Targets not trained, a study whose
+#    series of that type is missing or unreadable and an axial level no slice covers: the training set's class
+#    frequencies per (condition, level) from train.csv, add-one smoothed, counted with the reason.
+#    `loc_submit_probs: 'auto'` (the default) takes per condition the lower out-of-fold loss of prior-corrected
+#    probabilities (model and frequencies re-weighted by the metric's 1/2/4 row weights: the metric's expected loss
+#    is lowest there) and the raw softmax (plain frequencies); 'corrected' or 'raw' force one for all.
 #    Both the training run and a `submit_from` run build the submission from the files in an output folder
-#    (`fold*/final.pt`, `fold*/localiser.pt`, `priors.json`), so a submission run reproduces it exactly.
+#    (`fold*/final.pt`, `fold*/localiser.pt`, `priors.json`, `probabilities.json`), so a submission run reproduces
+#    it exactly.
 
 # %% tags=["defs"]
 from torchvision.ops import Conv2dNormActivation
@@ -2397,7 +2404,7 @@ def plot_localisation(loc, series, name, count=4):
     the L3/L4 point of the series' first condition (the axial localiser: that level's slice, its annotated points
     drawn at their place on their own slice); the caption gives each point's slice error."""
     volumes, targets, predictions = (loc[k][series] for k in ('volumes', 'targets', 'predictions'))
-    studies = [s for s in predictions if s in targets and not np.isnan(predictions[s][2, 0])][:count]
+    studies = [s for s in volumes if s in targets and not np.isnan(predictions[s][2, 0])][:count]
     if not studies:
         return
     fig, axes = plt.subplots(1, len(studies), figsize=(3.2 * len(studies), 3.6), squeeze=False)
@@ -2992,6 +2999,11 @@ def localise_and_submit(device, samples, oof, folds, config, workers, deadline=N
         loc['cost'] = localisation_cost(oof, loc, run, config, device, workers)
         run['choice'] = loc['choice'] = choose_probabilities(loc['cost']['frame'])
         write_atomic(out / 'probabilities.json', json.dumps(loc['choice'], indent=1))
+    if loc is not None:  # the kernel gets the volumes its figures show, not a fold's worth of them
+        loc = {**loc, 'target_volumes': None, 'volumes': {
+            series: {s: v for s, v in itertools.islice(((s, v) for s, v in volumes.items()
+                                                         if not np.isnan(loc['predictions'][series][s][2, 0])), 4)}
+            for series, volumes in loc['volumes'].items()}}
     if has_test_files(config):
         return loc, write_submission(run, config, device, workers)[1]
     if samples is None:

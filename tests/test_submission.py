@@ -122,9 +122,10 @@ def hour_epochs(namespace, source):
 
 @pytest.fixture(scope="module")
 def flow_set(tmp_path_factory):
-    """A clean 48-study set with an 8-study test split (seed 5): enough studies for five conditions to learn."""
+    """A clean 48-study set (seed 5): enough studies for five conditions to learn, and a 16-study test split: on 8
+    the subarticular term moved by 0.5 between halves of the split."""
     root = tmp_path_factory.mktemp("flow_data")
-    make_study_set(root, n_studies=48, seed=5, test_studies=8)
+    make_study_set(root, n_studies=48, seed=5, test_studies=16)
     return root
 
 
@@ -177,8 +178,8 @@ def test_kaggle_flow_training_run_writes_a_valid_submission_that_beats_the_prior
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-9)
     info = json.loads((runs / "train" / "submission.json").read_text())
     for condition in CONDITIONS:  # 6 test studies x 5 levels
-        assert info["rows_from_model"][condition] >= (40 if "subarticular" not in condition else 32), condition
-    assert len(info["on_priors"]) == 200 - sum(info["rows_from_model"].values())  # 8 test studies x 25
+        assert info["rows_from_model"][condition] >= (80 if "subarticular" not in condition else 64), condition
+    assert len(info["on_priors"]) == 400 - sum(info["rows_from_model"].values())  # 16 test studies x 25
     choice = json.loads((runs / "train" / "probabilities.json").read_text())
     assert set(choice) == set(CONDITIONS) and info["probabilities"] == {c: v["chosen"] for c, v in choice.items()}
     assert all(v["chosen"] == min(("raw", "corrected"), key=v.get) for v in choice.values())
@@ -186,17 +187,16 @@ def test_kaggle_flow_training_run_writes_a_valid_submission_that_beats_the_prior
     model, prior = scores(nb, flow_set, submission, priors)
     print("clean test split, terms (submission vs priors only):",
           {t: (round(model[t], 3), round(prior[t], 3)) for t in model})
-    # measured: see MARGINS
-    for term, margin in MARGINS.items():
-        assert model[term] < prior[term] - margin, term
+    # measured (2026-12-03, torch 2.14.1, `python -m pytest -s tests/test_submission.py`): spinal 0.112 vs 0.968,
+    # foraminal 0.192 vs 1.105, subarticular 0.609 vs 1.146, any_severe_spinal 0.042 vs 0.660
+    for term in ("spinal", "foraminal", "subarticular"):
+        assert model[term] < 0.8 * prior[term], term  # each at least a fifth below the priors' loss
     report = (runs / "train" / "v9_Results.md").read_text()
     assert "## Localisation and submission" in report and "- Cost of localisation (" in report
     assert "| term | oracle raw | predicted raw | oracle corrected | predicted corrected | submitted |" in report
     for name in ("localisation", "localisation_sagittal_t1", "localisation_axial_t2"):
         assert (runs / "train" / "figures" / f"{name}.png").stat().st_size > 5_000, name
 
-
-MARGINS = {"spinal": 0.05, "foraminal": 0.05, "subarticular": 0.05}  # each term this much below the priors'
 
 
 def test_build_submission_takes_each_conditions_probabilities_and_the_priors_elsewhere(nb):
@@ -277,7 +277,7 @@ def test_kaggle_flow_realistic_test_split_valid_with_priors_where_no_series(runs
           {t: (round(model[t], 3), round(prior[t], 3)) for t in model})
     # mirrored (flipped_normal), oblique, anisotropic and 384-1024 px series, tilted axial blocks, a missing axial
     # level, a missing series and odd files, predicted by the run trained on the clean set
-    assert np.mean(list(model.values())) < np.mean(list(prior.values()))
+    assert all(model[t] < prior[t] for t in ("spinal", "foraminal", "subarticular")), (model, prior)
 
 
 def test_load_run_refuses_a_localiser_from_an_older_notebook(runs, nb, tmp_path):
