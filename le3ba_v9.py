@@ -4157,11 +4157,12 @@ if not SUBMIT_ONLY:  # a submission run (submit_from) trains nothing: see the lo
 # Three models per fold, labelled honestly: **best** was chosen on this same validation fold (its figures are
 # optimistic), **last** and **swa** were not selected on it (the report says per fold where validation still
 # had a part: early stopping ending the fold, the plan's class-weight actions). `final_model` names the one
-# reported as final and written to `oof.csv`. Beside balanced accuracy: the **spinal terms of the official
-# metric, oracle localisation**: the sample-weighted log loss of this condition and `any_severe_spinal` (lower
-# is better) on the out-of-fold probabilities. That is 2 of the leaderboard's 4 terms, on crops at the
-# ground-truth point and instance (perfect localisation), for the rows that survived filtering, on the trained
-# folds only: not comparable with leaderboard scores.
+# reported as final and written to `oof.csv`. Beside balanced accuracy: the **official metric's terms of the
+# trained conditions, oracle localisation**: the sample-weighted log loss of each condition group (left and right
+# pooled) and `any_severe_spinal` (lower is better) on the out-of-fold probabilities; all 4 of the leaderboard's
+# terms with the five conditions, 2 with the spinal canal alone; on crops at the ground-truth point and instance
+# (perfect localisation), for the rows that survived filtering, on the trained folds only: not comparable with
+# leaderboard scores (the localisation section's cost of localisation puts predicted points beside them).
 #
 # **Prior correction.** A model trained with class weights w predicts probabilities proportional to
 # w_c * q_c (q = the true class probabilities); the official metric weights rows 1/2/4 by true label, and

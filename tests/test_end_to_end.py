@@ -43,7 +43,8 @@ def test_report_has_every_section_and_no_nan(run):
     assert "- Final model: fold 0: swa (the SWA average of the last epochs, not selected on validation)" in report
     assert "- Pooling: attention; class weights: fold 0: [1.0, 4.0, 6.0]." in report
     assert re.search(r"the official metric's terms of the trained conditions, oracle localisation \(lower is better\): "
-                     r"raw [0-9.]+, prior-corrected [0-9.]+\. \(.*the mean of any_severe_spinal, spinal, 2 of the "
+                     r"raw [0-9.]+, prior-corrected [0-9.]+\. \(.*the mean of any_severe_spinal, foraminal, spinal, "
+                     r"subarticular, 4 of the "
                      r"leaderboard's 4 terms .*not comparable with leaderboard scores\)", report)
     assert '"precision": "fp32 (CONFIG: fp16)"' in report
     for tier in ("Minimum", "Target", "Stretch"):
