@@ -189,6 +189,8 @@ CONFIG = {
     'clahe_grid': 8,             # CLAHE tiles per side
     'crop_mm': 60.0,             # crop side in millimetres (PixelSpacing): the disc level plus
                                  # half of each neighbouring vertebral body, equal anatomy on every scanner
+    'crop_mm_by_series': {'Axial T2': 30.0},  # series types cropped otherwise: 30 mm around one subarticular
+                                 # recess keeps the other side's (~20 mm across the canal) out of view
     'aug_shift': 0.06,           # crop-centre jitter, fraction of the crop side (~ +/-3.6 mm)
     'aug_scale': 0.10,           # zoom in [1 - s, 1 + s]
     'aug_rotate': 10.0,          # degrees
@@ -396,6 +398,10 @@ def check_settings(config):
     if not config['conditions'] or unknown or len(set(config['conditions'])) < len(config['conditions']):
         raise ValueError(f"CONFIG['conditions'] = {config['conditions']!r}: a list of distinct conditions from "
                          f'{list(CONDITION_SERIES)}')
+    crops = config['crop_mm_by_series']
+    if set(crops) - set(CONDITION_SERIES.values()) or not all(float(v) > 0 for v in crops.values()):
+        raise ValueError(f"CONFIG['crop_mm_by_series'] = {crops!r}: millimetres (> 0) per series type of "
+                         f'{sorted(set(CONDITION_SERIES.values()))}')
     if config['localiser'] == 'on' and not config['submit_from'] and SPINAL not in config['conditions']:
         raise ValueError(f"CONFIG['localiser'] = 'on' needs {SPINAL!r} in CONFIG['conditions'] (the localiser finds "
                          'its points from the spinal canal annotations)')
@@ -1001,7 +1007,9 @@ if not SUBMIT_ONLY:  # a submission run reads the test files only: see the local
 # Each slice: decode -> Rescale Slope/Intercept -> (invert MONOCHROME1) -> intensity mapping to 8 bit
 # -> CLAHE -> crop around the annotated point at `img_size / crop_mm` pixels per mm, with a margin: the cache
 # holds `crop_side` = 1.45 x `img_size` pixels (1.45 x `crop_mm`), and the model sees the `img_size` centre.
-# Shrinking averages the source pixels (INTER_AREA), so fine pixel spacing does not alias.
+# Shrinking averages the source pixels (INTER_AREA), so fine pixel spacing does not alias. A series type in
+# `crop_mm_by_series` has its own field of view at the same pixel size (Axial T2: 30 mm, one subarticular recess
+# and the canal's edge, not the other side's recess).
 #
 # **Intensity mapping** departs from the plan's text. The plan names a CT soft-tissue window
 # (WC 50 / WW 350), which keeps only values in [-125, 225]; MR values here run 0-4095 with a scale
@@ -1044,7 +1052,7 @@ if not SUBMIT_ONLY:  # a submission run reads the test files only: see the local
 # %% tags=["defs"]
 PREPROCESS_KEYS = ('img_size', 'num_slices', 'intensity', 'window_center', 'window_width', 'percentiles',
                    'series_percentiles',
-                   'clahe_clip', 'clahe_grid', 'crop_mm', 'conditions')
+                   'clahe_clip', 'clahe_grid', 'crop_mm', 'crop_mm_by_series', 'conditions')
 
 
 def decode_dicom(path):
@@ -1167,6 +1175,13 @@ def crop_slice(image, ds, point_mm, config):
     crop = cv2.warpAffine(image, affine, (side * m[0], side * m[1]), flags=cv2.INTER_LINEAR,
                           borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     return cv2.resize(crop, (side, side), interpolation=cv2.INTER_AREA) if m.max() > 1 else crop
+
+
+def series_crop(config, series):
+    """config with crop_mm set to this series type's field of view (crop_mm_by_series, else crop_mm). The cached
+    side in pixels is the same for every series type: only the pixels per mm differ."""
+    by_series = config.get('crop_mm_by_series') or {}  # a run saved before the key: crop_mm for every series
+    return {**config, 'crop_mm': float(by_series.get(series, config['crop_mm']))}
 
 
 CACHE_MARGIN = 1.45  # cached side / img_size: room for the largest training warp (see crop_side)
@@ -1318,6 +1333,7 @@ def preprocess_series(job):
     one that is missing or skipped, is a masked (black) slice. Headers are read once per file; pixels are decoded
     and mapped once, only for the slices some sample uses."""
     series_dir, rows, config = job
+    config = series_crop(config, CONDITION_SERIES[rows['condition'].iloc[0]])
     n, size = config['num_slices'], crop_side(config)
     stacks = np.zeros((len(rows), n, size, size), np.uint8)
     masks = np.zeros((len(rows), n), bool)
@@ -2151,7 +2167,7 @@ LOC_AUGMENT = {'aug_rotate': 10.0, 'aug_scale': 0.2, 'aug_shift': 0.1}  # over t
 
 
 def augment_study(volume, target, rng, config, device, mirror=None):
-    """One training view of a study: (input (n, 3, S, S), target (maps, 3), valid (n,)). The classifier's
+    """One training view of a study: (input (n, 4, S, S), target (maps, 3), valid (n,)). The classifier's
     augmentation (draw_augmentation, augment_on_device: one zoom, rotation and shift for all slices, then gamma,
     contrast and brightness) with LOC_AUGMENT's ranges, so the row/column channels stop being a shortcut; the slice
     order is reversed half the time, the patient mirrored left-right: `mirror` permutes the maps to match

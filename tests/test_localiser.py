@@ -181,7 +181,8 @@ def test_augment_study_moves_targets_with_the_image(defs):
     rng, reversed_seen = np.random.default_rng(0), 0
     for _ in range(30):
         x, target, valid = defs["augment_study"](volume, targets, rng, defs["CONFIG"], CPU)
-        assert x.shape == (5, 3, size, size) and valid.tolist() in ([1, 1, 1, 1, 0], [0, 1, 1, 1, 1])
+        assert x.shape == (5, 4, size, size) and valid.tolist() in ([1, 1, 1, 1, 0], [0, 1, 1, 1, 1])
+        np.testing.assert_allclose(x[:, 3, 0, 0], np.linspace(-1, 1, 5))  # channel 3: the slice's place, as seen
         reversed_seen += not valid[-1]
         assert np.isnan(target[3]).all()
         for level in (0, 1, 2, 4):
