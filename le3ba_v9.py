@@ -145,7 +145,7 @@ CONFIG = {
     'img_size': 256,             # side of each slice crop fed to the backbone
     'num_slices': 7,             # neighbouring sagittal slices per sample, odd: the annotated one in the middle
     'batch_size': 12,            # samples (x 7 slices = 84 backbone images) per optimiser step
-    'epochs': 25,                # ~8-9 min each on a Kaggle GPU by the plan's estimate
+    'epochs': 25,                # ~8-9 min each on a Kaggle GPU by the plan's estimate (the spinal canal; ~5x all five)
     'learning_rate': 1e-4,       # GRU, attention, level embedding, classifier
     'backbone_lr': 1e-5,         # 10x slower: the pretrained backbone needs only gentle adaptation
     'weight_decay': 0.03,        # AdamW decoupled decay on every parameter group
@@ -168,8 +168,8 @@ CONFIG = {
     # --- added by this project ---
     'data_root': None,           # competition folder; None = auto-detect on Kaggle (see Setup)
     'output_dir': None,          # None = /kaggle/working/le3ba_v9 on Kaggle, ./runs/v9 elsewhere
-    'cache_dir': None,           # None = <output_dir>/cache (/kaggle/temp/le3ba_v9_cache on Kaggle: ~4 GiB
-                                 # that would count against /kaggle/working's quota); crops, reused across runs
+    'cache_dir': None,           # None = <output_dir>/cache (/kaggle/temp/le3ba_v9_cache on Kaggle: ~45 GiB for
+                                 # the five conditions at 256 px, beyond /kaggle/working's quota); crops, reused
     'demo': False,               # True: generate a synthetic study set and train a short CPU preset
     'demo_studies': 48,          # size of that synthetic set
     'demo_data': 'clean',        # clean: learnable in minutes | realistic: the real class mix and data quirks
