@@ -171,7 +171,8 @@ CONFIG = {
     'cache_dir': None,           # None = <output_dir>/cache (/kaggle/temp/le3ba_v9_cache on Kaggle: ~45 GiB for
                                  # the five conditions at 256 px, beyond /kaggle/working's quota); crops, reused
     'demo': False,               # True: generate a synthetic study set and train a short CPU preset
-    'demo_studies': 48,          # size of that synthetic set
+    'demo_studies': None,        # size of that synthetic set; None = 48 for one condition, 24 for more (a study
+                                 # gives 5 samples per condition: the CPU demo of all five stays under 2x the spinal's)
     'demo_data': 'clean',        # clean: learnable in minutes | realistic: the real class mix and data quirks
                                  # (tools/make_demo_studies.py REALISTIC): tests the data handling, learns little
     'conditions': [              # train.csv column prefixes trained, each on its own series (CONDITION_SERIES):
@@ -468,6 +469,7 @@ def resolve_paths(config):
     cache = config['cache_dir'] or (KAGGLE_TEMP / 'le3ba_v9_cache' if env == 'kaggle' else out / 'cache')
     config = {**config, 'output_dir': str(out), 'cache_dir': str(cache)}
     if config['demo']:
+        config['demo_studies'] = config['demo_studies'] or (48 if len(config['conditions']) == 1 else 24)
         config['data_root'] = str(make_demo_data(out / f"demo_data_{config['demo_studies']}_seed{config['seed']}",
                                                  config))
     elif config['data_root'] is None:

@@ -1,6 +1,7 @@
 """Prediction time per test study on this machine's CPU at the notebook's default sizes (EfficientNet-V2-S
 classifier at 256 px, localisers at 256 px, one fold; random weights: the time does not depend on them), for all
-25 targets by default: the three series types' localisers, the axial slices placed through the geometry, 25 crops.
+25 targets by default: the three series types' localisers, the axial slices placed through the geometry, 25 crops
+(the geometry search runs, then the annotated axial slices are taken: random weights would place none).
 
 Usage: python bench/predict_time.py [--studies 4] [--workers 2] [--conditions spinal_canal_stenosis ...]
 """
@@ -13,16 +14,33 @@ import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
-from make_demo_studies import make_study_set  # noqa: E402
+from make_demo_studies import TEST_SOLUTION, make_study_set  # noqa: E402
 from notebook_cells import notebook_namespace  # noqa: E402
 
 ALL_FIVE = ["spinal_canal_stenosis", "left_neural_foraminal_narrowing", "right_neural_foraminal_narrowing",
             "left_subarticular_stenosis", "right_subarticular_stenosis"]
+
+
+def annotated_axial_slices(geometry_search, solution):
+    """axial_slices that runs the notebook's geometry search (its time counts) and then returns the slices the
+    generator annotated for each level: random localiser weights place the canal anywhere, so the geometry would
+    find no axial slice and those rows would be priors, untimed; with these, every target is classified."""
+    coords = pd.read_csv(solution / "train_label_coordinates.csv")
+    coords = coords[coords["condition"].str.contains("Subarticular")]
+    level_of = {name: k for k, name in enumerate(["L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1"])}
+
+    def axial_slices(points, series_dir):
+        found = geometry_search(points, series_dir)
+        rows = coords[coords["series_id"] == int(Path(series_dir).name)]
+        annotated = dict(zip(rows["level"].map(level_of), rows["instance_number"]))
+        return [int(annotated.get(k, f)) for k, f in enumerate(found)]
+    return axial_slices
 
 
 def main(argv=None):
@@ -47,6 +65,7 @@ def main(argv=None):
                 "version": nb["LOCALISER_VERSION"]}, fold / "localiser.pt")
     (tmp / "out" / "priors.json").write_text(json.dumps(nb["label_priors"](config["data_root"])))
     run = nb["load_run"](tmp / "out", config, cpu)
+    nb["axial_slices"] = annotated_axial_slices(nb["axial_slices"], tmp / "data" / TEST_SOLUTION)
     cpu_start = time.process_time()  # CPU time of all this process's threads (--workers 1: all the work)
     _, info = nb["write_submission"](run, config, cpu, a.workers)
     cpu_seconds = (time.process_time() - cpu_start) / info["studies"]
