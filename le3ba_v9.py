@@ -3275,11 +3275,11 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, devi
         # and the decision then rests on the same global norm everywhere
         skip = functools.partial(skip_step, loss, scaler, device, config, state, f'epoch {epoch} step {step}',
                                  f"samples {sample_ids(loader.dataset, batch['index'])}")
-        norm = guarded_step(model, loss * global_batch_share(criterion, target),  # several processes: global weights
-                            optimizer, scaler, config['clip_grad_norm'], saved_bn, state, skip)
+        share = global_batch_share(criterion, target)  # several processes: this one's part of the global batch
+        norm = guarded_step(model, loss * share, optimizer, scaler, config['clip_grad_norm'], saved_bn, state, skip)
         if norm is not None:
             norms.append(norm)
-            losses.append(loss.detach().float())
+            losses.append(loss.detach().float() * share / world_size())  # summed over processes: the batch's loss
             preds.append(logits.detach().argmax(1))
             labels.append(target)
         else:
@@ -3287,17 +3287,21 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, devi
         lrs.append([g['lr'] for g in optimizer.param_groups])
         if scheduler is not None:
             scheduler.step()
-        if step % 10 == 0 and losses:
-            bar.set_postfix(loss=f'{torch.stack(losses[-10:]).mean().item():.3f}', lr=f"{lrs[-1][1]:.1e}")
+        if step % 10 == 0 and losses:  # this process's rows only (the epoch's figure is over all processes)
+            bar.set_postfix(loss=f'{world_size() * torch.stack(losses[-10:]).mean().item():.3f}',
+                            lr=f"{lrs[-1][1]:.1e}")
     if skipped:
         print(f'epoch {epoch}: {skipped} step(s) with a non-finite gradient norm skipped (not applied)')
+    losses = torch.stack(losses) if losses else None  # a step is skipped in every process or in none
+    if losses is not None and world_size() > 1:
+        dist.all_reduce(losses)
     agree_on_buffers(model)  # several processes: process 0's BatchNorm statistics in all
     preds, labels = gather_batches(device, preds, labels)  # several processes: train BA over all processes' rows
     norms = torch.stack(norms).float().cpu().numpy() if norms else np.zeros(0)
     stat = (lambda f: float(f(norms))) if len(norms) else (lambda f: float('nan'))
     train_ba = (float(balanced_accuracy_score(torch.cat(labels).cpu().numpy(), torch.cat(preds).cpu().numpy()))
                 if preds else float('nan'))
-    return {'train_loss': float(torch.stack(losses).mean()) if losses else float('nan'), 'train_ba': train_ba,
+    return {'train_loss': float(losses.mean()) if losses is not None else float('nan'), 'train_ba': train_ba,
             'grad_norm_mean': stat(np.mean), 'grad_norm_max': stat(np.max),
             'clipped_frac': stat(lambda n: (n > config['clip_grad_norm']).mean()),
             'nonfinite_steps': skipped}, lrs

@@ -94,9 +94,12 @@ def test_two_processes_train_the_same_fold_as_one(nb, cached, tmp_path, groupnor
         np.testing.assert_array_equal(b["labels"], one["val_rows"]["label"].to_numpy())
         assert sum(b["pred_counts"]) == 13
         # float32 sums in another order (gradients averaged over 2 half batches, losses normalised by an
-        # all-reduced weight sum) differ in the last bits; two Adam epochs keep that far below 1e-4
-        np.testing.assert_allclose(b["probs"], a["probs"], atol=1e-4, rtol=0)
-        np.testing.assert_allclose(b["attention"], a["attention"], atol=1e-4, rtol=0)
+        # all-reduced weight sum, convolutions over 2 samples instead of 4) differ in the last bits, which two Adam
+        # epochs amplify: measured max |difference| 1e-7 with torch 2.14.1, 4.3e-4 with torch 2.10.0 (its CPU
+        # kernels round a batch of 2 otherwise than one of 4). Without the global batch share of the loss
+        # (global_batch_share returning 1) the probabilities differ by 0.22: the bound is 100 times below that.
+        np.testing.assert_allclose(b["probs"], a["probs"], atol=2e-3, rtol=0)
+        np.testing.assert_allclose(b["attention"], a["attention"], atol=2e-3, rtol=0)
         assert b["ba"] == a["ba"] and b["pred_counts"] == a["pred_counts"]
     for name in ["last.pt", "swa.pt"] + ["best.pt"] * ("best" in one["evaluations"]):
         a = torch.load(tmp_path / "p1/fold0" / name, weights_only=False)["model"]
@@ -105,13 +108,15 @@ def test_two_processes_train_the_same_fold_as_one(nb, cached, tmp_path, groupnor
         for key in a:
             # the attention scorer's last bias shifts every slice's score alike, which the softmax over slices
             # cancels: its gradient is rounding noise (~1e-10) that Adam scales up to +-lr per step in either
-            # run, so it drifts (2e-4 here) without changing any output; every other weight is within 1e-5
+            # run, so it drifts (2e-4 here) without changing any output; every other weight is within 1e-5 with
+            # torch 2.14.1, 2e-3 with torch 2.10.0 (the rounding above)
             if key != "attention.attention.2.bias":
-                torch.testing.assert_close(b[key], a[key], atol=5e-5, rtol=0, msg=key)
+                torch.testing.assert_close(b[key], a[key], atol=5e-3, rtol=0, msg=key)
     assert [r["epoch"] for r in two["history"]] == [1, 2]
     for a, b in zip(one["history"], two["history"]):
         assert (a["val_ba"], a["saved"], a["train_ba"]) == (b["val_ba"], b["saved"], b["train_ba"])
-        assert b["grad_norm_mean"] == pytest.approx(a["grad_norm_mean"], rel=1e-4)
+        assert b["grad_norm_mean"] == pytest.approx(a["grad_norm_mean"], rel=1e-3)
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)  # the global batch's, not process 0's
     steps = (cached[0]["fold"] > 0).sum() // 4
     assert len(two["lr_steps"]) == len(one["lr_steps"]) == 2 * steps  # the same steps at the same LRs
     np.testing.assert_allclose(two["lr_steps"], one["lr_steps"], rtol=1e-12)
