@@ -2417,12 +2417,19 @@ def localisation_metrics(table):
     return pd.DataFrame({**per, 'all': stats(table)}).T.rename_axis(by).round(3)
 
 
+def plotted_studies(loc, series, count=4):
+    """The validation studies plot_localisation shows: the first `count` read, annotated and with an L3/L4 point
+    predicted for the series' first condition."""
+    volumes, targets, predictions = (loc[k][series] for k in ('volumes', 'targets', 'predictions'))
+    return [s for s in volumes if s in targets and not np.isnan(predictions[s][2, 0])][:count]
+
+
 def plot_localisation(loc, series, name, count=4):
     """Annotated (circles) and predicted (crosses) points of a few validation studies on the slice predicted for
     the L3/L4 point of the series' first condition (the axial localiser: that level's slice, its annotated points
     drawn at their place on their own slice); the caption gives each point's slice error."""
     volumes, targets, predictions = (loc[k][series] for k in ('volumes', 'targets', 'predictions'))
-    studies = [s for s in volumes if s in targets and not np.isnan(predictions[s][2, 0])][:count]
+    studies = plotted_studies(loc, series, count)
     if not studies:
         return
     fig, axes = plt.subplots(1, len(studies), figsize=(3.2 * len(studies), 3.6), squeeze=False)
@@ -3018,10 +3025,8 @@ def localise_and_submit(device, samples, oof, folds, config, workers, deadline=N
         run['choice'] = loc['choice'] = choose_probabilities(loc['cost']['frame'])
         write_atomic(out / 'probabilities.json', json.dumps(loc['choice'], indent=1))
     if loc is not None:  # the kernel gets the volumes its figures show, not a fold's worth of them
-        loc = {**loc, 'target_volumes': None, 'volumes': {
-            series: {s: v for s, v in itertools.islice(((s, v) for s, v in volumes.items()
-                                                         if not np.isnan(loc['predictions'][series][s][2, 0])), 4)}
-            for series, volumes in loc['volumes'].items()}}
+        loc = {**loc, 'target_volumes': None, 'volumes': {series: {s: volumes[s] for s in plotted_studies(loc, series)}
+                                                          for series, volumes in loc['volumes'].items()}}
     if has_test_files(config):
         return loc, write_submission(run, config, device, workers)[1]
     if samples is None:

@@ -20,7 +20,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
-from make_demo_studies import TEST_SOLUTION, make_study_set  # noqa: E402
+from make_demo_studies import LEVEL_NAMES, LEVELS, TEST_SOLUTION, make_study_set  # noqa: E402
 from notebook_cells import notebook_namespace  # noqa: E402
 
 ALL_FIVE = ["spinal_canal_stenosis", "left_neural_foraminal_narrowing", "right_neural_foraminal_narrowing",
@@ -33,7 +33,7 @@ def annotated_axial_slices(geometry_search, solution):
     find no axial slice and those rows would be priors, untimed; with these, every target is classified."""
     coords = pd.read_csv(solution / "train_label_coordinates.csv")
     coords = coords[coords["condition"].str.contains("Subarticular")]
-    level_of = {name: k for k, name in enumerate(["L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1"])}
+    level_of = {LEVEL_NAMES[level]: k for k, level in enumerate(LEVELS)}
 
     def axial_slices(points, series_dir):
         found = geometry_search(points, series_dir)

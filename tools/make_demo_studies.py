@@ -69,7 +69,7 @@ OTHER_MIX = (0.7, 0.2, 0.1)
 CANAL_OPEN = [(0.85, 1.0), (0.42, 0.58), (0.10, 0.20)]
 SIDE_OPEN = [(0.85, 1.0), (0.50, 0.65), (0.25, 0.35)]
 # Subarticular recess on Axial T2: an ellipse of half-axes (x, y) RECESS_HALF_MM times open ** RECESS_SHRINK, so that
-# its area falls with the cube of the open fraction: up to 12 x 10 mm open (13 x 11 px of a 64 px crop of 60 mm),
+# its area falls with the cube of the open fraction: up to 12 x 10 mm open (26 x 21 px of a 64 px crop of 30 mm),
 # ~5 x 4 mm moderate, ~2 x 1.5 mm severe. Centred 9-11 mm from the midline (recess_x), it shows as an ear lateral of the
 # canal (the canal's pixels are left as they are); its soft edge stays 2.5 mm or more off the midline, clear of the
 # other side's recess, and within 6.5 mm (x) and 5.5 mm (y) of its own annotated point.
