@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -284,6 +284,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pydicom
+import scipy.optimize
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -1073,6 +1074,8 @@ def decode_dicom(path):
             raise ValueError(f'cannot read DICOM {path}: {cause or f"{type(error).__name__}: {error}"}') from error
     if pixels.ndim != 2:
         raise ValueError(f'cannot read DICOM {path}: expected one 2-D frame, got shape {pixels.shape}')
+    if pixels.size and pixels.min() == pixels.max():  # nothing to see: never read as a black slice
+        raise ValueError(f'cannot read DICOM {path}: blank image (every pixel {pixels.flat[0]:g})')
     if ds.get('PhotometricInterpretation') == 'MONOCHROME1':
         pixels = pixels.max() - pixels
     return ds, pixels
@@ -1230,6 +1233,21 @@ def read_series_headers(series_dir):
         except Exception as error:  # unreadable header, name not a number, a geometry tag missing
             skipped[file.name] = failure_text(error)
     return headers, skipped
+
+
+PLANES = ('sagittal', 'coronal', 'axial')  # a slice's plane: the LPS axis its normal mostly follows (x, y, z)
+
+
+def main_orientation(headers):
+    """(the slices of the plane most of a series' slices share, {file: reason} for the others): an image of
+    another plane inside a series (a scout, a reformat) is left out and counted, never read as a slice of the
+    stack. Tilted axial blocks and oblique sagittal slices keep their plane. Ties: the plane listed first."""
+    plane = {i: int(np.argmax(np.abs(slice_normal(ds)))) for i, ds in headers.items()}
+    counts = np.bincount(list(plane.values()), minlength=3)
+    main = int(np.argmax(counts))
+    return ({i: ds for i, ds in headers.items() if plane[i] == main},
+            {f'{i}.dcm': f'{PLANES[p]} image in a series of {counts[main]} {PLANES[main]} slices: not used'
+             for i, p in plane.items() if p != main})
 
 
 def stack_slots(headers, skipped, anchor):
@@ -1416,7 +1434,7 @@ def die_with_parent(parent_pid):
         os._exit(1)
 
 
-def cache_series(jobs, samples, images, masks, workers):
+def cache_series(jobs, samples, images, masks, workers, quiet=False):
     """Run preprocess_series on `jobs` (in `workers` forked processes) and write each series' crops and masks
     into the cache arrays, in place. Returns (slices written, issues: a list of ISSUE_COLUMNS dicts)."""
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('fork'), initializer=die_with_parent,
@@ -1424,7 +1442,8 @@ def cache_series(jobs, samples, images, masks, workers):
     issues = []
     try:
         results = pool.map(preprocess_series, jobs, chunksize=4) if pool else map(preprocess_series, jobs)
-        for rows, stacks, series_masks, series_issues in tqdm(results, total=len(jobs), desc='cache (series)'):
+        for rows, stacks, series_masks, series_issues in tqdm(results, total=len(jobs), desc='cache (series)',
+                                                              disable=quiet):
             rows = samples.index.get_indexer(rows)  # index labels -> positions in the cache arrays
             images[rows], masks[rows] = stacks, series_masks
             issues += series_issues
@@ -1435,12 +1454,13 @@ def cache_series(jobs, samples, images, masks, workers):
     return int(masks[samples.index.get_indexer([r for _, group, _ in jobs for r in group.index])].sum()), issues
 
 
-def build_cache(samples, config, workers):
+def build_cache(samples, config, workers, quiet=False):
     """Crops of every sample as a memory-mapped uint8 array; built once per settings, then reused. On reuse,
     a series whose DICOM files changed since (replaced, repaired) is rebuilt in place, and said so.
     Returns (samples that have a crop, images memmap, masks, issues: every dropped sample and masked or
-    skipped slice with its file and reason, ISSUE_COLUMNS)."""
+    skipped slice with its file and reason, ISSUE_COLUMNS). `quiet`: no progress bar and no messages."""
     folder, settings = cache_folder(samples, config)
+    print_ = (lambda *_: None) if quiet else print
     jobs = {str(Path(group['path'].iloc[0]).parent): group for _, group in samples.groupby(['study_id', 'series_id'])}
     fingerprints = {series_dir: series_fingerprint(series_dir) for series_dir in jobs}
     start = time.time()
@@ -1451,23 +1471,24 @@ def build_cache(samples, config, workers):
         images = np.lib.format.open_memmap(tmp / 'images.npy', 'w+', np.uint8, (len(samples), n, size, size))
         masks = np.zeros((len(samples), n), bool)
         slices, issues = cache_series([(d, group, config) for d, group in jobs.items()], samples, images, masks,
-                                      workers)
+                                      workers, quiet)
         np.save(tmp / 'masks.npy', masks)
         pd.DataFrame(issues, columns=ISSUE_COLUMNS).to_csv(tmp / 'issues.csv', index=False)
         seconds = time.time() - start
         (tmp / 'done.json').write_text(json.dumps({**settings, 'seconds': seconds, 'slices': slices,
                                                    'fingerprints': fingerprints}))
         tmp.rename(folder)
-        print(f'cache built in {seconds:.0f} s: {slices / seconds:.0f} slices/s -> {folder}')
+        print_(f'cache built in {seconds:.0f} s: {slices / seconds:.0f} slices/s -> {folder}')
     else:
         done = json.loads((folder / 'done.json').read_text())
         changed = [d for d in jobs if done.get('fingerprints', {}).get(d) != fingerprints[d]]
         if changed:
-            print(f'cache {folder}: the DICOM files of {len(changed)} series changed since it was built '
+            print_(f'cache {folder}: the DICOM files of {len(changed)} series changed since it was built '
                   f'(e.g. {changed[0]}): rebuilding those series')
             images = np.load(folder / 'images.npy', mmap_mode='r+')
             masks = np.load(folder / 'masks.npy')
-            slices, new = cache_series([(d, jobs[d], config) for d in changed], samples, images, masks, workers)
+            slices, new = cache_series([(d, jobs[d], config) for d in changed], samples, images, masks, workers,
+                                       quiet)
             rebuilt = [int(jobs[d]['series_id'].iloc[0]) for d in changed]
             old = read_issues(folder)
             np.save(folder / 'masks.npy', masks)
@@ -1475,9 +1496,9 @@ def build_cache(samples, config, workers):
                 folder / 'issues.csv', index=False)
             # written last: a rebuild interrupted before this line is redone at the next call
             (folder / 'done.json').write_text(json.dumps({**done, 'fingerprints': fingerprints}))
-            print(f'{len(changed)} series rebuilt in {time.time() - start:.0f} s ({slices} slices)')
+            print_(f'{len(changed)} series rebuilt in {time.time() - start:.0f} s ({slices} slices)')
         else:
-            print(f'cache reused: {folder}')
+            print_(f'cache reused: {folder}')
     issues = read_issues(folder)
     key = ['study_id', 'condition', 'level']
     dropped = issues.loc[issues['what'] == 'sample dropped', key]
@@ -1768,6 +1789,7 @@ class CompetitionWeightedCE(nn.Module):
 PROB_COLUMNS = ['normal_mild', 'moderate', 'severe']
 P_COLUMNS = [f'p_{c}' for c in PROB_COLUMNS]  # the same probabilities in oof.csv
 PC_COLUMNS = [f'pc_{c}' for c in PROB_COLUMNS]  # prior-corrected for the official metric
+PRIOR_COLUMNS = [f'prior_{c}' for c in PROB_COLUMNS]  # a validation row's training priors (the cost figures)
 ROW_WEIGHTS = [1.0, 2.0, 4.0]  # official sample weight by true label
 
 
@@ -1973,13 +1995,18 @@ def has_test_files(config):
                                                      'sample_submission.csv'))
 
 
-def pick_series(descriptions, study_id, images_dir, wanted):
-    """The study's `wanted` series used for localisation: the one with the most DICOM files (ties: lowest
-    series_id); None when it has none on disk."""
-    rows = descriptions[(descriptions['study_id'] == study_id) & (descriptions['series_description'] == wanted)]
-    counts = {int(s): len(list((Path(images_dir) / str(study_id) / str(s)).glob('*.dcm'))) for s in rows['series_id']}
-    counts = {s: n for s, n in counts.items() if n}
-    return min(counts, key=lambda s: (-counts[s], s)) if counts else None
+def pick_series(descriptions, study_id, images_dir, series_types):
+    """{series type: the study's series folders of that type holding DICOM files, in the order they are tried: the
+    most files first (ties: the lowest series_id)}. A description outside `series_types` (another sequence, an
+    unknown name) is never read. The same rule for validation and test studies."""
+    rows = descriptions[descriptions['study_id'] == study_id]
+    out = {}
+    for series in series_types:
+        ids = sorted(int(s) for s in rows.loc[rows['series_description'] == series, 'series_id'])
+        counts = {s: len(list((Path(images_dir) / str(study_id) / str(s)).glob('*.dcm'))) for s in ids}
+        out[series] = [Path(images_dir) / str(study_id) / str(s) for s in sorted(ids, key=lambda s: -counts[s])
+                       if counts[s]]
+    return out
 
 
 def read_volume(series_dir, config, anchor=None):
@@ -1987,7 +2014,10 @@ def read_volume(series_dir, config, anchor=None):
     middle file), each framed by frame_slots. Raises ValueError when no slice is usable."""
     headers, skipped = read_series_headers(series_dir)
     if not headers:
-        raise ValueError(f'{series_dir}: no readable slice ({len(skipped)} files skipped)')
+        raise ValueError(f'{series_dir}: no readable slice ({len(skipped)} files skipped'
+                         + (f', e.g. {next(iter(skipped.values()))})' if skipped else ')'))
+    headers, other = main_orientation(headers)
+    skipped = {**skipped, **other}
     anchor = anchor if anchor in headers else sorted(headers)[len(headers) // 2]
     slots = stack_slots(headers, skipped, anchor)
     gaps = [slot for slot in slots if isinstance(slot, tuple)]  # (file, reason): a skipped file in a gap names it
@@ -2024,7 +2054,8 @@ def frame_slots(headers, slots, config, series_dir, issues):
     images, failed = mapped_slices(headers, [slot for slot in slots if isinstance(slot, int)], config)
     volume['issues'] += [(f'{instance}.dcm', reason) for instance, reason in failed.items()]
     if not images:
-        raise ValueError(f'{series_dir}: no slice could be decoded')
+        raise ValueError(f'{series_dir}: no slice could be decoded ({len(failed)} tried, e.g. '
+                         f'{next(iter(failed.values()), "none")})')
     for j, image in ((j, images[slot]) for j, slot in enumerate(slots) if isinstance(slot, int) and slot in images):
         row_dir, col_dir, _, volume['spacing'][j] = slice_geometry(headers[slots[j]])
         volume['image'][j], volume['to_grid'][j] = fit_square(image, volume['spacing'][j], size,
@@ -2357,36 +2388,46 @@ def train_localiser(volumes, targets, studies, config, device, seed, name='local
     return model, losses, skipped
 
 
-def localisation_table(volumes, targets, predictions, maps, pred_volumes=None):
-    """One row per annotated (study, map): annotated and predicted instance, slices between them in the series'
-    anatomical order, and the distance between the two points in patient mm (a wrong slice counts its offset).
-    `pred_volumes`: where the predictions' slots are, when not `volumes` (the axial slices geometry picked)."""
+def localisation_table(volumes, targets, found, maps):
+    """One row per annotated (study, map): annotated and predicted instance and series, slices between them in the
+    annotated series' anatomical order (the predicted point's nearest slice there), and the distance between the
+    two points in patient mm. `found`: {study: [(volume, prediction)]} (predict_study); a point no series placed,
+    or a study whose prediction failed, is a miss (no predicted instance), never dropped."""
     records, headers = [], {}
     for study, target in targets.items():
-        if study not in predictions:
-            continue
-        vt, vp = volumes[study], (pred_volumes or volumes)[study]
-        for (cond, level), (j, u, v), (pj, pu, pv) in zip(maps, target, predictions[study]):
+        vt = volumes[study]
+        for k, ((cond, level), (j, u, v)) in enumerate(zip(maps, target)):
             if np.isnan(j):
                 continue
             record = {'study_id': study, 'condition': cond, 'level': LEVELS[level],
-                      'instance_number': int(vt['instance'][int(j)]), 'pred_instance': -1, 'slice_error': np.nan,
-                      'error_mm': np.nan}
-            if not np.isnan(pj):
-                record['pred_instance'] = int(vp['instance'][int(pj)])
-                record['slice_error'] = (abs(pj - j) if vp is vt else
-                                         abs(np.subtract(*slice_ranks(vt['series_dir'], headers).get_indexer(
-                                             [record['pred_instance'], record['instance_number']]))))
-                record['error_mm'] = float(np.linalg.norm(point_mm(vp, int(pj), pu, pv, headers)
-                                                          - point_mm(vt, int(j), u, v, headers)))
+                      'instance_number': int(vt['instance'][int(j)]), 'pred_series': -1, 'pred_instance': -1,
+                      'slice_error': np.nan, 'error_mm': np.nan}
+            for vp, prediction in found.get(study, []):
+                pj, pu, pv = prediction[k]
+                if np.isnan(pj):
+                    continue
+                point = point_mm(vp, int(pj), pu, pv, headers)
+                record.update(pred_series=int(Path(vp['series_dir']).name), pred_instance=int(vp['instance'][int(pj)]),
+                              slice_error=slice_error(vt['series_dir'], record['instance_number'], point, headers),
+                              error_mm=float(np.linalg.norm(point - point_mm(vt, int(j), u, v, headers))))
+                break
             records.append(record)
-    return pd.DataFrame(records, columns=['study_id', 'condition', 'level', 'instance_number', 'pred_instance',
-                                          'slice_error', 'error_mm'])
+    return pd.DataFrame(records, columns=['study_id', 'condition', 'level', 'instance_number', 'pred_series',
+                                          'pred_instance', 'slice_error', 'error_mm'])
+
+
+def slice_error(series_dir, instance, point, cache):
+    """Slices between `instance` and the slice of its series whose plane is nearest the patient point `point`
+    (ties: `instance`), in the series' anatomical order (slice_ranks)."""
+    headers = series_headers(series_dir, cache)
+    nearest = min(headers, key=lambda i: (abs(pixel_point(headers[i], point)[2]), i != instance))
+    return float(abs(np.subtract(*slice_ranks(series_dir, cache).get_indexer([nearest, instance]))))
 
 
 def series_headers(series_dir, cache):
+    """{instance: header} of a series' slices of its main plane (main_orientation), read once per `cache`."""
     if series_dir not in cache:
-        cache[series_dir] = read_series_headers(series_dir)[0]
+        cache[series_dir] = main_orientation(read_series_headers(series_dir)[0])[0]
     return cache[series_dir]
 
 
@@ -2418,25 +2459,24 @@ def localisation_metrics(table):
 
 
 def plotted_studies(loc, series, count=4):
-    """The validation studies plot_localisation shows: the first `count` read, annotated and with an L3/L4 point
-    predicted for the series' first condition."""
-    volumes, targets, predictions = (loc[k][series] for k in ('volumes', 'targets', 'predictions'))
-    return [s for s in volumes if s in targets and not np.isnan(predictions[s][2, 0])][:count]
+    """The validation studies plot_localisation shows: the first `count` annotated ones whose first series read
+    placed the L3/L4 point of the series' first condition."""
+    found = loc['found'][series]
+    return [s for s in found if s in loc['targets'][series] and found[s] and not np.isnan(found[s][0][1][2, 0])][:count]
 
 
 def plot_localisation(loc, series, name, count=4):
     """Annotated (circles) and predicted (crosses) points of a few validation studies on the slice predicted for
     the L3/L4 point of the series' first condition (the axial localiser: that level's slice, its annotated points
     drawn at their place on their own slice); the caption gives each point's slice error."""
-    volumes, targets, predictions = (loc[k][series] for k in ('volumes', 'targets', 'predictions'))
     studies = plotted_studies(loc, series, count)
     if not studies:
         return
     fig, axes = plt.subplots(1, len(studies), figsize=(3.2 * len(studies), 3.6), squeeze=False)
     for ax, study in zip(axes[0], studies):
-        target, pred = targets[study], predictions[study]
+        (volume, pred), target = loc['found'][series][study][0], loc['targets'][series][study]
         j, t = int(pred[2, 0]), target[2, 0]
-        ax.imshow(volumes[study]['image'][j], cmap='gray')
+        ax.imshow(volume['image'][j], cmap='gray')
         shown = pred[:, 0] == j if LOC_MODE[series] == 'volume' else np.arange(len(pred)) % len(LEVELS) == 2
         on_target = (target[:, 0] == t) if not np.isnan(t) else shown & False
         ax.scatter(target[on_target, 1], target[on_target, 2], s=60, facecolors='none', edgecolors='lime',
@@ -2481,7 +2521,7 @@ def localiser_data(samples, config, series, conds, workers):
     if LOC_MODE[series] == 'slice':
         jobs = [(study, series_dir, level_instances(rows_of[study])) for study, series_dir, _ in jobs]
     volumes = read_volumes(jobs, config, workers)
-    issues = volume_issues(jobs, volumes, 'localiser')
+    issues = volume_issues([(study, series_dir, volumes[study]) for study, series_dir, _ in jobs], 'localiser')
     failed = {s: v for s, v in volumes.items() if isinstance(v, str)}
     for study, reason in failed.items():
         warn(f'{series} localiser: study {study} not used, its series cannot be read ({reason})')
@@ -2508,49 +2548,48 @@ def training_items(data, studies, mode):
 
 def train_localisers(samples, folds, config, device, workers, deadline=None):
     """Per fold of `folds` (those whose classifier finished): a localiser per series type (localised_series) on the
-    fold's training studies, all in fold{k}/localiser.pt, measured on its validation studies, whose axial slices
-    are those the geometry picks from the fold's predicted spinal canal points. `deadline` (now() time): the
-    localisers share the time left equally; each stops after the last epoch that ends within its share. Returns
-    {'series': {series type: conditions}, 'volumes', 'targets', 'predictions': {series type: {study: ...}} of the
-    validation studies (the axial targets are on 'target_volumes', the annotated slices), 'points': the classifier
-    rows at the predicted points, the measurement 'table', its 'metrics', 'losses' {fold: {series type: per
-    epoch}}, 'failed' {series type: {study: why not read}}, 'nonfinite_steps' {fold: count} and 'issues' (every
-    lost slice, ISSUE_COLUMNS)}."""
+    fold's training studies, all in fold{k}/localiser.pt, measured on its validation studies, each predicted as a
+    test study is (predict_points: the series by pick_series' rule, every slice from the localisers), against the
+    annotated points. `deadline` (now() time): the localisers share the time left equally; each stops after the
+    last epoch that ends within its share. Returns {'series': {series type: conditions}, 'found': {series type:
+    {study: [(volume, prediction)]}} and 'why' {study: {(condition, level index): why not placed}} of the
+    validation studies, 'targets' and 'target_volumes' (the annotated points and volumes), 'points': the
+    classifier rows at the predicted points, the measurement 'table' (a point not placed: a miss), its 'metrics',
+    'losses' {fold: {series type: per epoch}}, 'failed' {series type: {study: why its annotated series was not
+    read}}, 'nonfinite_steps' {fold: count} and 'issues' (every lost slice, ISSUE_COLUMNS)}."""
     series_of = localised_series(config['conditions'])
     data = {series: localiser_data(samples, config, series, conds, workers) for series, conds in series_of.items()}
     fold_of = samples.groupby('study_id')['fold'].first()
-    predictions, volumes = {series: {} for series in series_of}, {series: {} for series in series_of}
-    losses, skipped, issues = {}, {}, [d['issues'] for d in data.values()]
+    descriptions = pd.read_csv(Path(config['data_root']) / 'train_series_descriptions.csv')
+    found, why, losses, skipped, issues = {series: {} for series in series_of}, {}, {}, {}, [d['issues'] for d in
+                                                                                           data.values()]
     for i, fold in enumerate(folds):
         start = time.time()
         train = [s for s in fold_of.index if fold_of[s] != fold and fold_of[s] >= 0]
         models, losses[fold], skipped[fold] = train_fold_localisers(data, series_of, train, fold, config, device,
                                                                     deadline, (len(folds) - i) * len(series_of))
         val = [s for s in fold_of.index if fold_of[s] == fold]
-        sagittal = {series: {s: data[series]['volumes'][s] for s in val if s in data[series]['volumes']}
-                    for series in series_of if LOC_MODE[series] == 'volume'}
-        axial_dirs = {s: v['series_dir'] for s, v in data.get('Axial T2', {'volumes': {}})['volumes'].items()
-                      if s in val}
-        found, read, lost, _ = predict_points({s: [m] for s, m in models.items()}, series_of, sagittal, axial_dirs,
-                                              config, device, workers, 'validation')
-        issues.append(lost)
+        out = predict_points({s: [m] for s, m in models.items()}, series_of, descriptions,
+                             Path(config['data_root']) / 'train_images', val, config, device, 'validation')
+        issues.append(out['issues'])
+        why.update(out['why'])
         for series in series_of:
-            predictions[series].update(found[series])
-            volumes[series].update(read[series])
+            found[series].update(out['found'][series])
         print(f"fold {fold}: localisers ({', '.join(series_of)}) trained on {len(train)} studies in "
               f'{time.time() - start:.0f} s, loss ' + ', '.join(f'{v[0]:.3f} -> {v[-1]:.3f}'
                                                             for v in losses[fold].values())
-              + f', {skipped[fold]} non-finite step(s) skipped')
-    targets = {series: {s: d['targets'][s] for s in predictions[series]} for series, d in data.items()}
-    table = pd.concat([localisation_table(data[series]['volumes'], targets[series], predictions[series],
-                                          map_names(conds), volumes[series]).assign(series=series)
+              + f', {skipped[fold]} non-finite step(s) skipped; {len(val)} validation studies predicted, '
+              f"{sum(1 for s in val if out['errors'].get(s))} failed")
+    targets = {series: {s: t for s, t in d['targets'].items() if fold_of.get(s, -1) in folds}
+               for series, d in data.items()}
+    table = pd.concat([localisation_table(data[series]['volumes'], targets[series], found[series],
+                                          map_names(conds)).assign(series=series)
                        for series, conds in series_of.items()], ignore_index=True)
-    return {'series': series_of, 'volumes': volumes, 'targets': targets, 'predictions': predictions,
-            'target_volumes': {series: {s: d['volumes'][s] for s in predictions[series]} for series, d in data.items()},
-            'points': point_rows(predictions, volumes, series_of), 'table': table,
-            'metrics': localisation_metrics(table), 'losses': losses,
-            'failed': {series: d['failed'] for series, d in data.items()}, 'nonfinite_steps': skipped,
-            'issues': pd.concat(issues, ignore_index=True)}
+    return {'series': series_of, 'found': found, 'why': why, 'targets': targets,
+            'target_volumes': {series: {s: d['volumes'][s] for s in targets[series]} for series, d in data.items()},
+            'points': point_rows(found, series_of), 'table': table, 'metrics': localisation_metrics(table),
+            'losses': losses, 'failed': {series: d['failed'] for series, d in data.items()},
+            'nonfinite_steps': skipped, 'issues': pd.concat(issues, ignore_index=True)}
 
 
 def train_fold_localisers(data, series_of, train, fold, config, device, deadline, left):
@@ -2577,65 +2616,136 @@ def train_fold_localisers(data, series_of, train, fold, config, device, deadline
     return models, losses, skipped
 
 
-def predict_points(models, series_of, sagittal, axial_dirs, config, device, workers, who):
-    """The points of every localised condition: the sagittal series types on their volumes (`sagittal`: {series
-    type: {study: volume}}; a side's points on its side of the predicted spinal canal, or of the series' middle
-    without one), then each study's axial slices, placed through the DICOM geometry from its predicted spinal
-    canal points in its axial series (`axial_dirs`: {study: folder}), and the points in them. `models`:
-    {series type: [models]}. Returns ({series type: {study: (maps, 3)}} (an axial study that could not be placed
-    or read: NaN), {series type: {study: the volume its slots refer to}}, the axial volumes' lost slices
-    (volume_issues, `who` reading) and {study: why it has no axial points})."""
-    t2 = 'Sagittal T2/STIR'
-    predictions = {t2: {s: localise(models[t2], v, device, config) for s, v in sagittal.get(t2, {}).items()}}
-    canal = {s: spinal_points_mm(sagittal[t2][s], p, series_of[t2]) for s, p in predictions[t2].items()}
-    for series in (s for s in sagittal if s != t2):  # a side's points only on its side of the canal (side_slices)
-        maps = map_names(series_of[series])
-        predictions[series] = {s: localise(models[series], v, device, config, allowed=side_slices(
-            v, maps, np.median(canal[s][:, 0]) if s in canal else np.nanmedian(v['centre_mm'][:, 0])))
-            for s, v in sagittal[series].items()}
-    read, missing, jobs = dict(sagittal), {}, []
-    if 'Axial T2' not in series_of:
-        return predictions, read, pd.DataFrame(columns=ISSUE_COLUMNS), missing
-    for study, series_dir in axial_dirs.items():
-        if study not in canal:
-            missing[study] = 'no spinal canal points to place its axial slices'
-            continue
-        instances = axial_slices(canal[study], series_dir)
-        if max(instances) < 0:
-            missing[study] = f'no axial slice within {AXIAL_MAX_MM:g} mm of any predicted level'
+def predict_points(models, series_of, descriptions, images_dir, studies, config, device, who):
+    """The points of `studies` (validation or test studies alike), each predicted alone by predict_study from the
+    series pick_series names (`descriptions`, `images_dir`): whatever fails inside one study costs that study's
+    points alone, with the exception as their reason. `models`: {series type: [model per fold]}. Returns
+    {'found': {series type: {study: [(volume, prediction)]}}, 'why': {study: {(condition, level index): why not
+    placed}}, 'errors': {study: the exception}, 'issues': every lost slice, unread series and failed study
+    (ISSUE_COLUMNS, `who` reading)}."""
+    out = {'found': {series: {} for series in series_of}, 'why': {}, 'errors': {}}
+    issues = []
+    for study in tqdm(studies, desc=f'{who} studies', mininterval=30, disable=len(studies) < 2):
+        read = []  # (series folder, volume or error text): what was read, even when the study fails later
+        try:
+            found, why = predict_study(models, pick_series(descriptions, study, images_dir, series_of), series_of,
+                                       config, device, read)
+        except Exception as error:
+            out['errors'][study] = text = f'prediction failed: {type(error).__name__}: {error}'
+            found, why = {}, {m: text for conds in series_of.values() for m in map_names(conds)}
+            issues.append([(study, '', '', '', '', f'{who} study failed', text)])
+        for series in series_of:
+            out['found'][series][study] = found.get(series, [])
+        out['why'][study] = why
+        issues.append(volume_issues([(study, folder, volume) for folder, volume in read], who).values.tolist())
+    out['issues'] = pd.DataFrame([row for rows in issues for row in rows], columns=ISSUE_COLUMNS)
+    return out
+
+
+def predict_study(models, folders, series_of, config, device, read):
+    """One study's points, each from the first of its series (`folders`: pick_series) that places it: the sagittal
+    series types on their volumes (sagittal_points), then each axial level (axial_points) from the predicted spinal
+    canal points. Appends what it reads to `read`. Returns ({series type: [(volume, (maps, 3) (slot, u, v), NaN
+    where that volume placed no point)]}, {(condition, level index): why not placed})."""
+    found, why, canal = {}, {}, None
+    for series, conds in series_of.items():
+        maps = map_names(conds)
+        if LOC_MODE[series] == 'volume':
+            midline = None if canal is None or np.isnan(canal[:, 0]).all() else float(np.nanmedian(canal[:, 0]))
+            found[series], reasons = sagittal_points(models[series], folders[series], series, maps, midline, config,
+                                                     device, read)
+            if SPINAL in conds:
+                canal = canal_points_mm(found[series], conds)
         else:
-            jobs.append((study, series_dir, instances))
-    volumes = read_volumes(jobs, config, workers)
-    missing.update({s: v for s, v in volumes.items() if isinstance(v, str)})
-    read['Axial T2'] = {s: v for s, v in volumes.items() if s not in missing}
-    conds = series_of['Axial T2']
-    predictions['Axial T2'] = {s: localise_levels(models['Axial T2'], v, device, config, conds)
-                               for s, v in read['Axial T2'].items()}
-    predictions['Axial T2'].update({s: np.full((len(conds) * len(LEVELS), 3), np.nan) for s in missing})
-    return predictions, read, volume_issues(jobs, volumes, who), missing
+            found[series], reasons = axial_points(models[series], folders[series], series, conds, canal, config,
+                                                  device, read)
+        why.update({maps[k]: reason for k, reason in reasons.items()})
+    return found, why
 
 
-def spinal_points_mm(volume, prediction, conds):
-    """(5, 3) patient points (LPS mm) of the spinal canal levels predicted on a Sagittal T2/STIR volume."""
-    first, cache = conds.index(SPINAL) * len(LEVELS), {}
-    return np.array([point_mm(volume, int(j), u, v, cache) for j, u, v in prediction[first:first + len(LEVELS)]])
+def sagittal_points(models, folders, series, maps, midline, config, device, read):
+    """A 'volume' localiser over the study's series of one type in turn: each map's point from the first series
+    that places it (a side's point only on slices on its side of `midline`, the LPS x of the predicted spinal canal,
+    or of the series' own middle without one: side_slices). Returns ([(volume, prediction)], {map: why not
+    placed})."""
+    pairs, todo, reason = [], np.ones(len(maps), bool), f'no {series} series with DICOM files'
+    for folder in folders:
+        try:
+            volume = read_volume(folder, config)
+        except Exception as error:
+            read.append((folder, failure_text(error)))
+            reason = f'{series} series {folder.name} not read: {failure_text(error)}'
+            continue
+        read.append((folder, volume))
+        middle = midline if midline is not None else float(np.nanmedian(volume['centre_mm'][:, 0]))
+        prediction = localise(models, volume, device, config, allowed=side_slices(volume, maps, middle))
+        prediction[~todo] = np.nan
+        if not np.isnan(prediction[:, 0]).all():
+            pairs.append((volume, prediction))
+        todo &= np.isnan(prediction[:, 0])
+        reason = f'no {series} slice on its side of the spinal canal'
+        if not todo.any():
+            break
+    return pairs, {k: reason for k in np.flatnonzero(todo)}
+
+
+def axial_points(models, folders, series, conds, canal, config, device, read):
+    """The 'slice' localiser: per level, the slice the DICOM geometry places at the level's predicted spinal canal
+    point (`canal`, (5, 3) LPS mm, NaN: none), in the first of the study's axial series that has one; then the
+    points in it. Returns ([(volume of a slot per level, prediction)], {map: why not placed})."""
+    n = len(LEVELS)
+    points = np.full((n, 3), np.nan) if canal is None else canal.copy()
+    reason = [f'no {series} series with DICOM files' if not folders else
+              'no spinal canal points to place its axial slices' if canal is None else
+              'no spinal canal point predicted at this level' if np.isnan(p[0]) else
+              f'no axial slice within {AXIAL_MAX_MM:g} mm of the predicted level' for p in points]
+    pairs, placed = [], np.zeros(n, bool)
+    for folder in folders:
+        instances = axial_slices(points, folder)
+        if max(instances) < 0:
+            continue
+        try:
+            volume = read_slices(folder, config, instances)
+        except Exception as error:
+            read.append((folder, failure_text(error)))
+            for level in np.flatnonzero(np.array(instances) >= 0):
+                reason[level] = f'{series} series {folder.name} not read: {failure_text(error)}'
+            continue
+        read.append((folder, volume))
+        pairs.append((volume, localise_levels(models, volume, device, config, conds)))
+        for level in np.flatnonzero((np.array(instances) >= 0) & ~volume['valid']):
+            reason[level] = f'its axial slice {instances[level]}.dcm could not be read'
+        placed |= volume['valid']
+        points[volume['valid']] = np.nan  # placed: the next series is asked for the others only
+    return pairs, {c * n + level: reason[level] for c in range(len(conds)) for level in np.flatnonzero(~placed)}
+
+
+def canal_points_mm(pairs, conds):
+    """(5, 3) patient points (LPS mm) of the spinal canal levels predicted on the Sagittal T2/STIR volumes `pairs`
+    ([(volume, prediction)]); NaN where none placed it."""
+    first, cache, out = conds.index(SPINAL) * len(LEVELS), {}, np.full((len(LEVELS), 3), np.nan)
+    for volume, prediction in pairs:
+        for level, (j, u, v) in enumerate(prediction[first:first + len(LEVELS)]):
+            if not np.isnan(j) and np.isnan(out[level, 0]):
+                out[level] = point_mm(volume, int(j), u, v, cache)
+    return out
 
 
 def axial_slices(points, series_dir):
-    """Per level, the instance of the axial series' slice at its patient point (axial_slice_for; -1 where the
-    series has no slice near it)."""
-    headers, _ = read_series_headers(series_dir)
-    found = [axial_slice_for(point, headers) for point in points]
+    """Per level, the instance of the axial series' slice at its patient point (axial_slice_for, among the slices of
+    the series' main plane; -1 where the series has no slice near it or the point is NaN)."""
+    headers = main_orientation(read_series_headers(series_dir)[0])[0]
+    found = [None if np.isnan(point).any() else axial_slice_for(point, headers) for point in points]
     return [-1 if f is None else f[0] for f in found]
 
 
-def volume_issues(jobs, volumes, who):
-    """ISSUE_COLUMNS rows for the volumes read for `jobs` [(study, series_dir, anchor)]: each lost slice (a gap, a
-    skipped or undecodable file) with its file and reason, and each series that could not be read at all; `who`
-    ('localiser', 'test') names the reader in the row's 'what'."""
+def volume_issues(read, who):
+    """ISSUE_COLUMNS rows of the series read [(study, series_dir, volume or the error text)]: each lost slice (a gap,
+    a skipped, blank or undecodable file, an image of another plane) with its file and reason, and each series
+    that could not be read at all; `who` ('localiser', 'validation', 'test') names the reading in 'what'."""
     rows = []
-    for study, series_dir, _ in jobs:
-        volume, series = volumes[study], int(Path(series_dir).name)
+    for study, series_dir, volume in read:
+        series = int(Path(series_dir).name)
         if isinstance(volume, str):
             rows.append((study, series, '', '', '', f'{who} series not read', volume))
         else:
@@ -2643,30 +2753,32 @@ def volume_issues(jobs, volumes, who):
     return pd.DataFrame(rows, columns=ISSUE_COLUMNS)
 
 
-def point_rows(predictions, volumes, series_of, condition_rows=None):
-    """Classifier rows at the predicted slices and points: one per (study, condition, level) with a point
-    (`predictions` and `volumes` as predict_points returns them), with the columns build_cache needs (label 0
+def point_rows(found, series_of, condition_rows=None):
+    """Classifier rows at the predicted slices and points: one per (study, condition, level) placed (`found`:
+    {series type: {study: [(volume, prediction)]}}, predict_points'), with the columns build_cache needs (label 0
     when `condition_rows`, the validation rows with their labels, is not given)."""
     records = []
-    for series, found in predictions.items():
+    for series, by_study in found.items():
         maps = map_names(series_of[series])
-        for study, prediction in found.items():
-            volume = volumes[series].get(study)
-            for (condition, level), (j, u, v) in zip(maps, prediction):
-                if np.isnan(j):  # not placed (an axial level the series does not cover)
-                    continue
-                x, y = series_point(volume, int(j), u, v)
-                instance = int(volume['instance'][int(j)])
-                records.append({'study_id': study, 'series_id': int(Path(volume['series_dir']).name),
-                                'instance_number': instance, 'x': x, 'y': y, 'condition': condition,
-                                'level': LEVELS[level], 'level_idx': level,
-                                'path': str(Path(volume['series_dir']) / f'{instance}.dcm')})
+        for study, pairs in by_study.items():
+            for volume, prediction in pairs:
+                for (condition, level), (j, u, v) in zip(maps, prediction):
+                    if np.isnan(j):  # placed in another series, or not at all
+                        continue
+                    x, y = series_point(volume, int(j), u, v)
+                    instance = int(volume['instance'][int(j)])
+                    records.append({'study_id': study, 'series_id': int(Path(volume['series_dir']).name),
+                                    'instance_number': instance, 'x': x, 'y': y, 'condition': condition,
+                                    'level': LEVELS[level], 'level_idx': level,
+                                    'path': str(Path(volume['series_dir']) / f'{instance}.dcm')})
     rows = pd.DataFrame(records, columns=['study_id', 'series_id', 'instance_number', 'x', 'y', 'condition', 'level',
                                           'level_idx', 'path'])
     if condition_rows is None:
         return rows.assign(label=0)
     return rows.merge(condition_rows[['study_id', 'condition', 'level', 'label']],
                       on=['study_id', 'condition', 'level'])
+
+
 AXIAL_MAX_MM = 10.0  # farthest slice plane from the point that still shows its level: about one disc height
 #                      (8-12 mm); an axial block is 3-4 mm per slice, so a level with slices is within ~2 mm, while
 #                      a missing level's nearest slices belong to a neighbouring disc, 20+ mm away (pitch 30-40 mm)
@@ -2691,17 +2803,18 @@ def axial_slice_for(point, headers, max_mm=AXIAL_MAX_MM, edge_mm=AXIAL_EDGE_MM):
     return best
 
 
-def classify_rows(rows, classifiers, config, device, workers):
+def classify_rows(rows, classifiers, config, device, workers, quiet=False):
     """Mean probabilities (raw P_COLUMNS and prior-corrected PC_COLUMNS) of `classifiers` [(model, class weights)]
-    on crops at the rows' instance and point (built like the training crops, by build_cache). Rows whose crop
-    cannot be built keep NaN (the caller fills them with the priors and counts them)."""
+    on crops at the rows' instance and point (built like the training crops, by build_cache; `quiet`: without its
+    messages, a test study at a time). Rows whose crop cannot be built keep NaN (the caller fills them with the
+    priors and counts them)."""
     rows = rows.reset_index(drop=True)
     rows['target_idx'] = rows['condition'].map(config['conditions'].index) * len(LEVELS) + rows['level_idx']
     out = rows.copy()
     out[P_COLUMNS + PC_COLUMNS] = np.nan
     if rows.empty:
         return out
-    kept, images, masks, _ = build_cache(rows, config, workers)
+    kept, images, masks, _ = build_cache(rows, config, workers, quiet)
     if kept.empty:
         return out
     loader = make_loader(RSNADatasetV9(kept, images, masks, config, train=False), config, device, False)
@@ -2713,24 +2826,27 @@ def classify_rows(rows, classifiers, config, device, workers):
     return out
 
 
-def label_priors(data_root):
+def label_priors(data_root, exclude=()):
     """{train.csv column: [normal_mild, moderate, severe]}: the class frequencies of each (condition, level) in
-    train.csv, add-one smoothed (a class never seen still gets a finite loss)."""
+    train.csv (labels spelled as official_labels maps them), add-one smoothed (a class never seen still gets a
+    finite loss), over the studies not in `exclude` (the cost figures: a fold's validation studies)."""
     labels = pd.read_csv(Path(data_root) / 'train.csv')
-    return {column: ((counts := np.array([(labels[column] == c).sum() for c in CLASSES], float) + 1)
+    labels = labels[~labels['study_id'].isin(list(exclude))]
+    return {column: ((counts := np.array([(official_labels(labels[column]) == c).sum() for c in CLASSES], float) + 1)
                      / counts.sum()).tolist() for column in labels.columns if column != 'study_id'}
 
 
 def fill_priors(frame, priors):
     """Rows of `frame` (study_id, condition, level, P/PC columns) without probabilities get the priors of their
-    condition and level (PC: re-weighted by the metric's row weights, as the model's). Returns (frame, rows
-    filled)."""
+    condition and level (PC: re-weighted by the metric's row weights, as the model's), marked 'on_priors'. Returns
+    (frame, rows filled)."""
     frame = frame.copy()
     empty = frame[P_COLUMNS[0]].isna()
     prior = np.array([priors[f'{c}_{level}'] for c, level in frame.loc[empty, ['condition', 'level']]
                       .itertuples(False)]).reshape(-1, 3)
     frame.loc[empty, P_COLUMNS] = prior
     frame.loc[empty, PC_COLUMNS] = prior_corrected(prior, [1.0, 1.0, 1.0]) if len(prior) else prior
+    frame['on_priors'] = empty.to_numpy()
     return frame, int(empty.sum())
 
 
@@ -2813,8 +2929,10 @@ def load_localisers(loc_path, settings, loc_settings, run, device):
 
 def localisation_cost(oof, loc, run, config, device, workers):
     """The final models on their validation rows (the OOF rows) cropped at the predicted points, beside the same
-    rows at the annotated points (oracle). A row without a predicted point or crop gets the priors, counted per
-    condition. Returns the two summaries, the predicted rows' 'frame' and the counts."""
+    rows at the annotated points (oracle). A row without a predicted point or crop gets the priors of its fold's
+    training studies (never counted from the rows it is scored on), counted per condition; the frame keeps those
+    priors ('prior' columns) for choose_probabilities. Returns the two summaries, the predicted rows' 'frame' and
+    the counts."""
     frames = []
     by_fold = dict(zip(run['folds'], run['classifiers']))
     keys = ['study_id', 'condition', 'level']
@@ -2822,86 +2940,143 @@ def localisation_cost(oof, loc, run, config, device, workers):
         points = loc['points'][loc['points']['study_id'].isin(rows['study_id'])]
         probs = classify_rows(points.drop(columns='label').merge(rows[keys + ['label']], on=keys),
                               [by_fold[f'fold{fold}']], run['config'], device, workers)
-        frames.append(rows[keys + ['label']].merge(probs[keys + P_COLUMNS + PC_COLUMNS], on=keys, how='left'))
+        frame = rows[keys + ['label', 'fold']].merge(probs[keys + P_COLUMNS + PC_COLUMNS], on=keys, how='left')
+        priors = label_priors(config['data_root'], exclude=set(rows['study_id']))
+        frame[PRIOR_COLUMNS] = [priors[f'{c}_{level}'] for c, level in frame[['condition', 'level']].itertuples(False)]
+        frames.append(fill_priors(frame, priors)[0])
     predicted = pd.concat(frames, ignore_index=True)
-    fallback = predicted.loc[predicted[P_COLUMNS[0]].isna(), 'condition'].value_counts().to_dict()
-    predicted, _ = fill_priors(predicted, run['priors'])
+    fallback = predicted.loc[predicted['on_priors'], 'condition'].value_counts().to_dict()
     oracle = oof.set_index(keys).loc[pd.MultiIndex.from_frame(predicted[keys])].reset_index()
     return {'oracle': summarize(oracle), 'predicted': summarize(predicted), 'frame': predicted,
             'fallback_rows': int(sum(fallback.values())), 'fallback_by_condition': fallback, 'rows': len(predicted)}
 
 
+def candidate_probabilities(rows, kind, temperature=1.0):
+    """A condition's rows' probabilities under one submission candidate: 'raw' (P_COLUMNS), 'corrected'
+    (PC_COLUMNS) or 'priors' (the fold's training priors re-weighted by the metric's row weights, the constant with
+    the lowest expected loss); the model's rows (not 'on_priors') sharpened or softened by `temperature` (p^(1/T),
+    renormalised), as build_submission does."""
+    if kind == 'priors':
+        return prior_corrected(rows[PRIOR_COLUMNS].to_numpy(float), [1.0, 1.0, 1.0])
+    probs = rows[P_COLUMNS if kind == 'raw' else PC_COLUMNS].to_numpy(float, copy=True)
+    model = ~rows['on_priors'].to_numpy(bool) if 'on_priors' in rows else np.ones(len(rows), bool)
+    probs[model] = with_temperature(probs[model], temperature)
+    return probs / probs.sum(1, keepdims=True)
+
+
+def with_temperature(probs, temperature):
+    """p^(1/T), renormalised: T < 1 sharpens, T > 1 softens (the logits divided by T)."""
+    logp = np.log(np.clip(probs, 1e-12, 1)) / temperature
+    p = np.exp(logp - logp.max(1, keepdims=True))
+    return p / p.sum(1, keepdims=True)
+
+
+def condition_loss(rows, probs):
+    """What one condition's probabilities cost in the official metric on out-of-fold rows: the condition's weighted
+    log loss (row weights 1/2/4 by label); for the spinal canal plus the any_severe_spinal term, which its severe
+    probabilities also set."""
+    frame = rows[['study_id', 'condition', 'level', 'label']].assign(**dict(zip(P_COLUMNS, probs.T)))
+    terms = competition_terms(*kaggle_frames(frame))
+    return float(sum(terms.values()))
+
+
+SUBMISSION_KINDS = ('raw', 'corrected', 'priors')
+TEMPERATURE_RANGE = (0.25, 4.0)  # bounds of the fitted temperature
+
+
 def choose_probabilities(frame):
-    """{condition: {'raw': loss, 'corrected': loss, 'chosen': the lower}}: the metric's weighted log loss (row
-    weights 1/2/4 by label) of each condition's raw and prior-corrected probabilities on out-of-fold rows."""
+    """{condition: {candidate: out-of-fold loss, ..., 'chosen', 'temperature'}}: each condition's probabilities
+    as submitted, chosen by condition_loss on the out-of-fold rows at predicted points (`frame`,
+    localisation_cost's): raw, prior-corrected, the training priors alone, and raw or corrected with a temperature
+    fitted on the same rows ('raw T', 'corrected T'). Fitted and chosen on those rows, so the chosen loss is
+    optimistic for them; a condition the model does worse on than the priors gets the priors."""
     choice = {}
     for condition, rows in frame.groupby('condition', sort=False):
-        weights = np.array(ROW_WEIGHTS)[rows['label']]
-        probs = {kind: rows[columns].to_numpy(float) for kind, columns in (('raw', P_COLUMNS),
-                                                                            ('corrected', PC_COLUMNS))}
-        loss = {kind: float(log_loss(rows['label'], p / p.sum(1, keepdims=True), sample_weight=weights,
-                                     labels=[0, 1, 2])) for kind, p in probs.items()}  # float32 sums: renormalised
-        choice[condition] = {**loss, 'chosen': min(loss, key=loss.get)}
+        loss = {kind: condition_loss(rows, candidate_probabilities(rows, kind)) for kind in SUBMISSION_KINDS}
+        temperature = {}
+        for kind in ('raw', 'corrected'):
+            fit = scipy.optimize.minimize_scalar(
+                lambda log_t, rows=rows, kind=kind: condition_loss(rows, candidate_probabilities(rows, kind,
+                                                                                                 math.exp(log_t))),
+                bounds=np.log(TEMPERATURE_RANGE), method='bounded', options={'xatol': 1e-3})
+            temperature[kind] = round(math.exp(fit.x), 3)
+            loss[f'{kind} T'] = condition_loss(rows, candidate_probabilities(rows, kind, temperature[kind]))
+        chosen = min(loss, key=loss.get)
+        choice[condition] = {**loss, 'temperatures': temperature, 'chosen': chosen.split()[0],
+                             'temperature': temperature[chosen.split()[0]] if chosen.endswith(' T') else 1.0,
+                             'candidate': chosen}
     return choice
 
 
 def predict_test(run, config, device, workers):
     """Probabilities of every trained condition and level of every test study in sample_submission.csv (study_id,
     condition, level, P/PC columns; NaN without a point or crop), the rows without them with why (study_id,
-    condition, level, reason), and the test volumes' lost slices (volume_issues)."""
-    root, series_of = Path(config['data_root']), run['series']
-    descriptions = pd.read_csv(root / 'test_series_descriptions.csv')
-    studies, sagittal, axial_dirs, issues, missing = submission_studies(config), {}, {}, [], {}
-    for series in series_of:
-        jobs = []
-        for study in studies:
-            picked = pick_series(descriptions, study, root / 'test_images', series)
-            if picked is None:
-                missing[study, series] = f'no {series} series with DICOM files'
-            elif LOC_MODE[series] == 'slice':
-                axial_dirs[study] = root / 'test_images' / str(study) / str(picked)
-            else:
-                jobs.append((study, root / 'test_images' / str(study) / str(picked), None))
-        if LOC_MODE[series] == 'volume':
-            volumes = read_volumes(jobs, run['config'], workers)
-            issues.append(volume_issues(jobs, volumes, 'test'))
-            missing.update({(s, series): v for s, v in volumes.items() if isinstance(v, str)})
-            sagittal[series] = {s: v for s, v in volumes.items() if not isinstance(v, str)}
-    predictions, volumes, lost, unplaced = predict_points(run['localisers'], series_of, sagittal, axial_dirs,
-                                                          run['config'], device, workers, 'test')
-    missing.update({(s, 'Axial T2'): why for s, why in unplaced.items()})
-    probs = classify_rows(point_rows(predictions, volumes, series_of), run['classifiers'], run['config'], device,
-                          workers)
+    condition, level, reason), and the test volumes' lost slices and failed studies (ISSUE_COLUMNS). Each study is
+    predicted alone (predict_test_study): one study's fault costs that study's rows, never another's."""
+    descriptions = pd.read_csv(Path(config['data_root']) / 'test_series_descriptions.csv')
+    studies = submission_studies(config)
+    results = [predict_test_study(run, study, descriptions, config, device, workers)
+               for study in tqdm(studies, desc='test studies', mininterval=30)]
     keys = ['study_id', 'condition', 'level']
-    every = pd.DataFrame([(s, c, level) for s in studies for c in run['config']['conditions'] for level in LEVELS],
-                         columns=keys)
-    probs = every.merge(probs[keys + P_COLUMNS + PC_COLUMNS], on=keys, how='left')
+    empty = (pd.DataFrame(columns=keys + P_COLUMNS + PC_COLUMNS), pd.DataFrame(columns=keys + ['reason']),
+             pd.DataFrame(columns=ISSUE_COLUMNS))
+    return tuple(pd.concat([e] + [r[k] for r in results], ignore_index=True) for k, e in enumerate(empty))
+
+
+def predict_test_study(run, study, descriptions, config, device, workers):
+    """One test study in isolation: its points (predict_points) and the fold classifiers on crops there (in a
+    scratch cache, removed after). Any exception costs this study's rows alone, on the priors with the exception
+    as their reason. Returns (probabilities of its trained rows, NaN where none; its rows without them, with why;
+    its issues)."""
+    keys, series_of = ['study_id', 'condition', 'level'], run['series']
+    every = pd.DataFrame([(study, c, level) for c in run['config']['conditions'] for level in LEVELS], columns=keys)
+    points = predict_points(run['localisers'], series_of, descriptions, Path(config['data_root']) / 'test_images',
+                            [study], run['config'], device, 'test')
+    why, issues = {(c, LEVELS[k]): r for (c, k), r in points['why'][study].items()}, points['issues']
+    try:
+        with tempfile.TemporaryDirectory(prefix='le3ba_test_') as scratch:
+            probs = classify_rows(point_rows(points['found'], series_of), run['classifiers'],
+                                  {**run['config'], 'cache_dir': scratch, 'num_workers': 0}, device, workers, True)
+        probs = every.merge(probs[keys + P_COLUMNS + PC_COLUMNS], on=keys, how='left')
+    except Exception as error:
+        text = f'prediction failed: {type(error).__name__}: {error}'
+        probs = every.assign(**dict.fromkeys(P_COLUMNS + PC_COLUMNS, np.nan))
+        issues = pd.concat([issues, pd.DataFrame([(study, '', '', '', '', 'test study failed', text)],
+                                                 columns=ISSUE_COLUMNS)], ignore_index=True)
+        why = {tuple(k): text for k in every[['condition', 'level']].itertuples(False)}
     on_priors = probs.loc[probs[P_COLUMNS[0]].isna(), keys].copy()
-    on_priors['reason'] = [missing.get((s, CONDITION_SERIES[c]), 'no point placed or no crop built at this level')
-                           for s, c in on_priors[['study_id', 'condition']].itertuples(False)]
-    return probs, on_priors, pd.concat(issues + [lost], ignore_index=True)
+    on_priors['reason'] = [why.get((c, level), 'no crop built at the predicted point')
+                           for c, level in on_priors[['condition', 'level']].itertuples(False)]
+    return probs, on_priors, issues
 
 
 def build_submission(sample, rows, priors, choice):
     """sample_submission's rows, in its order: from `rows` (study_id, condition, level, P/PC columns; NaN: none)
-    where they have probabilities, every other row the priors of its (condition, level). Each condition's rows raw
-    or prior-corrected as `choice` ({condition: 'raw' | 'corrected'}; not in it: 'corrected') says, priors alike
-    (corrected: re-weighted by the metric's row weights). Checked: nothing missing, rows sum to 1. Returns
-    (submission, {condition: rows from the models})."""
+    where they have probabilities, every other row the priors of its (condition, level). Each condition as `choice`
+    says ({condition: 'raw' | 'corrected' | 'priors', or choose_probabilities' entry with its 'chosen' and
+    'temperature'}; not in it: 'corrected'): the model's raw or prior-corrected probabilities (with the temperature)
+    and the priors alike (corrected and 'priors': re-weighted by the metric's row weights), or the priors on every
+    row. Checked: nothing missing, rows sum to 1. Returns (submission, {condition: rows from the models})."""
     column = sample['row_id'].str.split('_', n=1).str[1]
     unknown = sorted(set(column) - set(priors))
     if unknown:
         raise ValueError(f'sample_submission.csv names targets that train.csv has no column for: {unknown[:3]}')
     condition = column.str.rsplit('_', n=2).str[0]
-    corrected = (condition.map(lambda c: choice.get(c, 'corrected')) == 'corrected').to_numpy()
+    picked = {c: (v, 1.0) if isinstance(v, str) else (v['chosen'], v.get('temperature', 1.0))
+              for c, v in choice.items()}
+    kind = condition.map(lambda c: picked.get(c, ('corrected', 1.0))[0]).to_numpy()
+    temperature = condition.map(lambda c: picked.get(c, ('corrected', 1.0))[1]).to_numpy(float)
     probs = np.array([priors[c] for c in column]).reshape(-1, 3)
-    probs[corrected] = prior_corrected(probs[corrected], [1.0, 1.0, 1.0])
+    probs[kind != 'raw'] = prior_corrected(probs[kind != 'raw'], [1.0, 1.0, 1.0])
     rows = rows.dropna(subset=P_COLUMNS)  # a row on priors has no model probabilities
     rows = rows.set_index(rows['study_id'].astype(str) + '_' + rows['condition'] + '_' + rows['level'])
-    model = sample['row_id'].isin(rows.index).to_numpy()
-    picked = rows.loc[sample['row_id'][model]]
-    probs[model] = np.where(corrected[model, None], picked[PC_COLUMNS].to_numpy(float),
-                            picked[P_COLUMNS].to_numpy(float))
+    model = (sample['row_id'].isin(rows.index) & (kind != 'priors')).to_numpy()
+    found = rows.loc[sample['row_id'][model]]
+    probs[model] = np.where((kind[model] == 'corrected')[:, None], found[PC_COLUMNS].to_numpy(float),
+                            found[P_COLUMNS].to_numpy(float))
+    for t in np.unique(temperature[model]):
+        at = model & (temperature == t)
+        probs[at] = with_temperature(probs[at], t)
     probs = probs / probs.sum(1, keepdims=True)
     submission = pd.DataFrame(probs, columns=PROB_COLUMNS).assign(row_id=sample['row_id'].to_numpy())
     submission = submission[['row_id'] + PROB_COLUMNS]
@@ -2910,78 +3085,115 @@ def build_submission(sample, rows, priors, choice):
     return submission, condition[model].value_counts().to_dict()
 
 
-def write_submission(run, config, device, workers):
+def write_submission(run, config, device, workers, error=None):
     """submission.csv in output_dir (and in /kaggle/working, where Kaggle looks for it) from the run in `run`;
-    returns (submission, facts for the report)."""
+    returns (submission, facts for the report). A prediction that fails as a whole, or no run (`run` None: it could
+    not be loaded, `error` says why), still writes every row: the priors, with the error in submission.json."""
     start = time.time()
     sample = pd.read_csv(Path(config['data_root']) / 'sample_submission.csv')
-    probs, on_priors, issues = predict_test(run, config, device, workers)
-    choice = submitted_probabilities(run, config)
-    submission, from_model = build_submission(sample, probs, run['priors'], choice)
-    seconds = time.time() - start
-    studies = probs['study_id'].nunique()
+    keys = ['study_id', 'condition', 'level']
+    try:
+        if run is None:
+            raise RuntimeError(error)
+        probs, on_priors, issues = predict_test(run, config, device, workers)
+        choice = submitted_probabilities(run, config)
+    except Exception as failure:
+        error = f'{type(failure).__name__}: {failure}' if run is not None else error
+        warn(f'submission: the prediction failed as a whole ({error}): every row on the priors')
+        conditions = (run or {'config': config})['config']['conditions']
+        on_priors = pd.DataFrame([(s, c, level) for s in submission_studies(config) for c in conditions
+                                  for level in LEVELS], columns=keys).assign(reason=f'prediction failed: {error}')
+        probs, issues, choice = on_priors[keys].assign(**dict.fromkeys(P_COLUMNS + PC_COLUMNS, np.nan)), \
+            pd.DataFrame(columns=ISSUE_COLUMNS), {}
+    priors = run['priors'] if run is not None else fallback_priors(config)
+    submission, from_model = build_submission(sample, probs, priors, choice)
+    seconds, studies = time.time() - start, sample['row_id'].str.split('_').str[0].nunique()
     out = Path(config['output_dir'])
     write_atomic(out / 'submission.csv', submission.to_csv(index=False))
     kaggle = Path('/kaggle/working/submission.csv')  # where a Kaggle submission is looked for
     if runtime_environment() == 'kaggle' and kaggle.resolve() != (out / 'submission.csv').resolve():
         shutil.copy(out / 'submission.csv', kaggle)
     for (study, condition), rows in on_priors.groupby(['study_id', 'condition'], sort=False):
-        warn(f"submission: study {study}: {condition} {', '.join(rows['level'])} from the priors "
-             f"({rows['reason'].iloc[0]})")
+        if error is None:
+            warn(f"submission: study {study}: {condition} {', '.join(rows['level'])} from the priors "
+                 f"({rows['reason'].iloc[0]})")
     info = {'rows': len(submission), 'studies': studies, 'rows_from_model': from_model,
-            'on_priors': on_priors.to_dict(orient='records'), 'probabilities': choice,
-            'conditions': run['config']['conditions'], 'folds': run['folds'], 'localisers': len(run['folds']),
+            'on_priors': on_priors.to_dict(orient='records'), 'probabilities': choice, 'error': error,
+            'conditions': list(on_priors['condition'].unique()) if run is None else run['config']['conditions'],
+            'folds': [] if run is None else run['folds'], 'localisers': 0 if run is None else len(run['folds']),
             'seconds': seconds, 'seconds_per_study': seconds / max(studies, 1), 'device': str(device),
             'issues': json.loads(issues.to_json(orient='records'))}
     write_atomic(out / 'submission.json', json.dumps(info, indent=1, default=int))
     print(f"submission.csv: {len(submission)} rows, {studies} studies, {sum(from_model.values())} rows from the "
           f"models ({len(on_priors)} trained rows on priors), {seconds:.1f} s ({info['seconds_per_study']:.2f} s "
-          f"per study on {device})")
+          f"per study on {device})" + (f'; PREDICTION FAILED: {error}' if error else ''))
     return submission, info
 
 
+def fallback_priors(config):
+    """The priors of a submission whose run could not be loaded: priors.json of the run's folder (submit_from, or
+    output_dir), else counted from train.csv, else a flat third each (said in a warning)."""
+    for folder in (config['submit_from'], config['output_dir']):
+        if folder and (Path(folder) / 'priors.json').exists():
+            return json.loads((Path(folder) / 'priors.json').read_text())
+    if (Path(config['data_root']) / 'train.csv').exists():
+        return label_priors(config['data_root'])
+    warn('submission: no priors.json and no train.csv: every row 1/3 each')
+    return {f'{c}_{level}': [1 / 3] * 3 for c in CONDITION_SERIES for level in LEVELS}
+
+
 def submitted_probabilities(run, config):
-    """{condition: 'raw' | 'corrected'}: loc_submit_probs for every condition, or for 'auto' the training run's
-    out-of-fold choice (probabilities.json; without it, 'corrected')."""
+    """{condition: 'raw' | 'corrected', or the training run's out-of-fold choice (choose_probabilities' entry)}:
+    loc_submit_probs for every condition, or for 'auto' the choice in probabilities.json (without it,
+    'corrected')."""
     if config['loc_submit_probs'] != 'auto':
         return {c: config['loc_submit_probs'] for c in run['config']['conditions']}
     if run['choice'] is None:
         warn("loc_submit_probs 'auto': the run has no probabilities.json (no out-of-fold choice): corrected")
         return {c: 'corrected' for c in run['config']['conditions']}
-    return {c: v['chosen'] for c, v in run['choice'].items()}
+    return run['choice']
 
 
 def probe_after_training(device, samples, config, studies=2):
     """Seconds per study of the work after training, measured on `studies` training studies with untrained
-    models, summed over the series types localised: reading its volumes ('read'), one localiser epoch over them
-    ('step', the second of two: the first pays for warm-up), localising them with one model ('localise'), and
-    cropping and classifying the study's points with one classifier ('classify'; crops in a scratch cache)."""
-    picked = samples[samples['study_id'].isin(samples['study_id'].unique()[:studies])]
+    models, summed over the series types localised: reading its annotated volumes ('read'), one localiser epoch
+    over them ('step', the second of two: the first pays for warm-up), predicting their points as a test study's
+    ('localise', predict_points) and cropping and classifying them with one classifier ('classify'; crops in a
+    scratch cache). The studies are the first whose rows name every series type localised (the first ones
+    otherwise); a series type none of them has adds no step time, said in a warning."""
     series_of = localised_series(config['conditions'])
+    wanted = {c for conds in series_of.values() for c in conds}
+    complete = samples.groupby('study_id')['condition'].agg(lambda c: wanted <= set(c))
+    ids = (list(complete.index[complete]) + list(complete.index[~complete]))[:studies]
+    picked = samples[samples['study_id'].isin(ids)]
     classifier = [(SpineModelV9({**config, 'pretrained': 'none'}).to(device).eval(), config['class_weights'])]
-    times = {'read': 0.0, 'step': 0.0, 'localise': 0.0, 'classify': 0.0}
+    times, models = {'read': 0.0, 'step': 0.0, 'localise': 0.0, 'classify': 0.0}, {}
     with tempfile.TemporaryDirectory(prefix='le3ba_probe_') as scratch:
         one = {**config, 'loc_epochs': 1, 'loc_batch': 1, 'cache_dir': scratch}
-        predictions, volumes = {}, {}
         for series, conds in series_of.items():
             start = time.time()
             data = localiser_data(picked, config, series, conds, 0)
             times['read'] += time.time() - start
             items = training_items(data, list(data['volumes']), LOC_MODE[series])
+            maps = len(map_names(conds)) if LOC_MODE[series] == 'volume' else len(conds)
+            models[series] = [LevelLocaliser(config['loc_channels'], maps).to(device)]
+            if not items[2]:
+                warn(f'time budget probe: none of studies {ids} has a readable annotated {series} series: its '
+                     'localiser epochs are not in the projection of the work after training')
+                continue
             for _ in range(2):
                 start = time.time()
-                model = train_localiser(*items, one, device, config['seed'])[0]
+                models[series] = [train_localiser(*items, one, device, config['seed'])[0]]
             times['step'] += time.time() - start
-            start = time.time()
-            volumes[series] = data['volumes']
-            predictions[series] = {s: (localise([model], v, device, config) if LOC_MODE[series] == 'volume' else
-                                       localise_levels([model], v, device, config, conds))
-                                   for s, v in data['volumes'].items()}
-            times['localise'] += time.time() - start
         start = time.time()
-        classify_rows(point_rows(predictions, volumes, series_of), classifier, one, device, 0)
+        descriptions = pd.read_csv(Path(config['data_root']) / 'train_series_descriptions.csv')
+        points = predict_points(models, series_of, descriptions, Path(config['data_root']) / 'train_images', ids,
+                                config, device, 'probe')
+        times['localise'] += time.time() - start
+        start = time.time()
+        classify_rows(point_rows(points['found'], series_of), classifier, one, device, 0)
         times['classify'] += time.time() - start
-    return {k: v / picked['study_id'].nunique() for k, v in times.items()}
+    return {k: v / len(ids) for k, v in times.items()}
 
 
 def after_training_parts(probe, samples, config, folds):
@@ -3007,28 +3219,38 @@ def after_training_plan(probe, samples, config):
 
 def localise_and_submit(device, samples, oof, folds, config, workers, deadline=None, probe=None):
     """The section's GPU work (run through on_device): in a training run (`samples` given) the localisers of the
-    finished `folds`, the cost of localisation on their validation rows and the choice of raw or prior-corrected
+    finished `folds`, the cost of localisation on their validation rows and the choice of the submitted
     probabilities per condition from it (probabilities.json); then, where the data root has the test files,
     submission.csv. The localisers' epochs end by `deadline` less what the work after them needs
     (after_training_parts from the `probe`). A submission run (submit_from, `samples` None) loads every fold of
-    that folder. Returns (localisation or None, submission facts or None)."""
-    loc, out = None, Path(config['output_dir'])
-    if samples is not None:
-        write_atomic(out / 'priors.json', json.dumps(label_priors(config['data_root'])))
-        if deadline is not None and probe is not None:
-            parts = after_training_parts(probe, samples, config, folds)
-            deadline -= parts['validation'] + parts['submission']
-        loc = train_localisers(samples, folds, config, device, workers, deadline)
-    run = load_run(config['submit_from'] or out, config, device, folds=folds)
-    if loc is not None:
-        loc['cost'] = localisation_cost(oof, loc, run, config, device, workers)
-        run['choice'] = loc['choice'] = choose_probabilities(loc['cost']['frame'])
-        write_atomic(out / 'probabilities.json', json.dumps(loc['choice'], indent=1))
+    that folder. Where the data root has the test files, nothing before the submission can stop it: a failure
+    leaves every row on the priors, with the error (write_submission). Returns (localisation or None, submission
+    facts or None)."""
+    loc, run, error, out = None, None, None, Path(config['output_dir'])
+    try:
+        if samples is not None:
+            write_atomic(out / 'priors.json', json.dumps(label_priors(config['data_root'])))
+            if deadline is not None and probe is not None:
+                parts = after_training_parts(probe, samples, config, folds)
+                deadline -= parts['validation'] + parts['submission']
+            loc = train_localisers(samples, folds, config, device, workers, deadline)
+        run = load_run(config['submit_from'] or out, config, device, folds=folds)
+        if loc is not None:
+            loc['cost'] = localisation_cost(oof, loc, run, config, device, workers)
+            run['choice'] = loc['choice'] = choose_probabilities(loc['cost']['frame'])
+            write_atomic(out / 'probabilities.json', json.dumps(loc['choice'], indent=1))
+    except Exception as failure:
+        if not has_test_files(config):
+            raise
+        print(traceback.format_exc())
+        error = f'{type(failure).__name__}: {failure}'
+        warn(f'localisation section: {error}; the submission is written ' + (
+            'with every row on the priors' if run is None else "without the out-of-fold choice ('corrected')"))
     if loc is not None:  # the kernel gets the volumes its figures show, not a fold's worth of them
-        loc = {**loc, 'target_volumes': None, 'volumes': {series: {s: volumes[s] for s in plotted_studies(loc, series)}
-                                                          for series, volumes in loc['volumes'].items()}}
+        loc = {**loc, 'target_volumes': None, 'found': {series: {s: found[s] for s in plotted_studies(loc, series)}
+                                                        for series, found in loc['found'].items()}}
     if has_test_files(config):
-        return loc, write_submission(run, config, device, workers)[1]
+        return loc, write_submission(run, config, device, workers, error if run is None else None)[1]
     if samples is None:
         raise FileNotFoundError(f"submit_from is set but {config['data_root']} has no test_series_descriptions.csv, "
                                 'test_images/ and sample_submission.csv (on Kaggle: add the competition as an input)')
@@ -3048,14 +3270,23 @@ def cost_line(cost):
 
 def cost_table(cost, choice):
     """The official metric's terms with oracle and predicted points side by side on the same rows, raw and
-    prior-corrected, and the probabilities a submission takes per term's conditions (lower out-of-fold loss)."""
+    prior-corrected, and the candidate each term's conditions are submitted with (choose_probabilities)."""
     oracle, pred = cost['oracle'], cost['predicted']
-    chosen = {term: ', '.join(sorted({v['chosen'] for c, v in choice.items() if METRIC_GROUPS.get(term, SPINAL) in c}))
+    chosen = {term: ', '.join(sorted({v['candidate'] for c, v in choice.items()
+                                      if METRIC_GROUPS.get(term, SPINAL) in c}))
               for term in oracle['competition_terms']}
     return pd.DataFrame({'oracle raw': oracle['competition_terms'], 'predicted raw': pred['competition_terms'],
                          'oracle corrected': oracle['corrected']['competition_terms'],
                          'predicted corrected': pred['corrected']['competition_terms'],
                          'submitted': chosen}).rename_axis('term').round(4)
+
+
+def choice_table(choice):
+    """Per condition, each submission candidate's out-of-fold loss (condition_loss) side by side, the fitted
+    temperatures and the candidate submitted."""
+    return pd.DataFrame({c: {**{k: v[k] for k in (*SUBMISSION_KINDS, 'raw T', 'corrected T')},
+                             'T raw': v['temperatures']['raw'], 'T corrected': v['temperatures']['corrected'],
+                             'submitted': v['candidate']} for c, v in choice.items()}).T.rename_axis('condition')
 
 
 def localisation_report(loc, submission_info, config):
@@ -3067,21 +3298,28 @@ def localisation_report(loc, submission_info, config):
         lines += [(f"Localisers: a UNet of width {config['loc_channels']} per series type "
                    f"({', '.join(f'{s}: {len(c)} condition(s)' for s, c in loc['series'].items())}) on "
                    f"{config['loc_size']} px slices, {config['loc_epochs']} epochs, one set per trained fold, measured "
-                   'on its validation studies (slice accuracy by anatomical position; point error: patient mm between '
-                   'the predicted and annotated points; the axial slices are those the DICOM geometry picks from the '
-                   'predicted spinal canal points):'), '', md_table(loc['metrics']), '']
+                   'on its validation studies, each predicted as a test study is (its series by the same rule, every '
+                   'slice from the localisers; slice accuracy by anatomical position; point error: patient mm between '
+                   'the predicted and annotated points; a point not placed counts as a wrong slice):'), '',
+                  md_table(loc['metrics']), '']
         if 'cost' in loc:
             lines += [cost_line(loc['cost']), '',
                       ("The official metric's terms on those rows, oracle and predicted points (lower is better; "
-                       "'submitted': the probabilities submission.csv takes for the term's conditions, the lower "
-                       'out-of-fold loss at predicted points, probabilities.json):'), '',
-                      md_table(cost_table(loc['cost'], loc['choice'])), '']
+                       "'submitted': the candidate submission.csv takes for the term's conditions):"), '',
+                      md_table(cost_table(loc['cost'], loc['choice'])), '',
+                      ("Submission candidates per condition: the out-of-fold loss at predicted points of each "
+                       "(the condition's weighted log loss; the spinal canal's plus any_severe_spinal), raw, "
+                       "prior-corrected, the training folds' priors alone, and raw or corrected with a temperature "
+                       'T (p^(1/T)). The temperatures are fitted and the candidate chosen on these same rows '
+                       '(probabilities.json), so the submitted loss is optimistic for them:'), '',
+                      md_table(choice_table(loc['choice']).round(4)), '']
             if loc['cost']['fallback_rows']:
-                lines.append('- Validation rows on priors (no predicted point or crop), by condition: ' + ', '.join(
-                    f'{c} {n}' for c, n in loc['cost']['fallback_by_condition'].items()) + '.')
+                lines.append("- Validation rows on priors (their fold's training priors: no predicted point or crop), "
+                             'by condition: ' + ', '.join(f'{c} {n}' for c, n in
+                                                          loc['cost']['fallback_by_condition'].items()) + '.')
         failed = {s: len(f) for s, f in loc['failed'].items() if f}
         if failed:
-            lines.append(f'- Studies whose series could not be read (not used): {failed}.')
+            lines.append(f'- Studies whose annotated series could not be read (no localiser target): {failed}.')
         short = {(f, s): len(v) for f, by in loc['losses'].items() for s, v in by.items()
                  if len(v) < config['loc_epochs']}
         if short:
@@ -3097,17 +3335,22 @@ def submission_lines(info):
     """The report's lines on submission.csv."""
     untrained = sorted(set(CONDITION_SERIES) - set(info['conditions']))
     on_priors = pd.DataFrame(info['on_priors'], columns=['study_id', 'condition', 'level', 'reason'])
-    lines = [(f"- submission.csv: {info['rows']} rows, {info['studies']} test studies; rows from the localisers and "
-              f"the fold models ({', '.join(info['folds'])}) averaged, by condition: "
-              + ', '.join(f'{c} {n}' for c, n in info['rows_from_model'].items()) + '.'),
-             (f'- Trained rows on priors (train.csv\'s class frequencies for that condition and level, add-one '
-              f'smoothed): {len(on_priors)}' + ('.' if on_priors.empty else ', by condition and reason: ' + '; '.join(
-                  f'{c}: {r} ({n})' for (c, r), n in on_priors.groupby(['condition', 'reason']).size().items()) + '.'))]
+    lines = [f"- **The prediction failed as a whole; every row is on the priors**: {info['error']}."] if info.get(
+        'error') else []
+    lines += [(f"- submission.csv: {info['rows']} rows, {info['studies']} test studies; rows from the localisers and "
+               f"the fold models ({', '.join(info['folds'])}) averaged, by condition: "
+               + ', '.join(f'{c} {n}' for c, n in info['rows_from_model'].items()) + '.'),
+              (f'- Trained rows on priors (train.csv\'s class frequencies for that condition and level, add-one '
+               f'smoothed): {len(on_priors)}' + ('.' if on_priors.empty else ', by condition and reason: ' + '; '.join(
+                   f'{c}: {r} ({n})' for (c, r), n in on_priors.groupby(['condition', 'reason']).size().items())
+                   + '.'))]
     if untrained:
         lines.append(f'- Not trained here, all rows on priors: {", ".join(untrained)}.')
     lines += ['- Probabilities submitted per condition (raw softmax, or prior-corrected: re-weighted to the metric\'s '
-              '1/2/4 row weights; the priors the same way): ' + ', '.join(
-                  f'{c} {v}' for c, v in info['probabilities'].items()) + '.',
+              '1/2/4 row weights, the priors the same way; or the priors alone; T: a temperature): ' + ', '.join(
+                  f'{c} {v if isinstance(v, str) else v["candidate"]}'
+                  + (f" (T {v['temperature']:g})" if isinstance(v, dict) and v['temperature'] != 1 else '')
+                  for c, v in info['probabilities'].items()) + '.',
               f"- Prediction time: {info['seconds_per_study']:.2f} s per study on {info['device']}.", '']
     return lines
 
@@ -4565,19 +4808,29 @@ if not SUBMIT_ONLY:  # a submission run (submit_from) trains nothing: see the lo
 # %%
 if localiser_wanted(CONFIG):
     _budget = time_budget_s(CONFIG)  # the localisers end in time for the rest (deadline: seconds since the epoch)
-    LOCALISATION, SUBMISSION_INFO = on_device(functools.partial(  # in a child process: the kernel stays CUDA-free
-        localise_and_submit, samples=None if SUBMIT_ONLY else SAMPLES, oof=None if SUBMIT_ONLY else OOF,
-        folds=None if SUBMIT_ONLY else [r['fold'] for r in FOLD_RESULTS],  # those that finished (time budget)
-        config=CONFIG, workers=NUM_WORKERS, deadline=None if _budget is None else RUN_START + _budget,
-        probe=None if SUBMIT_ONLY else AFTER_TRAINING_PROBE))
+    try:  # training's results must not be lost by what comes after them: the report below is written in any case
+        LOCALISATION, SUBMISSION_INFO = on_device(functools.partial(  # in a child process: the kernel stays CUDA-free
+            localise_and_submit, samples=None if SUBMIT_ONLY else SAMPLES, oof=None if SUBMIT_ONLY else OOF,
+            folds=None if SUBMIT_ONLY else [r['fold'] for r in FOLD_RESULTS],  # those that finished (time budget)
+            config=CONFIG, workers=NUM_WORKERS, deadline=None if _budget is None else RUN_START + _budget,
+            probe=None if SUBMIT_ONLY else AFTER_TRAINING_PROBE))
+    except Exception as _error:
+        if SUBMIT_ONLY:
+            raise
+        warn(f'the localisation and submission section failed: {type(_error).__name__}: {_error}')
+        if has_test_files(CONFIG):  # the child process died before writing it: every row on the priors
+            SUBMISSION_INFO = write_submission(None, CONFIG, torch.device('cpu'), 0, f'{type(_error).__name__}: '
+                                               f'{_error}')[1]
     if LOCALISATION is not None:
         LOCALISATION['table'].to_csv(OUTPUT_DIR / 'localisation.csv', index=False)
         print(LOCALISATION['metrics'].to_string())
         for _series in LOCALISATION['series']:  # localisation.png: Sagittal T2/STIR; then one figure per series type
             plot_localisation(LOCALISATION, _series, 'localisation' + ('' if _series == 'Sagittal T2/STIR' else
                                                                        '_' + _series.lower().replace(' ', '_')))
-        print(cost_line(LOCALISATION['cost']))
-        print(cost_table(LOCALISATION['cost'], LOCALISATION['choice']).to_string())
+        if 'cost' in LOCALISATION:
+            print(cost_line(LOCALISATION['cost']))
+            print(cost_table(LOCALISATION['cost'], LOCALISATION['choice']).to_string())
+            print(choice_table(LOCALISATION['choice']).round(4).to_string())
 
 # %% [markdown]
 # ## 10. Results report

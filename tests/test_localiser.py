@@ -63,8 +63,14 @@ def test_pick_series_rule(setup, tmp_path):
             (tmp_path / "7" / str(series) / f"{i}.dcm").write_bytes(b"")
     desc = pd.DataFrame({"study_id": [7, 7, 7, 7], "series_id": [11, 12, 13, 14],
                          "series_description": ["Sagittal T2/STIR"] * 3 + ["Sagittal T1"]})
-    assert nb["pick_series"](desc, 7, tmp_path, "Sagittal T2/STIR") == 12  # most files, then lowest id
-    assert nb["pick_series"](desc, 8, tmp_path, "Sagittal T2/STIR") is None
+    desc.loc[len(desc)] = [7, 15, "Coronal STIR"]  # an unknown description: never read
+    (tmp_path / "7" / "15").mkdir()
+    (tmp_path / "7" / "15" / "1.dcm").write_bytes(b"")
+    picked = nb["pick_series"](desc, 7, tmp_path, ["Sagittal T2/STIR", "Sagittal T1"])
+    # every series of a type, tried in this order: most files, then lowest id; a folder without files: none
+    assert picked == {"Sagittal T2/STIR": [tmp_path / "7" / "12", tmp_path / "7" / "13", tmp_path / "7" / "11"],
+                      "Sagittal T1": []}
+    assert nb["pick_series"](desc, 8, tmp_path, ["Sagittal T2/STIR"]) == {"Sagittal T2/STIR": []}
 
 
 def test_localiser_learns_the_anatomy_and_a_shuffled_control_does_not(setup, trained, loc_study_set):
@@ -84,7 +90,7 @@ def test_localiser_learns_the_anatomy_and_a_shuffled_control_does_not(setup, tra
     shuffled = dict(zip(train, [targets[s] for s in np.random.default_rng(0).permutation(train)]))
     model, *_ = nb["train_localiser"](volumes, shuffled, train, config, CPU, config["seed"] + 100)
     val = [s for s in volumes if fold[s] == 0]
-    predictions = {s: nb["localise"]([model], volumes[s], CPU, config) for s in val}
+    predictions = {s: [(volumes[s], nb["localise"]([model], volumes[s], CPU, config))] for s in val}
     control = nb["localisation_metrics"](nb["localisation_table"](volumes, targets, predictions,
                                                                   nb["map_names"]([nb["SPINAL"]])))
     print(control.to_string())
@@ -117,14 +123,16 @@ def test_classifier_with_predicted_points_beside_oracle(setup, trained):
     assert cost["oracle"]["corrected"]["competition_terms"] == pytest.approx(
         oracle["corrected"]["competition_terms"])
     assert np.isfinite(cost["predicted"]["corrected"]["competition_score_part"])
-    perfect = {**trained, "points": nb["point_rows"](trained["targets"], trained["target_volumes"],
-                                                     trained["series"])}  # the annotated points as predictions
+    found = {series: {s: [(trained["target_volumes"][series][s], t)] for s, t in targets.items()}
+             for series, targets in trained["targets"].items()}  # the annotated points as predictions
+    perfect = {**trained, "points": nb["point_rows"](found, trained["series"])}
     exact = nb["localisation_cost"](oof, perfect, run, config, CPU, 1)
     assert exact["predicted"]["corrected"]["competition_terms"] == pytest.approx(
         oracle["corrected"]["competition_terms"], abs=1e-4)
     choice = nb["choose_probabilities"](cost["frame"])
     spinal = choice["spinal_canal_stenosis"]
-    assert spinal["chosen"] == min(("raw", "corrected"), key=spinal.get)
+    candidates = ("raw", "corrected", "priors", "raw T", "corrected T")
+    assert spinal["candidate"] == min(candidates, key=spinal.get) and spinal["chosen"] == spinal["candidate"].split()[0]
     lines = nb["localisation_report"](trained | {"cost": cost, "choice": choice}, None, config)
     assert any(line.startswith("- Cost of localisation") for line in lines)
     assert "\n| spinal | " in "\n".join(lines)  # the terms, oracle beside predicted

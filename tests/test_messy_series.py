@@ -566,7 +566,7 @@ def test_realistic_preset_localiser_volumes_list_every_lost_slice_with_its_file(
     config = {**cfg, "loc_size": 64}
     jobs, _ = nb["annotated_series"](samples, cfg["data_root"])
     volumes = nb["read_volumes"](jobs, config, 1)
-    issues = nb["volume_issues"](jobs, volumes, "localiser")
+    issues = nb["volume_issues"]([(study, d, volumes[study]) for study, d, _ in jobs], "localiser")
     assert list(issues.columns) == nb["ISSUE_COLUMNS"]
     read = {(study, int(Path(d).name)) for study, d, _ in jobs}
     lost = issues[issues["what"] == "localiser slice lost"]
