@@ -1,5 +1,6 @@
 """Tests of tools/make_demo_studies.py: the generated set must look like the competition data."""
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -621,3 +622,327 @@ def test_side_signal_only_at_its_own_point(all_normal, tmp_path, cond):
             assert np.abs(diff[np.linalg.norm(pos - q, axis=-1) < 5]).max(initial=0) <= 2, rel
     assert changed == {gen.CONDITION_SERIES[cond]}
     assert np.mean(near_point) > 100  # Normal/Mild minus Severe: darker at the point
+
+
+# --- axial_partial: an Axial T2 series that covers only the lowest levels ---------------------------------------
+
+PARTIAL_SET = {"n_studies": 4, "seed": 35, "missing_label_frac": 0.0,
+               "quirks": {"axial_partial": 1.0, "axial_blocks": 0.5, "axial_missing_level": 0.3}}
+LEVEL_ORDER = list(gen.LEVEL_NAMES.values())  # L1/L2 .. L5/S1, top to bottom
+
+
+def _hashes(root, skip=()):
+    """relative path -> sha1 of every file under root, but those whose path starts with one of skip."""
+    return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file() and not str(p.relative_to(root)).startswith(tuple(skip))}
+
+
+@pytest.fixture(scope="module")
+def partial_set(tmp_path_factory):
+    """(root, summary) of a 4-study set whose Axial T2 series all cover only their lowest levels."""
+    root = tmp_path_factory.mktemp("partial")
+    return root, gen.make_study_set(root, **PARTIAL_SET)
+
+
+def test_axial_partial_keeps_the_lowest_levels(partial_set):
+    """Each series keeps a contiguous run of the lowest 1-3 levels (of those axial_missing_level left), 3-9 slices,
+    exactly the recorded files; the kept points lie at their own level's height, the others have no row but
+    keep their labels."""
+    root, summary = partial_set
+    q = summary["quirks"]
+    assert "axial_partial" not in gen.REALISTIC["quirks"] and "axial_partial" in gen.T1_AXIAL_QUIRKS
+    coords = pd.read_csv(root / "train_label_coordinates.csv")
+    train = pd.read_csv(root / "train.csv").set_index("study_id")
+    missing = {it["series_id"]: it["level"] for it in q["axial_missing_level"]}
+    tilted = {it["series_id"] for it in q["axial_blocks"]}
+    items = q["axial_partial"]
+    assert json.loads(json.dumps(items, allow_nan=False)) == items
+    assert len(items) == PARTIAL_SET["n_studies"] and {it["series_description"] for it in items} == {"Axial T2"}
+    assert set(missing) & {it["series_id"] for it in items} and tilted & {it["series_id"] for it in items}
+    for it in items:
+        left = [lv for lv in LEVEL_ORDER if lv != missing.get(it["series_id"])]
+        kept = it["levels"]
+        assert 1 <= len(kept) <= 3 and kept == left[-len(kept):]  # the lowest, contiguous among those left
+        assert list(it["instance_numbers"]) == kept and it["uncovered_levels"] == [lv for lv in LEVEL_ORDER
+                                                                                   if lv not in kept]
+        files = _series_files(root, it)
+        inst = [i for lv in kept for i in it["instance_numbers"][lv]]
+        assert sorted(files) == sorted(inst) and 3 <= len(files) <= 9
+        assert len({len(v) for v in it["instance_numbers"].values()}) == 1  # 2-4 slices a level
+        if it["series_id"] in tilted:  # each kept block keeps its own tilt
+            assert len({tuple(files[i].ImageOrientationPatient) for i in inst}) == len(kept)
+        rows = coords[(coords.series_id == it["series_id"])]
+        assert sorted(rows.level.unique()) == sorted(kept) and len(rows) == 2 * len(kept)
+        for r in rows.itertuples():
+            assert r.instance_number in it["instance_numbers"][r.level]
+            z = _to_patient(files[r.instance_number], r.x, r.y)[2]  # L3/L4 at z = 0, ~34 mm a level
+            assert int(np.argmin([abs(z - (2 - i) * 34.0) for i in range(5)])) == LEVEL_ORDER.index(r.level)
+        study = coords[(coords.study_id == it["study_id"]) & coords.condition.str.contains("Subarticular")]
+        assert set(study.level) == set(kept)
+        for lv in it["uncovered_levels"]:
+            key = lv.lower().replace("/", "_")
+            assert train.loc[it["study_id"], [f"{side}_subarticular_stenosis_{key}"
+                                              for side in ("left", "right")]].notna().all()  # labels stay
+    assert {len(it["levels"]) for it in items} == {1, 2, 3}
+    # seed 35: one series lost L3/L4 (axial_missing_level) and keeps the three lowest left, L2/L3, L4/L5, L5/S1
+    gaps = [it["levels"] for it in items if missing.get(it["series_id"]) == "L3/L4"]
+    assert gaps == [["L2/L3", "L4/L5", "L5/S1"]]
+
+
+def test_axial_partial_reproducible_and_nothing_else_changes(partial_set, tmp_path):
+    """The same seed gives the same files; without the quirk (its own random stream) every other file is the same
+    and the partial series' slices are the full series' ones, pixel for pixel."""
+    root, summary = partial_set
+    again = gen.make_study_set(tmp_path / "again", **PARTIAL_SET)
+    assert _hashes(root) == _hashes(tmp_path / "again")
+    assert {k: v for k, v in again.items() if k != "out_dir"} == {k: v for k, v in summary.items() if k != "out_dir"}
+    quirks = {k: v for k, v in PARTIAL_SET["quirks"].items() if k != "axial_partial"}
+    full = gen.make_study_set(tmp_path / "full", **{**PARTIAL_SET, "quirks": quirks})
+    assert full["quirks"]["axial_missing_level"] == [  # as far as they go, the other quirks' records agree
+        {**it, "block_instances": full_it["block_instances"]}
+        for it, full_it in zip(summary["quirks"]["axial_missing_level"], full["quirks"]["axial_missing_level"])]
+    partial = {f"{split}/{it['study_id']}/{it['series_id']}/" for it in summary["quirks"]["axial_partial"]
+               for split in ("train_images", "test_images")}
+    ours, theirs = _hashes(root, skip=partial), _hashes(tmp_path / "full", skip=partial)
+    assert len(ours) == len(theirs) > 100
+    assert {k for k in ours if ours[k] != theirs[k]} == {"train_label_coordinates.csv", "GENERATED_BY.txt"}
+    for it in summary["quirks"]["axial_partial"]:
+        whole = {tuple(ds.ImagePositionPatient): ds for ds in _series_files(tmp_path / "full", it).values()}
+        kept = _series_files(root, it).values()
+        assert len(whole) > len(kept)
+        for ds in kept:
+            np.testing.assert_array_equal(ds.pixel_array, whole[tuple(ds.ImagePositionPatient)].pixel_array)
+    coords = [pd.read_csv(r / "train_label_coordinates.csv") for r in (root, tmp_path / "full")]
+    other = [c[~c.condition.str.contains("Subarticular")].reset_index(drop=True) for c in coords]
+    pd.testing.assert_frame_equal(other[0], other[1])
+
+
+# --- test_faults: a hostile test split, one fault on each of its last seven studies -------------------------------
+
+FAULT_SET = {"n_studies": 2, "seed": 2, "test_studies": 9}
+
+
+@pytest.fixture(scope="module")
+def fault_sets(tmp_path_factory):
+    """(root, summary, plain root): a clean set with a 9-study test split made hostile, and the same seed without
+    the faults."""
+    base = tmp_path_factory.mktemp("faults")
+    faulty = gen.make_study_set(base / "faulty", test_faults=True, **FAULT_SET)
+    gen.make_study_set(base / "plain", **FAULT_SET)
+    return base / "faulty", faulty, base / "plain"
+
+
+def _folder(root, study, series):
+    """instance number (file name) -> dataset with pixels, of test_images/{study}/{series}."""
+    return {int(f.stem): pydicom.dcmread(f) for f in (root / f"test_images/{study}/{series}").glob("*.dcm")}
+
+
+def _test_desc(root):
+    return pd.read_csv(root / "test_series_descriptions.csv")
+
+
+def _series_of(root, study, kind):
+    (sid,) = _test_desc(root).query("study_id == @study and series_description == @kind").series_id
+    return int(sid)
+
+
+def test_test_faults_only_where_recorded(fault_sets, tmp_path):
+    """One fault a study on the last seven, in TEST_FAULTS' order; everything else (training set, labels kept aside,
+    sample submission, the first test studies' files and rows) as without faults; the same seed, the same faults."""
+    root, summary, plain = fault_sets
+    split = summary["test_split"]
+    faults = split["faults"]
+    assert gen.TEST_FAULTS == ("two_axial", "two_t1", "stray_image", "unknown_series", "no_geometry",
+                               "blank_images", "empty_study")
+    assert list(faults) == list(gen.TEST_FAULTS)
+    assert json.loads(json.dumps(split, allow_nan=False)) == split  # the CLI prints it: plain JSON types
+    assert [it["study_id"] for it in faults.values()] == split["study_ids"][-7:]
+    touched = tuple(f"test_images/{s}/" for s in split["study_ids"][-7:]) + ("test_series_descriptions.csv",)
+    ours, theirs = _hashes(root, skip=touched), _hashes(plain, skip=touched)
+    assert ours == theirs and any(k.startswith(f"test_images/{split['study_ids'][0]}/") for k in ours)
+    assert any(k.startswith("test_solution/") for k in ours) and "sample_submission.csv" in ours
+    desc, before = _test_desc(root), _test_desc(plain)
+    first = set(split["study_ids"][:2])
+    pd.testing.assert_frame_equal(desc[desc.study_id.isin(first)], before[before.study_id.isin(first)])
+    sample = pd.read_csv(root / "sample_submission.csv")
+    assert len(sample) == 25 * 9 and sample.row_id.str.split("_").str[0].astype(int).nunique() == 9
+    again = gen.make_study_set(tmp_path / "again", test_faults=True, **FAULT_SET)
+    assert _hashes(tmp_path / "again") == _hashes(root) and again["test_split"] == split
+    with pytest.raises(ValueError, match="test_faults needs test_studies >= 9"):
+        gen.make_study_set(tmp_path / "few", n_studies=1, test_studies=8, test_faults=True)
+    with pytest.raises(ValueError, match="test_studies >= 9"):  # the CLI flag reaches make_study_set
+        gen.main([str(tmp_path / "cli"), "--studies", "1", "--test-studies", "3", "--test-faults"])
+
+
+def test_fault_two_axial(fault_sets):
+    """Two "Axial T2" series of the study that hold the original files between them: the larger (new) one holds the
+    upper three levels, the original the two lowest, where the L4/L5 and L5/S1 points are."""
+    root, summary, plain = fault_sets
+    it = summary["test_split"]["faults"]["two_axial"]
+    study, (old, new) = it["study_id"], it["series_ids"]
+    desc = _test_desc(root).query("study_id == @study")
+    assert list(desc.series_id[desc.series_description == "Axial T2"]) == [old, new] == [old, it["new_series_id"]]
+    before = _folder(plain, study, old)
+    parts = [_folder(root, study, old), _folder(root, study, new)]
+    assert [sorted(p) for p in parts] == [sorted(i) for i in it["instance_numbers"]]
+    assert not set(parts[0]) & set(parts[1]) and sorted({**parts[0], **parts[1]}) == sorted(before)
+    assert len(parts[1]) > len(parts[0]) and it["levels"] == [["L4/L5", "L5/S1"], ["L1/L2", "L2/L3", "L3/L4"]]
+    z = [[float(ds.ImagePositionPatient[2]) for ds in p.values()] for p in parts]
+    assert max(z[0]) < min(z[1])  # the original: the lower slices
+    coords = pd.read_csv(root / "test_solution/train_label_coordinates.csv").query("study_id == @study")
+    sub = coords[coords.condition.str.contains("Subarticular")]
+    assert len(sub) >= 8 and set(sub.instance_number) <= set(before)
+    for r in sub.itertuples():
+        assert (r.instance_number in parts[0]) == (r.level in ("L4/L5", "L5/S1"))
+    uids = [{str(ds.SeriesInstanceUID) for ds in p.values()} for p in parts]
+    assert all(len(u) == 1 for u in uids) and uids[0] != uids[1]
+    assert uids[0] == {str(ds.SeriesInstanceUID) for ds in before.values()}
+    for inst, ds in parts[1].items():  # same files but the series UID and number
+        ref = before[inst]
+        assert ds.SeriesNumber != ref.SeriesNumber and ds.SOPInstanceUID == ref.SOPInstanceUID
+        for tag in ("SeriesInstanceUID", "SeriesNumber"):
+            delattr(ds, tag)
+            delattr(ref, tag)
+        assert ds == ref and ds.PixelData == ref.PixelData
+    for inst in parts[0]:
+        assert (root / f"test_images/{study}/{old}/{inst}.dcm").read_bytes() == (
+            plain / f"test_images/{study}/{old}/{inst}.dcm").read_bytes()
+
+
+def test_fault_two_t1(fault_sets):
+    """Two "Sagittal T1" series: the original (more files) keeps the midline and one side, the new one the other
+    side, where that side's foraminal points are."""
+    root, summary, plain = fault_sets
+    it = summary["test_split"]["faults"]["two_t1"]
+    study, (old, new) = it["study_id"], it["series_ids"]
+    desc = _test_desc(root).query("study_id == @study")
+    assert list(desc.series_id[desc.series_description == "Sagittal T1"]) == [old, new]
+    before = _folder(plain, study, old)
+    parts = [_folder(root, study, old), _folder(root, study, new)]
+    assert [sorted(p) for p in parts] == [sorted(i) for i in it["instance_numbers"]]
+    assert not set(parts[0]) & set(parts[1]) and sorted({**parts[0], **parts[1]}) == sorted(before)
+    assert len(parts[0]) > len(parts[1]) >= 4 and it["midline_instance"] in parts[0]
+    sign = -1 if it["side"] == "right" else 1  # LPS: patient left is +x
+    x_mid = float(before[it["midline_instance"]].ImagePositionPatient[0])
+    x = [np.array([float(ds.ImagePositionPatient[0]) for ds in p.values()]) for p in parts]
+    assert (sign * (x[1] - x_mid) > 2).all() and (sign * (x[0] - x_mid) <= 0).all()
+    coords = pd.read_csv(root / "test_solution/train_label_coordinates.csv").query("study_id == @study")
+    fora = coords[coords.condition == f"{it['side'].title()} Neural Foraminal Narrowing"]
+    assert len(fora) >= 4 and set(fora.instance_number) <= set(parts[1])  # "most files" loses these points
+    assert {str(ds.SeriesInstanceUID) for ds in parts[1].values()} != {
+        str(ds.SeriesInstanceUID) for ds in parts[0].values()}
+
+
+def test_fault_stray_image(fault_sets):
+    """One axial image, a copy of the Axial T2 series' middle slice, among the Sagittal T2/STIR files."""
+    root, summary, plain = fault_sets
+    it = summary["test_split"]["faults"]["stray_image"]
+    study, sid = it["study_id"], it["series_id"]
+    assert sid == _series_of(root, study, "Sagittal T2/STIR")
+    files, before = _folder(root, study, sid), _folder(plain, study, sid)
+    assert sorted(files) == sorted(before) + [max(before) + 1] and it["instance_number"] == max(before) + 1
+    assert it["file"] == f"test_images/{study}/{sid}/{max(before) + 1}.dcm"
+    ds, src = files[it["instance_number"]], pydicom.dcmread(root / it["source_file"])
+    assert ds.ImageOrientationPatient == [1, 0, 0, 0, 1, 0] and ds.InstanceNumber == it["instance_number"]
+    assert ds.ImagePositionPatient == src.ImagePositionPatient and ds.PixelSpacing == src.PixelSpacing
+    np.testing.assert_array_equal(ds.pixel_array, src.pixel_array)
+    assert src.SeriesDescription == "Axial T2" and ds.SeriesDescription == "Sagittal T2/STIR"
+    ref = before[min(before)]
+    assert (ds.SeriesInstanceUID, ds.StudyInstanceUID) == (ref.SeriesInstanceUID, ref.StudyInstanceUID)
+    assert ds.file_meta.TransferSyntaxUID == ref.file_meta.TransferSyntaxUID
+    assert ds.SOPInstanceUID not in {d.SOPInstanceUID for d in before.values()} | {src.SOPInstanceUID}
+    assert {tuple(d.ImageOrientationPatient) for d in before.values()} == {(0, 1, 0, 0, 0, -1)}  # the others: sagittal
+    for inst in before:
+        assert (root / f"test_images/{study}/{sid}/{inst}.dcm").read_bytes() == (
+            plain / f"test_images/{study}/{sid}/{inst}.dcm").read_bytes()
+
+
+def test_fault_unknown_series(fault_sets):
+    root, summary, plain = fault_sets
+    it = summary["test_split"]["faults"]["unknown_series"]
+    study, sid = it["study_id"], it["series_id"]
+    desc = _test_desc(root).query("study_id == @study")
+    assert len(desc) == 4 and desc.series_id.iloc[-1] == sid
+    (description,) = desc.series_description[desc.series_id == sid]
+    assert description == it["series_description"] == gen.UNKNOWN_DESCRIPTION == "Coronal STIR"
+    assert description not in gen.SERIES_TYPES and sorted(desc.series_description[desc.series_id != sid]) == sorted(
+        gen.SERIES_TYPES)
+    files = _folder(root, study, sid)
+    assert sorted(files) == [1, 2, 3, 4] and it["files"] == [f"test_images/{study}/{sid}/{i}.dcm" for i in range(1, 5)]
+    for i, ds in files.items():
+        assert ds.SeriesDescription == description and ds.ImageOrientationPatient == [1, 0, 0, 0, 0, -1]
+        assert ds.pixel_array.shape == (ds.Rows, ds.Columns) and ds.pixel_array.max() > 0
+        np.testing.assert_array_equal(ds.pixel_array, pydicom.dcmread(root / it["source_files"][i - 1]).pixel_array)
+    assert len({str(ds.SeriesInstanceUID) for ds in files.values()}) == 1
+    assert len({float(ds.ImagePositionPatient[1]) for ds in files.values()}) == 4
+    assert not (plain / f"test_images/{study}/{sid}").exists()
+
+
+def test_fault_no_geometry(fault_sets):
+    root, summary, plain = fault_sets
+    it = summary["test_split"]["faults"]["no_geometry"]
+    study, sid = it["study_id"], it["series_id"]
+    assert sid == _series_of(root, study, "Sagittal T1") and it["tags"] == gen.GEOMETRY_TAGS
+    files, before = _folder(root, study, sid), _folder(plain, study, sid)
+    assert sorted(files) == sorted(before) and len(files) >= 10 and len(it["files"]) == len(files)
+    for inst, ds in files.items():
+        assert not any(tag in ds for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"))
+        assert all(tag in before[inst] for tag in gen.GEOMETRY_TAGS)
+        np.testing.assert_array_equal(ds.pixel_array, before[inst].pixel_array)
+        assert ds.SliceThickness == before[inst].SliceThickness and ds.InstanceNumber == inst
+
+
+def test_fault_blank_images(fault_sets):
+    root, summary, plain = fault_sets
+    it = summary["test_split"]["faults"]["blank_images"]
+    study, sid = it["study_id"], it["series_id"]
+    assert sid == _series_of(root, study, "Sagittal T2/STIR")
+    files, before = _folder(root, study, sid), _folder(plain, study, sid)
+    assert sorted(files) == sorted(before) and len(files) >= 15 and 0 < it["value"] < 4096
+    for inst, ds in files.items():
+        arr = ds.pixel_array
+        assert arr.shape == before[inst].pixel_array.shape and (arr == it["value"]).all()
+        assert before[inst].pixel_array.std() > 10  # it was an image
+        assert ds.ImagePositionPatient == before[inst].ImagePositionPatient
+
+
+def test_fault_empty_study(fault_sets):
+    root, summary, plain = fault_sets
+    it = summary["test_split"]["faults"]["empty_study"]
+    study = it["study_id"]
+    folder = root / f"test_images/{study}"
+    assert folder.is_dir() and not any(folder.iterdir())
+    assert study not in set(_test_desc(root).study_id)
+    assert sorted(it["series_ids"]) == sorted(_test_desc(plain).query("study_id == @study").series_id)
+    assert len(it["series_ids"]) == 3 and all((plain / f"test_images/{study}/{s}").is_dir() for s in it["series_ids"])
+    sample = pd.read_csv(root / "sample_submission.csv")
+    assert sample.row_id.str.startswith(f"{study}_").sum() == 25
+    assert study in set(pd.read_csv(root / "test_solution/train.csv").study_id)
+
+
+def test_test_faults_on_a_quirky_split(tmp_path):
+    """Faults over quirks: flipped series (the stray image is mirrored back to rows along +x), partial axial series
+    (test split too: two_axial splits what the series has), and the study without a Sagittal T2/STIR is the empty one.
+    Every test file decodes."""
+    s = gen.make_study_set(tmp_path, n_studies=1, seed=4, test_studies=9, test_faults=True, rle_fraction=0.0,
+                           quirks={"flipped_normal": 1.0, "axial_partial": 1.0})
+    split, root = s["test_split"], tmp_path
+    faults = split["faults"]
+    partial = {it["series_id"]: it for it in split["quirks"]["axial_partial"]}
+    assert len(partial) == 9 and split["no_sagittal_t2"][0]["study_id"] == faults["empty_study"]["study_id"]
+    it = faults["two_axial"]
+    series = partial[it["series_ids"][0]]
+    assert sorted(i for inst in it["instance_numbers"] for i in inst) == sorted(
+        i for inst in series["instance_numbers"].values() for i in inst)
+    assert len(it["instance_numbers"][1]) > len(it["instance_numbers"][0]) >= 1
+    stray = faults["stray_image"]
+    ds, src = pydicom.dcmread(root / stray["file"]), pydicom.dcmread(root / stray["source_file"])
+    assert src.ImageOrientationPatient[0] == -1 and ds.ImageOrientationPatient == [1, 0, 0, 0, 1, 0]
+    np.testing.assert_array_equal(ds.pixel_array, src.pixel_array[:, ::-1])
+    first = _to_patient(src, src.Columns - 1, 0)  # the source's last column is the stray's first
+    np.testing.assert_allclose(np.array(ds.ImagePositionPatient, float), first, atol=1e-3)
+    files = sorted(root.glob("test_images/*/*/*.dcm"))
+    assert len(files) > 200
+    for f in files:
+        arr = pydicom.dcmread(f).pixel_array
+        assert arr.ndim == 2 and arr.dtype == np.uint16

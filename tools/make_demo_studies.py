@@ -7,6 +7,9 @@ the series) and the quirks a reader must survive: instance numbers that do not s
 against anatomical order, per-series image size, pixel spacing and intensity scale, and annotated
 slices near the series edge. With quirks on (QUIRKS, REALISTIC) the Sagittal T1 and Axial T2 series get
 their own too: axial blocks tilted to each disc, a missing axial level, interleaved or reversed order.
+Opt-in (EXTRA_QUIRKS, not in REALISTIC): axial_partial, an Axial T2 series that covers only the lowest 1-3 levels.
+A test split (test_studies) can be made hostile (test_faults: split series, a stray image, an unknown series,
+no geometry, blank images, an empty study folder; see _apply_test_faults).
 
 The images carry a learnable signal for all five conditions, each only near its own annotated point:
 on the Sagittal T2/STIR midline slice a bright CSF band is narrowed at each disc by the spinal level's
@@ -16,7 +19,8 @@ the subarticular recess of each side shrinks with its severity. Anatomy is defin
 millimetres (LPS) and sampled on each series' own pixel grid (tilted planes included), so fixed-size
 crops in mm look alike across series.
 
-Usage: ``python tools/make_demo_studies.py OUT_DIR --studies 40 --seed 0 --mix 0.6,0.2,0.2 [--realistic]``
+Usage: ``python tools/make_demo_studies.py OUT_DIR --studies 40 --seed 0 --mix 0.6,0.2,0.2 [--realistic]
+[--test-studies 10 [--test-faults]]``
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import json
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -102,8 +107,14 @@ GEOMETRY_TAGS = ["ImagePositionPatient", "ImageOrientationPatient", "PixelSpacin
 WINDOW_TAGS = ["WindowCenter", "WindowWidth"]  # missing_window: what intensity='dicom' reads
 LATE_QUIRKS = ("missing_window",)  # added later: drawn from a stream of their own, so the files and places of
 #                                    the earlier quirks stay as they were for a given seed
-# Quirks of the Sagittal T1 and Axial T2 series (issue 24), drawn from a third stream of their own.
-T1_AXIAL_QUIRKS = ("axial_blocks", "axial_missing_level", "interleaved_order", "reversed_order")
+# Quirks of the Sagittal T1 and Axial T2 series (issue 24), drawn from a third stream of their own
+# (axial_partial: from a fourth, [seed, 15], drawn only when it is on).
+T1_AXIAL_QUIRKS = ("axial_blocks", "axial_missing_level", "interleaved_order", "reversed_order", "axial_partial")
+# Quirks make_study_set accepts that are not in QUIRKS (so not in REALISTIC, whose summary lists every name of
+# QUIRKS): on only when asked for by name. axial_partial: the Axial T2 series covers only the lowest 1-3 levels.
+EXTRA_QUIRKS = ("axial_partial",)
+PARTIAL_SLICES = (3, 9)  # axial_partial: slices kept (levels x slices per level), fewest levels most likely
+PARTIAL_WEIGHTS = (0.6, 0.3, 0.1)  # of keeping 1, 2 or 3 levels, among those that fit PARTIAL_SLICES
 BLOCK_TILT = (5.0, 20.0)  # axial_blocks: degrees about patient x, each block tilted to its own disc
 BAD_KINDS = {"x_far": ("x", 5000.0), "y_negative": ("y", -300.0), "x_nan": ("x", float("nan")),
              "edge": ("x", None)}  # edge: 2 px beyond the last column, must stay usable
@@ -451,7 +462,7 @@ def _t1_axial_flags(rng, quirks, n_studies, reversed_):
     flags, other = {}, np.zeros((n_studies, 3), bool)
     other[:, [0, 2]] = True
     for name in T1_AXIAL_QUIRKS:
-        if name in quirks:
+        if name in quirks and name not in EXTRA_QUIRKS:  # axial_partial: its own stream (make_study_set)
             flags[name] = rng.random((n_studies, 3) if name.endswith("order") else n_studies) < quirks[name]
     if "interleaved_order" in flags:
         flags["interleaved_order"] &= other
@@ -480,6 +491,20 @@ def _axial_quirks(rng, flags, s):
     if "axial_missing_level" in flags and flags["axial_missing_level"][s]:
         q["missing_level"] = int(rng.integers(5))
     return q
+
+
+def _partial_levels(rng, per, gone=None):
+    """axial_partial: the level indices kept (ascending, L1/L2 = 0): the lowest 1-3 of the levels present (all but
+    axial_missing_level's `gone`), so that the series has PARTIAL_SLICES slices (per slices a level)."""
+    present = [lv for lv in range(4, -1, -1) if lv != gone]  # lowest first
+    n = np.array([k for k in (1, 2, 3) if PARTIAL_SLICES[0] <= k * per <= PARTIAL_SLICES[1]])
+    w = np.array(PARTIAL_WEIGHTS)[n - 1]
+    return sorted(present[:int(rng.choice(n, p=w / w.sum()))])
+
+
+def _axial_present(q):
+    """Level indices the axial series has slices of, in its anatomical order (ascending z: L5/S1 first)."""
+    return [lv for lv in range(4, -1, -1) if lv != q.get("missing_level") and lv in q.get("partial", range(5))]
 
 
 def _instance_order(n, reverse, interleave):
@@ -555,12 +580,21 @@ def _plan_file_quirks(rng, flags, s, n, mid, count):
 def _drop_level(vol, ipp, iop, g, pts, level):
     """axial_missing_level: the level's slices (its block: per slices, ascending z) gone and its subarticular
     points None; g["keep"] marks the slices left, the other points are re-indexed to them."""
-    keep = np.ones(len(ipp), bool)
-    keep[(4 - level) * g["per"]:(5 - level) * g["per"]] = False
+    return _keep_levels(vol, ipp, iop, g, pts, [lv for lv in range(5) if lv != level])
+
+
+def _keep_levels(vol, ipp, iop, g, pts, levels):
+    """Only the slices of `levels` (level indices; each level's block: per slices, ascending z) kept, the other
+    levels' subarticular points None (axial_missing_level, axial_partial); g["keep"] marks the slices kept, the
+    kept points are re-indexed to them."""
+    keep = np.zeros(len(ipp), bool)
+    for lv in levels:
+        keep[(4 - lv) * g["per"]:(5 - lv) * g["per"]] = True
     g["keep"] = keep
     new_index = np.cumsum(keep) - 1
     for cond in CONDITIONS[3:5]:
-        pts[cond] = [None if i == level else (int(new_index[k]), cx, cy) for i, (k, cx, cy) in enumerate(pts[cond])]
+        assert all(keep[k] for i, (k, _, _) in enumerate(pts[cond]) if i in levels)  # each point on its own block
+        pts[cond] = [(int(new_index[k]), cx, cy) if i in levels else None for i, (k, cx, cy) in enumerate(pts[cond])]
     iops = _per_slice(iop, len(ipp))
     return vol[keep], [p for p, k in zip(ipp, keep) if k], [o for o, k in zip(iops, keep) if k]
 
@@ -571,15 +605,22 @@ def _record_t1_axial(found, where, flags, s, t, q, inst_of):
     for name in ("interleaved_order", "reversed_order"):
         if name in flags and flags[name][s, t]:
             found[name].append({**where, "instance_numbers": inst})
-    if "blocks" in q or "missing_level" in q:  # the axial series: its slices per level, ascending z
+    if "blocks" in q or "missing_level" in q or "partial" in q:  # the axial series: its slices per level, ascending z
         gone = q.get("missing_level")
-        present = [lv for lv in range(4, -1, -1) if lv != gone]
+        present = _axial_present(q)
         per = len(inst) // len(present)
         blocks = {LEVEL_NAMES[LEVELS[lv]]: inst[j * per:(j + 1) * per] for j, lv in enumerate(present)}
         if gone is not None:
             blocks[LEVEL_NAMES[LEVELS[gone]]] = []
+        uncovered = [LEVEL_NAMES[lv] for i, lv in enumerate(LEVELS) if i not in present]  # L1/L2 first
+        blocks.update({name: [] for name in uncovered if name not in blocks})  # axial_partial's uncovered levels
+        if gone is not None:
             found["axial_missing_level"].append({**where, "level": LEVEL_NAMES[LEVELS[gone]],
                                                  "block_instances": blocks})
+        if "partial" in q:
+            kept = [LEVEL_NAMES[LEVELS[lv]] for lv in sorted(present)]  # L1/L2 side first, as LEVELS
+            found["axial_partial"].append({**where, "levels": kept, "instance_numbers": {lv: blocks[lv] for lv in kept},
+                                           "uncovered_levels": uncovered})
         if "blocks" in q:
             tilts = {LEVEL_NAMES[lv]: a for lv, a in zip(LEVELS, q["blocks"])}
             found["axial_blocks"].append({**where, "tilt_degrees": tilts, "block_instances": blocks})
@@ -593,25 +634,42 @@ def _file_item(where, inst_of, mid, k, **extra):
 
 
 def make_study_set(out_dir, n_studies=40, seed=0, class_mix=(0.6, 0.2, 0.2),
-                   missing_label_frac=0.03, rle_fraction=0.5, quirks=None, test_studies=0,
-                   _taken=None, _labels=None) -> dict:
+                   missing_label_frac=0.03, rle_fraction=0.5, quirks=None, test_studies=0, test_faults=False,
+                   _taken=None, _labels=None, _layout=None) -> dict:
     """Write a competition-layout study set under out_dir and return a summary dict.
 
     class_mix: probabilities of Normal/Mild, Moderate, Severe for the spinal canal labels.
-    quirks: {name in QUIRKS: fraction of the series, studies or (bad_coordinates) spinal rows hit};
-    None = a clean set. The summary's `quirks` lists, per quirk, the study, series, file, instance
+    quirks: {name in QUIRKS or EXTRA_QUIRKS: fraction of the series, studies or (bad_coordinates) spinal rows
+    hit}; None = a clean set. The summary's `quirks` lists, per quirk, the study, series, file, instance
     and level it hit. The same seed gives byte-identical CSVs and DICOM files; without quirks, the
     same files as before quirks existed (quirks draw from their own random stream).
+    axial_partial (EXTRA_QUIRKS, not in REALISTIC): on the studies it hits (at least one), the Axial T2 series
+    covers only a contiguous run of the lowest 1-3 levels (3-9 slices, mostly 3-5: e.g. L4/L5-L5/S1); the
+    uncovered levels' subarticular points get no coordinate row (their labels stay in train.csv). With
+    axial_missing_level on the same study, the run is the lowest levels of those left (a gap where the
+    missing level was, if it falls in the run); axial_blocks keep their tilts. Summary item: {study_id,
+    series_id, series_description, "levels": [kept level names, L1/L2 side first], "instance_numbers": {kept
+    level name: [instance numbers, ascending z]}, "uncovered_levels": [level names without slices]}. It applies
+    to a test split too (made with the same quirks).
     test_studies: N > 0 writes a test split of N other studies in the competition's layout (see
     _write_test_split) instead of the two training studies copied as test images; 0 keeps the output as it was.
+    test_faults: True (needs test_studies >= 9) makes the test split hostile: one fault of TEST_FAULTS on each
+    of its last seven studies (see _apply_test_faults); the summary's test_split["faults"] says where.
     _labels: {(study index, condition, level): severity index} set over the drawn labels (tests: the same
     anatomy and noise with one label changed).
+    _layout: a dict to fill with {(study id, series description): {"series_id", "instances": [instance number
+    of each anatomical slice (sagittal: patient left first; axial: ascending z)], "levels" (Axial T2): [level
+    name of each anatomical slice]}} (the test faults need it); it changes no file.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     quirks = {k: float(v) for k, v in (quirks or {}).items() if v}
-    if set(quirks) - set(QUIRKS):
-        raise ValueError(f"unknown quirks {sorted(set(quirks) - set(QUIRKS))}; choose from {QUIRKS}")
+    if set(quirks) - set(QUIRKS + EXTRA_QUIRKS):
+        raise ValueError(f"unknown quirks {sorted(set(quirks) - set(QUIRKS + EXTRA_QUIRKS))}; "
+                         f"choose from {QUIRKS + EXTRA_QUIRKS}")
+    if test_faults and test_studies < len(TEST_FAULTS) + 2:
+        raise ValueError(f"test_faults needs test_studies >= {len(TEST_FAULTS) + 2} (got {test_studies}): "
+                         f"{len(TEST_FAULTS)} faulty studies and two left as they are")
     rng = np.random.default_rng(seed)
     qrng = np.random.default_rng([seed, 12])  # quirk draws: the clean set's stream stays as it was
     mix = np.asarray(class_mix, float) / np.sum(class_mix)
@@ -646,6 +704,9 @@ def make_study_set(out_dir, n_studies=40, seed=0, class_mix=(0.6, 0.2, 0.2),
                               {k: v for k, v in quirks.items() if k in LATE_QUIRKS}, n_studies))
     arng = np.random.default_rng([seed, 14])  # the T1/axial quirks' stream (issue 24)
     flags.update(_t1_axial_flags(arng, quirks, n_studies, reversed_))
+    if "axial_partial" in quirks:  # a stream of its own, drawn only when on: other sets stay as they were
+        prng = np.random.default_rng([seed, 15])
+        flags["axial_partial"] = _force_one(prng, prng.random(n_studies) < quirks["axial_partial"])
     found = {name: [] for name in quirks}  # the summary's record of where each quirk is
     count, large_done = {}, False
     spinal_rows, protected = [], set()  # (row index, image columns) of spinal rows; rows bad_coordinates spares
@@ -691,7 +752,10 @@ def make_study_set(out_dir, n_studies=40, seed=0, class_mix=(0.6, 0.2, 0.2),
         vol, ipp, iop, g, planes = _axial(rng, anat, qs[2])
         for side, cond in enumerate(CONDITIONS[3:5]):
             pts[cond] = _recess_points(anat, g, planes, 1 if side == 0 else -1)
-        if "missing_level" in qs[2]:
+        if "axial_partial" in flags and flags["axial_partial"][s]:  # the lowest levels (of those left)
+            qs[2]["partial"] = _partial_levels(prng, g["per"], qs[2].get("missing_level"))
+            vol, ipp, iop = _keep_levels(vol, ipp, iop, g, pts, qs[2]["partial"])
+        elif "missing_level" in qs[2]:
             vol, ipp, iop = _drop_level(vol, ipp, iop, g, pts, qs[2]["missing_level"])
         series[kind] = ([(vol, ipp, iop, g)], 0, 3.0)
 
@@ -735,6 +799,12 @@ def make_study_set(out_dir, n_studies=40, seed=0, class_mix=(0.6, 0.2, 0.2),
             pixels += [_finish(qrng, v, qrng.uniform(600, 3800) / 0.95) for v, *_ in stacks[1:]]
             where = {"study_id": study, "series_id": sid}
             _record_t1_axial(found, {**where, "series_description": kind}, flags, s, t, qs[t], instances[kind])
+            if _layout is not None:
+                _layout[(study, kind)] = {"series_id": sid, "instances": [int(v) for v in instances[kind]]}
+                if kind == "Axial T2":
+                    per = n // len(_axial_present(qs[t]))
+                    _layout[(study, kind)]["levels"] = [LEVEL_NAMES[LEVELS[lv]] for lv in _axial_present(qs[t])
+                                                        for _ in range(per)]
             if len(stacks) > 1:
                 found["repeated_stack"].append({
                     **where, "stacks": [[int(v) for v in si] for si in stack_inst],
@@ -840,7 +910,7 @@ def make_study_set(out_dir, n_studies=40, seed=0, class_mix=(0.6, 0.2, 0.2),
 
     test_split = None
     if test_studies:
-        test_split = _write_test_split(out, test_studies, seed, taken, class_mix=class_mix,
+        test_split = _write_test_split(out, test_studies, seed, taken, faults=test_faults, class_mix=class_mix,
                                        missing_label_frac=missing_label_frac, rle_fraction=rle_fraction, quirks=quirks)
         test_ids = test_split["study_ids"]
     else:  # a couple of training studies double as the "test" set so inference code has images to read
@@ -880,20 +950,29 @@ def make_study_set(out_dir, n_studies=40, seed=0, class_mix=(0.6, 0.2, 0.2),
 
 
 TEST_SOLUTION = "test_solution"  # the test split's labels and points: a folder no competition file is named like
+# test_faults: one per study, on the test split's last seven studies in this order (see _apply_test_faults).
+TEST_FAULTS = ("two_axial", "two_t1", "stray_image", "unknown_series", "no_geometry", "blank_images", "empty_study")
+UNKNOWN_DESCRIPTION = "Coronal STIR"  # unknown_series: none of SERIES_TYPES (and "STIR" traps a substring match)
+UNKNOWN_FILES = 4  # unknown_series: its files
 
 
-def _write_test_split(out, n_test, seed, taken, **preset):
+def _write_test_split(out, n_test, seed, taken, faults=False, **preset):
     """A test split in the competition's layout: test_images/{study}/{series}/{instance}.dcm,
     test_series_descriptions.csv (sample_submission.csv: the caller), from n_test more studies generated with
     the same preset (seed + 1, ids unused by the training set). Their labels and points are kept aside in
     test_solution/ (train.csv, train_label_coordinates.csv, solution.csv in the official metric's format: one-hot
     columns and sample_weight 1/2/4; an unlabelled row is all zero, i.e. not scored), which the notebook never
     reads. With quirks on and at least 3 test studies, the last one has no Sagittal T2/STIR series (a submission
-    must still cover it)."""
+    must still cover it).
+    faults: after the split is written as without them, _apply_test_faults edits test_images/ and
+    test_series_descriptions.csv of the last len(TEST_FAULTS) studies (test_solution/ stays the ground truth of
+    the unchanged anatomy; with quirks on, the study without a Sagittal T2/STIR series is the one emptied); the
+    returned dict then has "faults"."""
     solution = out / TEST_SOLUTION
     shutil.rmtree(solution, ignore_errors=True)
     shutil.rmtree(out / "test_images", ignore_errors=True)
-    made = make_study_set(solution, n_test, seed + 1, _taken=taken, **preset)
+    layout = {} if faults else None
+    made = make_study_set(solution, n_test, seed + 1, _taken=taken, _layout=layout, **preset)
     (solution / "train_images").rename(out / "test_images")
     for name in ("test_images", "test_series_descriptions.csv", "sample_submission.csv"):  # the nested split's
         target = solution / name
@@ -906,6 +985,8 @@ def _write_test_split(out, n_test, seed, taken, **preset):
             shutil.rmtree(out / "test_images" / str(study) / str(series))
             dropped.append({"study_id": int(study), "series_id": int(series)})
         desc = desc.drop(gone.index)
+    if faults:
+        desc, faulty = _apply_test_faults(out, desc, layout, seed + 1, taken)
     desc.to_csv(out / "test_series_descriptions.csv", index=False)
     (solution / "train_series_descriptions.csv").unlink()
     labels = pd.read_csv(solution / "train.csv")
@@ -915,7 +996,202 @@ def _write_test_split(out, n_test, seed, taken, **preset):
                   "normal_mild": onehot[:, 0], "moderate": onehot[:, 1], "severe": onehot[:, 2],
                   "sample_weight": onehot @ np.array([1.0, 2.0, 4.0])}).to_csv(solution / "solution.csv", index=False)
     return {"study_ids": [int(v) for v in labels.study_id], "seed": seed + 1, "folder": TEST_SOLUTION,
-            "no_sagittal_t2": dropped, "quirks": made["quirks"], "spinal_canal_counts": made["spinal_canal_counts"]}
+            "no_sagittal_t2": dropped, "quirks": made["quirks"], "spinal_canal_counts": made["spinal_canal_counts"],
+            **({"faults": faulty} if faults else {})}
+
+
+def _apply_test_faults(out, desc, layout, seed, taken):
+    """test_faults: one fault of TEST_FAULTS on each of the test split's last seven studies (in that order), by
+    editing test_images/ and the rows of desc (test_series_descriptions.csv) only; the earlier studies' files
+    stay byte-identical. seed: the split's own; new series ids are drawn from [seed, 16], unused set-wide.
+
+    two_axial: the Axial T2 series split by level: the upper levels (the larger part: 3 of 5, 3 of 4, 2 of 3)
+      move to a new series (new folder and id; the files as they were but SeriesInstanceUID and SeriesNumber),
+      the lower levels stay; both listed as "Axial T2", the new one right after it. A "most files" rule picks
+      the series without the lowest levels. An axial_partial series of 1-2 levels is split by slice instead (the
+      lowest (n - 1) // 2 slices stay), so there the larger part may hold a slice of the lowest level.
+    two_t1: the Sagittal T1 split by slice position: the smaller side of the midline (the right, or either when
+      both are as large) moves to a new series; the original keeps the midline and the other side, more files,
+      so a "most files" rule loses a side. Both listed as "Sagittal T1".
+    stray_image: an axial image (IOP 1,0,0,0,1,0; the pixels, spacing and position of the Axial T2 series'
+      middle slice, un-flipped; the series' transfer syntax) in the Sagittal T2/STIR folder, with its series'
+      UIDs and description and the next instance number above the highest there.
+    unknown_series: a new series described as UNKNOWN_DESCRIPTION, UNKNOWN_FILES coronal images (pixels of
+      evenly spaced Sagittal T2/STIR files, IOP 1,0,0,0,0,-1, 8 mm apart in y), listed after the study's rows.
+    no_geometry: ImagePositionPatient, ImageOrientationPatient and PixelSpacing gone from every Sagittal T1 file.
+    blank_images: every Sagittal T2/STIR file's pixels set to one value (the median of its middle file).
+    empty_study: test_images/{study}/ is left empty and its rows leave the CSV (sample_submission.csv keeps its
+      25 rows).
+
+    Returns the new desc and {fault: {"study_id", ...}}: series_ids ([original, new] for the splits), files
+    (test_images/... paths), "levels" / "instance_numbers" per series (lists in series_ids' order), "side"."""
+    frng = np.random.default_rng([seed, 16])
+    uid_seed = f"rsna-demo-{seed}"
+    studies = [int(v) for v in pd.read_csv(out / TEST_SOLUTION / "train.csv").study_id]
+    rows = [tuple(r) for r in desc.itertuples(index=False)]
+    images = out / "test_images"
+    plugin = "pylibjpeg" if "pylibjpeg" in RLELosslessEncoder.available_plugins else ""
+
+    def rel(path):
+        return str(path.relative_to(out))
+
+    def sid_of(study, kind):
+        return layout[(study, kind)]["series_id"]
+
+    def new_series(study):
+        """A new series id, its UID and a SeriesNumber above the study's others."""
+        sid = _unique_ints(frng, 1, 10_000_000, 4_000_000_000, taken)[0]
+        numbers = [pydicom.dcmread(next(f.glob("*.dcm")), stop_before_pixels=True).SeriesNumber
+                   for f in sorted((images / str(study)).iterdir())]
+        return sid, generate_uid(entropy_srcs=[uid_seed, str(sid)]), int(max(numbers)) + 1
+
+    def add_row(study, sid, kind, after):
+        rows.insert(rows.index((study, after, kind)) + 1, (study, sid, kind))
+
+    def move(study, src, dst, uid, number, inst):
+        """Files `inst` of series src moved into series dst: headers as they were but the series UID and number."""
+        (images / str(study) / str(dst)).mkdir()
+        for i in inst:
+            f = images / str(study) / str(src) / f"{i}.dcm"
+            ds = pydicom.dcmread(f)
+            ds.SeriesInstanceUID, ds.SeriesNumber = uid, number
+            ds.save_as(images / str(study) / str(dst) / f.name, enforce_file_format=True)
+            f.unlink()
+
+    def set_pixels(ds, arr):
+        """arr as the file's pixel data, in its own transfer syntax."""
+        ds.Rows, ds.Columns = arr.shape
+        if ds.file_meta.TransferSyntaxUID == RLELossless:
+            ds.compress(RLELossless, arr, encoding_plugin=plugin, generate_instance_uid=False)
+        else:
+            ds.add_new(0x7FE00010, "OW", arr.astype(np.uint16).tobytes())  # Pixel Data, native 16 bit
+
+    def complete(folder):
+        """The folder's files untouched by the file quirks (geometry, window, pixels, instance number as the
+        name), read whole, in instance order: [(file, dataset)]."""
+        out = []
+        for f in sorted(folder.glob("*.dcm"), key=lambda f: int(f.stem)):
+            with warnings.catch_warnings():  # truncated_file
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(f)
+            if (all(t in ds for t in GEOMETRY_TAGS + WINDOW_TAGS + ["PixelData"])
+                    and ds.InstanceNumber == int(f.stem)):
+                out.append((f, ds))
+        return out
+
+    made = {}
+    for name, study in zip(TEST_FAULTS, studies[-len(TEST_FAULTS):]):
+        item = {"study_id": study}
+        if name == "two_axial":
+            ax = layout[(study, "Axial T2")]
+            inst, levels = ax["instances"], ax["levels"]  # ascending z: the lowest level first
+            names = list(dict.fromkeys(levels))
+            n_low = (len(names) - 1) // 2  # whole levels, fewer files than the upper ones
+            k = sum(lv in names[:n_low] for lv in levels) if n_low else (len(inst) - 1) // 2
+            sid, uid, number = new_series(study)
+            move(study, ax["series_id"], sid, uid, number, inst[k:])
+            add_row(study, sid, "Axial T2", ax["series_id"])
+            parts = [(inst[:k], levels[:k]), (inst[k:], levels[k:])]
+            item.update({"series_ids": [ax["series_id"], sid], "new_series_id": sid,
+                         "levels": [list(dict.fromkeys(reversed(lv))) for _, lv in parts],
+                         "instance_numbers": [list(i) for i, _ in parts]})
+        elif name == "two_t1":
+            t1 = layout[(study, "Sagittal T1")]
+            inst = t1["instances"]  # patient left (+x) first; the midline is n // 2, as _sagittal has it
+            mid = len(inst) // 2
+            left, right = inst[:mid], inst[mid + 1:]
+            side = ("right" if len(right) < len(left) else "left" if len(left) < len(right)
+                    else str(frng.choice(["left", "right"])))
+            moved = right if side == "right" else left
+            sid, uid, number = new_series(study)
+            move(study, t1["series_id"], sid, uid, number, moved)
+            add_row(study, sid, "Sagittal T1", t1["series_id"])
+            kept = [i for i in inst if i not in moved]
+            item.update({"series_ids": [t1["series_id"], sid], "new_series_id": sid, "side": side,
+                         "midline_instance": inst[mid], "instance_numbers": [kept, list(moved)]})
+        elif name == "stray_image":
+            t2 = sid_of(study, "Sagittal T2/STIR")
+            folder = images / str(study) / str(t2)
+            ax = layout[(study, "Axial T2")]
+            src = images / str(study) / str(ax["series_id"]) / f"{ax['instances'][len(ax['instances']) // 2]}.dcm"
+            a = pydicom.dcmread(src)
+            arr, iop = a.pixel_array, np.array(a.ImageOrientationPatient, float)
+            ipp = np.array(a.ImagePositionPatient, float)
+            if iop[0] < 0:  # flipped_normal: mirror back, the first column moves to the other end
+                arr = arr[:, ::-1]
+                ipp = ipp + (a.Columns - 1) * float(a.PixelSpacing[1]) * iop[:3]
+            _, ds = complete(folder)[0]
+            inst = max(int(f.stem) for f in folder.glob("*.dcm")) + 1
+            sop = generate_uid(entropy_srcs=[uid_seed, str(t2), str(inst), "stray"])
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop
+            ds.InstanceNumber = inst
+            ds.ImageOrientationPatient = [float(v) for v in AX_IOP]
+            ds.ImagePositionPatient = [round(float(v), 4) for v in ipp]
+            ds.SliceLocation = round(float(ipp[2]), 4)
+            for tag in ("PixelSpacing", "SliceThickness", "WindowCenter", "WindowWidth"):
+                setattr(ds, tag, getattr(a, tag))
+            set_pixels(ds, np.ascontiguousarray(arr))
+            ds.save_as(folder / f"{inst}.dcm", enforce_file_format=True)
+            item.update({"series_id": t2, "file": rel(folder / f"{inst}.dcm"), "instance_number": inst,
+                         "source_file": rel(src)})
+        elif name == "unknown_series":
+            t2 = sid_of(study, "Sagittal T2/STIR")
+            srcs = complete(images / str(study) / str(t2))
+            srcs = [srcs[j] for j in np.linspace(0, len(srcs) - 1, UNKNOWN_FILES).round().astype(int)]
+            sid, uid, number = new_series(study)
+            folder = images / str(study) / str(sid)
+            folder.mkdir()
+            for i, (_, ds) in enumerate(srcs, 1):
+                arr, (sr, sc) = ds.pixel_array, (float(v) for v in ds.PixelSpacing)
+                o = np.array(ds.ImageOrientationPatient, float)
+                centre = (np.array(ds.ImagePositionPatient, float) + (ds.Columns - 1) / 2 * sc * o[:3]
+                          + (ds.Rows - 1) / 2 * sr * o[3:])  # the sagittal image's centre, patient mm
+                y = float(centre[1]) + 8.0 * (i - (UNKNOWN_FILES + 1) / 2)  # 8 mm apart around it, front to back
+                ds.SeriesInstanceUID, ds.SeriesNumber, ds.SeriesDescription = uid, number, UNKNOWN_DESCRIPTION
+                ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(
+                    entropy_srcs=[uid_seed, str(sid), str(i)])
+                ds.InstanceNumber = i
+                ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 0.0, -1.0]  # rows to patient left, columns down
+                ds.ImagePositionPatient = [round(-(ds.Columns - 1) * sc / 2, 4), round(y, 4),
+                                           round(float(centre[2]) + (ds.Rows - 1) / 2 * sr, 4)]
+                ds.SliceLocation = round(y, 4)
+                ds.SliceThickness = 6.0
+                set_pixels(ds, arr)
+                ds.save_as(folder / f"{i}.dcm", enforce_file_format=True)
+            last = max(j for j, r in enumerate(rows) if r[0] == study)
+            rows.insert(last + 1, (study, sid, UNKNOWN_DESCRIPTION))  # after the study's other series
+            item.update({"series_id": sid, "series_description": UNKNOWN_DESCRIPTION,
+                         "files": [rel(folder / f"{i}.dcm") for i in range(1, UNKNOWN_FILES + 1)],
+                         "source_files": [rel(f) for f, _ in srcs]})
+        elif name in ("no_geometry", "blank_images"):
+            kind = "Sagittal T1" if name == "no_geometry" else "Sagittal T2/STIR"
+            sid = sid_of(study, kind)
+            files = sorted((images / str(study) / str(sid)).glob("*.dcm"), key=lambda f: int(f.stem))
+            item.update({"series_id": sid, "series_description": kind, "files": [rel(f) for f in files]})
+            if name == "blank_images":  # one value for the series (a truncated file comes back whole, blank)
+                done = complete(files[0].parent)
+                item["value"] = int(np.median(done[len(done) // 2][1].pixel_array))
+            for f in files:
+                with warnings.catch_warnings():  # truncated_file
+                    warnings.simplefilter("ignore")
+                    ds = pydicom.dcmread(f)
+                if name == "no_geometry":
+                    for tag in GEOMETRY_TAGS:
+                        if tag in ds:
+                            delattr(ds, tag)
+                else:
+                    set_pixels(ds, np.full((ds.Rows, ds.Columns), item["value"], np.uint16))
+                ds.save_as(f, enforce_file_format=True)
+            if name == "no_geometry":
+                item["tags"] = list(GEOMETRY_TAGS)
+        elif name == "empty_study":
+            gone = sorted(int(f.name) for f in (images / str(study)).iterdir())
+            for sid in gone:
+                shutil.rmtree(images / str(study) / str(sid))
+            rows = [r for r in rows if r[0] != study]
+            item["series_ids"] = gone
+        made[name] = item
+    return pd.DataFrame(rows, columns=desc.columns), made
 
 
 def main(argv=None):
@@ -929,6 +1205,9 @@ def main(argv=None):
     p.add_argument("--realistic", action="store_true", help="the REALISTIC preset: real class mix, every quirk on")
     p.add_argument("--test-studies", type=int, default=0,
                    help="studies in a test split (test_images/, labels kept aside in test_solution/); 0 = none")
+    p.add_argument("--test-faults", action="store_true",
+                   help="a hostile test split: one fault of TEST_FAULTS on each of its last 7 studies (needs "
+                        "--test-studies 9 or more)")
     a = p.parse_args(argv)
     kwargs = dict(REALISTIC) if a.realistic else {}
     if a.mix is not None:
@@ -939,7 +1218,7 @@ def main(argv=None):
         kwargs["missing_label_frac"] = a.missing
     t0 = time.perf_counter()
     summary = make_study_set(a.out_dir, a.studies, a.seed, rle_fraction=a.rle, test_studies=a.test_studies,
-                             **kwargs)
+                             test_faults=a.test_faults, **kwargs)
     print(json.dumps(summary, indent=1))
     print(f"written in {time.perf_counter() - t0:.1f} s (pydicom {pydicom.__version__})",
           file=sys.stderr)

@@ -1,0 +1,145 @@
+"""bench/cost.py (issue 29 item 1): its FLOP counting against counts done by hand, why a training step is 3x the
+forward (the counter's grouped-convolution backward), and its --json figures' consistency (ratios to the plan's
+run, the cache bytes), with a small backbone where the real one is not needed."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+import cost  # noqa: E402  (bench/cost.py, as the command line runs it)
+
+KEYS = {"grid_px", "num_slices", "samples_per_epoch", "epochs", "train_gflop_per_sample", "fold_ratio_to_plan",
+        "run_ratio_to_plan", "cache_gb", "test_gflop_per_study", "test_hours_t4"}
+SMALL = ["--backbone", "mobilenet_v3_small"]
+ALL_FIVE = ["spinal_canal_stenosis", "left_neural_foraminal_narrowing", "right_neural_foraminal_narrowing",
+            "left_subarticular_stenosis", "right_subarticular_stenosis"]
+
+
+def conv_flops(cin, cout, k, h, w, groups=1):
+    """A convolution's multiply-adds x 2, by hand: each output pixel of each output channel sums cin / groups x k x k
+    products."""
+    return 2 * cout * (cin // groups) * k * k * h * w
+
+
+def run_json(capsys, *argv):
+    cost.main(["--json", *argv])
+    return json.loads(capsys.readouterr().out)
+
+
+def test_flop_count_matches_a_count_by_hand_on_a_tiny_model():
+    """Conv2d (dense and grouped, stride 1, padding keeps the size) + Linear, batch 2, and a 2-layer bidirectional
+    GRU like the classifier's: cost.forward_flops (the function the cost model counts with) gives the formulas'
+    FLOPs exactly (bias adds and activations are not counted, by the counter's convention and the formulas')."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=4),
+                          nn.Flatten(), nn.Linear(8 * 12 * 10, 5))
+    by_hand = 2 * (conv_flops(3, 8, 3, 12, 10) + conv_flops(8, 8, 3, 12, 10, groups=4) + 2 * 8 * 12 * 10 * 5)
+    assert cost.forward_flops(model, torch.zeros(2, 3, 12, 10)) == by_hand
+
+    gru = nn.GRU(16, 8, num_layers=2, batch_first=True, bidirectional=True)
+    steps, hidden = 7, 8
+    per_step = [2 * (3 * hidden * inputs + 3 * hidden * hidden) for inputs in (16, 2 * hidden)]  # W_ih x, W_hh h
+    assert cost.forward_flops(gru, torch.zeros(1, steps, 16)) == sum(2 * steps * f for f in per_step)  # 2 directions
+
+
+def test_grouped_convolution_backward_is_counted_dense_so_a_step_is_3x_the_forward():
+    """A 256-group 3x3 convolution on 32x32: the forward is the hand count (4.72 MFLOP), but torch's counter
+    counts its backward as a dense convolution (about 1,213 MFLOP, ~128x the 9.4 MFLOP of gradient work by hand;
+    1,217 MFLOP forward plus backward), which would inflate EfficientNet's depthwise layers. So the cost model
+    counts the forward only and takes a training step as 3x it."""
+    conv = nn.Conv2d(256, 256, 3, padding=1, groups=256, bias=False)
+    forward = conv_flops(256, 256, 3, 32, 32, groups=256)
+    assert forward == 4_718_592 and cost.forward_flops(conv, torch.zeros(1, 256, 32, 32)) == forward
+    x = torch.randn(1, 256, 32, 32, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        conv(x).sum().backward()
+    backward = counter.get_total_flops() - forward
+    assert backward > 50 * 2 * forward, counter.get_total_flops()  # by hand: input and weight gradients, 2x forward
+    assert backward == pytest.approx(conv_flops(256, 256, 3, 32, 32) + forward, rel=0.01)  # a dense one, + weights'
+
+
+def test_json_has_the_keys_and_the_plans_run_is_ratio_one(capsys):
+    """Default CONFIG with a small backbone: the spinal canal alone at 256 px, 7 slices, 25 epochs is the plan's
+    run (ratio 1); all five conditions at 256 px are five times its samples, so five times its FLOPs (every
+    condition is taken at the same labelled rows); five folds against the plan's five folds: the same ratio, and
+    three folds 3/5 of it. The cache is every labelled row x (7 x crop_side^2 + 7 mask bytes)."""
+    spinal = run_json(capsys, *SMALL, "--conditions", "spinal_canal_stenosis")
+    assert KEYS <= set(spinal)
+    assert spinal["grid_px"] == {"Sagittal T2/STIR": 256} and spinal["num_slices"] == {"Sagittal T2/STIR": 7}
+    assert spinal["epochs"] == 25
+    assert spinal["fold_ratio_to_plan"] == pytest.approx(1.0, abs=1e-6)
+    assert spinal["run_ratio_to_plan"] == pytest.approx(1.0, abs=1e-6)
+    rows = spinal["samples_per_epoch"]["spinal_canal_stenosis"]
+    assert rows == round(cost.LABELLED_ROWS * 4 / 5)  # a fold trains 4 of the 5 folds' rows
+
+    five = run_json(capsys, *SMALL)
+    assert KEYS <= set(five) and set(five["samples_per_epoch"]) == set(ALL_FIVE)
+    assert set(five["grid_px"]) == {"Sagittal T2/STIR", "Sagittal T1", "Axial T2"}
+    assert five["fold_ratio_to_plan"] == pytest.approx(5.0, rel=1e-6)
+    assert five["run_ratio_to_plan"] == pytest.approx(5.0, rel=1e-6)
+    for series, gflop in five["train_gflop_per_sample"].items():
+        assert gflop == pytest.approx(3 * five["forward_gflop_per_sample"][series], rel=1e-12) and gflop > 0
+    side = 2 * math.ceil(256 * 1.45 / 2)
+    assert side == 372 and set(five["crop_side_px"].values()) == {side}
+    assert five["cache_gb"] == pytest.approx(5 * cost.LABELLED_ROWS * (7 * side**2 + 7) / 1e9, rel=1e-12)
+    assert spinal["cache_gb"] == pytest.approx(five["cache_gb"] / 5, rel=1e-12)
+    # the test: localisers + 25 classifier forwards per fold's models, all five folds averaged
+    one_fold = five["test_gflop_per_study_one_fold"]
+    assert one_fold == pytest.approx(sum(five["test_localiser_gflop_one_fold"].values())
+                                     + 25 * five["forward_gflop_per_sample"]["Sagittal T2/STIR"], rel=1e-9)
+    assert five["test_gflop_per_study"] == pytest.approx(5 * one_fold, rel=1e-12) and five["test_hours_t4"] > 0
+
+    three = run_json(capsys, *SMALL, "--folds", "3", "--epochs", "10")
+    assert three["epochs"] == 10 and three["fold_ratio_to_plan"] < five["fold_ratio_to_plan"]
+    assert three["run_ratio_to_plan"] == pytest.approx(3 / 5 * three["fold_ratio_to_plan"], rel=1e-12)
+
+
+def test_grid_per_series_type_from_config_or_command_line(capsys):
+    """CONFIG's img_size_by_series where it names a series type, else img_size; --grid over both; a smaller
+    grid: fewer FLOPs and a smaller cached crop (crop_side of that grid)."""
+    config = {"img_size": 256, "img_size_by_series": {"Axial T2": 96}}
+    assert cost.by_series(config, "img_size", "img_size_by_series", ["Sagittal T1", "Axial T2"]) == \
+        {"Sagittal T1": 256, "Axial T2": 96}
+    assert cost.by_series(config, "img_size", "img_size_by_series", ["Axial T2"], {"Axial T2": 64}) == {"Axial T2": 64}
+    assert cost.parse_grid("Sagittal T2/STIR=256, Axial T2=128", {"Sagittal T2/STIR", "Axial T2"}) == \
+        {"Sagittal T2/STIR": 256, "Axial T2": 128}
+    with pytest.raises(SystemExit):
+        cost.parse_grid("Coronal=128", {"Axial T2"})
+
+    out = run_json(capsys, *SMALL, "--grid", "Sagittal T2/STIR=256,Sagittal T1=128,Axial T2=128")
+    assert out["grid_px"] == {"Sagittal T2/STIR": 256, "Sagittal T1": 128, "Axial T2": 128}
+    assert out["crop_side_px"] == {"Sagittal T2/STIR": 372, "Sagittal T1": 186, "Axial T2": 186}
+    flops = out["train_gflop_per_sample"]
+    assert flops["Sagittal T1"] == flops["Axial T2"] < flops["Sagittal T2/STIR"] / 3
+    assert 1 < out["fold_ratio_to_plan"] < 5
+
+    nb = cost.load_notebook()
+    merged = {**nb["merge_config"](nb["CONFIG"], {"backbone": "mobilenet_v3_small"}),
+              "img_size_by_series": {"Sagittal T1": 128, "Axial T2": 128}}  # as a later CONFIG may hold it
+    from_config = cost.cost(merged, "mobilenet_v3_small", nb=nb)
+    assert from_config["grid_px"] == out["grid_px"]
+    assert from_config["fold_ratio_to_plan"] == pytest.approx(out["fold_ratio_to_plan"], rel=1e-12)
+
+
+def test_the_plans_run_on_its_backbone_projects_the_anchor(capsys):
+    """The plan's run with EfficientNet-V2-S is the anchor: 3.5 projected hours per fold on one T4, 3.5 / 1.8 on
+    T4 x2; the table says 'projected' and names the anchor and what the test figure leaves out."""
+    plan = run_json(capsys, "--conditions", "spinal_canal_stenosis")
+    assert plan["backbone"] == "efficientnet_v2_s"
+    hours = plan["hours_projected"]
+    assert hours["one T4"]["fold"] == pytest.approx(3.5, rel=1e-9)
+    assert hours["one T4"]["run"] == pytest.approx(17.5, rel=1e-9)
+    assert hours["T4 x2"]["fold"] == pytest.approx(3.5 / 1.8, rel=1e-9)
+    assert hours["L4"]["fold"] == pytest.approx(3.5 * 65 / 121, rel=1e-9)
+    cost.main(["--conditions", "spinal_canal_stenosis"])
+    table = capsys.readouterr().out
+    assert "projected" in table and "anchor: the plan's 3.5 h per fold" in table and "DICOM decoding" in table
+    assert "ratio to the plan: fold 1.00x" in table
