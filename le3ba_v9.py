@@ -240,7 +240,8 @@ CONFIG = {
     'loc_augment': True,         # localiser training: random zoom, rotation, shift, contrast, slice order
     'loc_submit_probs': 'auto',  # auto | corrected | raw: probabilities written to submission.csv per condition
                                  # (the metric weights rows 1/2/4 by label: 'corrected' re-weights to that); auto:
-                                 # the one with the lower out-of-fold loss at predicted points (see the section)
+                                 # per condition the candidate (raw, corrected, priors, with a fitted temperature)
+                                 # with the lowest out-of-fold loss at predicted points (see the section)
 }
 CONFIG_OVERRIDES = {}
 
@@ -400,7 +401,7 @@ def check_settings(config):
     if not config['conditions'] or unknown or len(set(config['conditions'])) < len(config['conditions']):
         raise ValueError(f"CONFIG['conditions'] = {config['conditions']!r}: a list of distinct conditions from "
                          f'{list(CONDITION_SERIES)}')
-    crops = config['crop_mm_by_series']
+    crops = config['crop_mm_by_series'] or {}  # None: crop_mm for every series type
     if set(crops) - set(CONDITION_SERIES.values()) or not all(float(v) > 0 for v in crops.values()):
         raise ValueError(f"CONFIG['crop_mm_by_series'] = {crops!r}: millimetres (> 0) per series type of "
                          f'{sorted(set(CONDITION_SERIES.values()))}')
@@ -1919,26 +1920,34 @@ del _model, _logits, _weights
 #    (patient frame: ImagePositionPatient, ImageOrientationPatient, PixelSpacing), and a 2-map UNet finds the
 #    left and right points in it. Targets: the points of `train_label_coordinates.csv` (a Gaussian blob,
 #    `loc_sigma`). One set of localisers per trained fold, on that fold's training studies: a validation study is
-#    seen by none of them. **Which series:** in training, the annotated one; otherwise the study's series of that
-#    type with the most DICOM files (ties: the lowest series_id).
-# 2. **Measured on the validation fold**, per condition: exact and within-one-slice accuracy of the slice
+#    seen by none of them. **Which series:** to train, the annotated one; to predict (validation and test studies
+#    alike), every series of the type in turn, the most DICOM files first (ties: the lowest series_id), each point
+#    from the first that places it: a foramen from a Sagittal T1 series with slices on its side, an axial level from
+#    an Axial T2 series with a slice at it (real axial series often cover only the lower levels; some studies have
+#    two). Images of another plane inside a series (a scout) and blank images are left out and counted; a series
+#    description outside `LOC_MODE` is never read.
+# 2. **Measured on the validation fold**, each study predicted exactly as a test study is (its series by that
+#    rule, every slice from the localisers): per condition, exact and within-one-slice accuracy of the slice
 #    (anatomical position) and the distance between predicted and annotated points in patient mm, and a figure per
-#    series type.
+#    series type. An annotated point no series placed is a miss, never dropped.
 # 3. **Cost of localisation:** the same validation rows and the same final model (`fold{k}/final.pt`), cropped at
 #    the predicted slices and points instead of the annotated ones: the official metric's terms side by side; a row
-#    whose predicted point or crop cannot be built gets the training priors and is counted. Each condition's
-#    probabilities are then submitted raw or prior-corrected, whichever has the lower loss there.
+#    whose predicted point or crop cannot be built gets the priors of its fold's training studies and is counted.
+#    Each condition is then submitted as the candidate with the lowest loss on those out-of-fold rows (the spinal
+#    canal's loss includes any_severe_spinal): raw, prior-corrected, the priors alone, or raw or corrected with a
+#    temperature fitted there (`probabilities.json`; fitted and chosen on the same rows, so optimistic for them).
 # 4. **Submission** (`submission.csv` in `output_dir`, and in `/kaggle/working` on Kaggle): every row of
-#    `sample_submission.csv`. Each trained target: the fold localisers' heatmaps averaged, then each fold's
-#    classifier on the crops at those points, probabilities averaged over folds. Targets not trained, a study whose
-#    series of that type is missing or unreadable and an axial level no slice covers: the training set's class
-#    frequencies per (condition, level) from train.csv, add-one smoothed, counted with the reason.
-#    `loc_submit_probs: 'auto'` (the default) takes per condition the lower out-of-fold loss of prior-corrected
-#    probabilities (model and frequencies re-weighted by the metric's 1/2/4 row weights: the metric's expected loss
-#    is lowest there) and the raw softmax (plain frequencies); 'corrected' or 'raw' force one for all.
-#    Both the training run and a `submit_from` run build the submission from the files in an output folder
-#    (`fold*/final.pt`, `fold*/localiser.pt`, `priors.json`, `probabilities.json`), so a submission run reproduces
-#    it exactly.
+#    `sample_submission.csv`, each test study predicted alone: whatever fails in one study puts that study's rows
+#    on the priors with the exception as their reason, and changes no other study's rows. Each trained target: the
+#    fold localisers' heatmaps averaged, then each fold's classifier on the crops at those points, probabilities
+#    averaged over folds. Targets not trained, a study whose series of that type is missing or unreadable, an axial
+#    level no slice covers: the training set's class frequencies per (condition, level) from train.csv, add-one
+#    smoothed, counted with the reason. A prediction that fails as a whole, or a training run whose localisers
+#    fail, still writes every row, on the priors, with the error in `submission.json` and the report.
+#    `loc_submit_probs: 'auto'` (the default) takes the out-of-fold choice of step 3; 'corrected' or 'raw' force
+#    one for all. Both the training run and a `submit_from` run build the submission from the files in an output
+#    folder (`fold*/final.pt`, `fold*/localiser.pt`, `priors.json`, `probabilities.json`; a submission run leaves
+#    out, and names, a fold without its `localiser.pt`), so a submission run reproduces it exactly.
 
 # %% tags=["defs"]
 from torchvision.ops import Conv2dNormActivation
@@ -1965,6 +1974,11 @@ def localiser_wanted(config):
     and the spinal canal is trained (its points place the axial slices; check_settings stops 'on' without it)."""
     if config['localiser'] != 'auto':
         return config['localiser'] == 'on'
+    if not config['submit_from'] and has_test_files(config) and SPINAL not in config['conditions']:
+        message = (f"localiser 'auto': the data root has the test files, but {SPINAL} is not trained (its points "
+                   "place the axial slices and split the sides): no localiser and no submission.csv")
+        if message not in WARNINGS:  # asked once before training and once after it
+            warn(message)
     return bool(config['submit_from']) or (has_test_files(config) and SPINAL in config['conditions'])
 
 
@@ -1982,10 +1996,11 @@ def map_names(conds):
 
 def mirror_maps(conds):
     """Permutation of map_names(conds) exchanging each left condition with its right one: reversing a sagittal
-    series' slice order mirrors the patient left-right. None when a side's mirror is not trained (no reversal)."""
+    series' slice order mirrors the patient left-right. False (augment_study never reverses) when a side's mirror is
+    not trained: reversed, its map would learn the other side's anatomy."""
     other = [c.replace('left_', '@').replace('right_', 'left_').replace('@', 'right_') for c in conds]
     if not set(other) <= set(conds):
-        return None
+        return False
     return np.concatenate([np.arange(len(LEVELS)) + conds.index(c) * len(LEVELS) for c in other])
 
 
@@ -2304,10 +2319,10 @@ def image_area(volume):
 
 @torch.inference_mode()
 def localise(models, volume, device, config, group=5, allowed=None):
-    """(maps, 3) (slot, u, v) per map from the probabilities of `models` averaged (one model per fold), on the
-    slices' image area only and, where `allowed` ((maps, n) bool) is given, on the slices it allows each map (NaN:
-    none); each `group` of maps (a condition's five levels) decoded together by decode_levels (group 1: each map
-    alone, a 'slice' localiser's)."""
+    """(maps, 3) (slot, u, v) per map from the probabilities of `models` averaged (one model per fold), on the slices'
+    image area only and, where `allowed` ((maps, n) or (maps, n, S, S) bool) is given, on the slices (or pixels) it
+    allows each map (NaN: none); each `group` of maps (a condition's five levels) decoded together by decode_levels
+    (group 1: each map alone, a 'slice' localiser's)."""
     x, valid = volume_input(volume, device), torch.from_numpy(volume['valid']).to(device)
     probs = 0
     for model in models:
@@ -2315,8 +2330,8 @@ def localise(models, volume, device, config, group=5, allowed=None):
             logits = model.eval()(x)
         probs = probs + level_log_probs(logits, valid).exp() / len(models)
     probs = (probs * torch.from_numpy(image_area(volume)).to(probs.device)).cpu()
-    if allowed is not None:
-        probs = probs * torch.from_numpy(allowed)[:, :, None, None]
+    if allowed is not None:  # per map and slice, or per map, slice and pixel
+        probs = probs * torch.from_numpy(allowed if allowed.ndim == 4 else allowed[:, :, None, None])
     grid_mm = np.median(volume['spacing'][volume['valid'], 1] / np.abs(volume['to_grid'][volume['valid'], 2]))
     out = np.concatenate([decode_levels(probs[g:g + group], (LEVEL_GAP_MM[0] / grid_mm, LEVEL_GAP_MM[1] / grid_mm))
                           for g in range(0, len(probs), group)])
@@ -2337,12 +2352,21 @@ def side_slices(volume, maps, midline_x):
     return (side == 0) | (side * offset > 0)
 
 
-def localise_levels(models, volume, device, config, conds):
+def localise_levels(models, volume, device, config, conds, canal=None):
     """A 'slice' localiser on a volume of one slot per level (read_slices): (maps, 3) (slot, u, v) per
-    map_names(conds), the slot being the level's; NaN for a level without a slice."""
-    out = np.full((len(conds) * len(LEVELS), 3), np.nan)
+    map_names(conds), the slot being the level's; NaN for a level without a slice. With the levels' spinal canal
+    points (`canal`, (5, 3) LPS mm), a left point is found only left of the canal in its slice, a right one only
+    right of it."""
+    out, size, cache = np.full((len(conds) * len(LEVELS), 3), np.nan), volume['image'].shape[-1], {}
+    side = np.array([side_of(c) for c in conds])[:, None, None, None]
     for level in np.flatnonzero(volume['valid']):
-        out[level::len(LEVELS)] = localise(models, one_slot(volume, level), device, config, 1) + [level, 0, 0]
+        allowed = None
+        if canal is not None and not np.isnan(canal[level]).any() and side.any():
+            ds = series_headers(volume['series_dir'], cache)[int(volume['instance'][level])]
+            u = grid_point(volume, level, *pixel_point(ds, canal[level])[:2])[0]  # the canal's grid column
+            allowed = (side == 0) | (side * (np.arange(size)[None, None, None, :] - u) > 0)  # grid x: patient left
+            allowed = np.broadcast_to(allowed, (len(conds), 1, size, size)).copy()
+        out[level::len(LEVELS)] = localise(models, one_slot(volume, level), device, config, 1, allowed) + [level, 0, 0]
     return out
 
 
@@ -2350,18 +2374,17 @@ def train_localiser(volumes, targets, studies, config, device, seed, name='local
     """A LevelLocaliser with a map per target row, trained on `studies` (keys of volumes/targets): AdamW, one-cycle
     LR, `loc_batch` studies per step (their slices in one forward pass), each step through guarded_step (a
     GradScaler under fp16; no clipping; a non-finite step skipped, reported as `name`'s and counted towards
-    max_nonfinite_steps). `mirror`: augment_study's. No epoch starts that would not end before `deadline` (now()
-    time; the model keeps the epochs it had). Returns (model, mean loss of the applied steps per epoch, skipped
-    steps)."""
+    max_nonfinite_steps). `mirror`: augment_study's. With a `deadline` (now() time), the first step's time sizes
+    the schedule to the epochs that end before it, so the learning rate is annealed by the last of them; no epoch
+    starts that would not end in time. Returns (model, mean loss of the applied steps per epoch, skipped steps)."""
     seed_everything(seed)
     model = LevelLocaliser(config['loc_channels'], len(targets[studies[0]])).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config['loc_lr'], weight_decay=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=precision_in_use(device, config) == 'fp16')
-    batches = math.ceil(len(studies) / config['loc_batch'])
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, config['loc_lr'],
-                                                    total_steps=config['loc_epochs'] * batches, pct_start=0.15)
+    batches, epochs = math.ceil(len(studies) / config['loc_batch']), config['loc_epochs']
+    scheduler = loc_scheduler(optimizer, config, epochs * batches)
     rng, losses, state, skipped = np.random.default_rng(seed), [], {'nonfinite': 0, 'nonfinite_pending': 0}, 0
-    for epoch in range(1, config['loc_epochs'] + 1):
+    for epoch in range(1, epochs + 1):
         start = now()
         model.train()
         order, applied = rng.permutation(len(studies)), []
@@ -2382,10 +2405,25 @@ def train_localiser(volumes, targets, studies, config, device, seed, name='local
             else:
                 applied.append(loss.item())
             scheduler.step()
+            if epoch == 1 and b == 0 and deadline is not None:  # the epochs that fit, from the first step's time
+                fit = max(1, min(epochs, int((deadline - start) // max((now() - start) * batches, 1e-9))))
+                if fit < epochs:  # a schedule that ends, annealed, with the last epoch that fits
+                    epochs, scheduler = fit, loc_scheduler(optimizer, config, fit * batches, done=1)
         losses.append(float(np.mean(applied)) if applied else math.nan)
-        if deadline is not None and epoch < config['loc_epochs'] and deadline - now() < now() - start:
-            break  # the next epoch would end after the deadline
+        if epoch == epochs or (deadline is not None and deadline - now() < now() - start):
+            break  # the schedule's end, or the next epoch would end after the deadline
     return model, losses, skipped
+
+
+def loc_scheduler(optimizer, config, steps, done=0):
+    """The localiser's one-cycle schedule over `steps` optimiser steps, `done` of them taken already (a schedule
+    resized to the epochs a deadline leaves)."""
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, config['loc_lr'], total_steps=steps, pct_start=0.15)
+    with warnings.catch_warnings():  # stepping to where training is: not a skipped optimiser step
+        warnings.simplefilter('ignore', UserWarning)
+        for _ in range(done):
+            scheduler.step()
+    return scheduler
 
 
 def localisation_table(volumes, targets, found, maps):
@@ -2626,10 +2664,10 @@ def predict_points(models, series_of, descriptions, images_dir, studies, config,
     out = {'found': {series: {} for series in series_of}, 'why': {}, 'errors': {}}
     issues = []
     for study in tqdm(studies, desc=f'{who} studies', mininterval=30, disable=len(studies) < 2):
-        read = []  # (series folder, volume or error text): what was read, even when the study fails later
-        try:
+        read, notes = [], []  # (series folder, volume or error text) read, even when the study fails later; and
+        try:  # (series folder, a fallback taken)
             found, why = predict_study(models, pick_series(descriptions, study, images_dir, series_of), series_of,
-                                       config, device, read)
+                                       config, device, read, notes)
         except Exception as error:
             out['errors'][study] = text = f'prediction failed: {type(error).__name__}: {error}'
             found, why = {}, {m: text for conds in series_of.values() for m in map_names(conds)}
@@ -2638,24 +2676,27 @@ def predict_points(models, series_of, descriptions, images_dir, studies, config,
             out['found'][series][study] = found.get(series, [])
         out['why'][study] = why
         issues.append(volume_issues([(study, folder, volume) for folder, volume in read], who).values.tolist())
+        issues.append([(study, int(folder.name), '', '', '', f'{who} fallback', text) for folder, text in notes])
     out['issues'] = pd.DataFrame([row for rows in issues for row in rows], columns=ISSUE_COLUMNS)
     return out
 
 
-def predict_study(models, folders, series_of, config, device, read):
+def predict_study(models, folders, series_of, config, device, read, notes):
     """One study's points, each from the first of its series (`folders`: pick_series) that places it: the sagittal
     series types on their volumes (sagittal_points), then each axial level (axial_points) from the predicted spinal
-    canal points. Appends what it reads to `read`. Returns ({series type: [(volume, (maps, 3) (slot, u, v), NaN
-    where that volume placed no point)]}, {(condition, level index): why not placed})."""
+    canal points. Appends what it reads to `read`, and each fallback it takes to `notes`. Returns ({series type:
+    [(volume, (maps, 3) (slot, u, v), NaN where that volume placed no point)]}, {(condition, level index): why not
+    placed})."""
     found, why, canal = {}, {}, None
     for series, conds in series_of.items():
         maps = map_names(conds)
         if LOC_MODE[series] == 'volume':
             midline = None if canal is None or np.isnan(canal[:, 0]).all() else float(np.nanmedian(canal[:, 0]))
             found[series], reasons = sagittal_points(models[series], folders[series], series, maps, midline, config,
-                                                     device, read)
+                                                     device, read, notes)
             if SPINAL in conds:
                 canal = canal_points_mm(found[series], conds)
+                canal = None if np.isnan(canal[:, 0]).all() else canal  # no Sagittal T2/STIR read
         else:
             found[series], reasons = axial_points(models[series], folders[series], series, conds, canal, config,
                                                   device, read)
@@ -2663,10 +2704,10 @@ def predict_study(models, folders, series_of, config, device, read):
     return found, why
 
 
-def sagittal_points(models, folders, series, maps, midline, config, device, read):
-    """A 'volume' localiser over the study's series of one type in turn: each map's point from the first series
-    that places it (a side's point only on slices on its side of `midline`, the LPS x of the predicted spinal canal,
-    or of the series' own middle without one: side_slices). Returns ([(volume, prediction)], {map: why not
+def sagittal_points(models, folders, series, maps, midline, config, device, read, notes):
+    """A 'volume' localiser over the study's series of one type in turn: each map's point from the first series that
+    places it (a side's point only on slices on its side of `midline`, the LPS x of the predicted spinal canal, or of
+    the series' own middle without one, noted in `notes`: side_slices). Returns ([(volume, prediction)], {map: why not
     placed})."""
     pairs, todo, reason = [], np.ones(len(maps), bool), f'no {series} series with DICOM files'
     for folder in folders:
@@ -2678,6 +2719,8 @@ def sagittal_points(models, folders, series, maps, midline, config, device, read
             continue
         read.append((folder, volume))
         middle = midline if midline is not None else float(np.nanmedian(volume['centre_mm'][:, 0]))
+        if midline is None and any(side_of(c) for c, _ in maps):
+            notes.append((folder, "sides split at the series' middle slice: no spinal canal points"))
         prediction = localise(models, volume, device, config, allowed=side_slices(volume, maps, middle))
         prediction[~todo] = np.nan
         if not np.isnan(prediction[:, 0]).all():
@@ -2712,7 +2755,7 @@ def axial_points(models, folders, series, conds, canal, config, device, read):
                 reason[level] = f'{series} series {folder.name} not read: {failure_text(error)}'
             continue
         read.append((folder, volume))
-        pairs.append((volume, localise_levels(models, volume, device, config, conds)))
+        pairs.append((volume, localise_levels(models, volume, device, config, conds, canal)))
         for level in np.flatnonzero((np.array(instances) >= 0) & ~volume['valid']):
             reason[level] = f'its axial slice {instances[level]}.dcm could not be read'
         placed |= volume['valid']
@@ -2870,6 +2913,10 @@ def load_run(folder, config, device, folds=None):
     paths = (sorted(folder.glob('fold*/final.pt')) if folds is None
              else [folder / f'fold{f}' / 'final.pt' for f in folds])
     for path in paths:
+        if folds is None and not path.with_name('localiser.pt').exists():  # a submission run takes what is whole
+            warn(f'{path.parent}: final.pt without localiser.pt (its run ended before training the fold\'s '
+                 'localisers): this fold is not used')
+            continue
         saved = torch.load(path, map_location='cpu', weights_only=False)
         settings = {k: saved['config'].get(k) for k in PREDICT_KEYS}
         settings['conditions'] = settings['conditions'] or [saved['config']['condition']]  # saved before issue 24
@@ -2883,7 +2930,8 @@ def load_run(folder, config, device, folds=None):
         run['folds'].append(path.parent.name)
         loc_settings = load_localisers(path.with_name('localiser.pt'), settings, loc_settings, run, device)
     if not run['classifiers']:
-        raise FileNotFoundError(f'{folder}: no fold*/final.pt (the output folder of a finished training run)')
+        raise FileNotFoundError(f'{folder}: no fold*/final.pt with its localiser.pt (the output folder of a finished '
+                                'training run)')
     saved_settings = {**saved_settings, **loc_settings}
     differ = {k: (v, config[k]) for k, v in saved_settings.items() if config[k] != v}
     if differ:
@@ -2981,7 +3029,9 @@ def condition_loss(rows, probs):
 
 
 SUBMISSION_KINDS = ('raw', 'corrected', 'priors')
-TEMPERATURE_RANGE = (0.25, 4.0)  # bounds of the fitted temperature
+TEMPERATURE_RANGE = (1.0, 4.0)  # a fitted temperature only softens: sharpening fitted on a fold's few out-of-fold
+#   rows is what shifted data punishes (measured, v9_Architecture.md 6c: a left foramen's T 0.42 took the realistic
+#   split's foraminal term from 0.95 to 1.21, above the priors' 1.07; T >= 1 gave 0.90)
 
 
 def choose_probabilities(frame):
@@ -3823,6 +3873,13 @@ def run_in_processes(fn, processes, timeout=DDP_TIMEOUT):
     return out['value']
 
 
+def error_line(error):
+    """An exception in one line: the last line of the traceback a run_in_processes error carries (the failed
+    process's exception), else 'Type: message'."""
+    text = str(error).strip()
+    return text.splitlines()[-1] if text.startswith('process ') and '\n' in text else f'{type(error).__name__}: {text}'
+
+
 def on_device(fn):
     """fn(device) for the GPU work outside training (the localisers, predicted points, the submission, the probe
     of their time): in one forked process, so that this kernel stays CUDA-free and the next Run all can still
@@ -4037,8 +4094,7 @@ def project_run(train_s, val_s, config, rows, epochs_done=1, folds_after=0, elap
     epochs, and each fold's finish (SWA's BatchNorm pass over the training rows, the evaluation of up to
     three models, the hold-out predictions); `folds_after` whole folds follow this one; then the work after
     training (AFTER_TRAINING_S, measured per study before training)."""
-    per_row = val_s / max(rows['val'], 1)  # forward-only seconds per sample
-    finish = per_row * (rows['train'] + rows.get('holdout', 0)) + 3 * val_s
+    finish = finish_seconds([{'val_seconds': val_s}], rows)
 
     def fold_s(first):
         epochs = range(first, config['epochs'] + 1)
@@ -4057,6 +4113,15 @@ def project_run(train_s, val_s, config, rows, epochs_done=1, folds_after=0, elap
     if budget and run > budget:
         text += ': the budget ends first, the fold that reaches it stops cleanly (continue_from goes on)'
     return {'fold_s': fold, 'whole_fold_s': whole, 'run_s': run, 'text': text}
+
+
+def finish_seconds(history, rows):
+    """Projected seconds of finish_fold from the fold's last validation pass (the last val_seconds of the epoch rows
+    `history`; 0 before one): SWA's BatchNorm pass over the training rows and the hold-out predictions at the
+    validation's forward-only rate, and the evaluation of up to three models. `rows`: {'train', 'val', 'holdout'}
+    counts."""
+    val_s = next((row['val_seconds'] for row in reversed(history) if 'val_seconds' in row), 0.0)
+    return val_s / max(rows['val'], 1) * (rows['train'] + rows.get('holdout', 0)) + 3 * val_s
 
 
 def fold_pieces(fold, samples, images, masks, config, device):
@@ -4267,7 +4332,7 @@ def train_epochs(f, config, device, on_epoch_end=None, deadline=None):
         trained = now() - start
         metrics = validate_epoch(f, epoch, row, config, device)
         row['seconds'] = now() - start
-        left = None if deadline is None else deadline - now()
+        left = None if deadline is None else deadline - now() - finish_seconds(f.state['history'] + [row], f.rows)
         decision = epoch_decisions(metrics, f.state, epoch, config, row['seconds'], left)
         decision = from_process0(decision)  # several processes: one decision (the clocks differ) for all
         apply_decisions(f, epoch, row, metrics, decision, config)
@@ -4371,16 +4436,37 @@ def train_folds(samples, images, masks, config, device, processes=1, on_epoch_en
     return results
 
 
+def with_corrected(frame, class_weights):
+    """`frame` (with P_COLUMNS) plus the prior-corrected PC_COLUMNS."""
+    frame = frame.copy()
+    frame[PC_COLUMNS] = prior_corrected(frame[P_COLUMNS].to_numpy(), class_weights)
+    return frame
+
+
+def oof_frame(results, kind_of):
+    """One row per validation sample: ids, label, raw and prior-corrected probabilities, attention per slice,
+    fold, model."""
+    frames = []
+    for result in results:
+        kind = kind_of(result)
+        ev = result['evaluations'][kind]
+        frame = result['val_rows'][['study_id', 'condition', 'level', 'label', 'cache_index']].reset_index(drop=True)
+        frame[P_COLUMNS] = ev['probs']
+        frame = with_corrected(frame, result['class_weights'])
+        frame[[f'attn_{j}' for j in range(ev['attention'].shape[1])]] = ev['attention']
+        frames.append(frame.assign(fold=result['fold'], model=kind))
+    return pd.concat(frames, ignore_index=True)
+
+
 def write_progress(results, config):
     """After each fold: its out-of-fold rows (fold{k}/oof.csv) and progress.md, the finished folds so far."""
     out, lines = Path(config['output_dir']), []
     for r in results:
         kind = final_kind(r, config)
         ev = r['evaluations'][kind]
-        frame = r['val_rows'][['study_id', 'level', 'label']].reset_index(drop=True)
-        frame[['p_normal_mild', 'p_moderate', 'p_severe']] = ev['probs']
+        frame = oof_frame([r], lambda _, kind=kind: kind).drop(columns='cache_index')  # oof.csv's columns
         (out / f"fold{r['fold']}").mkdir(exist_ok=True)
-        write_atomic(out / f"fold{r['fold']}" / 'oof.csv', frame.assign(fold=r['fold'], model=kind).to_csv(index=False))
+        write_atomic(out / f"fold{r['fold']}" / 'oof.csv', frame.to_csv(index=False))
         stop = {'budget': ', stopped by the time budget', 'early': ', stopped early'}.get(r.get('stopped_by'), '')
         lines.append(f"| {r['fold']} | {kind} | {r['epochs_trained']} of {config['epochs']}{stop} | {ev['ba']:.4f} "
                      f"| {r.get('nonfinite_steps', 0)} |")
@@ -4493,28 +4579,6 @@ def kaggle_frames(oof, columns=P_COLUMNS):
         row_id=row_id.to_numpy(), sample_weight=np.array(ROW_WEIGHTS)[oof['label']])
     submission = pd.DataFrame(oof[columns].to_numpy(), columns=PROB_COLUMNS)
     return solution, submission.assign(row_id=row_id.to_numpy())
-
-
-def with_corrected(frame, class_weights):
-    """`frame` (with P_COLUMNS) plus the prior-corrected PC_COLUMNS."""
-    frame = frame.copy()
-    frame[PC_COLUMNS] = prior_corrected(frame[P_COLUMNS].to_numpy(), class_weights)
-    return frame
-
-
-def oof_frame(results, kind_of):
-    """One row per validation sample: ids, label, raw and prior-corrected probabilities, attention per slice,
-    fold, model."""
-    frames = []
-    for result in results:
-        kind = kind_of(result)
-        ev = result['evaluations'][kind]
-        frame = result['val_rows'][['study_id', 'condition', 'level', 'label', 'cache_index']].reset_index(drop=True)
-        frame[P_COLUMNS] = ev['probs']
-        frame = with_corrected(frame, result['class_weights'])
-        frame[[f'attn_{j}' for j in range(ev['attention'].shape[1])]] = ev['attention']
-        frames.append(frame.assign(fold=result['fold'], model=kind))
-    return pd.concat(frames, ignore_index=True)
 
 
 def summarize(oof):
@@ -4817,10 +4881,10 @@ if localiser_wanted(CONFIG):
     except Exception as _error:
         if SUBMIT_ONLY:
             raise
-        warn(f'the localisation and submission section failed: {type(_error).__name__}: {_error}')
+        print(_error)
+        warn(f'the localisation and submission section failed: {error_line(_error)}')
         if has_test_files(CONFIG):  # the child process died before writing it: every row on the priors
-            SUBMISSION_INFO = write_submission(None, CONFIG, torch.device('cpu'), 0, f'{type(_error).__name__}: '
-                                               f'{_error}')[1]
+            SUBMISSION_INFO = write_submission(None, CONFIG, torch.device('cpu'), 0, error_line(_error))[1]
     if LOCALISATION is not None:
         LOCALISATION['table'].to_csv(OUTPUT_DIR / 'localisation.csv', index=False)
         print(LOCALISATION['metrics'].to_string())

@@ -72,7 +72,10 @@ def loc_setup(loc_study_set, tmp_path_factory):
 def test_localisers_share_the_time_left_and_stop_at_their_deadline(loc_setup, monkeypatch):
     """A clock on which every localiser epoch takes 10 s (each training study's loss moves it 10 / n s). With 35 s
     left for 2 folds, fold 0 gets half (17.5 s): a second epoch would end after it, so it stops after 1; fold 1
-    then has the 25 s left: it stops after 2. Each says so, and each still localises its validation studies."""
+    then has the 25 s left: it stops after 2. Each sizes its one-cycle schedule to those epochs after its first step
+    (so its learning rate is annealed by its last epoch) and says so, and each still localises its validation
+    studies, as test studies are (issue 28): every series by pick_series' rule, read around its middle file, never
+    around the annotated instance."""
     nb, samples = loc_setup
     config = nb["CONFIG"]
     clock, real = [0.0], nb["localiser_loss"]
@@ -92,8 +95,37 @@ def test_localisers_share_the_time_left_and_stop_at_their_deadline(loc_setup, mo
         return real_train(volumes, targets, train, *args)
 
     monkeypatch.setitem(nb, "train_localiser", train_localiser)
+    schedules, real_scheduler = [], nb["loc_scheduler"]
+
+    def loc_scheduler(optimizer, config, steps, done=0):
+        schedules.append([steps, done])
+        schedules[-1].append(real_scheduler(optimizer, config, steps, done))
+        return schedules[-1][-1]
+
+    monkeypatch.setitem(nb, "loc_scheduler", loc_scheduler)
+    reads, real_read = [], nb["read_volume"]
+
+    def read_volume(series_dir, config, anchor=None):
+        reads.append((int(nb["Path"](series_dir).parent.name), int(nb["Path"](series_dir).name), anchor))
+        return real_read(series_dir, config, anchor)
+
+    monkeypatch.setitem(nb, "read_volume", read_volume)
     nb["WARNINGS"].clear()
     loc = nb["train_localisers"](samples, [0, 1], config, CPU, 1, deadline=35.0)
+    batches = [int(((fold_of != f) & (fold_of >= 0)).sum()) for f in (0, 1)]  # loc_batch 1: a step per study
+    assert [s[:2] for s in schedules] == [[6 * batches[0], 0], [1 * batches[0], 1], [6 * batches[1], 0],
+                                          [2 * batches[1], 1]]
+    for _, _, scheduler in schedules[1::2]:  # each stepped to its resized schedule's end: the last optimiser step ran
+        assert scheduler.last_epoch == scheduler.total_steps  # at the schedule's final, annealed rate
+    validation = set(fold_of.index[fold_of.isin([0, 1])])
+    desc = pd.read_csv(nb["Path"](config["data_root"]) / "train_series_descriptions.csv")
+    rule = {s: nb["pick_series"](desc, s, nb["Path"](config["data_root"]) / "train_images", ["Sagittal T2/STIR"])
+            for s in validation}
+    read = {(study, series) for study, series, anchor in reads if study in validation and anchor is None}
+    assert read == {(s, int(rule[s]["Sagittal T2/STIR"][0].name)) for s in validation}
+    for study in validation:  # the points are on the volume read by the rule
+        (volume, _), = loc["found"]["Sagittal T2/STIR"][study]
+        assert volume["series_dir"] == str(rule[study]["Sagittal T2/STIR"][0])
     assert {f: len(losses["Sagittal T2/STIR"]) for f, losses in loc["losses"].items()} == {0: 1, 1: 2}
     assert clock[0] == pytest.approx(30.0)
     assert [w for w in nb["WARNINGS"] if "localiser stopped" in w] == [

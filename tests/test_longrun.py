@@ -24,6 +24,30 @@ def test_project_run_counts_epochs_validations_finish_and_later_folds(nb):
     assert "no session limit known here" in plan["text"]  # the tests run locally
 
 
+@pytest.mark.parametrize("epochs_in_time", [1, 2])
+def test_the_time_budget_keeps_the_folds_finish_free(nb, cached, tmp_path, monkeypatch, epochs_in_time):  # noqa: F811
+    """Epochs of 100 s training, every evaluation 10 s (epoch 1: validation and the plan's train-BA probe, 120 s; epoch
+    2: 110 s). The fold's finish (SWA's BatchNorm pass over the training rows and the hold-out predictions at the
+    validation's rate, three evaluations) is kept free like the work after training: a deadline at 240 s + the
+    finish lets 2 epochs run (after epoch 1, 120 s are left beside the finish); a second less, and the fold stops
+    after epoch 1."""
+    clock, real = fake_epochs(nb, monkeypatch), nb["evaluate"]
+
+    def evaluate(*args):
+        clock[0] += 10.0
+        return real(*args)
+
+    monkeypatch.setitem(nb, "evaluate", evaluate)
+    samples = cached[0]
+    rows = {"train": int(((samples["fold"] != 0) & (samples["fold"] >= 0)).sum()),
+            "val": int((samples["fold"] == 0).sum()), "holdout": int((samples["fold"] < 0).sum())}
+    finish = 10.0 / rows["val"] * (rows["train"] + rows["holdout"]) + 3 * 10.0  # by hand
+    assert nb["finish_seconds"]([{"val_seconds": 10.0}], rows) == pytest.approx(finish)
+    deadline = 240.0 + finish - (1.0 if epochs_in_time == 1 else 0.0)
+    result = nb["train_fold"](0, *cached, small_config(nb, tmp_path), CPU, deadline=deadline)
+    assert result["stopped_by"] == "budget" and result["epochs_trained"] == epochs_in_time
+
+
 def test_settings_for_long_runs_are_checked(nb):
     with pytest.raises(ValueError, match="time_budget_h"):
         nb["check_settings"]({**nb["CONFIG"], "time_budget_h": -1})
@@ -107,6 +131,7 @@ def test_each_finished_fold_is_written_and_not_trained_again(nb, cached, tmp_pat
     first = torch.load(tmp_path / "fold0/result.pt", weights_only=False)
     oof = pd.read_csv(tmp_path / "fold0/oof.csv")
     assert len(oof) == len(first["val_rows"]) and (oof["model"] == "swa").all()
+    assert oof["condition"].eq("spinal_canal_stenosis").all() and {"level", "label", "pc_severe"} <= set(oof)
     np.testing.assert_allclose(oof[["p_normal_mild", "p_moderate", "p_severe"]].to_numpy(),
                                first["evaluations"]["swa"]["probs"], rtol=1e-6)
     assert "Folds finished: 1 of 2" in (tmp_path / "progress.md").read_text()

@@ -181,8 +181,9 @@ def test_kaggle_flow_training_run_writes_a_valid_submission_that_beats_the_prior
         assert info["rows_from_model"][condition] >= (80 if "subarticular" not in condition else 64), condition
     assert len(info["on_priors"]) == 400 - sum(info["rows_from_model"].values())  # 16 test studies x 25
     choice = json.loads((runs / "train" / "probabilities.json").read_text())
-    assert set(choice) == set(CONDITIONS) and info["probabilities"] == {c: v["chosen"] for c, v in choice.items()}
-    assert all(v["chosen"] == min(("raw", "corrected"), key=v.get) for v in choice.values())
+    assert set(choice) == set(CONDITIONS) and info["probabilities"] == choice
+    candidates = ("raw", "corrected", "priors", "raw T", "corrected T")
+    assert all(v["candidate"] == min(candidates, key=v.get) for v in choice.values())
     priors = json.loads((runs / "train" / "priors.json").read_text())
     model, prior = scores(nb, flow_set, submission, priors)
     print("clean test split, terms (submission vs priors only):",
@@ -309,3 +310,136 @@ def test_load_run_takes_the_localisers_own_settings_and_checks_the_shared_ones(r
     torch.save({**saved, "config": {**saved["config"], "clahe_clip": 3.0}}, path)
     with pytest.raises(ValueError, match="does not belong to the run of .*clahe_clip"):
         nb["load_run"](tmp_path / "new", nb["CONFIG"], torch.device("cpu"))
+
+
+# --- issue 28: no test study can stop the submission or change another study's rows ---
+@pytest.fixture(scope="module")
+def hostile(runs, nb, tmp_path_factory):
+    """The trained run of `runs` predicts two 10-study test splits of the same seed: as generated, and with one fault
+    on each of the last seven studies (make_study_set's test_faults); both through write_submission, the function a
+    submit-only run calls."""
+    tmp = tmp_path_factory.mktemp("hostile")
+    out = {}
+    for name, faults in (("clean", False), ("hostile", True)):
+        made = make_study_set(tmp / name, n_studies=3, seed=11, test_studies=10, test_faults=faults)
+        config = {**nb["CONFIG"], "data_root": str(tmp / name), "output_dir": str(tmp / f"{name}_out"),
+                  "cache_dir": str(tmp / "cache")}
+        (tmp / f"{name}_out").mkdir()
+        run = nb["load_run"](runs / "train", config, torch.device("cpu"))
+        submission, info = nb["write_submission"](run, config, torch.device("cpu"), 1)
+        out[name] = {"made": made, "submission": submission, "info": info, "config": config, "run": run,
+                     "csv": (tmp / f"{name}_out" / "submission.csv").read_text().splitlines()}
+    return out
+
+
+def rows_of(lines, study):
+    return [line for line in lines if line.startswith(f"{study}_")]
+
+
+def test_hostile_test_split_costs_each_faulty_study_at_most_its_own_rows(hostile):
+    """Split series, a stray image of another plane, an unknown series, a series without geometry, a blank series
+    and an empty study folder: the submission is complete and valid; untouched studies, the stray image's and the
+    unknown series' rows are byte-identical to the clean split's; each study on the priors is named with why."""
+    clean, bad = hostile["clean"], hostile["hostile"]
+    faults = bad["made"]["test_split"]["faults"]
+    sample = pd.read_csv(Path(bad["config"]["data_root"]) / "sample_submission.csv")
+    assert bad["submission"]["row_id"].tolist() == sample["row_id"].tolist()
+    probs = bad["submission"][["normal_mild", "moderate", "severe"]].to_numpy()
+    assert np.isfinite(probs).all() and (probs > 0).all()
+    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-9)
+    assert bad["info"]["error"] is None
+    faulty = {f["study_id"] for f in faults.values()}
+    same = [s for s in bad["made"]["test_split"]["study_ids"] if s not in faulty]
+    same += [faults["stray_image"]["study_id"], faults["unknown_series"]["study_id"]]
+    assert len(same) == 5
+    for study in same:
+        assert rows_of(bad["csv"], study) == rows_of(clean["csv"], study), study
+    on_priors = pd.DataFrame(bad["info"]["on_priors"])
+    assert on_priors["reason"].str.len().gt(0).all()
+    reasons = {s: dict(zip(g["condition"] + " " + g["level"], g["reason"])) for s, g in on_priors.groupby("study_id")}
+    print({name: sorted(set(reasons.get(f["study_id"], {}).values())) for name, f in faults.items()})
+    empty = reasons[faults["empty_study"]["study_id"]]
+    assert len(empty) == 25 and {r for r in empty.values()} == {
+        "no Sagittal T2/STIR series with DICOM files", "no Sagittal T1 series with DICOM files",
+        "no Axial T2 series with DICOM files"}
+    blank = reasons[faults["blank_images"]["study_id"]]
+    spinal = [r for k, r in blank.items() if k.startswith("spinal")]
+    assert len(spinal) == 5 and all("not read" in r and "blank image" in r for r in spinal)
+    assert all(r == "no spinal canal points to place its axial slices"
+               for k, r in blank.items() if "subarticular" in k)
+    geometry = reasons[faults["no_geometry"]["study_id"]]
+    foramina = [r for k, r in geometry.items() if "foraminal" in k]
+    assert len(foramina) == 10 and all("not read" in r and "geometry" in r for r in foramina)
+    # the stray image is counted as a lost file, with its plane; the unknown series is never read
+    issues = pd.DataFrame(bad["info"]["issues"])
+    stray = issues[issues["study_id"] == faults["stray_image"]["study_id"]]
+    assert stray["reason"].str.contains("axial image in a series of").any()
+    assert not issues["series_id"].astype(str).isin([str(s) for s in [faults["unknown_series"]["series_id"]]]).any()
+
+
+def test_split_series_give_every_level_from_the_series_that_covers_it(hostile):
+    """Two Axial T2 series (the larger lacking the lowest levels) and two Sagittal T1 series (the larger lacking one
+    side): as many rows from the models as the clean split's study, each from the series that covers it."""
+    clean, bad = hostile["clean"], hostile["hostile"]
+    faults = bad["made"]["test_split"]["faults"]
+    for name, condition in (("two_axial", "subarticular"), ("two_t1", "foraminal")):
+        study = faults[name]["study_id"]
+        placed = [10 - int(((priors["study_id"] == study) & priors["condition"].str.contains(condition)).sum())
+                  for priors in (pd.DataFrame(run["info"]["on_priors"], columns=["study_id", "condition", "level",
+                                                                                 "reason"]) for run in (bad, clean))]
+        assert placed[0] == placed[1] > 0, (name, placed, bad["info"]["on_priors"])
+
+
+def test_an_exception_in_one_study_puts_that_study_alone_on_the_priors(hostile, nb, monkeypatch):
+    clean = hostile["clean"]
+    victim = clean["made"]["test_split"]["study_ids"][1]
+    real = nb["predict_study"]
+
+    def predict_study(models, folders, *args):
+        if any(str(victim) in str(f) for fs in folders.values() for f in fs):
+            raise RuntimeError("injected")
+        return real(models, folders, *args)
+
+    monkeypatch.setitem(nb, "predict_study", predict_study)
+    config = {**clean["config"], "output_dir": str(Path(clean["config"]["output_dir"]) / "again")}
+    Path(config["output_dir"]).mkdir()
+    _, info = nb["write_submission"](clean["run"], config, torch.device("cpu"), 1)
+    lines = (Path(config["output_dir"]) / "submission.csv").read_text().splitlines()
+    for study in clean["made"]["test_split"]["study_ids"]:
+        if study != victim:
+            assert rows_of(lines, study) == rows_of(clean["csv"], study)
+    on_priors = pd.DataFrame(info["on_priors"])
+    mine = on_priors[on_priors["study_id"] == victim]
+    assert len(mine) == 25 and mine["reason"].eq("prediction failed: RuntimeError: injected").all()
+    assert any(i["what"] == "test study failed" for i in info["issues"])
+
+
+def test_a_prediction_that_fails_as_a_whole_still_writes_every_row_on_the_priors(hostile, nb, monkeypatch):
+    clean = hostile["clean"]
+
+    def broken(*_):
+        raise MemoryError("injected")
+
+    monkeypatch.setitem(nb, "predict_test", broken)
+    config = {**clean["config"], "output_dir": str(Path(clean["config"]["output_dir"]) / "broken")}
+    Path(config["output_dir"]).mkdir()
+    submission, info = nb["write_submission"](clean["run"], config, torch.device("cpu"), 1)
+    sample = pd.read_csv(Path(config["data_root"]) / "sample_submission.csv")
+    empty = pd.DataFrame(columns=["study_id", "condition", "level"] + nb["P_COLUMNS"] + nb["PC_COLUMNS"])
+    priors_only, _ = nb["build_submission"](sample, empty, clean["run"]["priors"], {})
+    pd.testing.assert_frame_equal(submission, priors_only)
+    saved = json.loads((Path(config["output_dir"]) / "submission.json").read_text())
+    assert saved["error"] == "MemoryError: injected" and len(saved["on_priors"]) == len(sample)
+    assert "The prediction failed as a whole" in "\n".join(nb["submission_lines"](info))
+
+
+def test_a_submit_only_run_skips_and_names_a_fold_without_its_localiser(runs, nb, tmp_path):
+    """A fold whose final.pt was written but whose localisers were not (the run ended between them) is left out of a
+    submission run's ensemble, with a warning, instead of stopping it."""
+    shutil.copytree(runs / "train", tmp_path / "run")
+    shutil.copy(tmp_path / "run" / "fold0" / "final.pt", (tmp_path / "run" / "fold1").mkdir() or
+                tmp_path / "run" / "fold1" / "final.pt")
+    nb["WARNINGS"].clear()
+    run = nb["load_run"](tmp_path / "run", nb["CONFIG"], torch.device("cpu"))
+    assert run["folds"] == ["fold0"] and len(run["classifiers"]) == 1
+    assert [w for w in nb["WARNINGS"] if "fold1: final.pt without localiser.pt" in w]
