@@ -40,7 +40,7 @@ from pathlib import Path
 RUNTIME_PACKAGES = {  # import name: what pip installs if it is missing or older (floors: requirements.txt)
     'torch': 'torch', 'torchvision': 'torchvision', 'cv2': 'opencv-python-headless', 'numpy': 'numpy',
     'pandas': 'pandas', 'sklearn': 'scikit-learn', 'scipy': 'scipy', 'matplotlib': 'matplotlib', 'tqdm': 'tqdm',
-    'pydicom': 'pydicom>=3.0.2',  # 3.0 brought pydicom.pixels; the platforms' own packages are left as they are
+    'pydicom': 'pydicom>=3.0.1',  # 3.0 brought pydicom.pixels; the platforms' own packages are left as they are
 }
 # Where attached datasets are mounted: a submission runs with Internet off, so a missing package comes from a
 # wheel in one of them. Kaggle mounts a dataset at <root>/<dataset> or <root>/datasets/<owner>/<dataset>; a wheel
