@@ -297,6 +297,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import SWALR, AveragedModel, update_bn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 # torch.cuda.is_available() asks NVML instead of initialising the CUDA driver in this kernel, which forks the
@@ -1943,7 +1944,9 @@ del _model, _logits, _weights
 #    averaged over folds. Targets not trained, a study whose series of that type is missing or unreadable, an axial
 #    level no slice covers: the training set's class frequencies per (condition, level) from train.csv, add-one
 #    smoothed, counted with the reason. A prediction that fails as a whole, or a training run whose localisers
-#    fail, still writes every row, on the priors, with the error in `submission.json` and the report.
+#    fail, still writes every row, on the priors, with the error in `submission.json` and the report. No study
+#    starts that would not end inside the time budget (`time_budget_h`, at the mean time per study so far): a
+#    submission must end inside Kaggle's limit, so the studies left take the priors, counted and warned.
 #    `loc_submit_probs: 'auto'` (the default) takes the out-of-fold choice of step 3; 'corrected' or 'raw' force
 #    one for all. Both the training run and a `submit_from` run build the submission from the files in an output
 #    folder (`fold*/final.pt`, `fold*/localiser.pt`, `priors.json`, `probabilities.json`; a submission run leaves
@@ -3058,19 +3061,37 @@ def choose_probabilities(frame):
     return choice
 
 
-def predict_test(run, config, device, workers):
+def predict_test(run, config, device, workers, deadline=None):
     """Probabilities of every trained condition and level of every test study in sample_submission.csv (study_id,
     condition, level, P/PC columns; NaN without a point or crop), the rows without them with why (study_id,
     condition, level, reason), and the test volumes' lost slices and failed studies (ISSUE_COLUMNS). Each study is
-    predicted alone (predict_test_study): one study's fault costs that study's rows, never another's."""
+    predicted alone (predict_test_study): one study's fault costs that study's rows, never another's. `deadline`
+    (now() time): no study starts that would not end before it at the mean time per study so far; the studies left
+    take the priors, counted and warned (a submission must end inside its time limit)."""
     descriptions = pd.read_csv(Path(config['data_root']) / 'test_series_descriptions.csv')
-    studies = submission_studies(config)
-    results = [predict_test_study(run, study, descriptions, config, device, workers)
-               for study in tqdm(studies, desc='test studies', mininterval=30)]
+    studies, results, start, skipped = submission_studies(config), [], now(), 0
+    for study in tqdm(studies, desc='test studies', mininterval=30):
+        per_study = (now() - start) / max(len(results) - skipped, 1)
+        if skipped or (deadline is not None and now() + per_study > deadline):  # out of time: the rest too
+            results.append(unpredicted(run, study, 'not predicted: the time budget (time_budget_h) ran out'))
+            skipped += 1
+        else:
+            results.append(predict_test_study(run, study, descriptions, config, device, workers))
+    if skipped:
+        warn(f'submission: {skipped} of {len(studies)} test studies not predicted (the time budget ran out at '
+             f'{(now() - start) / max(len(studies) - skipped, 1):.1f} s per study): their rows are the priors')
     keys = ['study_id', 'condition', 'level']
     empty = (pd.DataFrame(columns=keys + P_COLUMNS + PC_COLUMNS), pd.DataFrame(columns=keys + ['reason']),
              pd.DataFrame(columns=ISSUE_COLUMNS))
     return tuple(pd.concat([e] + [r[k] for r in results], ignore_index=True) for k, e in enumerate(empty))
+
+
+def unpredicted(run, study, reason):
+    """predict_test_study's value for a study left on the priors: every trained row, no probabilities, `reason`."""
+    rows = pd.DataFrame([(study, c, level) for c in run['config']['conditions'] for level in LEVELS],
+                        columns=['study_id', 'condition', 'level'])
+    return (rows.assign(**dict.fromkeys(P_COLUMNS + PC_COLUMNS, np.nan)), rows.assign(reason=reason),
+            pd.DataFrame(columns=ISSUE_COLUMNS))
 
 
 def predict_test_study(run, study, descriptions, config, device, workers):
@@ -3079,7 +3100,6 @@ def predict_test_study(run, study, descriptions, config, device, workers):
     as their reason. Returns (probabilities of its trained rows, NaN where none; its rows without them, with why;
     its issues)."""
     keys, series_of = ['study_id', 'condition', 'level'], run['series']
-    every = pd.DataFrame([(study, c, level) for c in run['config']['conditions'] for level in LEVELS], columns=keys)
     points = predict_points(run['localisers'], series_of, descriptions, Path(config['data_root']) / 'test_images',
                             [study], run['config'], device, 'test')
     why, issues = {(c, LEVELS[k]): r for (c, k), r in points['why'][study].items()}, points['issues']
@@ -3087,13 +3107,12 @@ def predict_test_study(run, study, descriptions, config, device, workers):
         with tempfile.TemporaryDirectory(prefix='le3ba_test_') as scratch:
             probs = classify_rows(point_rows(points['found'], series_of), run['classifiers'],
                                   {**run['config'], 'cache_dir': scratch, 'num_workers': 0}, device, workers, True)
-        probs = every.merge(probs[keys + P_COLUMNS + PC_COLUMNS], on=keys, how='left')
+        probs = unpredicted(run, study, '')[0][keys].merge(probs[keys + P_COLUMNS + PC_COLUMNS], on=keys, how='left')
     except Exception as error:
         text = f'prediction failed: {type(error).__name__}: {error}'
-        probs = every.assign(**dict.fromkeys(P_COLUMNS + PC_COLUMNS, np.nan))
-        issues = pd.concat([issues, pd.DataFrame([(study, '', '', '', '', 'test study failed', text)],
-                                                 columns=ISSUE_COLUMNS)], ignore_index=True)
-        why = {tuple(k): text for k in every[['condition', 'level']].itertuples(False)}
+        probs, on_priors, _ = unpredicted(run, study, text)
+        return probs, on_priors, pd.concat([issues, pd.DataFrame([(study, '', '', '', '', 'test study failed', text)],
+                                                                 columns=ISSUE_COLUMNS)], ignore_index=True)
     on_priors = probs.loc[probs[P_COLUMNS[0]].isna(), keys].copy()
     on_priors['reason'] = [why.get((c, level), 'no crop built at the predicted point')
                            for c, level in on_priors[['condition', 'level']].itertuples(False)]
@@ -3145,7 +3164,9 @@ def write_submission(run, config, device, workers, error=None):
     try:
         if run is None:
             raise RuntimeError(error)
-        probs, on_priors, issues = predict_test(run, config, device, workers)
+        budget = time_budget_s(config)
+        probs, on_priors, issues = predict_test(run, config, device, workers,
+                                                None if budget is None else RUN_START + budget)
         choice = submitted_probabilities(run, config)
     except Exception as failure:
         error = f'{type(failure).__name__}: {failure}' if run is not None else error
@@ -3417,6 +3438,12 @@ def submission_lines(info):
 # with train BA measured in eval mode on a fixed training subset (not the running BA over augmented batches).
 # With SWA on, early stopping never ends a run before SWA has averaged its epochs (a warning says so).
 # A checkpoint after every epoch holds everything needed to resume an interrupted run exactly.
+#
+# **Projected cost.** Before the first epoch the training cell prints the run's cost projected from FLOPs
+# (`training_projection`: the model's forward counted per series type on the meta device, no GPU; a training step
+# 3x it): its ratio to the plan's fold (the spinal canal alone, 256 px, 7 slices, 25 epochs), hours per fold on one
+# T4, T4 x2 and an L4 from the plan's 3.5 h per fold, and the crop cache. After epoch 1 the measured projection
+# replaces it. `bench/cost.py` prints the same model for any CONFIG, with the hidden test's FLOPs.
 #
 # **Several GPUs.** With `processes` at 'auto' and more than one GPU, each fold trains in one process per GPU
 # (DistributedDataParallel), forked from this notebook after a start-up check; the global batch stays
@@ -4124,6 +4151,148 @@ def finish_seconds(history, rows):
     return val_s / max(rows['val'], 1) * (rows['train'] + rows.get('holdout', 0)) + 3 * val_s
 
 
+PLAN_RUN = {'conditions': ['spinal_canal_stenosis'], 'img_size': 256, 'num_slices': 7, 'epochs': 25, 'val_every': 1,
+            'holdout_frac': 0.0, 'num_folds': 5}  # the plan's run (v9_Implementation_Plan.md): every cost ratio's 1.0
+PLAN_BACKBONE = 'efficientnet_v2_s'
+PLAN_FOLD_HOURS_T4 = 3.5  # the anchor of every projected hour: the plan's fold, 25 epochs x 8-9 min on a Kaggle GPU
+REAL_LABELLED_ROWS = 9700  # per condition at the real data's counts: the plan's ~9.7k spinal canal rows of 1,975 x 5
+GPU_SPEED = {  # name: (speed over one T4, where the factor comes from); none measured on a GPU yet
+    'one T4': (1.0, 'the anchor'),
+    'T4 x2': (1.8, "1.8x one T4: README's expectation, not measured"),
+    'L4': (121 / 65, '121/65 = 1.86x one T4: dense fp16 tensor TFLOPS, an assumption'),
+}
+MODEL_FLOP_KEYS = ('gru_hidden', 'gru_layers', 'pooling', 'attention_hidden')  # what a classifier's FLOPs follow
+FLOP_COUNTS = {}  # (backbone, MODEL_FLOP_KEYS' values, px, slices) -> forward FLOPs: each shape counted once
+
+
+def forward_flops(module, *inputs):
+    """FLOPs of one forward of `module` on `inputs`, counted by torch's FlopCounterMode (no gradients). A training
+    step is taken as 3x the forward: the counter counts a grouped convolution's backward as a dense one, which
+    would inflate EfficientNet's depthwise layers about 5x (bench/cost.py shows it)."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(*inputs)
+    return counter.get_total_flops()
+
+
+def classifier_flops(config, px, slices):
+    """Forward FLOPs of SpineModelV9 (config's backbone, pretrained 'none') on one sample of `slices` slices at
+    px x px, counted once per shape. Model and input live on the meta device: shapes only, no arithmetic and no
+    GPU (the kernel stays CUDA-free), the CPU's count in a fraction of a second even for EfficientNet-V2-S."""
+    key = (config['backbone'], *(config[k] for k in MODEL_FLOP_KEYS), px, slices)
+    if key not in FLOP_COUNTS:
+        with torch.device('meta'):
+            model = SpineModelV9({**config, 'pretrained': 'none'}).eval()
+            FLOP_COUNTS[key] = forward_flops(model, torch.zeros(1, slices, 3, px, px), torch.tensor([0]),
+                                             torch.ones(1, slices, dtype=torch.bool))
+    return FLOP_COUNTS[key]
+
+
+def by_series(config, key, by_key, series_types, override=None):
+    """{series type: value}: config[by_key] (a per-series-type setting such as 'img_size_by_series', where a
+    CONFIG holds one) where it names the series type, else config[key]; `override` ({series type: value}) over
+    both."""
+    table = {**(config.get(by_key) or {}), **(override or {})}
+    return {s: int(table.get(s, config[key])) for s in series_types}
+
+
+def real_data_rows(config):
+    """{condition: {'labelled', 'train', 'val', 'holdout'}} rows of one fold at the real data's counts
+    (REAL_LABELLED_ROWS per condition, floats; holdout_frac, num_folds): the plan's run is counted so."""
+    holdout = REAL_LABELLED_ROWS * config['holdout_frac']
+    val = (REAL_LABELLED_ROWS - holdout) / config['num_folds']
+    return {c: {'labelled': REAL_LABELLED_ROWS, 'train': REAL_LABELLED_ROWS - holdout - val, 'val': val,
+                'holdout': holdout} for c in config['conditions']}
+
+
+def run_rows(samples, config):
+    """The same counts from this run's sample table (its `fold` column), for its first fold in train_folds."""
+    fold, out = config['train_folds'][0], {}
+    for condition in config['conditions']:
+        folds = samples.loc[samples['condition'] == condition, 'fold']
+        out[condition] = {'labelled': len(folds), 'train': int(((folds != fold) & (folds >= 0)).sum()),
+                          'val': int((folds == fold).sum()), 'holdout': int((folds < 0).sum())}
+    return out
+
+
+def fold_flops(config, forward, rows):
+    """FLOPs of one fold: project_run with FLOPs in place of seconds (every epoch trains its training rows at 3x
+    the forward; validations, train-BA probes and the fold's finish forward only). `forward`: {condition: forward
+    FLOPs per sample}; `rows`: real_data_rows' or run_rows' counts."""
+    train = 3 * sum(r['train'] * forward[c] for c, r in rows.items())
+    val = sum(r['val'] * forward[c] for c, r in rows.items())
+    totals = {k: sum(r[k] for r in rows.values()) for k in ('train', 'val', 'holdout')}
+    return project_run(train, val, config, totals)['whole_fold_s']
+
+
+def plan_fold_flops(config, backbone):
+    """FLOPs of one fold of the plan's run (PLAN_RUN at the real data's counts) with `backbone` and config's other
+    model settings."""
+    plan = {**config, **PLAN_RUN, 'backbone': backbone}
+    forward = classifier_flops(plan, PLAN_RUN['img_size'], PLAN_RUN['num_slices'])
+    return fold_flops(plan, {c: forward for c in PLAN_RUN['conditions']}, real_data_rows(plan))
+
+
+def training_projection(config, rows, grid=None):
+    """One fold's training cost before it runs (a dict): per series type its grid and slices (img_size, num_slices),
+    forward FLOPs and cached bytes per sample; the fold's FLOPs on `rows` and the plan's fold's with the same
+    backbone (their ratio: the data's, grid's, slices' and epochs' share); one T4's effective FLOP rate, the
+    plan's fold with PLAN_BACKBONE in PLAN_FOLD_HOURS_T4; projected hours per fold on each GPU_SPEED; the crop
+    cache's bytes for `rows`. `grid`: {series type: px} over the configured grid."""
+    series_types = list(dict.fromkeys(CONDITION_SERIES[c] for c in config['conditions']))
+    grid = by_series(config, 'img_size', 'img_size_by_series', series_types, grid)
+    slices = by_series(config, 'num_slices', 'num_slices_by_series', series_types)
+    forward = {s: classifier_flops(config, grid[s], slices[s]) for s in series_types}
+    fold = fold_flops(config, {c: forward[CONDITION_SERIES[c]] for c in config['conditions']}, rows)
+    anchor = plan_fold_flops(config, PLAN_BACKBONE)
+    t4_rate = anchor / (PLAN_FOLD_HOURS_T4 * 3600)
+    side = {s: crop_side({**config, 'img_size': grid[s]}) for s in series_types}
+    sample_bytes = {s: slices[s] * side[s] ** 2 + slices[s] for s in series_types}  # uint8 crops + bool masks
+    return {'grid': grid, 'slices': slices, 'forward': forward, 'fold': fold, 'anchor_fold': anchor,
+            'plan_fold': plan_fold_flops(config, config['backbone']), 't4_rate': t4_rate,
+            'hours': {gpu: fold / t4_rate / 3600 / speed for gpu, (speed, _) in GPU_SPEED.items()},
+            'crop_side': side, 'sample_bytes': sample_bytes,
+            'cache_bytes': sum(r['labelled'] * sample_bytes[CONDITION_SERIES[c]] for c, r in rows.items())}
+
+
+def projection_line(config, samples):
+    """The line the training cell prints before the first epoch: training_projection of this run (its backbone,
+    conditions, grid, slices and epochs, on its own sample counts) as a ratio to the plan's fold and in hours per
+    fold; after epoch 1, project_run prints the measured projection."""
+    rows = run_rows(samples, config)
+    p = training_projection(config, rows)
+    ratio, cache = p['fold'] / p['plan_fold'], p['cache_bytes']
+    ratio = f'{ratio:.2f}x' if ratio >= 0.01 else f'{ratio:.2g}x'  # a CPU demo's run is a tiny share of the plan's
+    cache = f'{cache / 1e9:.1f} GB' if cache >= 1e8 else f'{cache / 1e6:.1f} MB'
+    rate = '' if config['backbone'] == PLAN_BACKBONE else f", its {PLAN_BACKBONE} FLOP rate applied"
+
+    def each(values, unit):  # '256 px', or per series type where they differ
+        if len(set(values.values())) == 1:
+            return f'{next(iter(values.values()))} {unit}'
+        return ', '.join(f'{s} {v}' for s, v in values.items()) + f' {unit}'
+
+    def hours(gpu):
+        h = p['hours'][gpu]
+        return f'{h:.1f} h' if h >= 1 else f'{h * 60:.1f} min' if h >= 1 / 600 else f'{h * 3600:.1f} s'
+
+    train, val = (sum(r[k] for r in rows.values()) for k in ('train', 'val'))
+    return (f"projected before training (FLOPs counted on the CPU, anchor: the plan's {PLAN_FOLD_HOURS_T4} h per "
+            f"fold on one T4{rate}): this run {ratio} the plan's per fold ({config['backbone']}, "
+            f"{len(config['conditions'])} condition(s), {each(p['grid'], 'px')}, {each(p['slices'], 'slices')}, "
+            f"{config['epochs']} epochs; this run's samples, fold {config['train_folds'][0]}: {train:,} trained per "
+            f"epoch, {val:,} validated), ~{hours('one T4')} per fold on one T4, {hours('T4 x2')} on T4 x2, "
+            f"{hours('L4')} on an L4 ({len(config['train_folds'])} fold(s) to train); crop cache {cache}; "
+            'measured after epoch 1')
+
+
+def projection_note(config, samples):
+    """projection_line, or one line saying why it is not available: a projection never stops a run."""
+    try:
+        return projection_line(config, samples)
+    except Exception as error:
+        why = ' '.join(str(error).split())[:300]  # one line
+        return f'projected before training: not available ({type(error).__name__}: {why})'
+
+
 def fold_pieces(fold, samples, images, masks, config, device):
     """Everything one fold trains with (a namespace): its rows, loaders, model, criterion, optimizer,
     schedulers, GradScaler, SWA average and the training state that a checkpoint restores."""
@@ -4506,6 +4675,7 @@ if not SUBMIT_ONLY:  # a submission run (submit_from) trains nothing: see the lo
         print(f'after training (localisers, predicted points, submission): {AFTER_TRAINING_S[-1] / 3600:.2f} h '
               'projected, kept free in the time budget; measured per study: '
               + ', '.join(f'{k} {v:.2f} s' for k, v in AFTER_TRAINING_PROBE.items()))
+    print(projection_note(CONFIG, SAMPLES))  # from FLOPs, no GPU; epoch 1 prints the measured projection
     FOLD_RESULTS = train_folds(SAMPLES, IMAGES, MASKS, CONFIG, DEVICE, PROCESSES)
 
 # %% [markdown]

@@ -1,41 +1,47 @@
 """Cost model of a training run and of the hidden-test prediction (issue 29 item 1), from FLOPs counted here.
 
-What is counted (torch.utils.flop_counter.FlopCounterMode, on this CPU; the weights do not change a count):
-- the classifier's forward per sample of each series type: the notebook's own SpineModelV9 with the configured
-  backbone (pretrained 'none'), one sample of num_slices slices at that series type's grid. A training step
-  counts as 3x the forward (forward + a backward of about twice its work). The backward is NOT counted directly:
-  torch's counter counts a grouped convolution's backward as a dense one. A 256-group 3x3 convolution on 32x32
-  (256 channels) is 4.72 MFLOP forward by hand and by the counter, but the counter gives 1,217 MFLOP for forward
-  plus backward (1,212.7 MFLOP of convolution_backward against ~9.4 by hand): EfficientNet's depthwise layers
-  would inflate its count about 5x (tests/test_cost.py checks both figures).
-- a fold's work, through the notebook's own project_run with FLOPs in place of seconds: every epoch trains
-  its training rows (3x forward), validates on the validated epochs (is_validation_epoch) and probes the
+The training cost model is the notebook's own (section 7, beside project_run: training_projection and the
+functions it calls), so the notebook's projection before its first epoch and this script's are one computation;
+this script adds the hidden test's FLOPs, the command line and the tables.
+
+What is counted (torch.utils.flop_counter.FlopCounterMode; the weights do not change a count):
+- the classifier's forward per sample of each series type (the notebook's classifier_flops): its SpineModelV9 with
+  the configured backbone (pretrained 'none'), one sample of num_slices slices at that series type's grid, built on
+  the meta device (shapes only: the CPU's count, without the arithmetic). A training step counts as 3x the
+  forward (forward + a backward of about twice its work). The backward is NOT counted directly: torch's counter
+  counts a grouped convolution's backward as a dense one. A 256-group 3x3 convolution on 32x32 (256 channels) is
+  4.72 MFLOP forward by hand and by the counter, but the counter gives 1,217 MFLOP for forward plus backward
+  (1,212.7 MFLOP of convolution_backward against ~9.4 by hand): EfficientNet's depthwise layers would inflate its
+  count about 5x (tests/test_cost.py checks both figures).
+- a fold's work (the notebook's fold_flops), through its project_run with FLOPs in place of seconds: every epoch
+  trains its training rows (3x forward), validates on the validated epochs (is_validation_epoch) and probes the
   training BA at the plan's checkpoint epochs (forward), and the fold's finish (SWA's BatchNorm pass, three
-  evaluations). The plan's run is the same accounting at the plan's settings (the spinal canal alone, 256 px,
-  7 slices, 25 epochs, validated every epoch, five folds, no hold-out) with the same backbone, so the ratio is
-  the data's, grid's, slices' and epochs' share; its hours come from the anchor below.
-- per test study, one fold's models: the localisers (the notebook's LevelLocaliser at loc_size, a map per
+  evaluations). The plan's run (PLAN_RUN: the spinal canal alone, 256 px, 7 slices, 25 epochs, validated every
+  epoch, five folds, no hold-out) is the same accounting with the same backbone, so the ratio is the data's,
+  grid's, slices' and epochs' share; its hours come from the anchor below.
+- per test study, one fold's models (here): the localisers (the notebook's LevelLocaliser at loc_size, a map per
   condition and level; 'volume' series types over all slices of a typical series, 'slice' ones once per level on
   one slice) and the classifier (the configured conditions x 5 levels, one forward each). The submission averages
   every trained fold's models (load_run), so the ensemble of `--folds` folds is that x folds.
 - the crop cache: every labelled row x (num_slices x crop_side^2 uint8 + num_slices mask bytes), crop_side being
   the notebook's own crop_side (img_size plus the training margin, 1.45x).
 
-Data counts: 1,975 studies (../shared/context/rsna2024.md). That file gives no labelled rows per condition (only
-that ~193 studies lack some label), so every condition is taken at the plan's ~9.7k spinal canal samples: 9,700
-of 1,975 x 5 = 9,875 rows labelled (1.8 % missing). A fold trains (num_folds - 1) / num_folds of the rows left after
-the hold-out. Typical slices per sagittal series: 17 (an assumption, the real series commonly hold 15-20;
-rsna2024.md gives none); change it with --sagittal-slices.
+Data counts (the notebook's real_data_rows): 1,975 studies (../shared/context/rsna2024.md). That file gives no
+labelled rows per condition (only that ~193 studies lack some label), so every condition is taken at the plan's
+~9.7k spinal canal samples (REAL_LABELLED_ROWS): 9,700 of 1,975 x 5 = 9,875 rows labelled (1.8 % missing). A fold
+trains (num_folds - 1) / num_folds of the rows left after the hold-out. Typical slices per sagittal series: 17 (an
+assumption, the real series commonly hold 15-20; rsna2024.md gives none); change it with --sagittal-slices.
 
-Anchor of every hour figure (all projections, none measured on a GPU): the plan's 3.5 h per fold (25 epochs x
-8-9 min) on a Kaggle GPU, taken as one T4, for the plan's run with EfficientNet-V2-S: its FLOPs per 3.5 h are
-the effective FLOP rate of one T4. T4 x2: 1.8x one T4 (README's expectation, bench/ddp_check.py; not measured).
-L4: 121 / 65 = 1.86x one T4, an assumption from NVIDIA's published dense fp16 tensor throughput (L4 121 TFLOPS,
-242 with sparsity; T4 65 TFLOPS); its memory bandwidth (300 GB/s) is no higher than a T4's (320 GB/s), so
-bandwidth-bound layers (depthwise convolutions, BatchNorm) may gain less. For a backbone other than
-EfficientNet-V2-S the anchor's FLOP rate is applied to its FLOPs: a weaker projection (small backbones run further
-below a GPU's peak). The hidden-test hours are FLOPs only, at the anchor's training rate: DICOM decoding and
-reading are not in them (bench/predict_time.py measures a study's whole prediction on the CPU).
+Anchor of every hour figure (all projections, none measured on a GPU; the notebook's PLAN_FOLD_HOURS_T4 and
+GPU_SPEED): the plan's 3.5 h per fold (25 epochs x 8-9 min) on a Kaggle GPU, taken as one T4, for the plan's run
+with EfficientNet-V2-S: its FLOPs per 3.5 h are the effective FLOP rate of one T4. T4 x2: 1.8x one T4 (README's
+expectation, bench/ddp_check.py; not measured). L4: 121 / 65 = 1.86x one T4, an assumption from NVIDIA's
+published dense fp16 tensor throughput (L4 121 TFLOPS, 242 with sparsity; T4 65 TFLOPS); its memory bandwidth
+(300 GB/s) is no higher than a T4's (320 GB/s), so bandwidth-bound layers (depthwise convolutions, BatchNorm) may
+gain less. For a backbone other than EfficientNet-V2-S the anchor's FLOP rate is applied to its FLOPs: a weaker
+projection (small backbones run further below a GPU's peak). The hidden-test hours are FLOPs only, at the
+anchor's training rate: DICOM decoding and reading are not in them (bench/predict_time.py measures a study's
+whole prediction on the CPU).
 
 Usage (from the repository root):
   python bench/cost.py                            # the default CONFIG (all five conditions, EfficientNet-V2-S)
@@ -43,7 +49,7 @@ Usage (from the repository root):
   python bench/cost.py --conditions spinal_canal_stenosis          # the plan's run: ratio 1.00
   python bench/cost.py --grid "Sagittal T2/STIR=256,Sagittal T1=128,Axial T2=128" --epochs 15 --folds 5
   python bench/cost.py --backbone mobilenet_v3_small               # a CPU backbone (weaker hour projection)
-A run takes a few seconds (an EfficientNet-V2-S forward at 256 px on the CPU per grid).
+A run takes a few seconds (loading the notebook's definitions; each count is a fraction of a second).
 """
 
 import argparse
@@ -54,7 +60,6 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
@@ -62,43 +67,16 @@ sys.path.insert(0, str(REPO / "tools"))
 from notebook_cells import notebook_namespace  # noqa: E402  (needs tools/ on sys.path)
 
 REAL_STUDIES = 1975  # train.csv (rsna2024.md)
-LEVELS_PER_STUDY = 5
-LABELLED_ROWS = 9700  # per condition: the plan's ~9.7k spinal canal samples of 1,975 x 5 (taken for every condition)
 HIDDEN_TEST_STUDIES = 700  # about 270 public + 440 private (rsna2024.md, medium confidence)
 SAGITTAL_SLICES = 17  # assumed slices of a typical sagittal series (a 'volume' localiser's input)
-PLAN = {"conditions": ["spinal_canal_stenosis"], "img_size": 256, "num_slices": 7, "epochs": 25,
-        "val_every": 1, "holdout_frac": 0.0, "num_folds": 5}  # the plan's run (v9_Implementation_Plan.md)
-PLAN_BACKBONE = "efficientnet_v2_s"
-PLAN_FOLDS = 5  # the plan's five-fold run, the comparator of run_ratio_to_plan
-PLAN_FOLD_HOURS_T4 = 3.5  # the anchor: 25 epochs x 8-9 min on a Kaggle GPU (one T4), by the plan
-GPUS = {  # name: (speed over one T4, where the factor comes from)
-    "one T4": (1.0, "the anchor"),
-    "T4 x2": (1.8, "1.8x one T4: README's expectation, not measured"),
-    "L4": (121 / 65, "121/65 = 1.86x one T4: dense fp16 tensor TFLOPS, an assumption"),
-}
 
 
 @functools.lru_cache(maxsize=1)
 def load_notebook():
     """The notebook's parameters and defs cells (no setup: no paths, GPU probe or data needed): its CONFIG as
-    written and its definitions."""
+    written and its definitions, the cost model's included."""
     with contextlib.redirect_stdout(sys.stderr):
         return notebook_namespace({}, tags=("parameters", "defs"))
-
-
-def forward_flops(module, *inputs):
-    """FLOPs of one forward of `module` on `inputs`, counted by torch.utils.flop_counter (no gradients)."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        module(*inputs)
-    return counter.get_total_flops()
-
-
-def by_series(config, key, by_key, series_types, override=None):
-    """{series type: value}: config[by_key] (a per-series-type setting a later CONFIG may hold, e.g.
-    'img_size_by_series') where it names the series type, else config[key]; `override` ({series type: value})
-    over both."""
-    table = {**(config.get(by_key) or {}), **(override or {})}
-    return {s: int(table.get(s, config[key])) for s in series_types}
 
 
 def parse_grid(text, known):
@@ -112,125 +90,70 @@ def parse_grid(text, known):
     return out
 
 
-MODEL_KEYS = ("gru_hidden", "gru_layers", "pooling", "attention_hidden")  # the settings a classifier's FLOPs follow
+@functools.cache
+def localiser_slice_flops(channels, size, maps):
+    """Forward FLOPs of the notebook's LevelLocaliser with `maps` maps on ONE size x size slice (its work is per
+    slice), counted once per shape in this process."""
+    nb = load_notebook()
+    return nb["forward_flops"](nb["LevelLocaliser"](channels, maps).eval(), torch.zeros(1, 4, size, size))
 
 
-class Counter:
-    """Forward FLOPs of the notebook's classifier and localiser, each counted once per shape in this process (the
-    counts and models are shared by every Counter: a test calling main() several times builds each model once)."""
-    counts, models = {}, {}
-
-    def __init__(self, nb, config):
-        self.nb, self.config = nb, config
-
-    def classifier(self, backbone, px, slices):
-        """Forward FLOPs of SpineModelV9 with `backbone` on one sample of `slices` slices at px x px."""
-        shape = (backbone, *(self.config[k] for k in MODEL_KEYS))
-        key = ("classifier", *shape, px, slices)
-        if key not in self.counts:
-            if shape not in self.models:
-                cfg = {**self.config, "backbone": backbone, "pretrained": "none"}
-                self.models[shape] = self.nb["SpineModelV9"](cfg).eval()
-            images = torch.zeros(1, slices, 3, px, px)
-            self.counts[key] = forward_flops(self.models[shape], images, torch.tensor([0]),
-                                             torch.ones(1, slices, dtype=torch.bool))
-        return self.counts[key]
-
-    def localiser_slice(self, maps):
-        """Forward FLOPs of a LevelLocaliser with `maps` maps on ONE loc_size slice (its work is per slice)."""
-        key = ("localiser", self.config["loc_channels"], self.config["loc_size"], maps)
-        if key not in self.counts:
-            size = self.config["loc_size"]
-            model = self.nb["LevelLocaliser"](self.config["loc_channels"], maps).eval()
-            self.counts[key] = forward_flops(model, torch.zeros(1, 4, size, size))
-        return self.counts[key]
-
-
-def rows_of(config):
-    """{condition: {'labelled', 'train', 'val', 'holdout'}} rows at the real data's counts (floats)."""
-    out = {}
-    for condition in config["conditions"]:
-        holdout = LABELLED_ROWS * config["holdout_frac"]
-        val = (LABELLED_ROWS - holdout) / config["num_folds"]
-        out[condition] = {"labelled": LABELLED_ROWS, "train": LABELLED_ROWS - holdout - val, "val": val,
-                          "holdout": holdout}
-    return out
-
-
-def fold_flops(nb, config, forward, rows):
-    """FLOPs of one fold: the notebook's project_run with FLOPs for seconds (training 3x forward per row per
-    epoch, forward-only validations, probes and finish). `forward`: {condition: forward FLOPs per sample}."""
-    train = 3 * sum(r["train"] * forward[c] for c, r in rows.items())
-    val = sum(r["val"] * forward[c] for c, r in rows.items())
-    totals = {k: sum(r[k] for r in rows.values()) for k in ("train", "val", "holdout")}
-    with contextlib.redirect_stdout(sys.stderr):
-        return nb["project_run"](train, val, config, totals)["whole_fold_s"]
-
-
-def cost(config, backbone, grid_override=None, folds=5, sagittal_slices=SAGITTAL_SLICES, nb=None, counter=None):
-    """The cost model of `config` (a merged notebook CONFIG) as a dict (main prints it)."""
-    nb = nb or load_notebook()
-    counter = counter or Counter(nb, config)
-    condition_series = nb["CONDITION_SERIES"]
-    series_types = list(dict.fromkeys(condition_series[c] for c in config["conditions"]))
-    grid = by_series(config, "img_size", "img_size_by_series", series_types, grid_override)
-    slices = by_series(config, "num_slices", "num_slices_by_series", series_types)
-    fwd_series = {s: counter.classifier(backbone, grid[s], slices[s]) for s in series_types}
-    forward = {c: fwd_series[condition_series[c]] for c in config["conditions"]}
-    rows = rows_of(config)
-    run_fold = fold_flops(nb, config, forward, rows)
-
-    plan_config = {**config, **PLAN}
-    plan_rows = rows_of(plan_config)
-    plan_forward = {c: counter.classifier(backbone, PLAN["img_size"], PLAN["num_slices"]) for c in PLAN["conditions"]}
-    plan_fold = fold_flops(nb, plan_config, plan_forward, plan_rows)  # same backbone: the ratio's denominator
-    anchor_forward = {c: counter.classifier(PLAN_BACKBONE, PLAN["img_size"], PLAN["num_slices"])
-                      for c in PLAN["conditions"]}
-    anchor_fold = plan_fold if backbone == PLAN_BACKBONE else fold_flops(nb, plan_config, anchor_forward, plan_rows)
-    t4_rate = anchor_fold / (PLAN_FOLD_HOURS_T4 * 3600)  # effective FLOP/s of one T4 on the plan's run
-
-    side = {s: nb["crop_side"]({**config, "img_size": grid[s]}) for s in series_types}
-    bytes_per_sample = {s: slices[s] * side[s] ** 2 + slices[s] for s in series_types}  # uint8 crops + bool mask
-    cache_bytes = sum(r["labelled"] * bytes_per_sample[condition_series[c]] for c, r in rows.items())
-
-    loc_mode, loc_per_study, loc_train_per_study = nb["LOC_MODE"], {}, 0.0
+def hidden_test_flops(nb, config, forward, sagittal_slices):
+    """({series type: localiser FLOPs}, classifier FLOPs) per test study for one fold's models: 'volume' series
+    types over all slices of a typical series, 'slice' ones once per level on one slice; the classifier once per
+    condition and level. `forward`: {condition: forward FLOPs per sample}."""
+    levels, localisers = len(nb["LEVELS"]), {}
     for series, conds in nb["localised_series"](config["conditions"]).items():
-        volume = loc_mode[series] == "volume"
-        per_slice = counter.localiser_slice(len(conds) * (LEVELS_PER_STUDY if volume else 1))
-        loc_per_study[series] = per_slice * (sagittal_slices if volume else LEVELS_PER_STUDY)  # slice: one per level
-        loc_train_per_study += 3 * loc_per_study[series]  # trained on the same slices as predicted, 3x forward
-    classifier_per_study = sum(LEVELS_PER_STUDY * forward[c] for c in config["conditions"])
+        volume = nb["LOC_MODE"][series] == "volume"
+        per_slice = localiser_slice_flops(config["loc_channels"], config["loc_size"],
+                                          len(conds) * (levels if volume else 1))
+        localisers[series] = per_slice * (sagittal_slices if volume else levels)  # slice: one per level
+    return localisers, sum(levels * forward[c] for c in config["conditions"])
+
+
+def cost(config, backbone, grid_override=None, folds=5, sagittal_slices=SAGITTAL_SLICES, nb=None):
+    """The cost model of `config` (a merged notebook CONFIG) with `backbone` as a dict (main prints it): the
+    notebook's training_projection at the real data's counts, and the hidden test's FLOPs."""
+    nb = nb or load_notebook()
+    config = {**config, "backbone": backbone}
+    rows = nb["real_data_rows"](config)
+    with contextlib.redirect_stdout(sys.stderr):
+        p = nb["training_projection"](config, rows, grid_override)
+    series_of = nb["CONDITION_SERIES"]
+    forward = {c: p["forward"][series_of[c]] for c in config["conditions"]}
+    run_fold, plan_fold, t4_rate = p["fold"], p["plan_fold"], p["t4_rate"]
+    loc_per_study, classifier_per_study = hidden_test_flops(nb, config, forward, sagittal_slices)
     test_one_fold = sum(loc_per_study.values()) + classifier_per_study
     loc_train_studies = REAL_STUDIES * (1 - config["holdout_frac"]) * (config["num_folds"] - 1) / config["num_folds"]
-    loc_train_fold = config["loc_epochs"] * loc_train_studies * loc_train_per_study
-
-    hours = {gpu: {"fold": run_fold / t4_rate / 3600 / speed, "run": folds * run_fold / t4_rate / 3600 / speed,
-                   "factor": speed, "source": source} for gpu, (speed, source) in GPUS.items()}
+    loc_train_fold = config["loc_epochs"] * loc_train_studies * 3 * sum(loc_per_study.values())  # 3x forward
+    hours = {gpu: {"fold": p["hours"][gpu], "run": folds * run_fold / t4_rate / 3600 / speed, "factor": speed,
+                   "source": source} for gpu, (speed, source) in nb["GPU_SPEED"].items()}
     return {
-        "grid_px": grid,
-        "num_slices": slices,
+        "grid_px": p["grid"],
+        "num_slices": p["slices"],
         "samples_per_epoch": {c: round(r["train"]) for c, r in rows.items()},
         "epochs": config["epochs"],
-        "train_gflop_per_sample": {s: 3 * f / 1e9 for s, f in fwd_series.items()},
+        "train_gflop_per_sample": {s: 3 * f / 1e9 for s, f in p["forward"].items()},
         "fold_ratio_to_plan": run_fold / plan_fold,
-        "run_ratio_to_plan": folds * run_fold / (PLAN_FOLDS * plan_fold),
-        "cache_gb": cache_bytes / 1e9,
+        "run_ratio_to_plan": folds * run_fold / (nb["PLAN_RUN"]["num_folds"] * plan_fold),
+        "cache_gb": p["cache_bytes"] / 1e9,
         "test_gflop_per_study": folds * test_one_fold / 1e9,
         "test_hours_t4": HIDDEN_TEST_STUDIES * folds * test_one_fold / t4_rate / 3600,
         # beyond the issue's keys
         "backbone": backbone,
         "conditions": list(config["conditions"]),
         "folds": folds,
-        "forward_gflop_per_sample": {s: f / 1e9 for s, f in fwd_series.items()},
+        "forward_gflop_per_sample": {s: f / 1e9 for s, f in p["forward"].items()},
         "labelled_rows": {c: r["labelled"] for c, r in rows.items()},
         "validation_rows": {c: round(r["val"]) for c, r in rows.items()},
-        "crop_side_px": side,
-        "cache_bytes_per_sample": bytes_per_sample,
-        "cache_gib": cache_bytes / 2**30,
+        "crop_side_px": p["crop_side"],
+        "cache_bytes_per_sample": p["sample_bytes"],
+        "cache_gib": p["cache_bytes"] / 2**30,
         "fold_pflop": run_fold / 1e15,
         "plan_fold_pflop": plan_fold / 1e15,
-        "anchor": (f"the plan's {PLAN_FOLD_HOURS_T4} h per fold on a Kaggle GPU = one T4, for its run with "
-                   f"{PLAN_BACKBONE} ({anchor_fold / 1e15:.1f} PFLOP): {t4_rate / 1e12:.2f} TFLOP/s effective"),
+        "anchor": (f"the plan's {nb['PLAN_FOLD_HOURS_T4']} h per fold on a Kaggle GPU = one T4, for its run with "
+                   f"{nb['PLAN_BACKBONE']} ({p['anchor_fold'] / 1e15:.1f} PFLOP): {t4_rate / 1e12:.2f} TFLOP/s "
+                   "effective"),
         "t4_effective_tflops": t4_rate / 1e12,
         "hours_projected": hours,
         "test_gflop_per_study_one_fold": test_one_fold / 1e9,
@@ -245,7 +168,8 @@ def cost(config, backbone, grid_override=None, folds=5, sagittal_slices=SAGITTAL
 
 
 def print_table(c):
-    folds, plan = c["folds"], PLAN
+    nb = load_notebook()
+    folds, plan = c["folds"], nb["PLAN_RUN"]
     print(f"le3ba_v9 cost model: {c['backbone']}, {len(c['conditions'])} condition(s) "
           f"({5 * len(c['conditions'])} targets), {c['epochs']} epochs, {folds} fold(s); FLOPs counted on this "
           f"CPU (torch {torch.__version__}); every hour figure is a projection")
@@ -284,7 +208,8 @@ def print_table(c):
     print("localisers' training (not in the ratio; the plan's anchor has none): "
           f"{c['localiser_train_pflop_per_fold']:.2f} PFLOP per fold, projected "
           f"{c['localiser_train_hours_t4_per_fold']:.2f} h on one T4 (FLOPs only)")
-    print(f"assumed: {LABELLED_ROWS:,} labelled rows per condition (the plan's ~9.7k of {REAL_STUDIES} x 5), "
+    print(f"assumed: {nb['REAL_LABELLED_ROWS']:,} labelled rows per condition (the plan's ~9.7k of {REAL_STUDIES} "
+          "x 5), "
           f"{c['sagittal_slices_assumed']} slices per sagittal series")
 
 

@@ -1,12 +1,15 @@
-"""bench/cost.py (issue 29 item 1): its FLOP counting against counts done by hand, why a training step is 3x the
-forward (the counter's grouped-convolution backward), and its --json figures' consistency (ratios to the plan's
-run, the cache bytes), with a small backbone where the real one is not needed."""
+"""bench/cost.py (issue 29 item 1) and the notebook's cost model it calls (training_projection and its parts): the
+FLOP counting against counts done by hand, why a training step is 3x the forward (the counter's grouped-convolution
+backward), the --json figures' consistency (ratios to the plan's run, the cache bytes), with a small backbone where
+the real one is not needed, and the line the notebook prints before training."""
 
 import json
 import math
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn as nn
@@ -30,34 +33,42 @@ def conv_flops(cin, cout, k, h, w, groups=1):
     return 2 * cout * (cin // groups) * k * k * h * w
 
 
+@pytest.fixture(scope="module")
+def notebook():
+    """The notebook's parameters and defs cells, as bench/cost.py loads them."""
+    return cost.load_notebook()
+
+
 def run_json(capsys, *argv):
     cost.main(["--json", *argv])
     return json.loads(capsys.readouterr().out)
 
 
-def test_flop_count_matches_a_count_by_hand_on_a_tiny_model():
+def test_flop_count_matches_a_count_by_hand_on_a_tiny_model(notebook):
     """Conv2d (dense and grouped, stride 1, padding keeps the size) + Linear, batch 2, and a 2-layer bidirectional
-    GRU like the classifier's: cost.forward_flops (the function the cost model counts with) gives the formulas'
-    FLOPs exactly (bias adds and activations are not counted, by the counter's convention and the formulas')."""
+    GRU like the classifier's: the notebook's forward_flops (the function the cost model counts with) gives the
+    formulas' FLOPs exactly (bias adds and activations are not counted, by the counter's convention and the
+    formulas')."""
+    forward_flops = notebook["forward_flops"]
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=4),
                           nn.Flatten(), nn.Linear(8 * 12 * 10, 5))
     by_hand = 2 * (conv_flops(3, 8, 3, 12, 10) + conv_flops(8, 8, 3, 12, 10, groups=4) + 2 * 8 * 12 * 10 * 5)
-    assert cost.forward_flops(model, torch.zeros(2, 3, 12, 10)) == by_hand
+    assert forward_flops(model, torch.zeros(2, 3, 12, 10)) == by_hand
 
     gru = nn.GRU(16, 8, num_layers=2, batch_first=True, bidirectional=True)
     steps, hidden = 7, 8
     per_step = [2 * (3 * hidden * inputs + 3 * hidden * hidden) for inputs in (16, 2 * hidden)]  # W_ih x, W_hh h
-    assert cost.forward_flops(gru, torch.zeros(1, steps, 16)) == sum(2 * steps * f for f in per_step)  # 2 directions
+    assert forward_flops(gru, torch.zeros(1, steps, 16)) == sum(2 * steps * f for f in per_step)  # 2 directions
 
 
-def test_grouped_convolution_backward_is_counted_dense_so_a_step_is_3x_the_forward():
+def test_grouped_convolution_backward_is_counted_dense_so_a_step_is_3x_the_forward(notebook):
     """A 256-group 3x3 convolution on 32x32: the forward is the hand count (4.72 MFLOP), but torch's counter
     counts its backward as a dense convolution (about 1,213 MFLOP, ~128x the 9.4 MFLOP of gradient work by hand;
     1,217 MFLOP forward plus backward), which would inflate EfficientNet's depthwise layers. So the cost model
     counts the forward only and takes a training step as 3x it."""
     conv = nn.Conv2d(256, 256, 3, padding=1, groups=256, bias=False)
     forward = conv_flops(256, 256, 3, 32, 32, groups=256)
-    assert forward == 4_718_592 and cost.forward_flops(conv, torch.zeros(1, 256, 32, 32)) == forward
+    assert forward == 4_718_592 and notebook["forward_flops"](conv, torch.zeros(1, 256, 32, 32)) == forward
     x = torch.randn(1, 256, 32, 32, requires_grad=True)
     with FlopCounterMode(display=False) as counter:
         conv(x).sum().backward()
@@ -66,7 +77,7 @@ def test_grouped_convolution_backward_is_counted_dense_so_a_step_is_3x_the_forwa
     assert backward == pytest.approx(conv_flops(256, 256, 3, 32, 32) + forward, rel=0.01)  # a dense one, + weights'
 
 
-def test_json_has_the_keys_and_the_plans_run_is_ratio_one(capsys):
+def test_json_has_the_keys_and_the_plans_run_is_ratio_one(capsys, notebook):
     """Default CONFIG with a small backbone: the spinal canal alone at 256 px, 7 slices, 25 epochs is the plan's
     run (ratio 1); all five conditions at 256 px are five times its samples, so five times its FLOPs (every
     condition is taken at the same labelled rows); five folds against the plan's five folds: the same ratio, and
@@ -78,7 +89,7 @@ def test_json_has_the_keys_and_the_plans_run_is_ratio_one(capsys):
     assert spinal["fold_ratio_to_plan"] == pytest.approx(1.0, abs=1e-6)
     assert spinal["run_ratio_to_plan"] == pytest.approx(1.0, abs=1e-6)
     rows = spinal["samples_per_epoch"]["spinal_canal_stenosis"]
-    assert rows == round(cost.LABELLED_ROWS * 4 / 5)  # a fold trains 4 of the 5 folds' rows
+    assert rows == round(notebook["REAL_LABELLED_ROWS"] * 4 / 5)  # a fold trains 4 of the 5 folds' rows
 
     five = run_json(capsys, *SMALL)
     assert KEYS <= set(five) and set(five["samples_per_epoch"]) == set(ALL_FIVE)
@@ -89,7 +100,7 @@ def test_json_has_the_keys_and_the_plans_run_is_ratio_one(capsys):
         assert gflop == pytest.approx(3 * five["forward_gflop_per_sample"][series], rel=1e-12) and gflop > 0
     side = 2 * math.ceil(256 * 1.45 / 2)
     assert side == 372 and set(five["crop_side_px"].values()) == {side}
-    assert five["cache_gb"] == pytest.approx(5 * cost.LABELLED_ROWS * (7 * side**2 + 7) / 1e9, rel=1e-12)
+    assert five["cache_gb"] == pytest.approx(5 * notebook["REAL_LABELLED_ROWS"] * (7 * side**2 + 7) / 1e9, rel=1e-12)
     assert spinal["cache_gb"] == pytest.approx(five["cache_gb"] / 5, rel=1e-12)
     # the test: localisers + 25 classifier forwards per fold's models, all five folds averaged
     one_fold = five["test_gflop_per_study_one_fold"]
@@ -102,13 +113,14 @@ def test_json_has_the_keys_and_the_plans_run_is_ratio_one(capsys):
     assert three["run_ratio_to_plan"] == pytest.approx(3 / 5 * three["fold_ratio_to_plan"], rel=1e-12)
 
 
-def test_grid_per_series_type_from_config_or_command_line(capsys):
+def test_grid_per_series_type_from_config_or_command_line(capsys, notebook):
     """CONFIG's img_size_by_series where it names a series type, else img_size; --grid over both; a smaller
     grid: fewer FLOPs and a smaller cached crop (crop_side of that grid)."""
     config = {"img_size": 256, "img_size_by_series": {"Axial T2": 96}}
-    assert cost.by_series(config, "img_size", "img_size_by_series", ["Sagittal T1", "Axial T2"]) == \
+    by_series = notebook["by_series"]
+    assert by_series(config, "img_size", "img_size_by_series", ["Sagittal T1", "Axial T2"]) == \
         {"Sagittal T1": 256, "Axial T2": 96}
-    assert cost.by_series(config, "img_size", "img_size_by_series", ["Axial T2"], {"Axial T2": 64}) == {"Axial T2": 64}
+    assert by_series(config, "img_size", "img_size_by_series", ["Axial T2"], {"Axial T2": 64}) == {"Axial T2": 64}
     assert cost.parse_grid("Sagittal T2/STIR=256, Axial T2=128", {"Sagittal T2/STIR", "Axial T2"}) == \
         {"Sagittal T2/STIR": 256, "Axial T2": 128}
     with pytest.raises(SystemExit):
@@ -121,7 +133,7 @@ def test_grid_per_series_type_from_config_or_command_line(capsys):
     assert flops["Sagittal T1"] == flops["Axial T2"] < flops["Sagittal T2/STIR"] / 3
     assert 1 < out["fold_ratio_to_plan"] < 5
 
-    nb = cost.load_notebook()
+    nb = notebook
     merged = {**nb["merge_config"](nb["CONFIG"], {"backbone": "mobilenet_v3_small"}),
               "img_size_by_series": {"Sagittal T1": 128, "Axial T2": 128}}  # as a later CONFIG may hold it
     from_config = cost.cost(merged, "mobilenet_v3_small", nb=nb)
@@ -143,3 +155,85 @@ def test_the_plans_run_on_its_backbone_projects_the_anchor(capsys):
     table = capsys.readouterr().out
     assert "projected" in table and "anchor: the plan's 3.5 h per fold" in table and "DICOM decoding" in table
     assert "ratio to the plan: fold 1.00x" in table
+
+
+def counted_samples(conditions, rows, folds, holdout=0):
+    """A sample table with only what run_rows reads: `rows` per condition spread evenly over `folds` folds, then
+    `holdout` more per condition held out (fold -1)."""
+    fold = np.concatenate([np.arange(rows) % folds, -np.ones(holdout, dtype=int)])
+    return pd.DataFrame({"condition": np.repeat(conditions, rows + holdout), "fold": np.tile(fold, len(conditions))})
+
+
+def merged(notebook, capsys, **overrides):
+    """The notebook's CONFIG with `overrides`, merged as the notebook merges them (its notes not printed)."""
+    config = notebook["merge_config"](notebook["CONFIG"], overrides)
+    capsys.readouterr()
+    return config
+
+
+def test_notebook_projection_is_the_plans_run_at_one_and_all_five_at_five(notebook, capsys):
+    """The notebook's training_projection at the real data's counts with its default backbone (EfficientNet-V2-S):
+    the spinal canal alone at 256 px, 7 slices, 25 epochs is the plan's run (ratio 1, the anchor's 3.5 h per fold
+    on one T4, 3.5 / 1.8 on T4 x2, 3.5 x 65 / 121 on an L4); all five conditions at the same grid five times its
+    FLOPs, hours and cache; a hold-out takes its rows out of every fold's training and validation."""
+    project, rows_of = notebook["training_projection"], notebook["real_data_rows"]
+    spinal = merged(notebook, capsys, conditions=["spinal_canal_stenosis"])
+    assert spinal["backbone"] == "efficientnet_v2_s" and spinal["img_size"] == 256 and spinal["epochs"] == 25
+    plan = project(spinal, rows_of(spinal))
+    assert plan["fold"] / plan["plan_fold"] == pytest.approx(1.0, rel=1e-12) and plan["anchor_fold"] == plan["fold"]
+    assert plan["hours"]["one T4"] == pytest.approx(3.5, rel=1e-12)
+    assert plan["hours"]["T4 x2"] == pytest.approx(3.5 / 1.8, rel=1e-12)
+    assert plan["hours"]["L4"] == pytest.approx(3.5 * 65 / 121, rel=1e-12)
+
+    five = merged(notebook, capsys)
+    assert len(five["conditions"]) == 5
+    all_five = project(five, rows_of(five))
+    assert all_five["grid"] == {"Sagittal T2/STIR": 256, "Sagittal T1": 256, "Axial T2": 256}
+    assert all_five["fold"] / all_five["plan_fold"] == pytest.approx(5.0, rel=1e-12)
+    assert all_five["hours"]["one T4"] == pytest.approx(17.5, rel=1e-12)
+    assert all_five["cache_bytes"] == pytest.approx(5 * plan["cache_bytes"], rel=1e-12)
+    assert plan["cache_bytes"] == notebook["REAL_LABELLED_ROWS"] * (7 * 372**2 + 7)
+
+    held = rows_of({**five, "holdout_frac": 0.2})["spinal_canal_stenosis"]
+    assert held == pytest.approx({"labelled": 9700, "holdout": 1940, "val": 1552, "train": 6208})
+
+
+def test_classifier_flops_on_the_meta_device_equal_the_cpus_count(notebook, capsys):
+    """classifier_flops builds the model on the meta device (shapes, no arithmetic, no GPU): the same count as the
+    model's forward on the CPU, here with the tests' small backbone at 64 px."""
+    config = merged(notebook, capsys, backbone="mobilenet_v3_small", pretrained="none", gru_hidden=32)
+    model = notebook["SpineModelV9"](config).eval()
+    on_cpu = notebook["forward_flops"](model, torch.zeros(1, 5, 3, 64, 64), torch.tensor([0]),
+                                       torch.ones(1, 5, dtype=torch.bool))
+    assert notebook["classifier_flops"](config, 64, 5) == on_cpu > 0
+    assert not torch.cuda.is_initialized()
+
+
+def test_the_line_printed_before_training(notebook, capsys):
+    """projection_line on a sample table at the real data's counts for the default CONFIG (all five conditions,
+    fold 0 of five): one line, labelled a projection, naming its anchor, the run's settings and sample counts, the
+    ratio, the hours on the three GPUs and the cache; a failure is one line that names it, never an exception."""
+    config = merged(notebook, capsys)
+    samples = counted_samples(config["conditions"], 9700, 5)
+    line = notebook["projection_line"](config, samples)
+    assert line == (
+        "projected before training (FLOPs counted on the CPU, anchor: the plan's 3.5 h per fold on one T4): this "
+        "run 5.00x the plan's per fold (efficientnet_v2_s, 5 condition(s), 256 px, 7 slices, 25 epochs; this "
+        "run's samples, fold 0: 38,800 trained per epoch, 9,700 validated), ~17.5 h per fold on one T4, 9.7 h on "
+        "T4 x2, 9.4 h on an L4 (1 fold(s) to train); crop cache 47.0 GB; measured after epoch 1")
+    assert notebook["projection_note"](config, samples) == line
+
+    small = {**config, "img_size_by_series": {"Sagittal T1": 128, "Axial T2": 128}, "train_folds": [2, 3]}
+    rows = notebook["run_rows"](counted_samples(config["conditions"], 100, 5, holdout=10), small)
+    assert rows["left_subarticular_stenosis"] == {"labelled": 110, "train": 80, "val": 20, "holdout": 10}
+    line = notebook["projection_line"](small, counted_samples(config["conditions"], 9700, 5))
+    assert "\n" not in line and "Sagittal T2/STIR 256, Sagittal T1 128, Axial T2 128 px" in line
+    assert "fold 2:" in line and "(2 fold(s) to train)" in line
+
+    demo = merged(notebook, capsys, demo=True)
+    line = notebook["projection_line"](demo, counted_samples(demo["conditions"], 120, demo["num_folds"]))
+    assert "its efficientnet_v2_s FLOP rate applied" in line and " s per fold on one T4" in line and " MB;" in line
+
+    note = notebook["projection_note"]({**config, "backbone": "resnet"}, samples)
+    assert note.startswith("projected before training: not available (ValueError: CONFIG['backbone']")
+    assert "\n" not in note

@@ -101,9 +101,12 @@ def test_a_fold_that_cannot_train_one_epoch_in_the_budget_is_not_started(nb, tmp
     def train_fold(fold, *args, **kwargs):  # a finished fold whose epochs took 100 s each
         trained.append(fold)
         clock[0] += 150.0
-        rows = pd.DataFrame({"study_id": [1, 2], "level": ["l1_l2", "l1_l2"], "label": [0, 1]})
+        rows = pd.DataFrame({"study_id": [1, 2], "condition": "spinal_canal_stenosis", "level": ["l1_l2", "l1_l2"],
+                             "label": [0, 1], "cache_index": [0, 1]})
         return {"fold": fold, "history": [{"seconds": 100.0}], "val_rows": rows, "epochs_trained": 1,
-                "evaluations": {"last": {"probs": np.array([[0.9, 0.05, 0.05], [0.2, 0.7, 0.1]]), "ba": 1.0}}}
+                "class_weights": [1.0, 2.0, 4.0],
+                "evaluations": {"last": {"probs": np.array([[0.9, 0.05, 0.05], [0.2, 0.7, 0.1]]), "ba": 1.0,
+                                         "attention": np.full((2, 7), 1 / 7)}}}
 
     monkeypatch.setitem(nb, "train_fold", train_fold)
     config = {**nb["CONFIG"], "output_dir": str(tmp_path), "num_folds": 4, "train_folds": [0, 1, 2],

@@ -443,3 +443,32 @@ def test_a_submit_only_run_skips_and_names_a_fold_without_its_localiser(runs, nb
     run = nb["load_run"](tmp_path / "run", nb["CONFIG"], torch.device("cpu"))
     assert run["folds"] == ["fold0"] and len(run["classifiers"]) == 1
     assert [w for w in nb["WARNINGS"] if "fold1: final.pt without localiser.pt" in w]
+
+
+def test_prediction_ends_inside_the_time_budget_the_rest_on_the_priors(hostile, nb, monkeypatch):
+    """A clock on which each test study takes 100 s and a budget of 350 s from the run's start: studies start while
+    one more would end in time (3 of 10), the 7 left take the priors with the reason, counted in a warning; the
+    studies predicted are byte-identical to the run without a budget."""
+    clean = hostile["clean"]
+    clock, real = [0.0], nb["predict_test_study"]
+
+    def predict_test_study(*args):
+        clock[0] += 100.0
+        return real(*args)
+
+    monkeypatch.setitem(nb, "predict_test_study", predict_test_study)
+    monkeypatch.setitem(nb, "now", lambda: clock[0])
+    monkeypatch.setitem(nb, "RUN_START", 0.0)
+    config = {**clean["config"], "output_dir": str(Path(clean["config"]["output_dir"]) / "budget"),
+              "time_budget_h": 350 / 3600}
+    Path(config["output_dir"]).mkdir()
+    nb["WARNINGS"].clear()
+    _, info = nb["write_submission"](clean["run"], config, torch.device("cpu"), 1)
+    studies = nb["submission_studies"](config)  # in the order they are predicted
+    lines = (Path(config["output_dir"]) / "submission.csv").read_text().splitlines()
+    for study in studies[:3]:
+        assert rows_of(lines, study) == rows_of(clean["csv"], study)
+    on_priors = pd.DataFrame(info["on_priors"])
+    late = on_priors[on_priors["reason"] == "not predicted: the time budget (time_budget_h) ran out"]
+    assert sorted(set(late["study_id"])) == sorted(studies[3:]) and len(late) == 7 * 25
+    assert [w for w in nb["WARNINGS"] if w.startswith("submission: 7 of 10 test studies not predicted")]
