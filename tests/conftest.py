@@ -1,5 +1,7 @@
-"""Shared pytest setup: the repo's tools/ on sys.path and one generated study set per session."""
+"""Shared pytest setup: the repo's tools/ on sys.path, one generated study set per session, earlier sessions' temp
+folders removed."""
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -9,6 +11,24 @@ TOOLS = Path(__file__).resolve().parents[1] / "tools"
 sys.path.insert(0, str(TOOLS))
 
 from notebook_cells import notebook_namespace  # noqa: E402  (needs tools/ on sys.path)
+
+
+def remove_earlier_sessions(own):
+    """Remove the other numbered session folders beside `own` (pytest-<n>), but those of sessions still running (a
+    .lock inside). pytest.ini keeps a failed session's folder (several GB); pytest removes it only when a later
+    session fails (it counts the folders left after a passing session removed its own), so passing sessions would
+    keep it for ever."""
+    for folder in own.parent.glob("pytest-*"):
+        if folder != own and folder.name[len("pytest-"):].isdigit() and not folder.is_symlink() \
+                and not (folder / ".lock").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def earlier_sessions_removed(tmp_path_factory, pytestconfig):
+    """Each session starts by removing the earlier sessions' temp folders (not a --basetemp's neighbours)."""
+    if not pytestconfig.getoption("basetemp"):
+        remove_earlier_sessions(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="session")

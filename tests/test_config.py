@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+SPINAL = "spinal_canal_stenosis"
 PLAN_CONFIG = {  # the plan's CONFIG block, verbatim values
     "seed": 42, "img_size": 256, "num_slices": 7, "batch_size": 12, "epochs": 25, "learning_rate": 1e-4,
     "backbone_lr": 1e-5, "weight_decay": 0.03, "class_weights": [1.0, 4.0, 6.0], "freeze_backbone_epochs": 0,
@@ -23,9 +24,19 @@ def params():
 
 
 def test_config_holds_the_plan_at_its_values(params):
+    """CONFIG as written holds the plan's values, but img_size: 'auto', which is the plan's 256 px for the plan's run
+    (the spinal canal alone) and SHARED_IMG_SIZE (128) when more conditions train (issue 29)."""
     for key, value in PLAN_CONFIG.items():
-        assert params["CONFIG"][key] == value, key
+        assert params["CONFIG"][key] == (value if key != "img_size" else "auto"), key
     assert params["CONFIG_OVERRIDES"] == {}
+    plan = params["merge_config"](params["CONFIG"], {"conditions": [SPINAL]})
+    assert {key: plan[key] for key in PLAN_CONFIG} == PLAN_CONFIG
+    assert params["merge_config"](params["CONFIG"], {})["img_size"] == params["SHARED_IMG_SIZE"] == 128
+    two = params["merge_config"](params["CONFIG"], {"conditions": [SPINAL, "left_subarticular_stenosis"]})
+    assert two["img_size"] == 128
+    assert params["merge_config"](params["CONFIG"], {"img_size": 160})["img_size"] == 160  # a number is kept
+    with pytest.raises(ValueError, match="img_size.*'auto'"):
+        params["merge_config"](params["CONFIG"], {"img_size": "big"})
 
 
 def test_every_config_key_has_a_why_comment():

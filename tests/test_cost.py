@@ -23,6 +23,7 @@ import cost  # noqa: E402  (bench/cost.py, as the command line runs it)
 KEYS = {"grid_px", "num_slices", "samples_per_epoch", "epochs", "train_gflop_per_sample", "fold_ratio_to_plan",
         "run_ratio_to_plan", "cache_gb", "test_gflop_per_study", "test_hours_t4"}
 SMALL = ["--backbone", "mobilenet_v3_small"]
+AT_256 = "Sagittal T2/STIR=256,Sagittal T1=256,Axial T2=256"  # all five at the plan's grid (the default is 128)
 ALL_FIVE = ["spinal_canal_stenosis", "left_neural_foraminal_narrowing", "right_neural_foraminal_narrowing",
             "left_subarticular_stenosis", "right_subarticular_stenosis"]
 
@@ -91,7 +92,7 @@ def test_json_has_the_keys_and_the_plans_run_is_ratio_one(capsys, notebook):
     rows = spinal["samples_per_epoch"]["spinal_canal_stenosis"]
     assert rows == round(notebook["REAL_LABELLED_ROWS"] * 4 / 5)  # a fold trains 4 of the 5 folds' rows
 
-    five = run_json(capsys, *SMALL)
+    five = run_json(capsys, *SMALL, "--grid", AT_256)
     assert KEYS <= set(five) and set(five["samples_per_epoch"]) == set(ALL_FIVE)
     assert set(five["grid_px"]) == {"Sagittal T2/STIR", "Sagittal T1", "Axial T2"}
     assert five["fold_ratio_to_plan"] == pytest.approx(5.0, rel=1e-6)
@@ -108,7 +109,7 @@ def test_json_has_the_keys_and_the_plans_run_is_ratio_one(capsys, notebook):
                                      + 25 * five["forward_gflop_per_sample"]["Sagittal T2/STIR"], rel=1e-9)
     assert five["test_gflop_per_study"] == pytest.approx(5 * one_fold, rel=1e-12) and five["test_hours_t4"] > 0
 
-    three = run_json(capsys, *SMALL, "--folds", "3", "--epochs", "10")
+    three = run_json(capsys, *SMALL, "--grid", AT_256, "--folds", "3", "--epochs", "10")
     assert three["epochs"] == 10 and three["fold_ratio_to_plan"] < five["fold_ratio_to_plan"]
     assert three["run_ratio_to_plan"] == pytest.approx(3 / 5 * three["fold_ratio_to_plan"], rel=1e-12)
 
@@ -134,7 +135,7 @@ def test_grid_per_series_type_from_config_or_command_line(capsys, notebook):
     assert 1 < out["fold_ratio_to_plan"] < 5
 
     nb = notebook
-    merged = {**nb["merge_config"](nb["CONFIG"], {"backbone": "mobilenet_v3_small"}),
+    merged = {**nb["merge_config"](nb["CONFIG"], {"backbone": "mobilenet_v3_small", "img_size": 256}),
               "img_size_by_series": {"Sagittal T1": 128, "Axial T2": 128}}  # as a later CONFIG may hold it
     from_config = cost.cost(merged, "mobilenet_v3_small", nb=nb)
     assert from_config["grid_px"] == out["grid_px"]
@@ -153,7 +154,7 @@ def test_the_plans_run_on_its_backbone_projects_the_anchor(capsys):
     assert hours["L4"]["fold"] == pytest.approx(3.5 * 65 / 121, rel=1e-9)
     cost.main(["--conditions", "spinal_canal_stenosis"])
     table = capsys.readouterr().out
-    assert "projected" in table and "anchor: the plan's 3.5 h per fold" in table and "DICOM decoding" in table
+    assert "projected" in table and "anchor: the plan's 3.5 h per fold" in table and "outside the models, measured on the CPU" in table
     assert "ratio to the plan: fold 1.00x" in table
 
 
@@ -185,7 +186,7 @@ def test_notebook_projection_is_the_plans_run_at_one_and_all_five_at_five(notebo
     assert plan["hours"]["T4 x2"] == pytest.approx(3.5 / 1.8, rel=1e-12)
     assert plan["hours"]["L4"] == pytest.approx(3.5 * 65 / 121, rel=1e-12)
 
-    five = merged(notebook, capsys)
+    five = merged(notebook, capsys, img_size=256)
     assert len(five["conditions"]) == 5
     all_five = project(five, rows_of(five))
     assert all_five["grid"] == {"Sagittal T2/STIR": 256, "Sagittal T1": 256, "Axial T2": 256}
@@ -213,7 +214,7 @@ def test_the_line_printed_before_training(notebook, capsys):
     """projection_line on a sample table at the real data's counts for the default CONFIG (all five conditions,
     fold 0 of five): one line, labelled a projection, naming its anchor, the run's settings and sample counts, the
     ratio, the hours on the three GPUs and the cache; a failure is one line that names it, never an exception."""
-    config = merged(notebook, capsys)
+    config = merged(notebook, capsys, img_size=256)
     samples = counted_samples(config["conditions"], 9700, 5)
     line = notebook["projection_line"](config, samples)
     assert line == (
@@ -237,3 +238,40 @@ def test_the_line_printed_before_training(notebook, capsys):
     note = notebook["projection_note"]({**config, "backbone": "resnet"}, samples)
     assert note.startswith("projected before training: not available (ValueError: CONFIG['backbone']")
     assert "\n" not in note
+
+
+def test_the_hidden_test_projection_by_hand(notebook, capsys):
+    """prediction_projection: per study the measured seconds outside the models (TEST_CPU_SECONDS) plus every fold's
+    models' forward FLOPs at the anchor's rate; the localiser's FLOPs on the meta device equal the CPU's count; a
+    'volume' localiser runs over every slice of a typical series, a 'slice' one once per level."""
+    config = merged(notebook, capsys)
+    loc = notebook["LevelLocaliser"](config["loc_channels"], 10).eval()
+    on_cpu = notebook["forward_flops"](loc, torch.zeros(1, 4, 64, 64))
+    assert notebook["localiser_flops"](config["loc_channels"], 64, 10) == on_cpu > 0
+    localisers, classifier = notebook["test_study_flops"](config)
+    size, slices = config["loc_size"], notebook["SAGITTAL_SLICES"]
+    assert localisers == {"Sagittal T2/STIR": slices * notebook["localiser_flops"](16, size, 5),
+                          "Sagittal T1": slices * notebook["localiser_flops"](16, size, 10),
+                          "Axial T2": 5 * notebook["localiser_flops"](16, size, 2)}
+    assert classifier == 25 * notebook["classifier_flops"](config, 128, 7)
+    p = notebook["prediction_projection"](config, 3, 700)
+    rate = notebook["plan_fold_flops"](config, "efficientnet_v2_s") / (3.5 * 3600)
+    assert p["flops"] == 3 * (sum(localisers.values()) + classifier)
+    seconds = notebook["TEST_CPU_SECONDS"]["seconds"] + p["flops"] / rate
+    assert p["seconds"] == pytest.approx(seconds, rel=1e-12) and p["hours"] == pytest.approx(700 * seconds / 3600)
+    line = notebook["prediction_line"](config, 3, 700)
+    assert line.startswith(f"projected prediction of 700 test studies with 3 fold(s)' models: {p['hours']:.2f} h")
+    assert notebook["prediction_line"]({**config, "loc_size": "x"}, 3, 700).startswith(
+        "projected prediction: not available (TypeError")
+
+
+def test_the_default_run_fits_kaggle(capsys):
+    """Issue 29's targets, projected for the default CONFIG (all five conditions, EfficientNet-V2-S, five folds at
+    SHARED_IMG_SIZE): training FLOPs at most 1.5x the plan's five folds, a crop cache of at most 15 GB and the
+    hidden test's 700 studies in at most 2 h on one T4 (reading and crops measured on the CPU, models by FLOPs)."""
+    c = run_json(capsys)
+    assert c["backbone"] == "efficientnet_v2_s" and c["folds"] == 5 and len(c["conditions"]) == 5
+    assert c["grid_px"] == {"Sagittal T2/STIR": 128, "Sagittal T1": 128, "Axial T2": 128}
+    assert 1.0 < c["run_ratio_to_plan"] <= 1.5
+    assert c["cache_gb"] <= 15
+    assert c["test_hours_t4"] <= 2 and c["test_hours_t4"] > 700 * c["test_cpu_seconds_per_study"] / 3600

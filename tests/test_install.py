@@ -237,3 +237,51 @@ def test_its_floors_are_the_requirements_floors():
                   if ">=" in line and not line.startswith("#"))
     checked = [req for req in notebook_namespace({}, tags=("install",))["RUNTIME_PACKAGES"].values() if ">=" in req]
     assert checked and all(floors[req.split(">=")[0]].strip() == req.split(">=")[1] for req in checked)
+
+
+def builds(monkeypatch, torch, vision):
+    """importlib.metadata reports these torch and torchvision versions."""
+    real, versions = importlib.metadata.version, {"torch": torch, "torchvision": vision}
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: versions.get(name) or real(name))
+
+
+def other_build(name):
+    """`import torchvision` where it was built for another torch (the message torchvision's import raises then)."""
+    raise RuntimeError("operator torchvision::nms does not exist")
+
+
+@pytest.mark.parametrize("torch, vision, command", [
+    ("2.14.1+cpu", "0.29.1", "torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cpu"),  # PyPI's
+    ("2.10.0", "0.29.1", "torchvision==0.25.0"),  # torch from PyPI, torchvision upgraded alone
+    ("2.10.0+cu128", "0.25.0+cpu", "torchvision==0.25.0 --index-url https://download.pytorch.org/whl/cu128")])
+def test_torch_and_torchvision_of_different_builds_stop_naming_both_and_the_fix(cell, monkeypatch, torch, vision,
+                                                                               command):
+    """The message names both versions, the import's error and the command installing this torch's torchvision
+    (torch 2.N: 0.N+15) from torch's index, then asks for a restart."""
+    builds(monkeypatch, torch, vision)
+    with pytest.raises(RuntimeError) as error:
+        cell["check_torchvision"](load=other_build)
+    message = str(error.value)
+    assert message.startswith(f"torch {torch} and torchvision {vision} come from different builds (import "
+                              "torchvision: operator torchvision::nms does not exist). Install both from one index "
+                              "at matching versions")
+    assert f"`pip install --force-reinstall --no-deps {command}`, then restart the runtime" in message
+
+
+def test_torchvision_is_checked_after_installing_and_other_errors_pass_unchanged(cell):
+    """The cell ends with the check (after install_missing); here torchvision loads; an import error of another
+    kind is not renamed; README's install notes give the same symptom and command."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    source = next(c for c in nb.cells if c.cell_type == "code").source
+    assert source.rstrip().endswith("\ninstall_missing()\ncheck_torchvision()")
+    cell["check_torchvision"]()
+
+    def broken(name):
+        raise RuntimeError("CUDA driver initialization failed")
+
+    with pytest.raises(RuntimeError, match=r"^CUDA driver initialization failed$"):
+        cell["check_torchvision"](load=broken)
+    readme = (NOTEBOOK.parent / "README.md").read_text()
+    assert "`RuntimeError: operator torchvision::nms does not exist`" in readme
+    assert ("pip install --force-reinstall --no-deps torchvision==0.29.1 --index-url "
+            "https://download.pytorch.org/whl/cpu") in readme

@@ -1,0 +1,58 @@
+"""Issue 29 item 3: how many epochs the shared model needs, from validation curves. The whole notebook runs the
+demo's sizes (mobilenet_v3_small at 64 px on the CPU) with the plan's schedule (25 epochs, warmup 2, SWA from
+epoch 18, every epoch validated, early stopping off) twice on the same generated study set (the demo's, seed 42),
+fold and seed: the
+spinal canal alone (the plan's run) and all five conditions (five times the optimiser steps per epoch). For each it
+prints the validation loss and balanced accuracy per epoch, the optimiser steps per epoch, and the first epoch whose
+validation loss comes within 5 % of the run's lowest before SWA starts.
+
+    python bench/epoch_curves.py [--studies 48] [--out /tmp/epoch_curves]
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from notebook_cells import notebook_namespace  # noqa: E402
+
+PLAN_SCHEDULE = {"epochs": 25, "warmup_epochs": 2, "swa_start_epoch": 18, "patience": 25, "val_every": 1}
+RUNS = {"spinal canal alone": ["spinal_canal_stenosis"],
+        "all five": ["spinal_canal_stenosis", "left_neural_foraminal_narrowing", "right_neural_foraminal_narrowing",
+                     "left_subarticular_stenosis", "right_subarticular_stenosis"]}
+
+
+def curve(name, conditions, studies, out):
+    """One notebook run; its per-epoch validation curve and when it levels off."""
+    start = time.time()
+    folder = out / name.replace(" ", "_")
+    ns = notebook_namespace({"demo": True, "conditions": conditions, "demo_studies": studies, "num_workers": 2,
+                             "output_dir": str(folder), **PLAN_SCHEDULE}, tags=None)
+    history = json.loads((folder / "metrics.json").read_text())["history"]["0"]
+    losses = [row["val_loss"] for row in history]
+    before_swa = losses[:PLAN_SCHEDULE["swa_start_epoch"] - 1]
+    level = next(e for e, loss in enumerate(before_swa, 1) if loss <= 1.05 * min(before_swa))
+    steps = len(ns["SAMPLES"].query("fold != 0 and fold >= 0")) // ns["CONFIG"]["batch_size"]
+    return {"run": name, "steps_per_epoch": steps, "seconds": round(time.time() - start),
+            "levels_off_at_epoch": level, "lowest_val_loss_before_swa": round(min(before_swa), 4),
+            "val_loss": [round(v, 3) for v in losses], "val_ba": [round(row["val_ba"], 3) for row in history],
+            "data_root": str(ns["CONFIG"]["data_root"])}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--studies", type=int, default=48)
+    parser.add_argument("--out", type=Path, default=Path("/tmp/epoch_curves"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, conditions in RUNS.items():
+        rows.append(curve(name, conditions, args.studies, args.out))
+        print(json.dumps(rows[-1]), flush=True)
+    (args.out / "curves.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
