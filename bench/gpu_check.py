@@ -18,7 +18,17 @@ Each row prints what it measured, what is expected and PASS/FAIL (the expected f
   (8) the localiser section's GPU work in a child process (on_device, issue 23 item 3): a localiser forward on the
       GPU there, CUDA still uninitialised here afterwards, and the training processes' start-up check still
       passing on every GPU (checked_processes: 2 on Kaggle's T4 x2), as a second Run all would find them
-`--dry-run` runs the same code on the CPU at tiny sizes (CI checks that the script works; no figures).
+  (9) the training rate at the notebook's two grids against the cost model's projection (issue 29 item 7): the
+      grids are the notebook's merge_config of its CONFIG as written (img_size 'auto'), with its own conditions
+      (the default five-condition run: 128 px) and with the spinal canal alone (the plan's run: 256 px); at each,
+      bench/throughput.py's bare training step (a) at the plan's model and batch (40 steps after 8 warm-up), one
+      line per grid: measured training samples/s on this GPU; projected samples/s on one T4 (FLOPs counted on
+      the CPU, the classifier's forward x 3 per training sample, at the anchor's effective FLOP rate: the plan's
+      fold in PLAN_FOLD_HOURS_T4 = 3.5 h on one T4) and on this GPU where GPU_SPEED has it (a T4 or an L4);
+      measured/projected; then 128 px's speed against 256 px's (the projection scales by FLOPs, ~4x). PASS when
+      both rates are measured (a figure, not a verdict: bench/RESULTS.md says what to do with it)
+`--dry-run` runs the same code on the CPU at tiny sizes (CI checks that the script works; no figures): row (9)
+at the notebook's grids / 4 (32 and 64 px).
 """
 
 import argparse
@@ -32,11 +42,16 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
+sys.path.insert(0, str(REPO / "bench"))  # bench/throughput.py: the bare training step and the projection check
 
 from make_demo_studies import make_study_set  # noqa: E402  (needs tools/ on sys.path)
 from notebook_cells import notebook_namespace  # noqa: E402
+from throughput import TINY_GRID_SCALE, bare_train_rate, notebook_grids, rate_check, rate_lines  # noqa: E402
 
 T4_BUDGET_GIB = 14.5  # a 16 GB T4 shows ~14.7 GiB to PyTorch; keep headroom for the allocator and cuDNN
+PLAN = dict(img_size=256, batch_size=12, backbone="efficientnet_v2_s", gru_hidden=512, attention_hidden=256)
+TINY = dict(img_size=32, batch_size=4, backbone="mobilenet_v3_small", gru_hidden=16, attention_hidden=8)
+RATE_STEPS = {"cuda": (8, 40), "cpu": (1, 3)}  # row (9): warm-up and timed steps of the bare training step
 rows = []
 
 
@@ -64,11 +79,9 @@ def main(argv=None):
         sys.exit("No CUDA device: this check needs a GPU (or --dry-run to test the script on the CPU).")
     device = torch.device("cuda" if cuda else "cpu")
     work = Path(args.work)
-    plan = dict(img_size=256, batch_size=12, backbone="efficientnet_v2_s", gru_hidden=512, attention_hidden=256)
-    tiny = dict(img_size=32, batch_size=4, backbone="mobilenet_v3_small", gru_hidden=16, attention_hidden=8)
     if not (work / "data" / "train.csv").exists():
         make_study_set(work / "data", n_studies=8, seed=0)
-    nb = notebook_namespace({**(plan if cuda else tiny), "data_root": str(work / "data"), "output_dir": str(work),
+    nb = notebook_namespace({**(PLAN if cuda else TINY), "data_root": str(work / "data"), "output_dir": str(work),
                              "pretrained": "none", "num_workers": 2, "precision": "fp16"})
     config = nb["CONFIG"]
     setup_left_cuda_alone = not torch.cuda.is_initialized()  # the setup cells ran; nothing else has used CUDA
@@ -182,6 +195,16 @@ def main(argv=None):
           f"{device.type}, True", child[0] == device.type and math.isfinite(child[1]) and after_child)
     want = max(1, torch.cuda.device_count())
     check("(8) then the training processes", f"{processes} process(es)", f"{want} (one per GPU)", processes == want)
+
+    # (9) the training rate at the notebook's grids (the default run's and the plan's) against the projection
+    warmup, steps = RATE_STEPS[device.type]
+    rates = rate_check(nb, config, device, notebook_grids(nb),
+                       lambda px: bare_train_rate(nb, config, device, warmup, steps, px)[0],
+                       1 if cuda else TINY_GRID_SCALE)  # the dry run: the notebook's grids / 4
+    print("\n".join(rate_lines(rates, device, prefix="(9) ")))
+    measured = [r["measured_samples_per_s"] for r in rates]
+    check("(9) training rate at each grid", ", ".join(f"{r['px']} px {r['measured_samples_per_s']:.1f}" for r in rates)
+          + " samples/s", "measured at each grid (> 0)", all(math.isfinite(m) and m > 0 for m in measured))
     print(f"{sum(rows)} of {len(rows)} checks passed")
     return 0 if all(rows) else 1
 

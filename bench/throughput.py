@@ -22,10 +22,21 @@ Loop rates (b, b', d) are steady-state: from the arrival of the first batch to t
 first batch (worker start and prefetch, paid once per epoch since the loader's workers are not
 persistent) is printed beside them and added to the estimate of an RSNA-sized fold's epoch.
 
+Below the table, (a) again at each of --grids (issue 29 item 7; default on CUDA: the notebook's grids, its
+merge_config resolving img_size 'auto' for CONFIG as written, 128 px for the default five-condition run, and
+with the spinal canal alone, 256 px for the plan's run; the grid equal to --img-size reuses (a)'s figure), one
+line per grid: measured training samples/s on this device beside the samples/s the notebook's cost model implies
+(projected = the classifier's forward FLOPs at that grid counted on the CPU, x 3 per training sample, at the
+effective FLOP rate of one T4 that its anchor gives: training_projection's t4_rate, the plan's fold in
+PLAN_FOLD_HOURS_T4 = 3.5 h), on one T4 and, for a T4 or an L4, on this GPU (GPU_SPEED), and measured/projected;
+then how the smaller grid's speed scales against the larger's (the projection scales by FLOPs alone, ~4x from
+256 to 128 px). bench/RESULTS.md ("On a GPU"; "Row (9)" under gpu_check) says what to do with the figures.
+
 Usage (from the repository root):
-  python bench/throughput.py                 # plan settings on CUDA; a scaled-down set on CPU
-  python bench/throughput.py --tiny          # CI: finishes in well under a minute on 2 CPU cores
+  python bench/throughput.py                 # plan settings on CUDA (+ (a) at 128 and 256 px); a scaled-down set on CPU
+  python bench/throughput.py --tiny          # CI: finishes in well under a minute on 2 CPU cores ((a) at 32, 64 px)
   python bench/throughput.py --img-size 256 --json runs/bench/cpu256.json
+  python bench/throughput.py --grids 128 256 # the CPU preset with (a) at the notebook's grids as well
 The generated study set is kept under --work (default runs/bench) and reused by later runs.
 """
 
@@ -34,6 +45,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -80,6 +92,11 @@ def parse_args(argv=None):
     p.add_argument("--backbone", choices=["efficientnet_v2_s", "mobilenet_v3_small"])
     p.add_argument("--pretrained", default="none", help="CONFIG['pretrained'] (speed does not depend on it)")
     p.add_argument("--img-size", type=int)
+    p.add_argument("--grids", type=int, nargs="*", metavar="PX",
+                   help="grids at which (a) is also measured and printed beside the cost model's projected "
+                        "samples/s (default: on CUDA the notebook's grids, merge_config of its CONFIG with and "
+                        "without the spinal canal alone, 128 and 256; --tiny: those / 4; CPU preset: none; "
+                        "--grids alone: none)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--slices", type=int, dest="num_slices")
     p.add_argument("--precision", choices=["fp16", "bf16"], help="CUDA autocast dtype (CPU runs float32)")
@@ -192,17 +209,24 @@ def new_model(nb, config, device):
     return model, step_model, criterion, optimizer, scaler
 
 
-def bench_bare(nb, config, device, args):
-    """(a) training steps and (a') inference steps on random uint8 batches already on the device: the
-    per-step work of train_one_epoch / predict (to_model_input, autocast, loss.item(), scaler, clipping)."""
-    reset_memory(device)
-    model, step_model, criterion, optimizer, scaler = new_model(nb, config, device)
-    b, n, s = config["batch_size"], config["num_slices"], config["img_size"]
+def bare_batch(config, device, px=None):
+    """A random training batch already on the device at config's batch and slices, px x px (default img_size):
+    uint8 images as the loader ships them, levels, labels and a full slice mask."""
+    b, n, s = config["batch_size"], config["num_slices"], px or config["img_size"]
     g = torch.Generator(device=device).manual_seed(0)
     images = torch.randint(0, 256, (b, n, 3, s, s), dtype=torch.uint8, device=device, generator=g)
     levels = torch.randint(0, 5, (b,), device=device, generator=g)
     labels = torch.randint(0, 3, (b,), device=device, generator=g)
-    mask = torch.ones(b, n, dtype=torch.bool, device=device)
+    return images, levels, labels, torch.ones(b, n, dtype=torch.bool, device=device)
+
+
+def bare_train_rate(nb, config, device, warmup, steps, px=None):
+    """(a) training steps on a random batch already on the device (bare_batch at px, default img_size): the
+    per-step work of train_one_epoch without the loader (to_model_input, autocast, loss.item(), scaler,
+    clipping) on a new model set up as train_fold sets it up. Returns (figures, step_model, batch)."""
+    reset_memory(device)
+    model, step_model, criterion, optimizer, scaler = new_model(nb, config, device)
+    batch = images, levels, labels, mask = bare_batch(config, device, px)
 
     def train_step():
         x = nb["to_model_input"](images, noise_std=config["aug_noise"])
@@ -218,9 +242,18 @@ def bench_bare(nb, config, device, args):
         optimizer.zero_grad(set_to_none=True)
 
     step_model.train()
-    seconds = timed(train_step, args.warmup, args.bare_steps, device)
-    train = {"samples_per_s": args.bare_steps * b / seconds, "ms_per_step": 1000 * seconds / args.bare_steps,
-             "steps": args.bare_steps, "warmup": args.warmup, "batch": b, "peak_gib": peak_memory(device)}
+    seconds = timed(train_step, warmup, steps, device)
+    b = config["batch_size"]
+    train = {"samples_per_s": steps * b / seconds, "ms_per_step": 1000 * seconds / steps, "steps": steps,
+             "warmup": warmup, "batch": b, "px": images.shape[-1], "peak_gib": peak_memory(device)}
+    return train, step_model, batch
+
+
+def bench_bare(nb, config, device, args):
+    """(a) training steps and (a') inference steps on random uint8 batches already on the device: the
+    per-step work of train_one_epoch / predict (to_model_input, autocast, loss.item(), scaler, clipping)."""
+    train, step_model, (images, levels, _, mask) = bare_train_rate(nb, config, device, args.warmup, args.bare_steps)
+    b = config["batch_size"]
 
     reset_memory(device)
     eval_images = images.repeat(2, 1, 1, 1, 1)  # the evaluation loader's batch is twice the training batch
@@ -362,6 +395,96 @@ def bench_cache(nb, samples, config, workers, cache_dir):
     return result, (kept, images, masks)
 
 
+GPU_NAMES = {r"\bT4\b": "one T4", r"\bL4\b": "L4"}  # device name (torch.cuda.get_device_name) -> GPU_SPEED key
+TINY_GRID_SCALE = 4  # --tiny (and gpu_check --dry-run) measure the notebook's grids / 4 (32 and 64 px)
+
+
+def notebook_grids(nb):
+    """[(px, label)]: the crop grids the notebook's merge_config gives its CONFIG as written (the parameters cell,
+    img_size 'auto'), first with its own conditions (the default run), then with the spinal canal alone (the
+    plan's run); one entry when both give the same grid."""
+    written = notebook_namespace({}, tags=("parameters",))["CONFIG"]
+    with quiet():  # merge_config's notes and warnings
+        runs = [nb["merge_config"](written, {}), nb["merge_config"](written, {"conditions": [nb["SPINAL"]]})]
+    grids = {}
+    for config, label in zip(runs, (f"the default run: {len(runs[0]['conditions'])} conditions",
+                                    "the plan's run: spinal canal alone")):
+        grids[config["img_size"]] = f"{grids[config['img_size']]}; {label}" if config["img_size"] in grids else label
+    return list(grids.items())
+
+
+def gpu_speed_key(name, speeds):
+    """The key of `speeds` (the notebook's GPU_SPEED) for a GPU named `name` ('Tesla T4' -> 'one T4', 'NVIDIA L4'
+    -> 'L4'; an L40S is no L4), else None: a GPU the cost model has no factor for."""
+    return next((key for pattern, key in GPU_NAMES.items() if re.search(pattern, name) and key in speeds), None)
+
+
+def gpu_speed_entry(nb, device):
+    """The GPU_SPEED key of this device, by its name; None on a CPU."""
+    return gpu_speed_key(torch.cuda.get_device_name(device), nb["GPU_SPEED"]) if device.type == "cuda" else None
+
+
+def projected_rate(nb, config, px):
+    """Training samples/s the notebook's cost model implies at a grid of px, per GPU_SPEED entry: its effective
+    FLOP rate of one T4 (training_projection's t4_rate: the plan's fold in PLAN_FOLD_HOURS_T4) / (3 x the
+    classifier's forward FLOPs per sample at px: classifier_flops with config's model and num_slices, counted on
+    the CPU), times each GPU's factor over one T4."""
+    with quiet():
+        t4_rate = nb["training_projection"](config, nb["real_data_rows"](config))["t4_rate"]
+    per_sample = 3 * nb["classifier_flops"](config, px, config["num_slices"])
+    return {"t4_rate": t4_rate, "anchor_hours": nb["PLAN_FOLD_HOURS_T4"], "train_flops_per_sample": per_sample,
+            "samples_per_s": {gpu: speed * t4_rate / per_sample for gpu, (speed, _) in nb["GPU_SPEED"].items()}}
+
+
+def rate_check(nb, config, device, grids, measure, scale=1):
+    """Measured against projected training samples/s at each grid: `grids` [(px, label)] (notebook_grids),
+    measured at px // scale (a dry run's tiny stand-ins) by `measure(px)` -> a bare_train figures dict. One dict
+    per grid, for rate_lines and the JSON."""
+    entry = gpu_speed_entry(nb, device)
+    out = []
+    for px, label in grids:
+        run = px // scale
+        measured = measure(run)
+        projected = projected_rate(nb, config, run)
+        against = entry or "one T4"
+        out.append({"px": run, "stands_for_px": px, "label": label, "measured": measured,
+                    "measured_samples_per_s": measured["samples_per_s"], **projected, "this_gpu": entry,
+                    "against": against,
+                    "ratio": measured["samples_per_s"] / projected["samples_per_s"][against]})
+    return out
+
+
+def rate_lines(results, device, prefix=""):
+    """The printed comparison: a header naming both sides, a line per grid, and, for two grids, how the smaller
+    grid's speed scales against the larger's (the projection scales by FLOPs)."""
+    first = results[0]
+    where = (f"this GPU, {torch.cuda.get_device_name(device)}" if device.type == "cuda"
+             else f"this {CPUS}-core CPU (figures meaningless against a GPU)")
+    header = (f"{prefix}training rate vs the cost model's projection, batch {first['measured']['batch']} "
+              f"(measured = the bare training step (a) on {where}; projected = FLOPs counted on the CPU, the "
+              f"classifier's forward x 3 per training sample, at the anchor's rate: the plan's fold in its "
+              f"{first['anchor_hours']} h on one T4 = {first['t4_rate'] / 1e12:.4f} TFLOP/s effective)")
+    lines = [header]
+    for r in results:
+        stands = "" if r["px"] == r["stands_for_px"] else f", standing for {r['stands_for_px']} px"
+        here = (f"{fmt(r['samples_per_s'][r['this_gpu']])} samples/s on this GPU ({r['this_gpu']})" if r["this_gpu"]
+                else "no GPU_SPEED factor for this device")
+        lines.append(f"{prefix}training rate at {r['px']} px ({r['label']}{stands}) | measured "
+                     f"{fmt(r['measured_samples_per_s'])} samples/s | projected {fmt(r['samples_per_s']['one T4'])} "
+                     f"samples/s on one T4 | {here} | measured/projected {r['ratio']:.4g} (vs {r['against']}) | "
+                     f"{r['train_flops_per_sample'] / 1e9:.4f} GFLOP per training sample")
+    if len(results) == 2:
+        small, large = sorted(results, key=lambda r: r["px"])
+        quality = small["ratio"] / large["ratio"]
+        lines.append(
+            f"{prefix}grid scaling {small['px']} px vs {large['px']} px: measured "
+            f"{small['measured_samples_per_s'] / large['measured_samples_per_s']:.2f}x the samples/s, projected "
+            f"{large['train_flops_per_sample'] / small['train_flops_per_sample']:.2f}x (the FLOPs ratio); "
+            f"{small['px']} px keeps {quality:.3f} of the speed its FLOPs give against {large['px']} px: with the "
+            f"hours anchored at {large['px']} px, those projected at {small['px']} px x {1 / quality:.2f}")
+    return lines
+
+
 def fmt(value, digits=1):
     if value is None:
         return "-"
@@ -419,6 +542,13 @@ def main(argv=None):
         loaders = [bench_loader(nb, kept, images, masks, config, device, args, w) for w in args.loader_workers]
         config = {**config, "num_workers": max(args.loader_workers)}  # (b) runs with the most loader workers
         bare_train, bare_infer = bench_bare(nb, config, device, args)
+        named = dict(notebook_grids(nb))
+        if args.grids is None:  # the notebook's grids (a tiny run's: / 4), none on the CPU preset
+            grids, scale = (list(named.items()), TINY_GRID_SCALE if args.tiny else 1) if args.mode != "cpu" else ([], 1)
+        else:
+            grids, scale = [(px, named.get(px, "--grids")) for px in args.grids], 1
+        rates = rate_check(nb, config, device, grids, lambda px: bare_train if px == args.img_size else bare_train_rate(
+            nb, config, device, args.warmup, args.bare_steps, px)[0], scale) if grids else []
         augment = bench_augment(nb, config, device, args)
         loop_train, loop_infer = bench_loop(nb, kept, images, masks, config, device, args)
     finally:
@@ -500,11 +630,14 @@ def main(argv=None):
         f"+ {RSNA_VAL} / (b') {fmt(loop_infer['samples_per_s'])} + first batch {loop_infer['first_batch_s']:.1f} s "
         f"= {estimate['train_s']:.0f} + {estimate['val_s']:.0f} = {estimate['epoch_s']:.0f} s "
         "(checkpoint writing not included)")
+    if rates:
+        lines += [""] + rate_lines(rates, device)
     print("\n".join(lines))
     if args.json:
         figures = {"settings": settings, "a_bare_train": bare_train, "a_bare_inference": bare_infer,
                    "b_train_one_epoch": loop_train, "b_predict": loop_infer, "c_ratio": ratio, "d_loader": loaders,
-                   "e_cache_build": caches, "f_device_augmentation": augment, "rsna_fold_epoch_estimate": estimate}
+                   "e_cache_build": caches, "f_device_augmentation": augment, "rsna_fold_epoch_estimate": estimate,
+                   "a_grids": rates}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(figures, indent=1))
     return 0

@@ -472,3 +472,46 @@ def test_prediction_ends_inside_the_time_budget_the_rest_on_the_priors(hostile, 
     late = on_priors[on_priors["reason"] == "not predicted: the time budget (time_budget_h) ran out"]
     assert sorted(set(late["study_id"])) == sorted(studies[3:]) and len(late) == 7 * 25
     assert [w for w in nb["WARNINGS"] if w.startswith("submission: 7 of 10 test studies not predicted")]
+
+
+def test_the_submission_averages_every_trained_fold_reading_each_volume_once(runs, hostile, nb, tmp_path,
+                                                                            monkeypatch):
+    """Issue 29 item 5: a run with two trained folds predicts with both folds' localisers and classifiers, and reads
+    each study's volumes and builds its crops once for all folds. Fold 1 here is a copy of fold 0, so the ensemble's
+    probabilities equal the single fold's (an average of equal models) while every model runs twice."""
+    shutil.copytree(runs / "train", tmp_path / "run")
+    shutil.copytree(tmp_path / "run" / "fold0", tmp_path / "run" / "fold1", dirs_exist_ok=True)
+    clean = hostile["clean"]
+    config, cpu = clean["config"], torch.device("cpu")
+    two = nb["load_run"](tmp_path / "run", config, cpu)
+    assert two["folds"] == ["fold0", "fold1"] and len(two["classifiers"]) == 2
+    assert all(len(models) == 2 for models in two["localisers"].values())
+    descriptions = pd.read_csv(Path(config["data_root"]) / "test_series_descriptions.csv")
+    study = nb["submission_studies"](config)[0]
+    calls = {}
+
+    def counted(name):
+        real = nb[name]
+
+        def wrapper(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return real(*args, **kwargs)
+        monkeypatch.setitem(nb, name, wrapper)
+
+    for name in ("read_volume", "build_cache"):
+        counted(name)
+    forwards = {}
+    for name in ("LevelLocaliser", "SpineModelV9"):
+        monkeypatch.setattr(nb[name], "forward", (lambda real, key: lambda self, *a, **k: forwards.update(
+            {key: forwards.get(key, 0) + 1}) or real(self, *a, **k))(nb[name].forward, name))
+    predicted = {}
+    for label, run in (("one", clean["run"]), ("two", two)):
+        calls.clear()
+        forwards.clear()
+        predicted[label] = nb["predict_test_study"](run, study, descriptions, config, cpu, 1)[0]
+        predicted[label + " calls"], predicted[label + " forwards"] = dict(calls), dict(forwards)
+    assert predicted["one calls"] == predicted["two calls"] and predicted["one calls"]["build_cache"] == 1
+    assert predicted["one calls"]["read_volume"] >= 2  # the sagittal series at least, once each
+    assert {k: 2 * v for k, v in predicted["one forwards"].items()} == predicted["two forwards"]
+    assert predicted["one"][nb["P_COLUMNS"]].notna().sum().sum() > 0
+    pd.testing.assert_frame_equal(predicted["one"], predicted["two"], rtol=1e-5)
