@@ -154,7 +154,8 @@ def test_the_plans_run_on_its_backbone_projects_the_anchor(capsys):
     assert hours["L4"]["fold"] == pytest.approx(3.5 * 65 / 121, rel=1e-9)
     cost.main(["--conditions", "spinal_canal_stenosis"])
     table = capsys.readouterr().out
-    assert "projected" in table and "anchor: the plan's 3.5 h per fold" in table and "outside the models, measured on the CPU" in table
+    assert "projected" in table and "anchor: the plan's 3.5 h per fold" in table
+    assert "outside the models, measured on the CPU" in table
     assert "ratio to the plan: fold 1.00x" in table
 
 
