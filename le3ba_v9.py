@@ -14,18 +14,41 @@
 # ---
 
 # %% [markdown]
-# # le3ba v9: spinal canal stenosis from lumbar MRI (RSNA 2024)
+# # le3ba v9: lumbar spine degenerative classification (RSNA 2024)
 #
-# One sample = one (study, intervertebral level): 7 neighbouring Sagittal T2/STIR slices around the
-# annotated one, cropped around the annotated point. Model: EfficientNet-V2-S per slice -> 2-layer
-# bidirectional GRU over slices -> attention-MIL pooling -> + level embedding -> classifier
-# (Normal/Mild, Moderate, Severe). The plan: `v9_Implementation_Plan.md`; components: `v9_Architecture.md`.
+# This notebook trains a classifier of degenerative lumbar spine conditions on MRI and writes a Kaggle submission.
+# It predicts all **25 targets** of the competition: five conditions (spinal canal stenosis, left and right neural
+# foraminal narrowing, left and right subarticular stenosis) at five intervertebral levels (L1/L2 to L5/S1), each as
+# Normal/Mild, Moderate or Severe. The plan's own run is `conditions: ['spinal_canal_stenosis']`, at the plan's
+# values (`v9_Implementation_Plan.md`); the components are described in `v9_Architecture.md`.
 #
-# **Use:** edit `CONFIG` (or put changes in `CONFIG_OVERRIDES`) in the parameters cell below, then *Run all*;
-# the cell before it installs whatever packages the runtime lacks (on Kaggle and Colab: pydicom).
-# Without the competition data, set `CONFIG_OVERRIDES = {'demo': True}`: a small synthetic study set in
-# the competition's layout is generated and a short CPU-sized preset is trained.
-# Cells tagged `defs` only define things; the cells between them do the work.
+# One sample is one (study, level, condition): 7 neighbouring slices of the condition's series, cropped around the
+# annotated point. The model: EfficientNet-V2-S per slice -> 2-layer bidirectional GRU over the slices ->
+# attention-MIL pooling -> + level embedding -> classifier.
+#
+# **Use:** edit `CONFIG` (or put changes in `CONFIG_OVERRIDES`) in the parameters cell, then *Run all*. Without the
+# competition data, `CONFIG_OVERRIDES = {'demo': True}` generates a small synthetic study set in the competition's
+# layout and trains a CPU-sized preset. Cells tagged `defs` only define; the cells between them do the work.
+#
+# | section | what it does | what it writes to `output_dir` |
+# |---|---|---|
+# | 1 Setup | packages, CONFIG checks, GPU, paths, resume, disk | moves an earlier run to `superseded/` |
+# | 2 Data tables | one row per (study, level, condition), folds | |
+# | 3 Task 1.1 Dataset | DICOM -> crops, cached once; visual checks | the crop cache, `figures/` |
+# | 4-6 Tasks 1.2, 1.3, 2.1 | attention-MIL, weighted loss, the model | |
+# | 7 Localisers and submission (definitions) | what section 11 runs | |
+# | 8 Task 3.1 Training | the folds | `fold*/` checkpoints, `progress.md` |
+# | 9 Task 4.1 Metrics and plots | out-of-fold scores | `figures/` |
+# | 10 Post-training analysis | attention, errors, ensemble | `figures/` |
+# | 11 Localisers and submission (run) | points of unseen studies | `localisation.csv`, `submission.csv` |
+# | 12 Results report | the report | `v9_Results.md`, `metrics.json`, `oof.csv` |
+
+# %% [markdown]
+# ## 1. Setup
+#
+# ### 1.1 Packages
+# Installs only what this runtime lacks: Kaggle's and Colab's images have no pydicom. In the README's environment
+# everything is present and the cell does nothing. It then checks that torchvision loads with this torch.
 
 # %% tags=["install"]
 # Installs only what this runtime lacks (Kaggle's and Colab's images have no pydicom); in the README's venv and
@@ -160,6 +183,11 @@ def check_torchvision(load=importlib.import_module):
 install_missing()
 check_torchvision()
 
+# %% [markdown]
+# ### 1.2 CONFIG
+# Every setting of the run, with the plan's values where the plan sets one. Edit it here, or put the changes in
+# `CONFIG_OVERRIDES` (papermill's parameters). An unknown key stops the run at once, naming the nearest known key.
+
 # %% tags=["parameters"]
 CONFIG = {
     # --- the plan's CONFIG, at the plan's values ---
@@ -249,7 +277,7 @@ CONFIG = {
                                  # GPU; 1 = this process only; N >= 2 without a GPU = N CPU processes (gloo)
     'sync_bn': False,            # BatchNorm statistics over the global batch (SyncBatchNorm, GPUs only) instead of
                                  # each process's share (batch_size / processes samples)
-    # --- beyond the plan: level localiser, predicted points, Kaggle submission (after section 9) ---
+    # --- beyond the plan: level localiser, predicted points, Kaggle submission (section 11) ---
     'localiser': 'auto',         # on | off | auto = on when the data root holds the competition's test files
                                  # (a submission is wanted) or submit_from is set; off: the plan's path only
     'submit_from': None,         # a previous run's output folder (read-only, e.g. an attached Kaggle output):
@@ -270,11 +298,9 @@ CONFIG = {
 CONFIG_OVERRIDES = {}
 
 # %% [markdown]
-# ## 1. Setup
-# Merge overrides (an unknown key or a setting that would fail late stops the run here, naming the key), seed,
-# check the GPU (a GPU this torch cannot drive stops the run here; bf16 or compile it cannot do are turned
-# down, loudly), pick the paths, and say which fold resumes and which starts again (before any work).
-# A fresh start moves the earlier run's checkpoints, report, metrics and figures to `output_dir/superseded`.
+# ### 1.3 Imports and the conditions table
+# `CONDITION_SERIES` is the one table of what is trained: each condition of `train.csv` and the series type its
+# points are annotated on. The dataset, the localisers, the scores and the submission all read it.
 
 # %% tags=["defs"]
 import contextlib
@@ -322,18 +348,37 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import SWALR, AveragedModel, update_bn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torch.utils.flop_counter import FlopCounterMode
+from torchvision.ops import Conv2dNormActivation
 from tqdm import tqdm
 
 # torch.cuda.is_available() asks NVML instead of initialising the CUDA driver in this kernel, which forks the
 # training processes of a multi-GPU run (a child of a process that initialised CUDA cannot use it)
 os.environ.setdefault('PYTORCH_NVML_BASED_CUDA_CHECK', '1')
+
+# %% [markdown]
+# The competition's names: its classes, levels and conditions, and the two crop grids of `img_size: 'auto'`.
+# `DEMO_PRESET` is what `demo: True` changes: sizes that train on two CPU cores.
+
+# %% tags=["defs"]
 COMPETITION = 'rsna-2024-lumbar-spine-degenerative-classification'
+
+
 # Kaggle has mounted competition data at both of these places over the years.
 KAGGLE_TEMP = Path('/kaggle/temp')  # scratch disk, not saved with the notebook's output
+
+
 KAGGLE_DATA_ROOTS = [Path('/kaggle/input') / COMPETITION, Path('/kaggle/input/competitions') / COMPETITION]
+
+
 CLASSES = ['Normal/Mild', 'Moderate', 'Severe']
+
+
 LEVELS = ['l1_l2', 'l2_l3', 'l3_l4', 'l4_l5', 'l5_s1']
+
+
 SPINAL = 'spinal_canal_stenosis'
+
+
 CONDITION_SERIES = {  # each condition of train.csv and the series type its points are annotated on
     SPINAL: 'Sagittal T2/STIR',
     'left_neural_foraminal_narrowing': 'Sagittal T1',  # each side on its own lateral slice
@@ -341,8 +386,14 @@ CONDITION_SERIES = {  # each condition of train.csv and the series type its poin
     'left_subarticular_stenosis': 'Axial T2',  # each level on its own axial slices
     'right_subarticular_stenosis': 'Axial T2',
 }
+
+
 PLAN_IMG_SIZE = 256  # img_size 'auto' for the plan's run: the spinal canal alone
+
+
 SHARED_IMG_SIZE = 128  # img_size 'auto' for more conditions: ~1.25x the plan's FLOPs for 25 targets; keeps the
+
+
 #                        ~85-120 source pixels of a 60 mm sagittal crop (v9_Architecture.md, "The crop grid")
 DEMO_PRESET = {  # small enough to train on 2 CPU cores, big enough to learn the synthetic signal
     'epochs': 10, 'img_size': 64, 'batch_size': 8, 'num_folds': 4, 'warmup_epochs': 1,
@@ -352,6 +403,14 @@ DEMO_PRESET = {  # small enough to train on 2 CPU cores, big enough to learn the
     'localiser': 'off',  # the demo's test images are copies of training studies; 'on' adds a tiny localiser:
     'loc_size': 64, 'loc_channels': 8, 'loc_epochs': 20, 'loc_sigma': 1.0,  # ~4-5 mm per grid pixel, ~30 s per fold
 }
+
+# %% [markdown]
+# ### 1.4 Settings, checked before any work
+# `merge_config` applies the overrides (the demo preset first) and resolves `img_size: 'auto'`: the plan's 256 px
+# for the plan's run, 128 px when more conditions train. `check_settings` stops on a value that would fail late,
+# naming the key. Every warning is also kept in `WARNINGS`, which the report repeats.
+
+# %% tags=["defs"]
 WARNINGS = []  # every warning printed during the run, repeated in the report
 
 
@@ -361,6 +420,8 @@ def warn(message):
 
 
 INTENSITY_MODES = ('minmax', 'window', 'percentile', 'series_percentile', 'dicom')
+
+
 AMP_DTYPES = {'fp16': torch.float16, 'bf16': torch.bfloat16, 'fp32': None}  # autocast dtype; None = float32
 
 
@@ -450,6 +511,13 @@ def check_settings(config):
         print(f"note: the plan's checkpoint epoch(s) {missed} lie beyond epochs = {config['epochs']}: not checked")
 
 
+# %% [markdown]
+# ### 1.5 GPUs and processes
+# The GPUs are probed in a subprocess, so this kernel never initialises CUDA and can fork one training process per
+# GPU. A GPU this torch cannot drive stops the run here; bf16 or `torch.compile` that it cannot do are turned down,
+# loudly. Steered by `processes`, `precision` and `compile`.
+
+# %% tags=["defs"]
 def check_processes(config):
     """'processes' and 'sync_bn': the global batch stays batch_size, so it must split evenly over the processes."""
     processes, gpus = config['processes'], torch.cuda.device_count()  # NVML: no CUDA context in the kernel
@@ -481,6 +549,120 @@ def cuda_restart_warning(config):
              "Run all, or set processes=1.")
 
 
+# %% [markdown]
+# The probe itself: a short script run by a fresh Python, which reports each GPU's name, memory and compute
+# capability, and whether this torch build has kernels for it.
+
+# %% tags=["defs"]
+# The GPU check's CUDA work runs in a subprocess: this kernel must not initialise CUDA before training, which
+# forks one process per GPU from it (a forked child cannot use a CUDA context its parent made). NVML answers
+# torch.cuda.is_available()/device_count() without touching the CUDA driver (PYTORCH_NVML_BASED_CUDA_CHECK,
+# set with the imports).
+GPU_PROBE = r'''
+import importlib.util, json, torch
+facts = {'torch': torch.__version__, 'cuda': torch.version.cuda, 'arch_list': torch.cuda.get_arch_list(),
+         'triton': importlib.util.find_spec('triton') is not None, 'gpus': []}
+for i in range(torch.cuda.device_count()):
+    capability = torch.cuda.get_device_capability(i)
+    gpu = {'index': i, 'name': torch.cuda.get_device_name(i), 'capability': list(capability),
+           'bf16': capability >= (8, 0), 'memory_gib': torch.cuda.get_device_properties(i).total_memory / 2**30}
+    try:  # one matmul and one fp16 convolution: the kinds of kernel training needs
+        x = torch.randn(2, 3, 16, 16, device=i)
+        with torch.autocast('cuda', dtype=torch.float16):
+            y = torch.nn.functional.conv2d(x, torch.randn(4, 3, 3, 3, device=i)).flatten(1)
+        z = y.float() @ torch.randn(y.shape[1], 2, device=i)
+        gpu['kernel'] = 'OK' if bool(torch.isfinite(z).all()) else 'the test kernel returned non-finite values'
+    except Exception as error:
+        gpu['kernel'] = f'{type(error).__name__}: {error}'.strip()[:500]
+    facts['gpus'].append(gpu)
+print(json.dumps(facts))
+'''
+
+
+NO_GPU = {'torch': torch.__version__, 'cuda': torch.version.cuda, 'arch_list': [], 'triton': False, 'gpus': []}
+
+
+KAGGLE_GPU_ADVICE = ('On Kaggle: Settings -> Accelerator -> "GPU T4 x2" or "GPU L4" (a P100 no longer works with '
+                     "Kaggle's torch); on Colab: Runtime -> Change runtime type -> T4, L4 or A100; elsewhere: a "
+                     'torch build whose arch list covers this GPU (pytorch.org/get-started).')
+
+
+def probe_gpus(timeout=300):
+    """GPU_PROBE's facts about each visible GPU (name, capability, bf16, one test kernel's outcome), from a
+    subprocess; the torch build's arch list and whether triton is installed."""
+    run = subprocess.run([sys.executable, '-c', GPU_PROBE], capture_output=True, text=True, timeout=timeout)
+    if run.returncode != 0:
+        raise RuntimeError(f'The GPU check (a subprocess) failed: {run.stderr.strip()[-2000:]}')
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def gpu_facts():
+    """probe_gpus() where a GPU is visible; NO_GPU without starting a subprocess elsewhere."""
+    return probe_gpus() if torch.cuda.is_available() else NO_GPU
+
+
+def arch_runs_on(arch, capability):
+    """Whether code compiled for `arch` (an entry of torch.cuda.get_arch_list()) runs on a GPU of compute
+    `capability` (major, minor): an sm_XY binary runs on X.Y and the later minors of major X (sm_XYa only on
+    X.Y itself); compute_XY (PTX) is compiled by the driver for any capability from X.Y up."""
+    kind, _, number = arch.partition('_')
+    code = int(number.rstrip('af'))
+    device = 10 * capability[0] + capability[1]
+    if kind == 'compute':
+        return device >= code
+    if number.endswith('a'):
+        return device == code
+    return capability[0] == code // 10 and capability[1] >= code % 10
+
+
+def judge_gpus(facts, config):
+    """CONFIG as the visible GPUs can run it. A GPU this torch has no kernels for, or whose test kernel failed,
+    stops the run here (naming it, its capability, what this torch supports and what to do); bf16 on a GPU
+    without it (capability < 8.0) becomes fp16, and compile without triton or below capability 7.0 is turned
+    off, each with a warning. No GPU: CONFIG unchanged (the CPU path)."""
+    supported = ' '.join(facts['arch_list']) or 'no CUDA kernels'
+    for gpu in facts['gpus']:
+        major, minor = gpu['capability']
+        where = f"GPU {gpu['index']} ({gpu['name']}, compute capability {major}.{minor})"
+        if not any(arch_runs_on(arch, gpu['capability']) for arch in facts['arch_list']):
+            raise RuntimeError(f"{where} cannot run this torch {facts['torch']} (CUDA {facts['cuda']}): it has kernels "
+                               f"for {supported} only, none for {major}.{minor}. {KAGGLE_GPU_ADVICE}")
+        if gpu['kernel'] != 'OK':
+            raise RuntimeError(f"{where}: a test kernel failed with torch {facts['torch']} (kernels for {supported}): "
+                               f"{gpu['kernel']}. {KAGGLE_GPU_ADVICE}")
+    no_bf16 = [gpu for gpu in facts['gpus'] if not gpu['bf16']]
+    if no_bf16 and config['precision'] == 'bf16':
+        warn(f"precision 'bf16' needs compute capability 8.0 or newer; {no_bf16[0]['name']} has "
+             f"{'.'.join(map(str, no_bf16[0]['capability']))}: running fp16 (with a GradScaler) instead")
+        config = {**config, 'precision': 'fp16'}
+    old = [gpu for gpu in facts['gpus'] if gpu['capability'] < [7, 0]]
+    if facts['gpus'] and config['compile'] and (old or not facts['triton']):
+        why = f"{old[0]['name']} is below 7.0" if old else 'triton is not installed'
+        warn(f'compile needs triton and compute capability 7.0 or newer; {why}: the model runs uncompiled')
+        config = {**config, 'compile': False}
+    return config
+
+
+def pick_device(facts):
+    """cuda when the GPU check found a GPU (judge_gpus has passed it), else cpu."""
+    return torch.device('cuda' if facts['gpus'] else 'cpu')
+
+
+def machine_description(device, facts=None):
+    """The GPUs (from the setup's GPU check: no CUDA call in this process), CPU cores and versions."""
+    gpus = (facts or GPU_FACTS)['gpus']
+    gpu = (', '.join(f"{g['name']} (compute capability {g['capability'][0]}.{g['capability'][1]})" for g in gpus)
+           if device.type == 'cuda' else 'no GPU (float32 on CPU)')
+    return f'{gpu}; {os.cpu_count()} CPU cores; torch {torch.__version__}, torchvision {torchvision.__version__}'
+
+
+# %% [markdown]
+# ### 1.6 Paths and the demo data
+# `resolve_paths` finds the competition data (Kaggle's input folders, or `data_root`) and the output and cache
+# folders, which differ on Kaggle, Colab and a local machine. With `demo: True` a synthetic study set in the
+# competition's layout is generated once, the same for the same settings.
+
+# %% tags=["defs"]
 def runtime_environment():
     """'kaggle', 'colab' or 'local': decides default paths."""
     if os.environ.get('KAGGLE_KERNEL_RUN_TYPE') or Path('/kaggle/working').is_dir():
@@ -555,9 +737,18 @@ def worker_count(config):
     return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
 
 
+# %% [markdown]
+# ### 1.7 Resume or start again
+# A rerun with the same settings resumes each fold from its last checkpoint. A rerun whose settings change the
+# results starts again, and first moves the earlier run's checkpoints, report, metrics and figures to
+# `output_dir/superseded`. `continue_from` copies the folds of an earlier session's output (Kaggle).
+
+# %% tags=["defs"]
 RESUME_EXEMPT = {'resume', 'num_workers', 'prefetch_factor', 'compile', 'output_dir', 'cache_dir', 'data_root',
                  'train_folds', 'final_model', 'time_budget_h', 'continue_from', 'processes', 'localiser',
                  'submit_from'} | {k for k in CONFIG if k.startswith('loc_')}  # settings that do not change what the
+
+
 # classifier trains (processes keeps the global batch: a fold started on 2 GPUs may continue on 1; the localiser is
 # trained after the folds, from its own settings, saved in its own localiser.pt)
 RUN_OUTPUTS = ['v9_Results.md', 'metrics.json', 'oof.csv', 'figures', 'progress.md']  # written by the run
@@ -653,108 +844,25 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-# The GPU check's CUDA work runs in a subprocess: this kernel must not initialise CUDA before training, which
-# forks one process per GPU from it (a forked child cannot use a CUDA context its parent made). NVML answers
-# torch.cuda.is_available()/device_count() without touching the CUDA driver (PYTORCH_NVML_BASED_CUDA_CHECK,
-# set with the imports).
-GPU_PROBE = r'''
-import importlib.util, json, torch
-facts = {'torch': torch.__version__, 'cuda': torch.version.cuda, 'arch_list': torch.cuda.get_arch_list(),
-         'triton': importlib.util.find_spec('triton') is not None, 'gpus': []}
-for i in range(torch.cuda.device_count()):
-    capability = torch.cuda.get_device_capability(i)
-    gpu = {'index': i, 'name': torch.cuda.get_device_name(i), 'capability': list(capability),
-           'bf16': capability >= (8, 0), 'memory_gib': torch.cuda.get_device_properties(i).total_memory / 2**30}
-    try:  # one matmul and one fp16 convolution: the kinds of kernel training needs
-        x = torch.randn(2, 3, 16, 16, device=i)
-        with torch.autocast('cuda', dtype=torch.float16):
-            y = torch.nn.functional.conv2d(x, torch.randn(4, 3, 3, 3, device=i)).flatten(1)
-        z = y.float() @ torch.randn(y.shape[1], 2, device=i)
-        gpu['kernel'] = 'OK' if bool(torch.isfinite(z).all()) else 'the test kernel returned non-finite values'
-    except Exception as error:
-        gpu['kernel'] = f'{type(error).__name__}: {error}'.strip()[:500]
-    facts['gpus'].append(gpu)
-print(json.dumps(facts))
-'''
-NO_GPU = {'torch': torch.__version__, 'cuda': torch.version.cuda, 'arch_list': [], 'triton': False, 'gpus': []}
-KAGGLE_GPU_ADVICE = ('On Kaggle: Settings -> Accelerator -> "GPU T4 x2" or "GPU L4" (a P100 no longer works with '
-                     "Kaggle's torch); on Colab: Runtime -> Change runtime type -> T4, L4 or A100; elsewhere: a "
-                     'torch build whose arch list covers this GPU (pytorch.org/get-started).')
+# %% [markdown]
+# ### 1.8 Disk and shared memory
+# Checked before the first work, not discovered at hour three: the disk for the cache, checkpoints and outputs, and
+# `/dev/shm` for the loader workers' batches (Docker's default 64 MiB is too small; fewer workers or a smaller
+# `prefetch_factor` are chosen, and said so).
 
-
-def probe_gpus(timeout=300):
-    """GPU_PROBE's facts about each visible GPU (name, capability, bf16, one test kernel's outcome), from a
-    subprocess; the torch build's arch list and whether triton is installed."""
-    run = subprocess.run([sys.executable, '-c', GPU_PROBE], capture_output=True, text=True, timeout=timeout)
-    if run.returncode != 0:
-        raise RuntimeError(f'The GPU check (a subprocess) failed: {run.stderr.strip()[-2000:]}')
-    return json.loads(run.stdout.strip().splitlines()[-1])
-
-
-def gpu_facts():
-    """probe_gpus() where a GPU is visible; NO_GPU without starting a subprocess elsewhere."""
-    return probe_gpus() if torch.cuda.is_available() else NO_GPU
-
-
-def arch_runs_on(arch, capability):
-    """Whether code compiled for `arch` (an entry of torch.cuda.get_arch_list()) runs on a GPU of compute
-    `capability` (major, minor): an sm_XY binary runs on X.Y and the later minors of major X (sm_XYa only on
-    X.Y itself); compute_XY (PTX) is compiled by the driver for any capability from X.Y up."""
-    kind, _, number = arch.partition('_')
-    code = int(number.rstrip('af'))
-    device = 10 * capability[0] + capability[1]
-    if kind == 'compute':
-        return device >= code
-    if number.endswith('a'):
-        return device == code
-    return capability[0] == code // 10 and capability[1] >= code % 10
-
-
-def judge_gpus(facts, config):
-    """CONFIG as the visible GPUs can run it. A GPU this torch has no kernels for, or whose test kernel failed,
-    stops the run here (naming it, its capability, what this torch supports and what to do); bf16 on a GPU
-    without it (capability < 8.0) becomes fp16, and compile without triton or below capability 7.0 is turned
-    off, each with a warning. No GPU: CONFIG unchanged (the CPU path)."""
-    supported = ' '.join(facts['arch_list']) or 'no CUDA kernels'
-    for gpu in facts['gpus']:
-        major, minor = gpu['capability']
-        where = f"GPU {gpu['index']} ({gpu['name']}, compute capability {major}.{minor})"
-        if not any(arch_runs_on(arch, gpu['capability']) for arch in facts['arch_list']):
-            raise RuntimeError(f"{where} cannot run this torch {facts['torch']} (CUDA {facts['cuda']}): it has kernels "
-                               f"for {supported} only, none for {major}.{minor}. {KAGGLE_GPU_ADVICE}")
-        if gpu['kernel'] != 'OK':
-            raise RuntimeError(f"{where}: a test kernel failed with torch {facts['torch']} (kernels for {supported}): "
-                               f"{gpu['kernel']}. {KAGGLE_GPU_ADVICE}")
-    no_bf16 = [gpu for gpu in facts['gpus'] if not gpu['bf16']]
-    if no_bf16 and config['precision'] == 'bf16':
-        warn(f"precision 'bf16' needs compute capability 8.0 or newer; {no_bf16[0]['name']} has "
-             f"{'.'.join(map(str, no_bf16[0]['capability']))}: running fp16 (with a GradScaler) instead")
-        config = {**config, 'precision': 'fp16'}
-    old = [gpu for gpu in facts['gpus'] if gpu['capability'] < [7, 0]]
-    if facts['gpus'] and config['compile'] and (old or not facts['triton']):
-        why = f"{old[0]['name']} is below 7.0" if old else 'triton is not installed'
-        warn(f'compile needs triton and compute capability 7.0 or newer; {why}: the model runs uncompiled')
-        config = {**config, 'compile': False}
-    return config
-
-
-def pick_device(facts):
-    """cuda when the GPU check found a GPU (judge_gpus has passed it), else cpu."""
-    return torch.device('cuda' if facts['gpus'] else 'cpu')
-
-
-def machine_description(device, facts=None):
-    """The GPUs (from the setup's GPU check: no CUDA call in this process), CPU cores and versions."""
-    gpus = (facts or GPU_FACTS)['gpus']
-    gpu = (', '.join(f"{g['name']} (compute capability {g['capability'][0]}.{g['capability'][1]})" for g in gpus)
-           if device.type == 'cuda' else 'no GPU (float32 on CPU)')
-    return f'{gpu}; {os.cpu_count()} CPU cores; torch {torch.__version__}, torchvision {torchvision.__version__}'
-
-
+# %% tags=["defs"]
 SHM = Path('/dev/shm')  # where loader workers hand their batches to this process
+
+
 KAGGLE_WORKING = Path('/kaggle/working')
+
+
 KAGGLE_OUTPUT_CAP = 20 * 10**9  # Kaggle keeps at most ~20 GB of a notebook's saved output (/kaggle/working)
+
+
 CHECKPOINT_COPIES = 7  # weight copies a fold leaves: last.pt 4 (model, AdamW's 2 moments, SWA's average),
+
+
 #                        best.pt, swa.pt and final.pt 1 each
 MiB, GiB = 2**20, 2**30
 
@@ -858,6 +966,10 @@ def check_resources(config, n_samples):
     return {**config, 'prefetch_factor': prefetch}
 
 
+# %% [markdown]
+# ### 1.9 Run the setup
+# Merges the overrides, checks the GPU, picks the paths, seeds, and says which fold resumes and which starts again.
+
 # %% tags=["setup"]
 CONFIG = merge_config(CONFIG, CONFIG_OVERRIDES)
 GPU_FACTS = gpu_facts()  # from a subprocess: this kernel leaves CUDA uninitialised until training
@@ -880,11 +992,14 @@ print(f"device {DEVICE}: {machine_description(DEVICE, GPU_FACTS)}"
       + (f"; precision {CONFIG['precision']}" if DEVICE.type == 'cuda' else '')
       + f"; {NUM_WORKERS} workers; data {CONFIG['data_root']}; outputs {OUTPUT_DIR}")
 
+
 # %% [markdown]
 # ## 2. Data tables
-# One row per (study, level) of the trained condition, with the annotated series, instance and point.
-# Every row that cannot be used is counted by reason; nothing disappears silently.
-# Folds are grouped by study (no study on both sides) and stratified by label.
+#
+# ### 2.1 Labels to samples
+# One row per (study, level, condition) of the trained conditions, with its annotated series, instance and point.
+# Every row that cannot be used is counted by reason; nothing disappears silently. Label columns take the
+# competition's spellings as they are written in `train.csv`.
 
 # %% tags=["defs"]
 def official_labels(values):
@@ -982,6 +1097,13 @@ def build_sample_table(config):
     return samples[cols].reset_index(drop=True), skipped
 
 
+# %% [markdown]
+# ### 2.2 Folds, the hold-out and the test rows
+# Folds are grouped by study (no study on both sides) and stratified by label with scikit-learn's
+# `StratifiedGroupKFold`. With `holdout_frac` > 0 some studies are seen by no fold, to measure the fold ensemble.
+# The test rows are those of `sample_submission.csv`.
+
+# %% tags=["defs"]
 def assign_folds(samples, config):
     """Fold index per row: grouped by study, stratified by label; -1 marks held-out studies (holdout_frac)."""
     samples = samples.assign(fold=-1)
@@ -1028,8 +1150,12 @@ def submission_rows(config):
     return len(submission_studies(config)) * len(config['conditions']) * len(LEVELS)
 
 
+# %% [markdown]
+# ### 2.3 Build the tables
+# Prints the samples per fold and class, and every row left out with its reason.
+
 # %%
-if not SUBMIT_ONLY:  # a submission run reads the test files only: see the localisation section
+if not SUBMIT_ONLY:  # a submission run reads the test files only: see section 11
     SAMPLES, SKIPPED = build_sample_table(CONFIG)
     SAMPLES = assign_folds(SAMPLES, CONFIG)
     print(f"{len(SAMPLES)} samples from {SAMPLES['study_id'].nunique()} studies; rows not used:")
@@ -1038,50 +1164,15 @@ if not SUBMIT_ONLY:  # a submission run reads the test files only: see the local
 
 # %% [markdown]
 # ## 3. Task 1.1: the DICOM dataset
-# Each slice: decode -> Rescale Slope/Intercept -> (invert MONOCHROME1) -> intensity mapping to 8 bit
-# -> CLAHE -> crop around the annotated point at `img_size / crop_mm` pixels per mm, with a margin: the cache
-# holds `crop_side` = 1.45 x `img_size` pixels (1.45 x `crop_mm`), and the model sees the `img_size` centre.
-# Shrinking averages the source pixels (INTER_AREA), so fine pixel spacing does not alias. A series type in
-# `crop_mm_by_series` has its own field of view at the same pixel size (Axial T2: 30 mm, one subarticular recess
-# and the canal's edge, not the other side's recess).
 #
-# **Intensity mapping** departs from the plan's text. The plan names a CT soft-tissue window
-# (WC 50 / WW 350), which keeps only values in [-125, 225]; MR values here run 0-4095 with a scale
-# that differs per scanner, so that window saturates most of the image. The plan's own foundation
-# (v4, 74.9 % BA) used per-slice min-max + CLAHE, which is the default here; `window` reproduces the
-# plan's literal text, `percentile` is a robust 1-99 % stretch, `dicom` uses each file's own window, and
-# `series_percentile` maps every slice of a series with one 0.5-99.5 % range taken over the slices its
-# samples use, so a sample's 7 slices share one scale and a few outlier pixels cannot squeeze the anatomy.
-# The figures below show the same slice under each choice with its clipped fraction.
+# ### 3.1 Reading a slice
+# Each slice: decode -> Rescale Slope/Intercept -> (invert MONOCHROME1) -> intensity mapping to 8 bit -> CLAHE.
 #
-# **Slices** are ordered by ImagePositionPatient along the patient axis closest to the slice normal, in
-# that axis's positive direction: sagittal slices from the patient's right to left (increasing LPS x),
-# axial ones from feet to head. Slice j therefore means the same side in every sample, whatever the sign
-# of a scanner's normal (file names and instance numbers are not anatomical order on every scanner).
-# Files are keyed by their name, the competition's instance number (the InstanceNumber tag may differ).
-# A repeated stack keeps one slice per position (the annotated slice's acquisition and image size); a
-# step of k times the series' own spacing (median step) marks k - 1 missing positions (a planned gap,
-# with no file number missing, e.g. between per-disc axial stacks, is padding rather than a data issue).
-#
-# **Messy data loses as little as possible.** A file without usable geometry is skipped; a neighbour
-# that is missing, skipped or unreadable becomes a black slice with mask False; only a sample whose own
-# slice cannot be read, or whose point lies more than a quarter of `crop_mm` outside its image (or is
-# NaN), is dropped. Neighbours beyond the series edge are black and masked too. The mask tells the
-# attention pooling to ignore those slices. Every dropped sample, masked and skipped slice is listed
-# with its file and reason in `DATA_ISSUES`, printed below and in the report.
-#
-# **Cache:** every series is decoded once, in parallel; the crops are stored as uint8 in a memory-mapped
-# file whose folder name is a hash of every preprocessing setting and of `PREPROCESS_VERSION`, so a changed
-# setting or preprocessing code rebuilds and an unchanged rerun starts training at once. Each series' DICOM
-# files (name, size, modification time) are fingerprinted: a series replaced or repaired since the build is
-# rebuilt on reuse, and said so. The margin makes the cache ~2.1x larger (the full competition set at
-# 256 px: ~8.9 GiB instead of ~4.2 GiB).
-#
-# **Augmentation** (training only): crop-centre shift, zoom and rotation, one transform for all 7 slices
-# of a sample, then gamma / contrast / brightness and light noise. The warp reads the cached margin, so the
-# `img_size` centre has no black corners and shows the same field of view as evaluation. The loader workers
-# only draw each sample's parameters (from seed, epoch and sample index) and copy uint8 bytes; the pixel
-# work runs on the GPU as part of `to_model_input`, so a few CPU cores keep up with the model.
+# **Intensity mapping** departs from the plan's text. The plan names a CT soft-tissue window (WC 50 / WW 350); MR
+# values run 0-4095 on a per-scanner scale, so that window saturates most of the image. The default is per-slice
+# min-max, as in the plan's foundation (v4, 74.9 % BA). `window` is the plan's literal text, `percentile` a 1-99 %
+# stretch, `dicom` each file's own window, and `series_percentile` one 0.5-99.5 % range for the slices a series'
+# samples use. Steered by `intensity`, `window_*`, `percentiles`, `series_percentiles`, `clahe_clip`, `clahe_grid`.
 
 # %% tags=["defs"]
 PREPROCESS_KEYS = ('img_size', 'num_slices', 'intensity', 'window_center', 'window_width', 'percentiles',
@@ -1160,6 +1251,15 @@ def read_slice(path, config, window=None):
     return apply_clahe(map_intensity(pixels, ds, config, window)[0], config)
 
 
+# %% [markdown]
+# ### 3.2 Geometry and the crop
+# Points are moved between pixels and the patient frame (mm) with the DICOM geometry tags. A crop is taken around the
+# annotated point at `img_size / crop_mm` pixels per mm; shrinking averages the source pixels (INTER_AREA), so fine
+# pixel spacing does not alias. The cache holds `crop_side` = 1.45 x `img_size` pixels: room for the largest
+# training warp, so augmented crops have no black corners. A series type in `crop_mm_by_series` has its own field of
+# view (Axial T2: 30 mm, one subarticular recess).
+
+# %% tags=["defs"]
 def slice_geometry(ds):
     """Row and column direction, position and pixel size (x, y) in mm of one slice. Errors name the file."""
     try:
@@ -1243,9 +1343,22 @@ def crop_side(config):
     return side
 
 
+# %% [markdown]
+# ### 3.3 Slice order
+# Slices are ordered by ImagePositionPatient along the patient axis closest to the slice normal, in its positive
+# direction: sagittal slices from the patient's right to left, axial ones from feet to head. Slice j means the same
+# side in every sample, whatever the scanner's normal. Files are keyed by their name (the competition's instance
+# number). A repeated stack keeps one slice per position; a step of k times the series' own spacing marks k - 1
+# missing positions.
+
+# %% tags=["defs"]
 ISSUE_COLUMNS = ['study_id', 'series_id', 'condition', 'level', 'file', 'what', 'reason']  # DATA_ISSUES: a row per
+
+
 #                                                                                            problem
 EDGE_TOLERANCE = 0.25  # an annotated point may lie up to this fraction of crop_mm outside its image: the crop
+
+
 #                        still holds at least a quarter of its side of image (real annotations near the border)
 
 
@@ -1323,6 +1436,15 @@ def stack_slots(headers, skipped, anchor):
     return slots
 
 
+# %% [markdown]
+# ### 3.4 The samples of a series
+# **Messy data loses as little as possible.** A file without usable geometry is skipped; a neighbour that is
+# missing, skipped or unreadable becomes a black slice with mask False, which the attention pooling ignores. Only a
+# sample whose own slice cannot be read, or whose point lies more than a quarter of `crop_mm` outside its image, is
+# dropped. Every dropped sample and every masked or skipped slice is listed in `DATA_ISSUES` with its file and
+# reason.
+
+# %% tags=["defs"]
 def failure_text(error):
     """An error as an issue's reason (the notebook's ValueErrors already name the file and the cause)."""
     return str(error) if isinstance(error, ValueError) else f'{type(error).__name__}: {error}'
@@ -1432,6 +1554,14 @@ def preprocess_series(job):
     return rows.index.to_numpy(), stacks, masks, issues
 
 
+# %% [markdown]
+# ### 3.5 The crop cache
+# Every series is decoded once, in parallel, and the crops are stored as uint8 in a memory-mapped file. The folder
+# name hashes every preprocessing setting and `PREPROCESS_VERSION`, so a changed setting rebuilds and an unchanged
+# rerun starts training at once. Each series' files are fingerprinted: a series replaced since the build is rebuilt,
+# and said so. Steered by `cache_dir` and `num_workers`.
+
+# %% tags=["defs"]
 PREPROCESS_VERSION = 4  # part of the cache key: bump it whenever the preprocessing code changes
 
 
@@ -1543,6 +1673,13 @@ def read_issues(folder):
                                                                             'file': str})
 
 
+# %% [markdown]
+# ### 3.6 Augmentation and the dataset
+# Training only: crop-centre shift, zoom and rotation, one transform for all slices of a sample, then gamma,
+# contrast, brightness and light noise (`aug_*`). The loader workers only draw each sample's parameters (from seed,
+# epoch and index) and copy uint8 bytes, so a few CPU cores keep up with the GPU.
+
+# %% tags=["defs"]
 AUG_PARAMS = ('angle_deg', 'scale', 'shift_x', 'shift_y', 'gamma', 'contrast', 'brightness')
 
 
@@ -1597,7 +1734,15 @@ class RSNADatasetV9(Dataset):
         return sample
 
 
+# %% [markdown]
+# ### 3.7 The model's input, on the device
+# The pixel work of augmentation runs on the GPU: one affine grid per sample, then the intensity changes, the
+# ImageNet normalisation and the 3 channels the backbone expects.
+
+# %% tags=["defs"]
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 1, 3, 1, 1)
+
+
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 1, 3, 1, 1)
 
 
@@ -1656,10 +1801,11 @@ def to_model_input(images, aug=None, mask=None, noise_std=0.0, size=None):
     mean, std = imagenet_stats(x.device)
     return (x - mean) / std
 
+
 # %% [markdown]
-# ### Task 1.1 visual checks
-# The plan's validation: 5 samples of shape (7, 3, 256, 256); the crops of a Normal, a Moderate and a
-# Severe sample; CLAHE really applied; plus the intensity choices side by side.
+# ### 3.8 Task 1.1 visual checks
+# The plan's validation: samples of shape (7, 3, 256, 256) at the plan's size; crops of each class for each series
+# type; CLAHE really applied; and the intensity choices side by side with their clipped fraction.
 
 # %% tags=["defs"]
 def show(fig, name):
@@ -1748,13 +1894,22 @@ def plot_preprocessing(path, config, name='intensity_and_clahe'):
     return clipped
 
 
+# %% [markdown]
+# ### 3.9 Build the cache and look at the crops
+# Before the first work, the disk for what the run writes and `/dev/shm` for the loaders' batches, checked at the
+# run's real sizes (section 1.8).
+
 # %%
 # Before the first work (the cache): the disk for what the run writes, and /dev/shm for the loaders' batches
 CONFIG = check_resources(CONFIG, submission_rows(CONFIG) if SUBMIT_ONLY else len(SAMPLES))
 NUM_WORKERS = worker_count(CONFIG)
 
+# %% [markdown]
+# Then the cache. Prints every dropped sample and masked slice with its reason, the shapes of 5 samples, and
+# draws the checks.
+
 # %%
-if not SUBMIT_ONLY:  # a submission run (submit_from) trains nothing: see the localisation section
+if not SUBMIT_ONLY:  # a submission run (submit_from) trains nothing: see section 11
     SAMPLES, IMAGES, MASKS, DATA_ISSUES = build_cache(SAMPLES, CONFIG, NUM_WORKERS)
     if len(DATA_ISSUES):  # every dropped sample, masked and skipped slice, with its file and reason (in the report)
         warn('preprocessing: ' + ', '.join(f'{n} {what}' for what, n in DATA_ISSUES.groupby('what').size().items()))
@@ -1768,10 +1923,12 @@ if not SUBMIT_ONLY:  # a submission run (submit_from) trains nothing: see the lo
     plot_augmentations(SAMPLES, IMAGES, MASKS, CONFIG)
     CLIPPED = plot_preprocessing(SAMPLES['path'].iloc[0], CONFIG)
 
+
 # %% [markdown]
 # ## 4. Task 1.2: attention-MIL pooling over slices
-# A small MLP scores each slice; softmax over slices gives weights that sum to 1; the output is the
-# weighted sum of slice features. Padded slices (mask False) get weight exactly 0.
+# A small MLP scores each slice; a softmax over the slices gives weights that sum to 1, and the output is the
+# weighted sum of slice features. Padded slices (mask False) get weight exactly 0. The weights are returned for the
+# attention plots. `pooling: 'mean'` is the ablation without learned weights.
 
 # %% tags=["defs"]
 class AttentionMIL(nn.Module):
@@ -1801,11 +1958,8 @@ class MeanMIL(nn.Module):
 
 # %% [markdown]
 # ## 5. Task 1.3: class-weighted cross entropy
-# The weights live in a registered buffer, so they follow the model to the GPU and into checkpoints.
-# PyTorch's weighted mean divides by the summed weights of the batch's targets.
-# A model trained with these weights over-predicts the weighted classes by their ratio; the official metric weights
-# rows 1/2/4 by their true label instead, so `prior_corrected` moves its probabilities to the metric's weights
-# (used by the scores of section 8 and by the submission).
+# The weights live in a registered buffer, so they follow the model to the GPU and into checkpoints. PyTorch's
+# weighted mean divides by the summed weights of the batch's targets. Steered by `class_weights`.
 
 # %% tags=["defs"]
 class CompetitionWeightedCE(nn.Module):
@@ -1817,10 +1971,24 @@ class CompetitionWeightedCE(nn.Module):
         return F.cross_entropy(logits.float(), labels, weight=self.weights.float())
 
 
+# %% [markdown]
+# A model trained with these weights over-predicts the weighted classes by their ratio, while the official
+# metric weights rows 1/2/4 by their true label. `prior_corrected` moves the probabilities to the metric's weights:
+# `p * [1, 2, 4] / class_weights`, renormalised. Both are kept and scored (section 9).
+
+# %% tags=["defs"]
 PROB_COLUMNS = ['normal_mild', 'moderate', 'severe']
+
+
 P_COLUMNS = [f'p_{c}' for c in PROB_COLUMNS]  # the same probabilities in oof.csv
+
+
 PC_COLUMNS = [f'pc_{c}' for c in PROB_COLUMNS]  # prior-corrected for the official metric
+
+
 PRIOR_COLUMNS = [f'prior_{c}' for c in PROB_COLUMNS]  # a validation row's training priors (the cost figures)
+
+
 ROW_WEIGHTS = [1.0, 2.0, 4.0]  # official sample weight by true label
 
 
@@ -1831,13 +1999,13 @@ def prior_corrected(probs, class_weights):
     corrected = np.asarray(probs, float) * np.array(ROW_WEIGHTS) / np.asarray(class_weights, float)
     return corrected / corrected.sum(1, keepdims=True)
 
+
 # %% [markdown]
 # ## 6. Task 2.1: the model
-# Per slice, EfficientNet-V2-S features (1280-d, average-pooled; unfrozen) -> 2-layer bidirectional GRU
-# across the slices (1024-d per slice) -> attention-MIL (1024-d) -> concat a level embedding (256-d)
-# -> classifier 1280 -> 512 -> 3. The last bias starts at [2.0, -2.5, -3.0] (the plan's): softmax
-# [0.982, 0.011, 0.007], so the untrained head already predicts mostly Normal/Mild, as the data are
-# (~88 %), instead of a uniform 1/3; the class weights then pull the minority classes up.
+# Per slice, EfficientNet-V2-S features (1280-d, average-pooled, unfrozen) -> 2-layer bidirectional GRU across the
+# slices -> attention-MIL -> concat a level embedding -> classifier 1280 -> 512 -> 3. The backbone's ImageNet
+# weights come from torchvision, or from an attached Kaggle dataset when the notebook has no Internet
+# (`pretrained`).
 
 # %% tags=["defs"]
 BACKBONES = {  # name -> (torchvision constructor, ImageNet weights, feature channels)
@@ -1846,6 +2014,8 @@ BACKBONES = {  # name -> (torchvision constructor, ImageNet weights, feature cha
     'mobilenet_v3_small': (torchvision.models.mobilenet_v3_small,
                            torchvision.models.MobileNet_V3_Small_Weights.IMAGENET1K_V1, 576),
 }
+
+
 HEAD_BIAS = [2.0, -2.5, -3.0]
 
 
@@ -1886,6 +2056,11 @@ def load_backbone(config):
     return net.features, channels
 
 
+# %% [markdown]
+# The last bias starts at [2.0, -2.5, -3.0], the plan's: softmax [0.982, 0.011, 0.007], so the untrained head
+# already predicts mostly Normal/Mild, as the data are (~88 %); the class weights then pull the minority classes up.
+
+# %% tags=["defs"]
 class SpineModelV9(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -1924,6 +2099,9 @@ def parameter_table(model):
     return pd.Series(counts, name='parameters')
 
 
+# %% [markdown]
+# A dummy forward checks the shapes: logits (batch, 3) and attention weights (batch, slices).
+
 # %%
 _model = SpineModelV9({**CONFIG, 'pretrained': 'none'})
 print(parameter_table(_model).map('{:,}'.format).to_string())
@@ -1934,58 +2112,26 @@ print('dummy forward: logits', tuple(_logits.shape), 'attention', tuple(_weights
 del _model, _logits, _weights
 
 # %% [markdown]
-# ## Beyond the plan: localisers, predicted points, Kaggle submission
+# ## 7. Localisers, predicted points and the submission: definitions
 # Everything the plan measures is on crops at the annotated point; test studies have no annotations. This section
-# (on when the data root holds the competition's test files, or `localiser: 'on'`, or `submit_from` is set) runs
-# after section 9; it is defined here, before training, because the training cell first measures its work per
-# study (`probe_after_training`) and keeps that time free in the time budget (`AFTER_TRAINING_S`):
-# 1. **Localisers**, one per series type (`LOC_MODE`). Each series is read through the classifier's path (file names
-#    as instance numbers, `stack_slots` for patient-axis order, repeated stacks and gaps, `decode_dicom` /
-#    `map_intensity` / `apply_clahe`) and every slice is framed on a `loc_size` square grid in one view orientation.
-#    A small UNet sees each slice with its two neighbours and its place in the series and draws one heatmap per
-#    point. Sagittal T2/STIR (the spinal canal, 5 maps) and Sagittal T1 (each foramen's 5 levels, 10 maps): one
-#    softmax per map over all slices and pixels, so the slice with the most mass is the point's slice and the
-#    weighted centre around the peak its (x, y); a foramen only on slices on its side of the predicted canal.
-#    Axial T2: each level's slice is the one the DICOM geometry places at the level's predicted spinal canal point
-#    (patient frame: ImagePositionPatient, ImageOrientationPatient, PixelSpacing), and a 2-map UNet finds the
-#    left and right points in it. Targets: the points of `train_label_coordinates.csv` (a Gaussian blob,
-#    `loc_sigma`). One set of localisers per trained fold, on that fold's training studies: a validation study is
-#    seen by none of them. **Which series:** to train, the annotated one; to predict (validation and test studies
-#    alike), every series of the type in turn, the most DICOM files first (ties: the lowest series_id), each point
-#    from the first that places it: a foramen from a Sagittal T1 series with slices on its side, an axial level from
-#    an Axial T2 series with a slice at it (real axial series often cover only the lower levels; some studies have
-#    two). Images of another plane inside a series (a scout) and blank images are left out and counted; a series
-#    description outside `LOC_MODE` is never read.
-# 2. **Measured on the validation fold**, each study predicted exactly as a test study is (its series by that
-#    rule, every slice from the localisers): per condition, exact and within-one-slice accuracy of the slice
-#    (anatomical position) and the distance between predicted and annotated points in patient mm, and a figure per
-#    series type. An annotated point no series placed is a miss, never dropped.
-# 3. **Cost of localisation:** the same validation rows and the same final model (`fold{k}/final.pt`), cropped at
-#    the predicted slices and points instead of the annotated ones: the official metric's terms side by side; a row
-#    whose predicted point or crop cannot be built gets the priors of its fold's training studies and is counted.
-#    Each condition is then submitted as the candidate with the lowest loss on those out-of-fold rows (the spinal
-#    canal's loss includes any_severe_spinal): raw, prior-corrected, the priors alone, or raw or corrected with a
-#    temperature fitted there (`probabilities.json`; fitted and chosen on the same rows, so optimistic for them).
-# 4. **Submission** (`submission.csv` in `output_dir`, and in `/kaggle/working` on Kaggle): every row of
-#    `sample_submission.csv`, each test study predicted alone: whatever fails in one study puts that study's rows
-#    on the priors with the exception as their reason, and changes no other study's rows. Each trained target: the
-#    fold localisers' heatmaps averaged, then each fold's classifier on the crops at those points, probabilities
-#    averaged over folds. Targets not trained, a study whose series of that type is missing or unreadable, an axial
-#    level no slice covers: the training set's class frequencies per (condition, level) from train.csv, add-one
-#    smoothed, counted with the reason. A prediction that fails as a whole, or a training run whose localisers
-#    fail, still writes every row, on the priors, with the error in `submission.json` and the report. No study
-#    starts that would not end inside the time budget (`time_budget_h`, at the mean time per study so far): a
-#    submission must end inside Kaggle's limit, so the studies left take the priors, counted and warned.
-#    `loc_submit_probs: 'auto'` (the default) takes the out-of-fold choice of step 3; 'corrected' or 'raw' force
-#    one for all. Both the training run and a `submit_from` run build the submission from the files in an output
-#    folder (`fold*/final.pt`, `fold*/localiser.pt`, `priors.json`, `probabilities.json`; a submission run leaves
-#    out, and names, a fold without its `localiser.pt`), so a submission run reproduces it exactly.
+# defines how their points are found and how the submission is built. It **runs in section 11**, after the analysis;
+# it is defined here because training (section 8) first measures its work per study (`probe_after_training`) and
+# keeps that time free in the time budget. It runs when the data holds the competition's test files, with
+# `localiser: 'on'`, or with `submit_from` set.
+#
+# ### 7.1 The localisers' tables
+# One localiser per series type (`LOC_MODE`): Sagittal T2/STIR (the spinal canal, 5 maps), Sagittal T1 (each
+# foramen's 5 levels, 10 maps) and Axial T2 (left and right points on the level's slice). Which series of a study:
+# to train, the annotated one; to predict, every series of the type in turn, most DICOM files first, each point from
+# the first that places it.
 
 # %% tags=["defs"]
-from torchvision.ops import Conv2dNormActivation
-
 LOC_SLICE_SIGMA = 0.5  # target blob width across slices, in slices: the annotated slice clearly first
+
+
 LOCALISER_VERSION = 3  # saved in localiser.pt: 2 = slices framed at equal mm per pixel and one orientation
+
+
 #                        (fit_square), trained augmented; 3 = one localiser per series type (LOC_MODE), each slice's
 #                        place in the series an input channel
 LOC_MODE = {  # series type -> how its localiser finds its conditions' points (Sagittal T2/STIR first: the axial
@@ -1995,9 +2141,15 @@ LOC_MODE = {  # series type -> how its localiser finds its conditions' points (S
     'Axial T2': 'slice',  # per level, the slice the DICOM geometry picks from that level's predicted spinal canal
     #                       point (axial_slice_for); one map per condition finds the point in that slice
 }
+
+
 LOC_OWN_KEYS = ('loc_size', 'loc_channels', 'loc_sigma')  # the localiser's own shape; with the classifier's
+
+
 LOC_KEYS = LOC_OWN_KEYS + ('intensity', 'window_center', 'window_width', 'percentiles',  # preprocessing: what a
                            'series_percentiles', 'clahe_clip', 'clahe_grid')  # volume depends on
+
+
 LOCALISATION = SUBMISSION_INFO = None  # this section's results; write_report adds its section when set
 
 
@@ -2056,6 +2208,13 @@ def pick_series(descriptions, study_id, images_dir, series_types):
     return out
 
 
+# %% [markdown]
+# ### 7.2 Reading a whole series
+# Each series is read through the classifier's path (`read_series_headers`, `stack_slots`, `decode_dicom`,
+# `map_intensity`, `apply_clahe`), and every slice is framed on a `loc_size` square grid in one view orientation.
+# Images of another plane inside a series (a scout) and blank images are left out and counted.
+
+# %% tags=["defs"]
 def read_volume(series_dir, config, anchor=None):
     """One series as the localiser sees it: slices in anatomical order (stack_slots around `anchor`, default the
     middle file), each framed by frame_slots. Raises ValueError when no slice is usable."""
@@ -2114,6 +2273,8 @@ def frame_slots(headers, slots, config, series_dir, issues):
 
 
 VIEW_AXES = np.array([1.0, 1.0, -1.0])  # grid columns and rows run toward patient left, posterior and feet (LPS
+
+
 #   signs): a sagittal slice faces left, head up; an axial one is seen from the feet, the patient's left on the right
 
 
@@ -2168,6 +2329,13 @@ def read_volumes(jobs, config, workers):
         return dict(tqdm(pool.map(read_volume_job, jobs, chunksize=2), total=len(jobs), desc='localiser volumes'))
 
 
+# %% [markdown]
+# ### 7.3 The localiser model and its targets
+# A small UNet sees each slice with its two neighbours and its place in the series, and draws one heatmap per
+# point. Targets are Gaussian blobs (`loc_sigma`) at the points of `train_label_coordinates.csv`; the loss is one
+# softmax per map over all slices and pixels.
+
+# %% tags=["defs"]
 def grid_point(volume, j, x, y):
     """Series pixel (x, y) on slot j -> loc grid (u, v) (pixel centres map to pixel centres)."""
     kx, ox, ky, oy = volume['to_grid'][j]
@@ -2243,6 +2411,8 @@ def volume_input(volume, device):
 
 
 LOC_AUGMENT = {'aug_rotate': 10.0, 'aug_scale': 0.2, 'aug_shift': 0.1}  # over the classifier's aug_* settings: whole
+
+
 #     series differ more in field of view and where the spine sits than crops around a point do
 
 
@@ -2294,6 +2464,13 @@ def localiser_loss(logits, targets, valid, sigma):
     return -(blob * level_log_probs(logits, valid)[have]).sum((1, 2, 3)).mean()
 
 
+# %% [markdown]
+# ### 7.4 From heatmaps to points
+# The slice with the most mass is the point's slice and the weighted centre around the peak its (x, y). The five
+# levels are decoded together, in order and at plausible gaps along the spine; a foramen is searched only on the
+# slices on its side of the predicted canal.
+
+# %% tags=["defs"]
 LEVEL_GAP_MM = (15.0, 60.0)  # consecutive disc levels lie this far apart along the spine (adult pitch ~30-40 mm)
 
 
@@ -2402,6 +2579,12 @@ def localise_levels(models, volume, device, config, conds, canal=None):
     return out
 
 
+# %% [markdown]
+# ### 7.5 Training a localiser
+# AdamW with a warmup-cosine schedule over `loc_epochs`; its epochs end in time for the rest of the run when a
+# deadline is set. Steered by `loc_lr`, `loc_batch`, `loc_augment`.
+
+# %% tags=["defs"]
 def train_localiser(volumes, targets, studies, config, device, seed, name='localiser', deadline=None, mirror=None):
     """A LevelLocaliser with a map per target row, trained on `studies` (keys of volumes/targets): AdamW, one-cycle
     LR, `loc_batch` studies per step (their slices in one forward pass), each step through guarded_step (a
@@ -2458,6 +2641,13 @@ def loc_scheduler(optimizer, config, steps, done=0):
     return scheduler
 
 
+# %% [markdown]
+# ### 7.6 Measuring localisation
+# On the validation fold, each study predicted exactly as a test study is: per condition, exact and within-one-slice
+# accuracy of the slice (anatomical position) and the distance between predicted and annotated points in patient
+# mm, with a figure per series type. An annotated point no series placed is a miss, never dropped.
+
+# %% tags=["defs"]
 def localisation_table(volumes, targets, found, maps):
     """One row per annotated (study, map): annotated and predicted instance and series, slices between them in the
     annotated series' anatomical order (the predicted point's nearest slice there), and the distance between the
@@ -2561,6 +2751,12 @@ def plot_localisation(loc, series, name, count=4):
     show(fig, name)
 
 
+# %% [markdown]
+# ### 7.7 One set of localisers per fold
+# Each trained fold gets its localisers, trained on that fold's training studies only, so no validation study is
+# seen by them.
+
+# %% tags=["defs"]
 def annotated_series(samples, root, conds=(SPINAL,)):
     """Localiser jobs from the sample table's rows of `conds` (conditions of one series type): per study, its most
     annotated series, anchored at its most annotated instance (the stack the annotations were made on); returns
@@ -2686,6 +2882,12 @@ def train_fold_localisers(data, series_of, train, fold, config, device, deadline
     return models, losses, skipped
 
 
+# %% [markdown]
+# ### 7.8 The points of one study
+# Each study is predicted alone: an exception in one study puts its rows on the priors with the reason, and changes
+# no other study's rows. Sagittal points come from the volume localisers.
+
+# %% tags=["defs"]
 def predict_points(models, series_of, descriptions, images_dir, studies, config, device, who):
     """The points of `studies` (validation or test studies alike), each predicted alone by predict_study from the
     series pick_series names (`descriptions`, `images_dir`): whatever fails inside one study costs that study's
@@ -2764,6 +2966,13 @@ def sagittal_points(models, folders, series, maps, midline, config, device, read
     return pairs, {k: reason for k in np.flatnonzero(todo)}
 
 
+# %% [markdown]
+# ### 7.9 Axial geometry
+# An axial level's slice is the one the DICOM geometry (ImagePositionPatient, ImageOrientationPatient,
+# PixelSpacing) places at the level's predicted spinal canal point, within `AXIAL_MAX_MM`. A level that no slice
+# covers goes to the priors with its reason: real axial series often cover only the lower levels.
+
+# %% tags=["defs"]
 def axial_points(models, folders, series, conds, canal, config, device, read):
     """The 'slice' localiser: per level, the slice the DICOM geometry places at the level's predicted spinal canal
     point (`canal`, (5, 3) LPS mm, NaN: none), in the first of the study's axial series that has one; then the
@@ -2855,9 +3064,13 @@ def point_rows(found, series_of, condition_rows=None):
 
 
 AXIAL_MAX_MM = 10.0  # farthest slice plane from the point that still shows its level: about one disc height
+
+
 #                      (8-12 mm); an axial block is 3-4 mm per slice, so a level with slices is within ~2 mm, while
 #                      a missing level's nearest slices belong to a neighbouring disc, 20+ mm away (pitch 30-40 mm)
 AXIAL_EDGE_MM = 5.0  # the point's projection may fall this far outside a slice's image (an annotation near the
+
+
 #                      edge of a tight field of view); farther, the slice (e.g. a tilted block's plane met far from
 #                      its image) does not show the point
 
@@ -2878,6 +3091,12 @@ def axial_slice_for(point, headers, max_mm=AXIAL_MAX_MM, edge_mm=AXIAL_EDGE_MM):
     return best
 
 
+# %% [markdown]
+# ### 7.10 Classifying the predicted rows, and the priors
+# The classifier runs on crops at the predicted points. The priors are the training set's class frequencies per
+# (condition, level), add-one smoothed: what a target gets when it cannot be predicted.
+
+# %% tags=["defs"]
 def classify_rows(rows, classifiers, config, device, workers, quiet=False):
     """Mean probabilities (raw P_COLUMNS and prior-corrected PC_COLUMNS) of `classifiers` [(model, class weights)]
     on crops at the rows' instance and point (built like the training crops, by build_cache; `quiet`: without its
@@ -3007,6 +3226,14 @@ def load_localisers(loc_path, settings, loc_settings, run, device):
     return own
 
 
+# %% [markdown]
+# ### 7.11 The cost of localisation and the submitted probabilities
+# The same validation rows and final model, cropped at the predicted points instead of the annotated ones: the
+# official terms side by side. Each condition is then submitted as the candidate with the lowest loss on those
+# out-of-fold rows: raw, prior-corrected, the priors, or a fitted temperature (it only softens). Chosen and fitted
+# on the same rows, so optimistic for them. `loc_submit_probs` can force one.
+
+# %% tags=["defs"]
 def localisation_cost(oof, loc, run, config, device, workers):
     """The final models on their validation rows (the OOF rows) cropped at the predicted points, beside the same
     rows at the annotated points (oracle). A row without a predicted point or crop gets the priors of its fold's
@@ -3061,7 +3288,11 @@ def condition_loss(rows, probs):
 
 
 SUBMISSION_KINDS = ('raw', 'corrected', 'priors')
+
+
 TEMPERATURE_RANGE = (1.0, 4.0)  # a fitted temperature only softens: sharpening fitted on a fold's few out-of-fold
+
+
 #   rows is what shifted data punishes (measured, v9_Architecture.md 6c: a left foramen's T 0.42 took the realistic
 #   split's foraminal term from 0.95 to 1.21, above the priors' 1.07; T >= 1 gave 0.90)
 
@@ -3090,6 +3321,14 @@ def choose_probabilities(frame):
     return choice
 
 
+# %% [markdown]
+# ### 7.12 Predicting the test studies
+# Every row of `sample_submission.csv`: the fold localisers' heatmaps averaged, each fold's classifier on the crops
+# at those points, probabilities averaged over folds. No study starts that would not end inside `time_budget_h`;
+# the studies left take the priors, counted and warned. A prediction that fails as a whole still writes every row,
+# on the priors, with the error in `submission.json`.
+
+# %% tags=["defs"]
 def predict_test(run, config, device, workers, deadline=None):
     """Probabilities of every trained condition and level of every test study in sample_submission.csv (study_id,
     condition, level, P/PC columns; NaN without a point or crop), the rows without them with why (study_id,
@@ -3184,6 +3423,12 @@ def build_submission(sample, rows, priors, choice):
     return submission, condition[model].value_counts().to_dict()
 
 
+# %% [markdown]
+# ### 7.13 Writing the submission
+# `submission.csv` in `output_dir`, and in `/kaggle/working` on Kaggle, with `submission.json` beside it: per row
+# where its probabilities came from, and every study or level that took the priors with its reason.
+
+# %% tags=["defs"]
 def write_submission(run, config, device, workers, error=None):
     """submission.csv in output_dir (and in /kaggle/working, where Kaggle looks for it) from the run in `run`;
     returns (submission, facts for the report). A prediction that fails as a whole, or no run (`run` None: it could
@@ -3255,6 +3500,12 @@ def submitted_probabilities(run, config):
     return run['choice']
 
 
+# %% [markdown]
+# ### 7.14 The after-training probe, and the section as one call
+# Before training, the probe runs this section on two studies and measures its seconds per study, so the time
+# budget keeps the work after training free. `localise_and_submit` is what section 11 runs, in a child process.
+
+# %% tags=["defs"]
 def probe_after_training(device, samples, config, studies=2):
     """Seconds per study of the work after training, measured on `studies` training studies with untrained
     models, summed over the series types localised: reading its annotated volumes ('read'), one localiser epoch
@@ -3358,6 +3609,10 @@ def localise_and_submit(device, samples, oof, folds, config, workers, deadline=N
     return loc, None
 
 
+# %% [markdown]
+# ### 7.15 What the section prints and reports
+
+# %% tags=["defs"]
 def cost_line(cost):
     """The report's one line on the cost of localisation."""
     oracle, pred = cost['oracle'], cost['predicted']
@@ -3457,32 +3712,21 @@ def submission_lines(info):
 
 
 # %% [markdown]
-# ## 7. Task 3.1: training
-# AdamW with two LR groups (backbone 1e-5, the rest 1e-4); linear warmup then cosine decay, stepped per
-# batch; plain shuffling, no class-balancing sampler (the class weights carry the imbalance); AMP on CUDA
-# (float32 on CPU); gradient clipping at 1.0 with the pre-clip norm logged; SWA over the last epochs with
-# BatchNorm statistics recomputed before the averaged model is evaluated.
-# Each validated epoch prints the predictions per class (a class predicted < 3 times is *dead*, < 10
-# *marginal*) and saves a best model only when balanced accuracy improves **and** both minority recalls
-# reach `min_minority_recall`. The plan's Critical Checkpoints (epochs 1, 3, 10) are checked as they pass,
-# with train BA measured in eval mode on a fixed training subset (not the running BA over augmented batches).
-# With SWA on, early stopping never ends a run before SWA has averaged its epochs (a warning says so).
-# A checkpoint after every epoch holds everything needed to resume an interrupted run exactly.
+# ## 8. Task 3.1: training
 #
-# **Projected cost.** Before the first epoch the training cell prints the run's cost projected from FLOPs
-# (`training_projection`: the model's forward counted per series type on the meta device, no GPU; a training step
-# 3x it): its ratio to the plan's fold (the spinal canal alone, 256 px, 7 slices, 25 epochs), hours per fold on one
-# T4, T4 x2 and an L4 from the plan's 3.5 h per fold, and the crop cache. After epoch 1 the measured projection
-# replaces it. `bench/cost.py` prints the same model for any CONFIG, with the hidden test's FLOPs.
-#
-# **Several GPUs.** With `processes` at 'auto' and more than one GPU, each fold trains in one process per GPU
-# (DistributedDataParallel), forked from this notebook after a start-up check; the global batch stays
-# `batch_size`, validation covers every row once, process 0 takes the decisions and writes the files, and a
-# failure in any process stops them all with its error. With one process the same code runs unchanged.
+# ### 8.1 The plan's checks
+# Each validated epoch prints the predictions per class (a class predicted fewer than 3 times is *dead*, fewer than
+# 10 *marginal*) and saves a best model only when balanced accuracy improves **and** both minority recalls reach
+# `min_minority_recall`. The plan's Critical Checkpoints (epochs 1, 3, 10) are checked as they pass, with train BA
+# measured in eval mode on a fixed training subset.
 
 # %% tags=["defs"]
 DEAD_BELOW, MARGINAL_BELOW = 3, 10  # predictions of a class in one validation pass
+
+
 PLAN_CHECKPOINT_EPOCHS = (1, 3, 10)
+
+
 PLAN_CHECKPOINTS = [  # (epoch, quantity, expected low, expected high, the plan's action when below)
     (1, 'classes predicted', 3, 3, 'a class has 0 predictions: increase that class weight 2x'),
     (1, 'recall Normal/Mild', 0.75, 0.85, ''),
@@ -3563,6 +3807,13 @@ def plan_weight_actions(epoch, metrics, weights):
     return new, done
 
 
+# %% [markdown]
+# ### 8.2 Optimiser, schedule, precision and loaders
+# AdamW with two learning-rate groups (backbone `backbone_lr`, the rest `learning_rate`); linear warmup then cosine
+# decay, stepped per batch; AMP on CUDA (`precision`), float32 on the CPU; plain shuffling, no class-balancing
+# sampler (the class weights carry the imbalance).
+
+# %% tags=["defs"]
 def warmup_cosine(optimizer, config, steps_per_epoch):
     """Linear warmup over warmup_epochs, then cosine decay to 0 at the last epoch; stepped per batch."""
     total, warmup = config['epochs'] * steps_per_epoch, config['warmup_epochs'] * steps_per_epoch
@@ -3609,6 +3860,11 @@ def make_loader(dataset, config, device, train, generator=None, every_epoch=Fals
                       prefetch_factor=config['prefetch_factor'] if workers else None, collate_fn=collate_one_channel)
 
 
+# %% [markdown]
+# ### 8.3 One training epoch
+# Gradient clipping at `clip_grad_norm`, with the pre-clip norm logged.
+
+# %% tags=["defs"]
 def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, device, config, state, epoch):
     """One pass over the training loader; returns loss, train BA, gradient-norm statistics, LR per step.
     A step whose gradient norm is not finite is never applied, under any precision (guarded_step, skip_step)."""
@@ -3662,6 +3918,12 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, devi
             'nonfinite_steps': skipped}, lrs
 
 
+# %% [markdown]
+# ### 8.4 A guarded optimiser step
+# A step whose loss or gradients are not finite is skipped, with the BatchNorm buffers restored, and counted; after
+# `max_nonfinite_steps` the run stops with advice for the precision in use.
+
+# %% tags=["defs"]
 NONFINITE_ADVICE = {  # what to try when steps keep coming out non-finite, by the precision that ran
     'fp16': "fp16's range is small: use precision='bf16' on a GPU that has it (compute capability 8.0 or "
             'newer: A100, L4, H100, RTX Pro 6000; not the T4 or P100), or lower the learning rates',
@@ -3724,6 +3986,12 @@ def skip_step(loss, scaler, device, config, state, where, trained_on):
                                  f'{NONFINITE_ADVICE[ran]}.')
 
 
+# %% [markdown]
+# ### 8.5 Evaluation and SWA's BatchNorm
+# SWA averages the weights of the last epochs (`use_swa`, `swa_start_epoch`, `swa_lr`, with
+# `torch.optim.swa_utils`); its BatchNorm statistics are recomputed before the averaged model is evaluated.
+
+# %% tags=["defs"]
 def sample_ids(dataset, index):
     """Sample ids (study_condition_level, as the competition's row ids) of dataset positions, for error messages."""
     conditions = dataset.config['conditions']
@@ -3764,6 +4032,12 @@ def recompute_swa_batchnorm(swa_model, loader, device):
     average_batchnorm_over_processes(swa_model.module.backbone, len(loader))  # several processes: all shards
 
 
+# %% [markdown]
+# ### 8.6 Checkpoints that survive an interruption
+# Files are written atomically (a temporary file, then a rename). A checkpoint after every epoch holds the model,
+# optimiser, scheduler, SWA, scaler and every random state, so an interrupted run resumes exactly.
+
+# %% tags=["defs"]
 def save_atomic(obj, path):
     """torch.save to a temporary file renamed over `path`: a save that dies midway never leaves half a
     checkpoint under the real name. A failed save removes its partial file and names the path, the free
@@ -3823,12 +4097,20 @@ def restore_rng_states(saved, f, config):
         seed_everything(process_seed(config, f.fold, process_rank(), f.state['epoch']))
 
 
+# %% [markdown]
+# ### 8.7 Several GPUs: the processes
+# With `processes: 'auto'` and more than one GPU, each fold trains in one process per GPU (DistributedDataParallel),
+# forked from this notebook. A failure in any process stops them all with its error.
+
+# %% tags=["defs"]
 # --- Several processes per fold: DistributedDataParallel, one process per GPU, forked from the notebook ---
 # A notebook cannot torchrun itself, so the kernel forks the processes (as accelerate's notebook_launcher does);
 # the kernel must not have initialised CUDA before (a forked child could not use it). The functions below are
 # the whole of it; train_fold and its helpers call them at the lines marked "several processes", and each is a
 # no-op in a single process.
 DDP_TIMEOUT = datetime.timedelta(minutes=30)  # a collective waiting longer fails (all processes stop), never hangs
+
+
 STARTUP_TIMEOUT = datetime.timedelta(minutes=5)
 
 
@@ -3937,6 +4219,12 @@ def error_line(error):
     return text.splitlines()[-1] if text.startswith('process ') and '\n' in text else f'{type(error).__name__}: {text}'
 
 
+# %% [markdown]
+# ### 8.8 Several GPUs: inside a fold
+# The global batch stays `batch_size`; validation covers every row once; process 0 takes the decisions and writes
+# the files. With one process the same code runs unchanged.
+
+# %% tags=["defs"]
 def on_device(fn):
     """fn(device) for the GPU work outside training (the localisers, predicted points, the submission, the probe
     of their time): in one forked process, so that this kernel stays CUDA-free and the next Run all can still
@@ -4053,6 +4341,11 @@ def average_batchnorm_over_processes(module, batches):
         dist.all_reduce(bn.num_batches_tracked)
 
 
+# %% [markdown]
+# ### 8.9 The start-up check
+# Before a fold trains on several GPUs, one short step checks that the processes start and agree.
+
+# %% tags=["defs"]
 def startup_step(device, config):
     """The start-up check, in every process: one all-reduce, then one training step of the fold's model at the
     per-process batch (DDP, sync_bn, the precision), after which the replicas must be equal. Returns each
@@ -4116,9 +4409,17 @@ def run_fold(fold, samples, images, masks, config, device, processes, on_epoch_e
                                                    deadline), processes, timeout)
 
 
+# %% [markdown]
+# ### 8.10 The time budget
+# A Kaggle session ends after 12 h, a Colab one sooner. `time_budget_h` (default by platform) ends training in time
+# for the work after it: an epoch starts only if it, the fold's finish and the after-training work fit.
+
+# %% tags=["defs"]
 SESSION_LIMIT = {'kaggle': 'Kaggle GPU sessions end after 12 h',
                  'colab': "Colab's session limit varies (up to 12 h; the free tier often ends sooner)",
                  'local': 'no session limit known here'}
+
+
 # time_budget_h = None: Kaggle keeps 1 h of its 12 h session for the last fold's finish, the report and
 # saving the output; Colab's free tier gives no promise, so 5 h stops before the sessions that end
 # soonest usually do (every epoch is checkpointed anyway, and continue_from picks a run up)
@@ -4137,6 +4438,8 @@ def time_budget_s(config):
 
 
 AFTER_TRAINING_S = [0.0]  # [k]: projected seconds of the work after training (localisers, predicted points,
+
+
 #                            submission) once k folds finished; the training cell measures it (after_training_plan)
 
 
@@ -4181,17 +4484,37 @@ def finish_seconds(history, rows):
     return val_s / max(rows['val'], 1) * (rows['train'] + rows.get('holdout', 0)) + 3 * val_s
 
 
+# %% [markdown]
+# ### 8.11 The projected cost
+# Before the first epoch the training cell prints the run's cost **projected from FLOPs**: the model's forward
+# counted per series type (a training step 3x it), as a ratio to the plan's fold (the spinal canal alone, 256 px,
+# 7 slices, 25 epochs), and hours on one T4, T4 x2 and an L4 from the plan's 3.5 h per fold. After epoch 1 the
+# measured projection replaces it. `bench/cost.py` prints the same model for any CONFIG.
+
+# %% tags=["defs"]
 PLAN_RUN = {'conditions': [SPINAL], 'img_size': PLAN_IMG_SIZE, 'num_slices': 7, 'epochs': 25, 'val_every': 1,
             'holdout_frac': 0.0, 'num_folds': 5}  # the plan's run (v9_Implementation_Plan.md): every cost ratio's 1.0
+
+
 PLAN_BACKBONE = 'efficientnet_v2_s'
+
+
 PLAN_FOLD_HOURS_T4 = 3.5  # the anchor of every projected hour: the plan's fold, 25 epochs x 8-9 min on a Kaggle GPU
+
+
 REAL_LABELLED_ROWS = 9700  # per condition at the real data's counts: the plan's ~9.7k spinal canal rows of 1,975 x 5
+
+
 GPU_SPEED = {  # name: (speed over one T4, where the factor comes from); none measured on a GPU yet
     'one T4': (1.0, 'the anchor'),
     'T4 x2': (1.8, "1.8x one T4: README's expectation, not measured"),
     'L4': (121 / 65, '121/65 = 1.86x one T4: dense fp16 tensor TFLOPS, an assumption'),
 }
+
+
 MODEL_FLOP_KEYS = ('gru_hidden', 'gru_layers', 'pooling', 'attention_hidden')  # what a classifier's FLOPs follow
+
+
 FLOP_COUNTS = {}  # (backbone, MODEL_FLOP_KEYS' values, px, slices) -> forward FLOPs: each shape counted once
 
 
@@ -4262,6 +4585,10 @@ def plan_fold_flops(config, backbone):
     return fold_flops(plan, {c: forward for c in PLAN_RUN['conditions']}, real_data_rows(plan))
 
 
+# %% [markdown]
+# The projection of a run, printed before its first epoch, and the note that says what it is.
+
+# %% tags=["defs"]
 def training_projection(config, rows, grid=None):
     """One fold's training cost before it runs (a dict): per series type its grid and slices (img_size, num_slices),
     forward FLOPs and cached bytes per sample; the fold's FLOPs on `rows` and the plan's fold's with the same
@@ -4323,7 +4650,14 @@ def projection_note(config, samples):
         return f'projected before training: not available ({type(error).__name__}: {why})'
 
 
+# %% [markdown]
+# The hidden test's projection: per study, the localisers' and classifiers' FLOPs plus the CPU work measured
+# outside the models (`bench/predict_time.py`). Section 11 prints it before it predicts.
+
+# %% tags=["defs"]
 SAGITTAL_SLICES = 17  # slices of a typical sagittal series, a 'volume' localiser's input (real ones hold 15-20)
+
+
 TEST_CPU_SECONDS = {  # per test study, the work outside the models' forwards (reading, DICOM decoding, resizing,
     'seconds': 4.10,  # crops, geometry) on the 2-core CPU, where the hidden-test projection takes it as it is
     'measured': ('`python bench/predict_time.py --studies 2 --workers 1`, 2026-12-06, generated studies, load '
@@ -4383,6 +4717,10 @@ def prediction_line(config, folds, studies):
             "stops it in time, the studies left on the priors")
 
 
+# %% [markdown]
+# ### 8.12 A fold's pieces, and resuming one
+
+# %% tags=["defs"]
 def fold_pieces(fold, samples, images, masks, config, device):
     """Everything one fold trains with (a namespace): its rows, loaders, model, criterion, optimizer,
     schedulers, GradScaler, SWA average and the training state that a checkpoint restores."""
@@ -4487,6 +4825,12 @@ def save_fold_checkpoint(f, config):
                  'config': {**comparable(config), 'data_fingerprint': f.fingerprint}}, f.last_path)
 
 
+# %% [markdown]
+# ### 8.13 The epoch loop
+# Train, validate every `val_every` epochs, decide (save gate, the plan's class-weight actions, early stopping with
+# `patience`), checkpoint. With SWA on, early stopping never ends a run before SWA has averaged its epochs.
+
+# %% tags=["defs"]
 def run_epoch(f, epoch, config, device):
     """Train one epoch (SWA averaging in the SWA phase); returns the history row."""
     for p in f.model.backbone.parameters():
@@ -4605,6 +4949,11 @@ def train_epochs(f, config, device, on_epoch_end=None, deadline=None):
             on_epoch_end(epoch)
 
 
+# %% [markdown]
+# ### 8.14 Finishing a fold, and all the folds
+# After the last epoch: SWA's BatchNorm pass, the three models evaluated (best, last, swa), the hold-out studies.
+
+# %% tags=["defs"]
 def finish_fold(f, config, device):
     """SWA's BatchNorm statistics, the evaluation of each model kind and the hold-out predictions; writes
     the fold's final.pt (the one file a prediction run needs) and result.pt."""
@@ -4695,6 +5044,10 @@ def train_folds(samples, images, masks, config, device, processes=1, on_epoch_en
     return results
 
 
+# %% [markdown]
+# ### 8.15 The out-of-fold table and progress
+
+# %% tags=["defs"]
 def with_corrected(frame, class_weights):
     """`frame` (with P_COLUMNS) plus the prior-corrected PC_COLUMNS."""
     frame = frame.copy()
@@ -4754,8 +5107,12 @@ def epoch_summary(row):
     return text + skipped + f" | {row['seconds']:.0f} s" + (' | SWA' if row['swa'] else '')
 
 
+# %% [markdown]
+# ### 8.16 Train
+# Prints the projection, then one line per epoch. `progress.md` in `output_dir` is rewritten after each epoch.
+
 # %%
-if not SUBMIT_ONLY:  # a submission run (submit_from) trains nothing: see the localisation section
+if not SUBMIT_ONLY:  # a submission run (submit_from) trains nothing: see section 11
     resume_check(CONFIG, data_fingerprint(SAMPLES))  # every fold's checkpoint against this data, before any training
     PROCESSES = checked_processes(CONFIG)  # one per GPU (DistributedDataParallel) once they pass a start-up check
     AFTER_TRAINING_PROBE = None
@@ -4769,28 +5126,20 @@ if not SUBMIT_ONLY:  # a submission run (submit_from) trains nothing: see the lo
     FOLD_RESULTS = train_folds(SAMPLES, IMAGES, MASKS, CONFIG, DEVICE, PROCESSES)
 
 # %% [markdown]
-# ## 8. Task 4.1: metrics and plots
-# Three models per fold, labelled honestly: **best** was chosen on this same validation fold (its figures are
-# optimistic), **last** and **swa** were not selected on it (the report says per fold where validation still
-# had a part: early stopping ending the fold, the plan's class-weight actions). `final_model` names the one
-# reported as final and written to `oof.csv`. Beside balanced accuracy: the **official metric's terms of the
-# trained conditions, oracle localisation**: the sample-weighted log loss of each condition group (left and right
-# pooled) and `any_severe_spinal` (lower is better) on the out-of-fold probabilities; all 4 of the leaderboard's
-# terms with the five conditions, 2 with the spinal canal alone; on crops at the ground-truth point and instance
-# (perfect localisation), for the rows that survived filtering, on the trained folds only: not comparable with
-# leaderboard scores (the localisation section's cost of localisation puts predicted points beside them).
+# ## 9. Task 4.1: metrics and plots
 #
-# **Prior correction.** A model trained with class weights w predicts probabilities proportional to
-# w_c * q_c (q = the true class probabilities); the official metric weights rows 1/2/4 by true label, and
-# its optimum is proportional to [1, 2, 4] * q_c. So the raw softmax over-predicts Moderate and Severe for
-# the metric; `p * [1, 2, 4] / class_weights`, renormalised, undoes that. Both are kept (oof.csv columns
-# `p_*` raw, `pc_*` corrected) and both are scored; BA can differ because the argmax can move.
-# Temperature scaling is not applied: it would have to be fitted on labelled data that the reported model
-# was neither selected on nor scored on, and a run has none (validation folds are scored, the hold-out
-# studies measure the ensemble).
+# ### 9.1 The official metric
+# Three models per fold, labelled honestly: **best** was chosen on this same validation fold (its figures are
+# optimistic), **last** and **swa** were not selected on it. `final_model` names the one reported as final and
+# written to `oof.csv`. Beside balanced accuracy: the official metric's terms of the trained conditions with
+# **oracle localisation** (crops at the ground-truth point): the sample-weighted log loss of each condition group
+# and `any_severe_spinal`, lower is better. Not comparable with leaderboard scores: section 11 puts predicted
+# points beside them.
 
 # %% tags=["defs"]
 SCORE_NAME = "the official metric's terms of the trained conditions, oracle localisation"
+
+
 METRIC_GROUPS = {'spinal': 'spinal_canal_stenosis', 'foraminal': 'neural_foraminal_narrowing',
                  'subarticular': 'subarticular_stenosis'}
 
@@ -4863,6 +5212,10 @@ def per_condition(oof, columns=P_COLUMNS):
     return pd.DataFrame(table).T.rename_axis('condition')
 
 
+# %% [markdown]
+# ### 9.2 Models compared, and the hold-out
+
+# %% tags=["defs"]
 def model_comparison(results):
     """Metrics of every model kind, pooled over the trained folds (rows) -> table."""
     rows = {}
@@ -4898,6 +5251,11 @@ def holdout_evaluation(results):
                          for name, s in rows.items()}).T.rename_axis('model').round(4)
 
 
+# %% [markdown]
+# ### 9.3 Plots
+# Training curves, confusion matrices, the attention weights per slice and class, and strips of example crops.
+
+# %% tags=["defs"]
 def plot_curves(results, name='training_curves'):
     fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     for result in results:
@@ -5011,8 +5369,12 @@ def plot_strips(oof, images, size, title, name, per_class=2, rows=None):
     show(fig, name)
 
 
+# %% [markdown]
+# ### 9.4 Score the folds
+# Prints the final model's per-condition figures and draws the plots; the full tables go to the report.
+
 # %%
-if not SUBMIT_ONLY:  # a submission run (submit_from) trains nothing: see the localisation section
+if not SUBMIT_ONLY:  # a submission run (submit_from) trains nothing: see section 11
     OOF = oof_frame(FOLD_RESULTS, lambda r: final_kind(r, CONFIG))
     FINAL = summarize(OOF)
     COMPARISON = model_comparison(FOLD_RESULTS)
@@ -5037,14 +5399,14 @@ if not SUBMIT_ONLY:  # a submission run (submit_from) trains nothing: see the lo
     plot_strips(OOF, IMAGES, CONFIG['img_size'],
                 f"{CONFIG['pooling']} pooling weight of each slice (examples per class)", 'attention_strips')
 
+
 # %% [markdown]
-# ## 9. Post-training analysis
+# ## 10. Post-training analysis
 # The plan's three questions, answered with numbers and figures:
 # 1. **Attention:** which slices get the weight; does it follow severity; are the edge slices ignored?
-# 2. **Errors:** the most confused class pairs, and a gallery of the worst errors to look for failure
-#    modes (motion, poor crop, wrong level).
-# 3. **Ensemble potential:** per-fold spread and, with `holdout_frac` > 0, each fold model against
-#    their average on studies that no fold saw (printed in section 8, reported in section 10).
+# 2. **Errors:** the most confused class pairs, and a gallery of the worst errors (motion, poor crop, wrong level).
+# 3. **Ensemble potential:** per-fold spread and, with `holdout_frac` > 0, each fold model against their average
+#    on studies that no fold saw.
 
 # %% tags=["defs"]
 def attention_analysis(oof, pooling='attention'):
@@ -5106,8 +5468,11 @@ def plot_attention_profile(analysis, name='attention_profile'):
     show(fig, name)
 
 
+# %% [markdown]
+# Prints the attention profile per class and the most confused pairs, and draws the worst errors.
+
 # %%
-if not SUBMIT_ONLY:  # a submission run (submit_from) trains nothing: see the localisation section
+if not SUBMIT_ONLY:  # a submission run (submit_from) trains nothing: see section 11
     ANALYSIS = attention_analysis(OOF, CONFIG['pooling'])
     CONFUSED = confused_pairs(FINAL['confusion'])
     WORST = worst_errors(OOF)
@@ -5123,11 +5488,11 @@ if not SUBMIT_ONLY:  # a submission run (submit_from) trains nothing: see the lo
                 'worst_errors', rows=WORST)
 
 # %% [markdown]
-# ## Beyond the plan, run: localisers, predicted points, submission
-# The section defined before section 7 runs here, in one child process (`on_device`: the kernel stays CUDA-free,
-# so a second *Run all* still trains on every GPU): the localisers of the folds that finished, the cost of
-# localisation on their validation rows, and `submission.csv`. Their epochs end in time for the rest of the work
-# (the time budget kept its projected time free during training); a submission run only predicts.
+# ## 11. Localisers, predicted points and the submission
+# Runs section 7's definitions in one child process, so the kernel stays CUDA-free and a second *Run all* still
+# trains on every GPU: the localisers of the folds that finished, the cost of localisation on their validation rows,
+# and `submission.csv` (also in `/kaggle/working` on Kaggle). A failure here never loses training's results: the
+# report below is written in any case.
 
 # %%
 if localiser_wanted(CONFIG):
@@ -5157,8 +5522,9 @@ if localiser_wanted(CONFIG):
             print(choice_table(LOCALISATION['choice']).round(4).to_string())
 
 # %% [markdown]
-# ## 10. Results report
-# `v9_Results.md`, `metrics.json` and `oof.csv` in `output_dir`, written from this run only.
+# ## 12. Results report
+# `v9_Results.md`, `metrics.json` and `oof.csv` in `output_dir`, written from this run only. The headline is a table
+# of the official metric's terms; what each figure is and is not comparable to is said under it.
 
 # %% tags=["defs"]
 SUCCESS_CRITERIA = [  # (tier, criterion, quantity, threshold, strictly above?) from the plan's Success Criteria
@@ -5228,6 +5594,11 @@ def model_wording(kind, result):
     return text + ('; validation decided ' + ' and '.join(decided) if decided else ', not selected on validation')
 
 
+# %% [markdown]
+# The report's parts: the headline table, the analysis, and `write_report`, which writes them with the data,
+# the configuration, the per-epoch history and every warning.
+
+# %% tags=["defs"]
 def headline_lines(config, results, kinds, final, oof, ran):
     """The report's headline: the final model per fold and how it was chosen, what stopped a fold, skipped steps,
     training processes, pooling and class weights, and the validation metrics."""
@@ -5352,8 +5723,11 @@ def write_report(config, samples, skipped, failures, results, oof, final, compar
     return report
 
 
+# %% [markdown]
+# Writes the report and prints the plan's success criteria, met or not.
+
 # %%
-if not SUBMIT_ONLY:  # a submission run (submit_from) trains nothing: see the localisation section
+if not SUBMIT_ONLY:  # a submission run (submit_from) trains nothing: see section 11
     _issues = [DATA_ISSUES] + ([] if LOCALISATION is None else [LOCALISATION['issues']]) + (
         [] if SUBMISSION_INFO is None else [pd.DataFrame(SUBMISSION_INFO['issues'], columns=ISSUE_COLUMNS)])
     REPORT = write_report(CONFIG, SAMPLES, SKIPPED, pd.concat(_issues, ignore_index=True), FOLD_RESULTS, OOF, FINAL,

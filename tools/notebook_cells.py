@@ -34,3 +34,30 @@ def notebook_namespace(overrides, tags=LIBRARY_TAGS, before_cell=None):
         if "parameters" in cell_tags:
             namespace["CONFIG_OVERRIDES"] = dict(overrides)
     return namespace
+
+
+def outline(path=NOTEBOOK):
+    """The notebook's table of contents as a notebook UI draws it from the headings, with each code cell under its
+    heading: (heading level, heading, code lines of each cell below it)."""
+    import nbformat
+
+    rows = []
+    for cell in nbformat.read(path, as_version=4).cells:
+        if cell.cell_type == "markdown":
+            for line in cell.source.splitlines():
+                if line.startswith("#"):
+                    level = len(line) - len(line.lstrip("#"))
+                    rows.append([level, line.lstrip("#").strip(), []])
+        elif rows:
+            rows[-1][2].append(len(cell.source.splitlines()))
+    return rows
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="The notebook's outline: its headings and the code cells under them")
+    parser.add_argument("--outline", action="store_true", help="print the table of contents with cell sizes")
+    if parser.parse_args().outline:
+        for level, heading, sizes in outline():
+            print(f"{'  ' * (level - 1)}{heading}" + (f"  [{', '.join(map(str, sizes))} lines]" if sizes else ""))
