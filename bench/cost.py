@@ -1,6 +1,6 @@
 """Cost model of a training run and of the hidden-test prediction (issue 29 item 1), from FLOPs counted here.
 
-The training cost model is the notebook's own (section 7, beside project_run: training_projection and the
+The training cost model is the notebook's own (section 8.11, beside project_run: training_projection and the
 functions it calls), so the notebook's projection before its first epoch and this script's are one computation;
 this script adds the hidden test's FLOPs, the command line and the tables.
 

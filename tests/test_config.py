@@ -1,4 +1,4 @@
-"""Section 0-1 of the notebook: the CONFIG of the plan, override merging and path detection."""
+"""Section 1 of the notebook: the CONFIG of the plan, override merging and path detection."""
 
 import re
 from pathlib import Path

@@ -150,7 +150,7 @@ def test_on_device_runs_in_a_child_unless_this_process_initialised_cuda(nb, monk
         raise TimeoutError("the forked process did not finish in 120 s (OpenMP after fork?)")
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # this thread's OpenMP threads exist when it forks, as in a kernel after section 6
+    torch.set_num_threads(2)  # this thread's OpenMP threads exist when it forks, as in a kernel after section 6 (the model)
     float(torch.ones(1024, 1024, dtype=torch.uint8).float().sum())
     nb["WARNINGS"].clear()
     before = signal.signal(signal.SIGALRM, too_long)
