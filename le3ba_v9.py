@@ -329,6 +329,7 @@ import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import cv2
 import matplotlib.pyplot as plt
@@ -550,8 +551,8 @@ def cuda_restart_warning(config):
 
 
 # %% [markdown]
-# The probe itself: a short script run by a fresh Python, which reports each GPU's name, memory and compute
-# capability, and whether this torch build has kernels for it.
+# The probe itself: a short script run by a fresh Python. It reports each GPU's name, memory and compute
+# capability, this torch's kernel architectures, and the result of one fp16 convolution and one matmul on the GPU.
 
 # %% tags=["defs"]
 # The GPU check's CUDA work runs in a subprocess: this kernel must not initialise CUDA before training, which
@@ -1394,19 +1395,32 @@ def main_orientation(headers):
              for i, p in plane.items() if p != main})
 
 
+def anatomical_order(headers, normal=None):
+    """The slices of `headers` ({instance: header}) in anatomical order, as sorted [(position in mm, instance)]:
+    along the patient axis closest to `normal` (default: the normal of the middle slice by instance), in that
+    axis's positive direction (sagittal: patient right to left, i.e. increasing LPS x; axial: feet to head), so
+    that slot j is the same side in every series whatever the sign of its normal; ties: the lower instance. The
+    position is ImagePositionPatient along `normal` turned to that direction where it is given (one stack's
+    parallel slices: stack_slots), along the axis itself otherwise (every slice of a series, tilted blocks
+    included: slice_ranks). The one definition of slice order for the classifier and the localisers."""
+    axis_only = normal is None
+    if axis_only:
+        normal = slice_normal(headers[sorted(headers)[len(headers) // 2]])
+    axis = int(np.argmax(np.abs(normal)))
+    direction = np.eye(3)[axis] if axis_only else normal * np.sign(normal[axis])
+    return sorted((float(np.asarray(ds.ImagePositionPatient, float) @ direction), i) for i, ds in headers.items())
+
+
 def stack_slots(headers, skipped, anchor):
-    """The anchor's stack in anatomical order: slices of its orientation sorted along the patient axis closest
-    to their normal, in that axis's positive direction (sagittal: patient right to left, i.e. increasing LPS x;
-    axial: feet to head), so slot j is the same side in every series whatever the sign of its normal. One slice
+    """The anchor's stack in anatomical order (anatomical_order of the slices parallel to the anchor). One slice
     per position (a repeated stack keeps the anchor's acquisition and image size); a step of k times the series'
     own spacing (median step) leaves k - 1 gap slots: a (file, reason) for the slice that should be there, or
     None (padding) where no file number is missing between the two sides (a planned gap, e.g. between the
     per-disc stacks of an axial series)."""
     ref = headers[anchor]
     normal = slice_normal(ref)
-    direction = normal * np.sign(normal[np.argmax(np.abs(normal))])
-    positions = sorted((float(np.asarray(ds.ImagePositionPatient, float) @ direction), i)
-                       for i, ds in headers.items() if abs(slice_normal(ds) @ normal) > 0.99)
+    positions = anatomical_order({i: ds for i, ds in headers.items() if abs(slice_normal(ds) @ normal) > 0.99},
+                                 normal)
     steps = np.diff([p for p, _ in positions])
     spacing = float(np.median(steps[steps > 0.5])) if (steps > 0.5).any() else 1.0  # < 0.5 mm: same position
 
@@ -1604,7 +1618,7 @@ def cache_series(jobs, samples, images, masks, workers, quiet=False):
     try:
         results = pool.map(preprocess_series, jobs, chunksize=4) if pool else map(preprocess_series, jobs)
         for rows, stacks, series_masks, series_issues in tqdm(results, total=len(jobs), desc='cache (series)',
-                                                              disable=quiet):
+                                                              disable=quiet, mininterval=30):
             rows = samples.index.get_indexer(rows)  # index labels -> positions in the cache arrays
             images[rows], masks[rows] = stacks, series_masks
             issues += series_issues
@@ -1817,18 +1831,25 @@ def show(fig, name):
 
 
 def plot_class_crops(samples, images, masks, size, name='crops_by_class'):
-    """The slices of one sample per class as the model sees them (the img_size centre; padded slices marked)."""
-    picks = [samples[samples['label'] == c].iloc[0] for c in range(3) if (samples['label'] == c).any()]
+    """The slices of one sample per class of each trained condition as the model sees them (the img_size centre;
+    padded slices marked): a group of rows per condition in `samples`, in CONDITION_SERIES' order, each on its own
+    series type (the spinal canal on Sagittal T2/STIR, each foramen on Sagittal T1, each subarticular recess on
+    Axial T2), a row per class the condition has. Returns the rows' (condition, class), top to bottom."""
+    picks = [(condition, label, rows[rows['label'] == label].iloc[0])
+             for condition in CONDITION_SERIES for rows in [samples[samples['condition'] == condition]]
+             for label in range(len(CLASSES)) if (rows['label'] == label).any()]
     n = images.shape[1]
     fig, axes = plt.subplots(len(picks), n, figsize=(1.8 * n, 2.0 * len(picks)), squeeze=False)
-    for ax_row, row in zip(axes, picks):
+    for ax_row, (condition, label, row) in zip(axes, picks):
         for j, ax in enumerate(ax_row):
             ax.imshow(centre_crop(images[row['cache_index'], j], size), cmap='gray', vmin=0, vmax=255)
             ax.set_title(('' if masks[row['cache_index'], j] else 'padded ') + f'slice {j - n // 2:+d}', fontsize=8)
             ax.axis('off')
-        ax_row[0].text(-0.1, 0.5, f"{CLASSES[row['label']]}\n{row['study_id']} {row['level']}",
-                       transform=ax_row[0].transAxes, ha='right', va='center', fontsize=9)
+        ax_row[0].text(-0.1, 0.5, f"{condition.replace('_', ' ')}\n{CONDITION_SERIES[condition]}\n"
+                       f"{CLASSES[label]}\n{row['study_id']} {row['level']}",
+                       transform=ax_row[0].transAxes, ha='right', va='center', fontsize=8)
     show(fig, name)
+    return [(condition, label) for condition, label, _ in picks]
 
 
 def plot_augmentations(samples, images, masks, config, views=6, name='augmentation'):
@@ -2120,10 +2141,11 @@ del _model, _logits, _weights
 # `localiser: 'on'`, or with `submit_from` set.
 #
 # ### 7.1 The localisers' tables
-# One localiser per series type (`LOC_MODE`): Sagittal T2/STIR (the spinal canal, 5 maps), Sagittal T1 (each
-# foramen's 5 levels, 10 maps) and Axial T2 (left and right points on the level's slice). Which series of a study:
-# to train, the annotated one; to predict, every series of the type in turn, most DICOM files first, each point from
-# the first that places it.
+# One localiser per series type. `LOC_MODE` gives each a `LocMode`: a 'volume' localiser finds each level's slice
+# and point in the whole series (Sagittal T2/STIR: the spinal canal, 5 maps; Sagittal T1: each foramen, 10 maps); a
+# 'slice' one finds the left and right points on the slice the geometry picks per level (Axial T2). A new series
+# type is a row of this table. Which series of a study: to train, the annotated one; to predict, every series of the
+# type in turn, most DICOM files first, each point from the first that places it.
 
 # %% tags=["defs"]
 LOC_SLICE_SIGMA = 0.5  # target blob width across slices, in slices: the annotated slice clearly first
@@ -2134,12 +2156,41 @@ LOCALISER_VERSION = 3  # saved in localiser.pt: 2 = slices framed at equal mm pe
 
 #                        (fit_square), trained augmented; 3 = one localiser per series type (LOC_MODE), each slice's
 #                        place in the series an input channel
+
+
+class LocMode(NamedTuple):
+    """How one kind of localiser reads its annotated series, trains and finds a study's points. LOC_MODE gives each
+    series type one; the localisation code asks it and never tests a mode's name, so a new series type is a row of
+    LOC_MODE. (The functions are called through lambdas: they are defined further down.)"""
+    name: str  # what the text calls it: 'volume' or 'slice'
+    per_level: bool  # False: the whole series, one map per condition and level, its softmax over every slice and
+    #                  pixel (the slice and the point); True: per level the one slice the DICOM geometry places at
+    #                  the level's predicted spinal canal point (axial_slice_for), one map per condition in it
+    mirrored: bool  # reversing the slice order mirrors the patient left-right: augment_study may (mirror_maps)
+    slots: object  # (a study's annotated rows, their anchor instance) -> what read_volumes reads of its series
+    items: object  # (localiser_data's data, studies) -> (volumes, targets, keys) the localiser trains on
+    points: object  # (models, folders, series, conds, canal, config, device, read, notes) -> ([(volume,
+    #                 prediction)], {map index: why not placed}): one study's points on its series of the type
+
+    def maps(self, conds):
+        """The localiser's maps (output channels) for `conds`: a map per condition, for each level unless per_level."""
+        return len(conds) * (1 if self.per_level else len(LEVELS))
+
+
+VOLUME_LOC = LocMode('volume', per_level=False, mirrored=True, slots=lambda rows, anchor: anchor,
+                     items=lambda data, studies: volume_items(data, studies),
+                     points=lambda *args: sagittal_points(*args))
+
+
+SLICE_LOC = LocMode('slice', per_level=True, mirrored=False, slots=lambda rows, anchor: level_instances(rows),
+                    items=lambda data, studies: level_items(data, studies), points=lambda *args: axial_points(*args))
+
+
 LOC_MODE = {  # series type -> how its localiser finds its conditions' points (Sagittal T2/STIR first: the axial
     #           slices are placed from its spinal canal points)
-    'Sagittal T2/STIR': 'volume',  # one map per condition and level, its softmax over every slice and pixel: the
-    'Sagittal T1': 'volume',       # slice and the point (a foramen: its side's lateral slice)
-    'Axial T2': 'slice',  # per level, the slice the DICOM geometry picks from that level's predicted spinal canal
-    #                       point (axial_slice_for); one map per condition finds the point in that slice
+    'Sagittal T2/STIR': VOLUME_LOC,  # the slice and the point of each level
+    'Sagittal T1': VOLUME_LOC,       # a foramen: its side's lateral slice
+    'Axial T2': SLICE_LOC,  # per level, the slice the geometry picks from that level's predicted spinal canal point
 }
 
 
@@ -2326,7 +2377,8 @@ def read_volumes(jobs, config, workers):
         return dict(map(read_volume_job, jobs))
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('fork'), initializer=die_with_parent,
                              initargs=(os.getpid(),)) as pool:
-        return dict(tqdm(pool.map(read_volume_job, jobs, chunksize=2), total=len(jobs), desc='localiser volumes'))
+        return dict(tqdm(pool.map(read_volume_job, jobs, chunksize=2), total=len(jobs), desc='localiser volumes',
+                         mininterval=30))
 
 
 # %% [markdown]
@@ -2581,8 +2633,9 @@ def localise_levels(models, volume, device, config, conds, canal=None):
 
 # %% [markdown]
 # ### 7.5 Training a localiser
-# AdamW with a warmup-cosine schedule over `loc_epochs`; its epochs end in time for the rest of the run when a
-# deadline is set. Steered by `loc_lr`, `loc_batch`, `loc_augment`.
+# AdamW with a one-cycle schedule over `loc_epochs`, and the classifier's guarded step (a non-finite step is
+# skipped and counted). With a deadline, the schedule is resized to the epochs it leaves, so the localisers end in
+# time for the rest of the run. Steered by `loc_lr`, `loc_batch`, `loc_augment`.
 
 # %% tags=["defs"]
 def train_localiser(volumes, targets, studies, config, device, seed, name='localiser', deadline=None, mirror=None):
@@ -2599,6 +2652,7 @@ def train_localiser(volumes, targets, studies, config, device, seed, name='local
     batches, epochs = math.ceil(len(studies) / config['loc_batch']), config['loc_epochs']
     scheduler = loc_scheduler(optimizer, config, epochs * batches)
     rng, losses, state, skipped = np.random.default_rng(seed), [], {'nonfinite': 0, 'nonfinite_pending': 0}, 0
+    bar = tqdm(total=epochs, desc=f'{name} epochs', leave=False, mininterval=30)
     for epoch in range(1, epochs + 1):
         start = now()
         model.train()
@@ -2624,9 +2678,12 @@ def train_localiser(volumes, targets, studies, config, device, seed, name='local
                 fit = max(1, min(epochs, int((deadline - start) // max((now() - start) * batches, 1e-9))))
                 if fit < epochs:  # a schedule that ends, annealed, with the last epoch that fits
                     epochs, scheduler = fit, loc_scheduler(optimizer, config, fit * batches, done=1)
+                    bar.total = fit
         losses.append(float(np.mean(applied)) if applied else math.nan)
+        bar.update()
         if epoch == epochs or (deadline is not None and deadline - now() < now() - start):
             break  # the schedule's end, or the next epoch would end after the deadline
+    bar.close()
     return model, losses, skipped
 
 
@@ -2698,12 +2755,9 @@ def point_mm(volume, j, u, v, cache):
 
 
 def slice_ranks(series_dir, cache):
-    """The series' instances in anatomical order (along the patient axis its median slice's normal follows most),
-    as a pandas Index: get_indexer gives ranks."""
-    headers = series_headers(series_dir, cache)
-    normal = slice_normal(headers[sorted(headers)[len(headers) // 2]])
-    axis = np.eye(3)[np.argmax(np.abs(normal))]
-    return pd.Index(sorted(headers, key=lambda i: float(np.asarray(headers[i].ImagePositionPatient, float) @ axis)))
+    """The series' instances in anatomical order (anatomical_order: along the patient axis its middle slice's
+    normal follows most), as a pandas Index: get_indexer gives ranks."""
+    return pd.Index([i for _, i in anatomical_order(series_headers(series_dir, cache))])
 
 
 def localisation_metrics(table):
@@ -2721,8 +2775,8 @@ def localisation_metrics(table):
 def plotted_studies(loc, series, count=4):
     """The validation studies plot_localisation shows: the first `count` annotated ones whose first series read
     placed the L3/L4 point of the series' first condition."""
-    found = loc['found'][series]
-    return [s for s in found if s in loc['targets'][series] and found[s] and not np.isnan(found[s][0][1][2, 0])][:count]
+    found = loc.found[series]
+    return [s for s in found if s in loc.targets[series] and found[s] and not np.isnan(found[s][0][1][2, 0])][:count]
 
 
 def plot_localisation(loc, series, name, count=4):
@@ -2734,20 +2788,20 @@ def plot_localisation(loc, series, name, count=4):
         return
     fig, axes = plt.subplots(1, len(studies), figsize=(3.2 * len(studies), 3.6), squeeze=False)
     for ax, study in zip(axes[0], studies):
-        (volume, pred), target = loc['found'][series][study][0], loc['targets'][series][study]
+        (volume, pred), target = loc.found[series][study][0], loc.targets[series][study]
         j, t = int(pred[2, 0]), target[2, 0]
         ax.imshow(volume['image'][j], cmap='gray')
-        shown = pred[:, 0] == j if LOC_MODE[series] == 'volume' else np.arange(len(pred)) % len(LEVELS) == 2
+        shown = pred[:, 0] == j  # the points placed on this slice (the axial localiser: the level's slot)
         on_target = (target[:, 0] == t) if not np.isnan(t) else shown & False
         ax.scatter(target[on_target, 1], target[on_target, 2], s=60, facecolors='none', edgecolors='lime',
                    label='annotated')
         ax.scatter(pred[shown, 1], pred[shown, 2], s=40, marker='x', color='red', label='predicted')
-        table = loc['table'][(loc['table']['study_id'] == study) & (loc['table']['series'] == series)]
+        table = loc.table[(loc.table['study_id'] == study) & (loc.table['series'] == series)]
         ax.set_title(f"{study}: slice error " + ','.join('-' if np.isnan(e) else str(int(e))
                                                          for e in table['slice_error']), fontsize=8)
         ax.axis('off')
     axes[0, 0].legend(fontsize=7, loc='lower left')
-    fig.suptitle(f"{series} localiser on validation studies ({', '.join(loc['series'][series])})", fontsize=9)
+    fig.suptitle(f"{series} localiser on validation studies ({', '.join(loc.series[series])})", fontsize=9)
     show(fig, name)
 
 
@@ -2781,11 +2835,11 @@ def level_instances(rows):
 
 def localiser_data(samples, config, series, conds, workers):
     """One series type's annotated volumes: {'volumes': {study: volume}, 'targets': {study: (maps, 3)}, 'failed':
-    {study: why its series cannot be read}, 'issues': its lost slices (volume_issues)}. 'volume' mode: the
-    annotated stack (annotated_series); 'slice' mode: a slot per level, its annotated slice (level_instances)."""
+    {study: why its series cannot be read}, 'issues': its lost slices (volume_issues)}. What is read of each
+    annotated series (annotated_series) is its LOC_MODE's slots: the annotated stack around its anchor ('volume'),
+    or a slot per level, its annotated slice (level_instances, 'slice')."""
     jobs, rows_of = annotated_series(samples, config['data_root'], conds)
-    if LOC_MODE[series] == 'slice':
-        jobs = [(study, series_dir, level_instances(rows_of[study])) for study, series_dir, _ in jobs]
+    jobs = [(study, series_dir, LOC_MODE[series].slots(rows_of[study], anchor)) for study, series_dir, anchor in jobs]
     volumes = read_volumes(jobs, config, workers)
     issues = volume_issues([(study, series_dir, volumes[study]) for study, series_dir, _ in jobs], 'localiser')
     failed = {s: v for s, v in volumes.items() if isinstance(v, str)}
@@ -2796,11 +2850,14 @@ def localiser_data(samples, config, series, conds, workers):
             'failed': failed, 'issues': issues}
 
 
-def training_items(data, studies, mode):
-    """(volumes, targets, keys) a localiser trains on: the studies' volumes with a target ('volume' mode), or each
-    annotated level's slice ('slice' mode: key (study, level), a target per condition on its slot 0)."""
-    if mode == 'volume':
-        return data['volumes'], data['targets'], [s for s in studies if not np.isnan(data['targets'][s][:, 0]).all()]
+def volume_items(data, studies):
+    """(volumes, targets, keys) a 'volume' localiser trains on: the studies' volumes with a target."""
+    return data['volumes'], data['targets'], [s for s in studies if not np.isnan(data['targets'][s][:, 0]).all()]
+
+
+def level_items(data, studies):
+    """(volumes, targets, keys) a 'slice' localiser trains on: each annotated level's slice (key (study, level), a
+    target per condition on its slot 0)."""
     volumes, targets = {}, {}
     for study in studies:
         for level in range(len(LEVELS)):
@@ -2812,17 +2869,33 @@ def training_items(data, studies, mode):
     return volumes, targets, list(volumes)
 
 
+# %% [markdown]
+# `train_localisers` returns a `Localisers` result, which nothing after it changes: the models' files, the
+# validation table and metrics, and what was lost on the way.
+
+# %% tags=["defs"]
+class Localisers(NamedTuple):
+    """train_localisers' result (read only: a NamedTuple; what comes later builds its own values)."""
+    series: dict  # {series type: its conditions}, LOC_MODE's order
+    found: dict  # {series type: {validation study: [(volume, prediction)]}} (predict_points)
+    why: dict  # {validation study: {(condition, level index): why not placed}}
+    targets: dict  # {series type: {study: the annotated points (maps, 3)}} of the validation folds' studies
+    target_volumes: dict | None  # {series type: {study: the annotated volume}}; None once handed to the kernel
+    points: pd.DataFrame  # the classifier rows at the predicted points (point_rows)
+    table: pd.DataFrame  # one row per annotated point (localisation_table; a point not placed: a miss)
+    metrics: pd.DataFrame  # localisation_metrics(table)
+    losses: dict  # {fold: {series type: loss per epoch}}
+    failed: dict  # {series type: {study: why its annotated series was not read}}
+    nonfinite_steps: dict  # {fold: steps skipped}
+    issues: pd.DataFrame  # every lost slice (ISSUE_COLUMNS)
+
+
 def train_localisers(samples, folds, config, device, workers, deadline=None):
     """Per fold of `folds` (those whose classifier finished): a localiser per series type (localised_series) on the
     fold's training studies, all in fold{k}/localiser.pt, measured on its validation studies, each predicted as a
     test study is (predict_points: the series by pick_series' rule, every slice from the localisers), against the
     annotated points. `deadline` (now() time): the localisers share the time left equally; each stops after the
-    last epoch that ends within its share. Returns {'series': {series type: conditions}, 'found': {series type:
-    {study: [(volume, prediction)]}} and 'why' {study: {(condition, level index): why not placed}} of the
-    validation studies, 'targets' and 'target_volumes' (the annotated points and volumes), 'points': the
-    classifier rows at the predicted points, the measurement 'table' (a point not placed: a miss), its 'metrics',
-    'losses' {fold: {series type: per epoch}}, 'failed' {series type: {study: why its annotated series was not
-    read}}, 'nonfinite_steps' {fold: count} and 'issues' (every lost slice, ISSUE_COLUMNS)}."""
+    last epoch that ends within its share. Returns Localisers."""
     series_of = localised_series(config['conditions'])
     data = {series: localiser_data(samples, config, series, conds, workers) for series, conds in series_of.items()}
     fold_of = samples.groupby('study_id')['fold'].first()
@@ -2851,11 +2924,12 @@ def train_localisers(samples, folds, config, device, workers, deadline=None):
     table = pd.concat([localisation_table(data[series]['volumes'], targets[series], found[series],
                                           map_names(conds)).assign(series=series)
                        for series, conds in series_of.items()], ignore_index=True)
-    return {'series': series_of, 'found': found, 'why': why, 'targets': targets,
-            'target_volumes': {series: {s: d['volumes'][s] for s in targets[series]} for series, d in data.items()},
-            'points': point_rows(found, series_of), 'table': table, 'metrics': localisation_metrics(table),
-            'losses': losses, 'failed': {series: d['failed'] for series, d in data.items()},
-            'nonfinite_steps': skipped, 'issues': pd.concat(issues, ignore_index=True)}
+    return Localisers(
+        series=series_of, found=found, why=why, targets=targets,
+        target_volumes={series: {s: d['volumes'][s] for s in targets[series]} for series, d in data.items()},
+        points=point_rows(found, series_of), table=table, metrics=localisation_metrics(table), losses=losses,
+        failed={series: d['failed'] for series, d in data.items()}, nonfinite_steps=skipped,
+        issues=pd.concat(issues, ignore_index=True))
 
 
 def train_fold_localisers(data, series_of, train, fold, config, device, deadline, left):
@@ -2865,12 +2939,13 @@ def train_fold_localisers(data, series_of, train, fold, config, device, deadline
     models, losses, skipped = {}, {}, 0
     for k, (series, conds) in enumerate(series_of.items()):
         share = None if deadline is None else now() + (deadline - now()) / (left - k)
-        items = training_items(data[series], [s for s in train if s in data[series]['volumes']], LOC_MODE[series])
+        mode = LOC_MODE[series]
+        items = mode.items(data[series], [s for s in train if s in data[series]['volumes']])
         if not items[2]:
             raise ValueError(f'fold {fold}: no training study has a readable annotated {series} series')
         models[series], losses[series], n = train_localiser(
             *items, config, device, config['seed'] + 100 + fold + 1000 * k, f'fold {fold} {series} localiser',
-            share, mirror_maps(conds) if LOC_MODE[series] == 'volume' else False)
+            share, mirror_maps(conds) if mode.mirrored else False)
         skipped += n
         if len(losses[series]) < config['loc_epochs']:
             warn(f"fold {fold}: {series} localiser stopped by the time budget after epoch {len(losses[series])} of "
@@ -2923,26 +2998,23 @@ def predict_study(models, folders, series_of, config, device, read, notes):
     placed})."""
     found, why, canal = {}, {}, None
     for series, conds in series_of.items():
+        found[series], reasons = LOC_MODE[series].points(models[series], folders[series], series, conds, canal,
+                                                         config, device, read, notes)
+        if SPINAL in conds:
+            canal = canal_points_mm(found[series], conds)
+            canal = None if np.isnan(canal[:, 0]).all() else canal  # no series of the spinal canal's type read
         maps = map_names(conds)
-        if LOC_MODE[series] == 'volume':
-            midline = None if canal is None or np.isnan(canal[:, 0]).all() else float(np.nanmedian(canal[:, 0]))
-            found[series], reasons = sagittal_points(models[series], folders[series], series, maps, midline, config,
-                                                     device, read, notes)
-            if SPINAL in conds:
-                canal = canal_points_mm(found[series], conds)
-                canal = None if np.isnan(canal[:, 0]).all() else canal  # no Sagittal T2/STIR read
-        else:
-            found[series], reasons = axial_points(models[series], folders[series], series, conds, canal, config,
-                                                  device, read)
         why.update({maps[k]: reason for k, reason in reasons.items()})
     return found, why
 
 
-def sagittal_points(models, folders, series, maps, midline, config, device, read, notes):
+def sagittal_points(models, folders, series, conds, canal, config, device, read, notes):
     """A 'volume' localiser over the study's series of one type in turn: each map's point from the first series that
-    places it (a side's point only on slices on its side of `midline`, the LPS x of the predicted spinal canal, or of
-    the series' own middle without one, noted in `notes`: side_slices). Returns ([(volume, prediction)], {map: why not
-    placed})."""
+    places it (a side's point only on slices on its side of the midline, the median LPS x of the predicted spinal
+    canal points `canal`, or of the series' own middle without them, noted in `notes`: side_slices). Returns
+    ([(volume, prediction)], {map: why not placed})."""
+    maps = map_names(conds)
+    midline = None if canal is None or np.isnan(canal[:, 0]).all() else float(np.nanmedian(canal[:, 0]))
     pairs, todo, reason = [], np.ones(len(maps), bool), f'no {series} series with DICOM files'
     for folder in folders:
         try:
@@ -2973,10 +3045,11 @@ def sagittal_points(models, folders, series, maps, midline, config, device, read
 # covers goes to the priors with its reason: real axial series often cover only the lower levels.
 
 # %% tags=["defs"]
-def axial_points(models, folders, series, conds, canal, config, device, read):
+def axial_points(models, folders, series, conds, canal, config, device, read, notes=()):
     """The 'slice' localiser: per level, the slice the DICOM geometry places at the level's predicted spinal canal
     point (`canal`, (5, 3) LPS mm, NaN: none), in the first of the study's axial series that has one; then the
-    points in it. Returns ([(volume of a slot per level, prediction)], {map: why not placed})."""
+    points in it (`notes`: sagittal_points' argument, no fallback here). Returns ([(volume of a slot per level,
+    prediction)], {map: why not placed})."""
     n = len(LEVELS)
     points = np.full((n, 3), np.nan) if canal is None else canal.copy()
     reason = [f'no {series} series with DICOM files' if not folders else
@@ -3244,7 +3317,7 @@ def localisation_cost(oof, loc, run, config, device, workers):
     by_fold = dict(zip(run['folds'], run['classifiers']))
     keys = ['study_id', 'condition', 'level']
     for fold, rows in oof.groupby('fold'):
-        points = loc['points'][loc['points']['study_id'].isin(rows['study_id'])]
+        points = loc.points[loc.points['study_id'].isin(rows['study_id'])]
         probs = classify_rows(points.drop(columns='label').merge(rows[keys + ['label']], on=keys),
                               [by_fold[f'fold{fold}']], run['config'], device, workers)
         frame = rows[keys + ['label', 'fold']].merge(probs[keys + P_COLUMNS + PC_COLUMNS], on=keys, how='left')
@@ -3526,9 +3599,8 @@ def probe_after_training(device, samples, config, studies=2):
             start = time.time()
             data = localiser_data(picked, config, series, conds, 0)
             times['read'] += time.time() - start
-            items = training_items(data, list(data['volumes']), LOC_MODE[series])
-            maps = len(map_names(conds)) if LOC_MODE[series] == 'volume' else len(conds)
-            models[series] = [LevelLocaliser(config['loc_channels'], maps).to(device)]
+            items = LOC_MODE[series].items(data, list(data['volumes']))
+            models[series] = [LevelLocaliser(config['loc_channels'], LOC_MODE[series].maps(conds)).to(device)]
             if not items[2]:
                 warn(f'time budget probe: none of studies {ids} has a readable annotated {series} series: its '
                      'localiser epochs are not in the projection of the work after training')
@@ -3569,6 +3641,15 @@ def after_training_plan(probe, samples, config):
                     for k in range(1, len(config['train_folds']) + 1)]
 
 
+class Localisation(NamedTuple):
+    """What the localisation section hands the kernel (localise_and_submit): the localisers' measurement with the
+    volumes of the studies plot_localisation shows only, the cost of localisation (localisation_cost) and the
+    submitted candidate per condition (choose_probabilities), both None where the classifiers did not load."""
+    localisers: Localisers
+    cost: dict | None = None
+    choice: dict | None = None
+
+
 def localise_and_submit(device, samples, oof, folds, config, workers, deadline=None, probe=None):
     """The section's GPU work (run through on_device): in a training run (`samples` given) the localisers of the
     finished `folds`, the cost of localisation on their validation rows and the choice of the submitted
@@ -3576,9 +3657,9 @@ def localise_and_submit(device, samples, oof, folds, config, workers, deadline=N
     submission.csv. The localisers' epochs end by `deadline` less what the work after them needs
     (after_training_parts from the `probe`). A submission run (submit_from, `samples` None) loads every fold of
     that folder. Where the data root has the test files, nothing before the submission can stop it: a failure
-    leaves every row on the priors, with the error (write_submission). Returns (localisation or None, submission
+    leaves every row on the priors, with the error (write_submission). Returns (Localisation or None, submission
     facts or None)."""
-    loc, run, error, out = None, None, None, Path(config['output_dir'])
+    loc, cost, choice, run, error, out = None, None, None, None, None, Path(config['output_dir'])
     try:
         if samples is not None:
             write_atomic(out / 'priors.json', json.dumps(label_priors(config['data_root'])))
@@ -3588,9 +3669,9 @@ def localise_and_submit(device, samples, oof, folds, config, workers, deadline=N
             loc = train_localisers(samples, folds, config, device, workers, deadline)
         run = load_run(config['submit_from'] or out, config, device, folds=folds)
         if loc is not None:
-            loc['cost'] = localisation_cost(oof, loc, run, config, device, workers)
-            run['choice'] = loc['choice'] = choose_probabilities(loc['cost']['frame'])
-            write_atomic(out / 'probabilities.json', json.dumps(loc['choice'], indent=1))
+            cost = localisation_cost(oof, loc, run, config, device, workers)
+            run['choice'] = choice = choose_probabilities(cost['frame'])
+            write_atomic(out / 'probabilities.json', json.dumps(choice, indent=1))
     except Exception as failure:
         if not has_test_files(config):
             raise
@@ -3598,15 +3679,15 @@ def localise_and_submit(device, samples, oof, folds, config, workers, deadline=N
         error = f'{type(failure).__name__}: {failure}'
         warn(f'localisation section: {error}; the submission is written ' + (
             'with every row on the priors' if run is None else "without the out-of-fold choice ('corrected')"))
-    if loc is not None:  # the kernel gets the volumes its figures show, not a fold's worth of them
-        loc = {**loc, 'target_volumes': None, 'found': {series: {s: found[s] for s in plotted_studies(loc, series)}
-                                                        for series, found in loc['found'].items()}}
+    result = None if loc is None else Localisation(loc._replace(  # the kernel gets the volumes its figures show,
+        target_volumes=None, found={series: {s: found[s] for s in plotted_studies(loc, series)}  # not a fold's worth
+                                    for series, found in loc.found.items()}), cost, choice)
     if has_test_files(config):
-        return loc, write_submission(run, config, device, workers, error if run is None else None)[1]
+        return result, write_submission(run, config, device, workers, error if run is None else None)[1]
     if samples is None:
         raise FileNotFoundError(f"submit_from is set but {config['data_root']} has no test_series_descriptions.csv, "
                                 'test_images/ and sample_submission.csv (on Kaggle: add the competition as an input)')
-    return loc, None
+    return result, None
 
 
 # %% [markdown]
@@ -3645,38 +3726,40 @@ def choice_table(choice):
                              'submitted': v['candidate']} for c, v in choice.items()}).T.rename_axis('condition')
 
 
-def localisation_report(loc, submission_info, config):
-    """Markdown lines of the report's 'Localisation and submission' section (empty when the section did not run)."""
-    if loc is None and submission_info is None:
+def localisation_report(result, submission_info, config):
+    """Markdown lines of the report's 'Localisation and submission' section (empty when the section did not run);
+    `result`: a Localisation."""
+    if result is None and submission_info is None:
         return []
     lines = ['## Localisation and submission', '']
-    if loc is not None:
+    if result is not None:
+        loc, cost, choice = result
         lines += [(f"Localisers: a UNet of width {config['loc_channels']} per series type "
-                   f"({', '.join(f'{s}: {len(c)} condition(s)' for s, c in loc['series'].items())}) on "
+                   f"({', '.join(f'{s}: {len(c)} condition(s)' for s, c in loc.series.items())}) on "
                    f"{config['loc_size']} px slices, {config['loc_epochs']} epochs, one set per trained fold, measured "
                    'on its validation studies, each predicted as a test study is (its series by the same rule, every '
                    'slice from the localisers; slice accuracy by anatomical position; point error: patient mm between '
                    'the predicted and annotated points; a point not placed counts as a wrong slice):'), '',
-                  md_table(loc['metrics']), '']
-        if 'cost' in loc:
-            lines += [cost_line(loc['cost']), '',
+                  md_table(loc.metrics), '']
+        if cost is not None:
+            lines += [cost_line(cost), '',
                       ("The official metric's terms on those rows, oracle and predicted points (lower is better; "
                        "'submitted': the candidate submission.csv takes for the term's conditions):"), '',
-                      md_table(cost_table(loc['cost'], loc['choice'])), '',
+                      md_table(cost_table(cost, choice)), '',
                       ("Submission candidates per condition: the out-of-fold loss at predicted points of each "
                        "(the condition's weighted log loss; the spinal canal's plus any_severe_spinal), raw, "
                        "prior-corrected, the training folds' priors alone, and raw or corrected with a temperature "
                        'T (p^(1/T)). The temperatures are fitted and the candidate chosen on these same rows '
                        '(probabilities.json), so the submitted loss is optimistic for them:'), '',
-                      md_table(choice_table(loc['choice']).round(4)), '']
-            if loc['cost']['fallback_rows']:
+                      md_table(choice_table(choice).round(4)), '']
+            if cost['fallback_rows']:
                 lines.append("- Validation rows on priors (their fold's training priors: no predicted point or crop), "
                              'by condition: ' + ', '.join(f'{c} {n}' for c, n in
-                                                          loc['cost']['fallback_by_condition'].items()) + '.')
-        failed = {s: len(f) for s, f in loc['failed'].items() if f}
+                                                          cost['fallback_by_condition'].items()) + '.')
+        failed = {s: len(f) for s, f in loc.failed.items() if f}
         if failed:
             lines.append(f'- Studies whose annotated series could not be read (no localiser target): {failed}.')
-        short = {(f, s): len(v) for f, by in loc['losses'].items() for s, v in by.items()
+        short = {(f, s): len(v) for f, by in loc.losses.items() for s, v in by.items()
                  if len(v) < config['loc_epochs']}
         if short:
             lines.append('- Localisers stopped by the time budget: ' + ', '.join(
@@ -3871,7 +3954,7 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, devi
     model.train()
     losses, norms, preds, labels, lrs = [], [], [], [], []
     skipped = 0
-    bar = tqdm(loader, desc=f'epoch {epoch}', leave=False, mininterval=2)
+    bar = tqdm(loader, desc=f'epoch {epoch}', leave=False, mininterval=30)  # papermill logs every refresh
     for step, batch in enumerate(bar):
         mask = batch['mask'].to(device, non_blocking=True)
         images = to_model_input(batch['image'].to(device, non_blocking=True),
@@ -4683,10 +4766,9 @@ def test_study_flops(config, grid=None, sagittal_slices=SAGITTAL_SLICES):
     slices = by_series(config, 'num_slices', 'num_slices_by_series', series_types)
     localisers = {}
     for series, conds in localised_series(config['conditions']).items():
-        volume = LOC_MODE[series] == 'volume'
-        per_slice = localiser_flops(config['loc_channels'], config['loc_size'], len(conds) * (len(LEVELS) if volume
-                                                                                             else 1))
-        localisers[series] = per_slice * (sagittal_slices if volume else len(LEVELS))
+        mode = LOC_MODE[series]
+        per_slice = localiser_flops(config['loc_channels'], config['loc_size'], mode.maps(conds))
+        localisers[series] = per_slice * (len(LEVELS) if mode.per_level else sagittal_slices)
     classifier = sum(len(LEVELS) * classifier_flops(config, grid[CONDITION_SERIES[c]], slices[CONDITION_SERIES[c]])
                      for c in config['conditions'])
     return localisers, classifier
@@ -4927,7 +5009,8 @@ def train_epochs(f, config, device, on_epoch_end=None, deadline=None):
     warnings_before = len(WARNINGS)
     earlier_warnings = list(f.state['warnings'])
     first = f.state['epoch'] + 1
-    for epoch in range(first, config['epochs'] + 1):
+    for epoch in tqdm(range(first, config['epochs'] + 1), desc=f'fold {f.fold} epochs', initial=first - 1,
+                      total=config['epochs'], mininterval=30):
         if f.state.get('stopped_by'):
             break
         start = now()
@@ -5511,15 +5594,16 @@ if localiser_wanted(CONFIG):
         if has_test_files(CONFIG):  # the child process died before writing it: every row on the priors
             SUBMISSION_INFO = write_submission(None, CONFIG, torch.device('cpu'), 0, error_line(_error))[1]
     if LOCALISATION is not None:
-        LOCALISATION['table'].to_csv(OUTPUT_DIR / 'localisation.csv', index=False)
-        print(LOCALISATION['metrics'].to_string())
-        for _series in LOCALISATION['series']:  # localisation.png: Sagittal T2/STIR; then one figure per series type
-            plot_localisation(LOCALISATION, _series, 'localisation' + ('' if _series == 'Sagittal T2/STIR' else
-                                                                       '_' + _series.lower().replace(' ', '_')))
-        if 'cost' in LOCALISATION:
-            print(cost_line(LOCALISATION['cost']))
-            print(cost_table(LOCALISATION['cost'], LOCALISATION['choice']).to_string())
-            print(choice_table(LOCALISATION['choice']).round(4).to_string())
+        _loc, _cost, _choice = LOCALISATION
+        _loc.table.to_csv(OUTPUT_DIR / 'localisation.csv', index=False)
+        print(_loc.metrics.to_string())
+        for _series in _loc.series:  # localisation.png: the spinal canal's series; then one figure per series type
+            plot_localisation(_loc, _series, 'localisation' + ('' if _series == CONDITION_SERIES[SPINAL] else
+                                                                '_' + _series.lower().replace(' ', '_')))
+        if _cost is not None:
+            print(cost_line(_cost))
+            print(cost_table(_cost, _choice).to_string())
+            print(choice_table(_choice).round(4).to_string())
 
 # %% [markdown]
 # ## 12. Results report
@@ -5595,37 +5679,86 @@ def model_wording(kind, result):
 
 
 # %% [markdown]
-# The report's parts: the headline table, the analysis, and `write_report`, which writes them with the data,
-# the configuration, the per-epoch history and every warning.
+# The headline: a table of the official metric's four terms and their mean, with oracle points, with predicted
+# points where localisation ran, and the candidate submitted per condition; short notes under it say what each
+# figure is and is not comparable to.
 
 # %% tags=["defs"]
-def headline_lines(config, results, kinds, final, oof, ran):
-    """The report's headline: the final model per fold and how it was chosen, what stopped a fold, skipped steps,
-    training processes, pooling and class weights, and the validation metrics."""
+HEADLINE_TERMS = (*METRIC_GROUPS, 'any_severe_spinal')  # the official metric's four terms, the headline's rows
+
+
+def submitted_candidates(choice, term):
+    """The candidate submission.csv takes for each of a term's conditions (choose_probabilities' `choice`): one
+    word for one condition (any_severe_spinal: the spinal canal's), 'left x, right y' for a side pair."""
+    conditions = [c for c in choice if c.endswith(METRIC_GROUPS.get(term, SPINAL))]
+    if len(conditions) == 1:
+        return choice[conditions[0]]['candidate']
+    return ', '.join(f"{c.split('_')[0]} {choice[c]['candidate']}" for c in conditions) or '-'
+
+
+def headline_table(final, localisation=None):
+    """The headline's table: a row per term of the official metric (HEADLINE_TERMS) and their mean, the out-of-fold
+    loss (4 decimals; '-' for a term not trained) with oracle points, raw and prior-corrected, and, where the
+    localisation section measured its cost (a Localisation with a cost), with predicted points on the same rows and
+    the candidate submitted for the term's conditions."""
+    scores = {'oracle raw': final, 'oracle corrected': final['corrected']}
+    cost = None if localisation is None else localisation.cost
+    if cost is not None:
+        scores.update({'predicted raw': cost['predicted'], 'predicted corrected': cost['predicted']['corrected']})
+    table = pd.DataFrame({name: [f"{score['competition_terms'][t]:.4f}" if t in score['competition_terms'] else '-'
+                                 for t in HEADLINE_TERMS] + [f"{score['competition_score_part']:.4f}"]
+                          for name, score in scores.items()}, index=[*HEADLINE_TERMS, 'mean'])
+    if cost is not None:
+        table['submitted'] = [submitted_candidates(localisation.choice, t) if t in final['competition_terms'] else '-'
+                              for t in HEADLINE_TERMS] + ['-']
+    return table.rename_axis('term')
+
+
+def headline_lines(config, results, kinds, final, oof, ran, localisation=None):
+    """The report's headline: the official metric's terms as a table (headline_table) with notes on what each
+    figure is and is not comparable to; then the final model per fold and how it was chosen, what stopped a fold,
+    skipped steps, training processes, pooling and class weights, and balanced accuracy."""
     how = {r['fold']: model_wording(kinds[r['fold']], r) for r in results}
-    corrected = final['corrected']
+    trained = [t for t in HEADLINE_TERMS if t in final['competition_terms']]
+    cost = None if localisation is None else localisation.cost
     return [
         '## Headline', '',
+        "The official metric's terms, out of fold (sample-weighted log loss, lower is better):", '',
+        md_table(headline_table(final, localisation)), '',
+        (f"- Rows: {len(oof)} validation rows of {oof['study_id'].nunique()} studies that survived filtering, folds "
+         f"{sorted(set(oof['fold']))} of {config['num_folds']}, each scored by the final model of its fold."),
+        '- Oracle: crops at the annotated slice and point (perfect localisation).',
+        *([("- Predicted: the same rows and models at the localisers' points; a row without one is on its fold's "
+            'training priors.'),
+           ("- Submitted: the candidate submission.csv takes for the term's conditions, chosen and its temperature T "
+            'fitted on these same rows: optimistic for them.')] if cost is not None else []),
+        "- Raw: the softmax; corrected: re-weighted to the metric's 1/2/4 row weights.",
+        (f"- Mean: of the {len(trained)} trained term(s) of the leaderboard's 4. Not comparable with leaderboard "
+         'scores: those are the four terms on hidden test studies at predicted points.'),
+        ('- Temperature scaling: none in the oracle and predicted figures (no labelled data here that the reported '
+         'model was neither selected nor scored on).'),
+        f"- Balanced accuracy: raw {final['ba']:.4f}, prior-corrected {final['corrected']['ba']:.4f}.",
         '- Final model: ' + '; '.join(f'fold {f}: {k} ({how[f]})' for f, k in kinds.items())
-        + f" (CONFIG final_model '{config['final_model']}'; fallback swa > last > best).",
+        + f"; CONFIG final_model '{config['final_model']}', fallback swa > last > best.",
         *[f"- Fold {r['fold']}: stopped by the time budget after epoch {r['epochs_trained']} of {config['epochs']} "
           f"(time_budget_h; continue_from in a new session trains the rest)." for r in results
           if r.get('stopped_by') == 'budget'],
         *([f"- Folds not started (time budget): {sorted(set(config['train_folds']) - set(kinds))}."]
           if set(config['train_folds']) - set(kinds) else []),
         ('- Steps skipped for a non-finite gradient norm (never applied): '
-         + '; '.join(f"fold {r['fold']}: {r.get('nonfinite_steps', 0)}" for r in results) + f' (precision {ran}).'),
+         + '; '.join(f"fold {r['fold']}: {r.get('nonfinite_steps', 0)}" for r in results) + f'; precision {ran}.'),
         ('- Training processes (DistributedDataParallel when more than one; global batch batch_size): '
          + '; '.join(f"fold {r['fold']}: {r.get('processes', 1)}" for r in results) + '.'),
         f"- Pooling: {config['pooling']}; class weights: "
-        + '; '.join(f"fold {r['fold']}: {r['class_weights']}" for r in results) + '.',
-        f"- Balanced accuracy {final['ba']:.4f} (raw probabilities), {corrected['ba']:.4f} (prior-corrected).",
-        (f"- {SCORE_NAME} (lower is better): raw {final['competition_score_part']:.4f}, prior-corrected "
-         f"{corrected['competition_score_part']:.4f}. {score_caveat(oof, config)}. Temperature scaling: not "
-         'applied (no labelled data here that the reported model was neither selected nor scored on).'), '',
+        + '; '.join(f"fold {r['fold']}: {r['class_weights']}" for r in results) + '.', '',
     ]
 
 
+# %% [markdown]
+# The analysis in words, and `write_report`, which writes the report with the data, the configuration, the
+# per-epoch history, the figures and every warning.
+
+# %% tags=["defs"]
 def analysis_lines(analysis, confused, results, holdout, config):
     """The report's analysis: attention, errors and ensemble potential."""
     return [
@@ -5675,7 +5808,7 @@ def write_report(config, samples, skipped, failures, results, oof, final, compar
         '# le3ba v9 results', '',
         (f"Written by le3ba_v9.ipynb on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
         f'Machine: {machine_description(DEVICE)}; precision {ran}.'), '',
-        *headline_lines(config, results, kinds, final, oof, ran), '',
+        *headline_lines(config, results, kinds, final, oof, ran, LOCALISATION), '',
         '## Data', '',
         f"- Source: {data_source(config)} at `{config['data_root']}`",
         "- Conditions: " + ', '.join(f'{c} on {CONDITION_SERIES[c]}' for c in config['conditions'])
@@ -5728,7 +5861,7 @@ def write_report(config, samples, skipped, failures, results, oof, final, compar
 
 # %%
 if not SUBMIT_ONLY:  # a submission run (submit_from) trains nothing: see section 11
-    _issues = [DATA_ISSUES] + ([] if LOCALISATION is None else [LOCALISATION['issues']]) + (
+    _issues = [DATA_ISSUES] + ([] if LOCALISATION is None else [LOCALISATION.localisers.issues]) + (
         [] if SUBMISSION_INFO is None else [pd.DataFrame(SUBMISSION_INFO['issues'], columns=ISSUE_COLUMNS)])
     REPORT = write_report(CONFIG, SAMPLES, SKIPPED, pd.concat(_issues, ignore_index=True), FOLD_RESULTS, OOF, FINAL,
                           COMPARISON, HOLDOUT, ANALYSIS, CONFUSED)

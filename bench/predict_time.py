@@ -61,7 +61,7 @@ def main(argv=None):
     torch.save({"model": nb["SpineModelV9"](config).state_dict(), "kind": "swa", "config": config,
                 "class_weights": config["class_weights"]}, fold / "final.pt")
     series = nb["localised_series"](config["conditions"])  # a localiser per series type, maps as trained
-    maps = {s: len(c) * (5 if nb["LOC_MODE"][s] == "volume" else 1) for s, c in series.items()}
+    maps = {s: nb["LOC_MODE"][s].maps(c) for s, c in series.items()}
     torch.save({"models": {s: nb["LevelLocaliser"](config["loc_channels"], m).state_dict() for s, m in maps.items()},
                 "series": series, "config": {k: config[k] for k in nb["LOC_KEYS"]},
                 "version": nb["LOCALISER_VERSION"]}, fold / "localiser.pt")

@@ -151,6 +151,28 @@ def test_plot_class_crops_writes_one_row_per_class(nb, cache):
     assert width3 == width1 and height3 == 3 * height1  # three rows of the same slices
 
 
+def test_plot_class_crops_has_a_row_group_per_trained_condition(nb):
+    """Issue 30: every condition in the sample table gets its own rows, one per class it has, in CONDITION_SERIES'
+    order (the spinal canal, then each foramen, then each subarticular recess); a row's figure height is fixed."""
+    conditions = list(nb["CONDITION_SERIES"])
+    labels = {c: [0, 1, 2] for c in conditions} | {conditions[2]: [0, 2]}  # the right foramen: no Moderate
+    rows = [(c, label) for c in reversed(conditions) for label in labels[c] for _ in range(2)]
+    samples = pd.DataFrame(rows, columns=["condition", "label"]).assign(
+        study_id=7, level="l4_l5", cache_index=range(len(rows)))
+    images = np.random.default_rng(0).integers(0, 255, (len(rows), 3, 48, 48), dtype=np.uint8)
+    masks = np.ones((len(rows), 3), bool)
+    shown = nb["plot_class_crops"](samples, images, masks, 32, name="test_conditions")
+    assert shown == [(c, label) for c in conditions for label in labels[c]]
+    for c, label in shown:  # the row shows a sample of that condition and class
+        assert ((samples["condition"] == c) & (samples["label"] == label)).any()
+    one = nb["plot_class_crops"](samples[samples["condition"] == nb["SPINAL"]], images, masks, 32, name="test_one")
+    assert one == [(nb["SPINAL"], 0), (nb["SPINAL"], 1), (nb["SPINAL"], 2)]
+    height = mpimg.imread(nb["FIGURES"] / "test_conditions.png").shape[0]
+    assert height == pytest.approx(len(shown) / 3 * mpimg.imread(nb["FIGURES"] / "test_one.png").shape[0], rel=0.01)
+    for name in ("test_conditions", "test_one"):
+        (nb["FIGURES"] / f"{name}.png").unlink()
+
+
 def test_plot_augmentations_writes_cached_plus_one_panel_per_view(nb, cache, config):
     kept, images, masks, _ = cache
     nb["plot_augmentations"](kept, images, masks, config, views=3, name="test_aug3")

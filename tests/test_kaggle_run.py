@@ -124,15 +124,15 @@ def test_localisers_share_the_time_left_and_stop_at_their_deadline(loc_setup, mo
     read = {(study, series) for study, series, anchor in reads if study in validation and anchor is None}
     assert read == {(s, int(rule[s]["Sagittal T2/STIR"][0].name)) for s in validation}
     for study in validation:  # the points are on the volume read by the rule
-        (volume, _), = loc["found"]["Sagittal T2/STIR"][study]
+        (volume, _), = loc.found["Sagittal T2/STIR"][study]
         assert volume["series_dir"] == str(rule[study]["Sagittal T2/STIR"][0])
-    assert {f: len(losses["Sagittal T2/STIR"]) for f, losses in loc["losses"].items()} == {0: 1, 1: 2}
+    assert {f: len(losses["Sagittal T2/STIR"]) for f, losses in loc.losses.items()} == {0: 1, 1: 2}
     assert clock[0] == pytest.approx(30.0)
     assert [w for w in nb["WARNINGS"] if "localiser stopped" in w] == [
         "fold 0: Sagittal T2/STIR localiser stopped by the time budget after epoch 1 of 6",
         "fold 1: Sagittal T2/STIR localiser stopped by the time budget after epoch 2 of 6"]
-    assert set(loc["found"]["Sagittal T2/STIR"]) == set(fold_of.index[fold_of.isin([0, 1])])  # every one predicted
-    lines = nb["localisation_report"](loc, None, config)
+    assert set(loc.found["Sagittal T2/STIR"]) == set(fold_of.index[fold_of.isin([0, 1])])  # every one predicted
+    lines = nb["localisation_report"](nb["Localisation"](loc), None, config)
     assert ("- Localisers stopped by the time budget: fold 0 Sagittal T2/STIR after epoch 1 of 6, fold 1 Sagittal "
             "T2/STIR after epoch 2 of 6.") in lines
 
@@ -150,7 +150,7 @@ def test_on_device_runs_in_a_child_unless_this_process_initialised_cuda(nb, monk
         raise TimeoutError("the forked process did not finish in 120 s (OpenMP after fork?)")
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # this thread's OpenMP threads exist when it forks, as in a kernel after section 6 (the model)
+    torch.set_num_threads(2)  # this thread's OpenMP threads exist when it forks, as in a kernel after section 6
     float(torch.ones(1024, 1024, dtype=torch.uint8).float().sum())
     nb["WARNINGS"].clear()
     before = signal.signal(signal.SIGALRM, too_long)

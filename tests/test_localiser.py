@@ -1,11 +1,15 @@
 """Issue 19: the level localiser (learns the generated anatomy; a shuffled-target control does not) and the
 classifier scored with predicted points beside oracle, through the notebook's own definitions on CPU."""
 
+import ast
+
+import nbformat
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from notebook_cells import notebook_namespace
+from notebook_cells import NOTEBOOK, notebook_namespace
+from pydicom.dataset import Dataset
 
 CPU = torch.device("cpu")
 LOC = {"loc_size": 64, "loc_channels": 8, "loc_epochs": 20, "loc_batch": 1, "loc_lr": 2e-3,  # ~30 s on 2 CPU cores
@@ -55,6 +59,76 @@ def test_volume_follows_the_classifier_read_path(setup, loc_study_set):
     assert any(summary_reversed)  # the set has a series whose instance numbers run against anatomy
 
 
+def oblique_stack(xs, instances, tilt_deg, reversed_normal):
+    """{instance: header} of parallel sagittal slices tilted by `tilt_deg` about the patient's z axis, the slice at
+    xs[k] (patient x of its position) numbered instances[k]; the normal pointing to the patient's right (-x) when
+    `reversed_normal`. Keys in the order given."""
+    t = np.radians(tilt_deg)
+    row = np.array([np.sin(t), np.cos(t), 0.0]) * (1 if reversed_normal else -1)
+    headers = {}
+    for x, instance in zip(xs, instances):
+        ds = Dataset()
+        ds.ImageOrientationPatient = [*row, 0.0, 0.0, -1.0]
+        ds.ImagePositionPatient = [float(x), float(x) * np.tan(t) - 100.0, 60.0]  # along the tilted normal
+        ds.PixelSpacing, ds.Rows, ds.Columns = [0.8, 0.8], 64, 64
+        headers[instance] = ds
+    return headers
+
+
+def test_one_anatomical_order_for_the_classifier_and_the_localisers(setup):
+    """Issue 30: anatomical_order is the one slice order. On a shuffled oblique stack numbered against anatomy
+    (normal to the patient's right, file order, key order and instance numbers all scrambled), along the axis or
+    along the normal it gives increasing patient x, the order stack_slots (the classifier, the localiser's volumes)
+    and slice_ranks (the localisation metrics) use; the position along the normal is the hand formula."""
+    nb = setup[0]
+    rng = np.random.default_rng(3)
+    xs = np.arange(9) * 4.0 - 16.0
+    instances = [int(i) for i in rng.permutation(np.arange(1, 10) * 3)]
+    order = [instances[k] for k in np.argsort(xs)]
+    shuffled = rng.permutation(9)
+    for reversed_normal in (True, False):
+        headers = oblique_stack(xs[shuffled], [instances[k] for k in shuffled], 12.0, reversed_normal)
+        assert [i for _, i in nb["anatomical_order"](headers)] == order
+        normal = nb["slice_normal"](headers[order[0]])
+        along = nb["anatomical_order"](headers, normal)
+        assert [i for _, i in along] == order
+        direction = normal * np.sign(normal[0])
+        np.testing.assert_allclose([p for p, _ in along], [np.asarray(headers[i].ImagePositionPatient) @ direction
+                                                           for i in order])
+        assert nb["stack_slots"](headers, {}, order[4]) == order
+        assert list(nb["slice_ranks"]("stack", {"stack": headers})) == order
+    # an exact tie (a repeated position): the lower instance first, in both
+    headers = oblique_stack([0.0, 4.0, 4.0, 8.0], [40, 31, 12, 5], 0.0, True)
+    assert [i for _, i in nb["anatomical_order"](headers)] == [40, 12, 31, 5]
+    assert list(nb["slice_ranks"]("tie", {"tie": headers})) == [40, 12, 31, 5]
+
+
+def test_series_names_and_localiser_modes_live_only_in_the_tables(setup):
+    """Issue 30: no code cell spells a series type outside CONDITION_SERIES, LOC_MODE and CONFIG (settings), and
+    no code compares a localiser mode's name: the localiser, submission and run cells take both from the tables."""
+    nb = setup[0]
+    names = set(nb["CONDITION_SERIES"].values())
+    tables = {"CONDITION_SERIES", "LOC_MODE", "CONFIG"}
+    found, in_tables = [], 0
+    for cell in nbformat.read(NOTEBOOK, as_version=4).cells:
+        if cell.cell_type != "code":
+            continue
+        for statement in ast.parse(cell.source).body:
+            table = isinstance(statement, ast.Assign) and {getattr(t, "id", None) for t in statement.targets} & tables
+            for node in ast.walk(statement):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
+                    in_tables += bool(table)
+                    if not table:
+                        found.append((getattr(statement, "name", "cell"), node.lineno, node.value))
+                if isinstance(node, ast.Compare) and any(isinstance(c, ast.Constant) and c.value in ("volume", "slice")
+                                                         for c in [node.left, *node.comparators]):
+                    found.append((getattr(statement, "name", "cell"), node.lineno, "a mode's name compared"))
+    assert in_tables >= 2 * len(names)  # the walk does see the names where they belong
+    assert not found, found
+    assert {m.name for m in nb["LOC_MODE"].values()} == {"volume", "slice"}
+    assert [nb["LOC_MODE"][s].maps(["a", "b"]) for s in ("Sagittal T1", "Axial T2")] == [10, 2]
+
+
 def test_pick_series_rule(setup, tmp_path):
     nb = setup[0]
     for series, files in ((11, 3), (12, 5), (13, 5)):
@@ -75,7 +149,7 @@ def test_pick_series_rule(setup, tmp_path):
 
 def test_localiser_learns_the_anatomy_and_a_shuffled_control_does_not(setup, trained, loc_study_set):
     nb, config, samples = setup
-    metrics = trained["metrics"]
+    metrics = trained.metrics
     print(metrics.to_string())
     assert metrics.loc["all", "n"] >= 20  # fold 0's validation studies, every annotated level
     assert metrics.loc["all", "median mm"] < MEDIAN_MM
@@ -101,6 +175,17 @@ def test_localiser_learns_the_anatomy_and_a_shuffled_control_does_not(setup, tra
     assert control.loc["all", "slice exact"] < metrics.loc["all", "slice exact"]
 
 
+def test_the_localisers_result_is_read_only(trained):
+    """Issue 30: train_localisers returns a NamedTuple nothing downstream changes: its fields cannot be set, and
+    the cost of localisation and the submitted choice are a Localisation's own fields."""
+    assert isinstance(trained, tuple) and type(trained).__name__ == "Localisers"
+    with pytest.raises(AttributeError):
+        trained.points = None
+    with pytest.raises(TypeError):
+        trained["cost"] = {}
+    assert "cost" not in trained._fields and "choice" not in trained._fields
+
+
 def test_classifier_with_predicted_points_beside_oracle(setup, trained):
     """Scored on the same rows with the same final.pt; with the annotated points as the 'predictions' the
     predicted-point probabilities are the oracle ones (the grid round trip is exact)."""
@@ -123,9 +208,9 @@ def test_classifier_with_predicted_points_beside_oracle(setup, trained):
     assert cost["oracle"]["corrected"]["competition_terms"] == pytest.approx(
         oracle["corrected"]["competition_terms"])
     assert np.isfinite(cost["predicted"]["corrected"]["competition_score_part"])
-    found = {series: {s: [(trained["target_volumes"][series][s], t)] for s, t in targets.items()}
-             for series, targets in trained["targets"].items()}  # the annotated points as predictions
-    perfect = {**trained, "points": nb["point_rows"](found, trained["series"])}
+    found = {series: {s: [(trained.target_volumes[series][s], t)] for s, t in targets.items()}
+             for series, targets in trained.targets.items()}  # the annotated points as predictions
+    perfect = trained._replace(points=nb["point_rows"](found, trained.series))
     exact = nb["localisation_cost"](oof, perfect, run, config, CPU, 1)
     assert exact["predicted"]["corrected"]["competition_terms"] == pytest.approx(
         oracle["corrected"]["competition_terms"], abs=1e-4)
@@ -133,7 +218,7 @@ def test_classifier_with_predicted_points_beside_oracle(setup, trained):
     spinal = choice["spinal_canal_stenosis"]
     candidates = ("raw", "corrected", "priors", "raw T", "corrected T")
     assert spinal["candidate"] == min(candidates, key=spinal.get) and spinal["chosen"] == spinal["candidate"].split()[0]
-    lines = nb["localisation_report"](trained | {"cost": cost, "choice": choice}, None, config)
+    lines = nb["localisation_report"](nb["Localisation"](trained, cost, choice), None, config)
     assert any(line.startswith("- Cost of localisation") for line in lines)
     assert "\n| spinal | " in "\n".join(lines)  # the terms, oracle beside predicted
 

@@ -415,3 +415,62 @@ def test_prior_corrected_probabilities_lower_the_official_weighted_log_loss(nb):
     scored = nb["summarize"](nb["with_corrected"](oof, class_weights))
     assert scored["competition_terms"]["spinal"] == pytest.approx(weighted_log_loss(labels, raw))
     assert scored["corrected"]["competition_terms"]["spinal"] == pytest.approx(weighted_log_loss(labels, corrected))
+
+
+# ---------------------------------------------------------------- the report's headline (issue 30)
+
+def headline_case(nb, seed):
+    """An out-of-fold frame of every condition and level of 8 studies, random labels and probabilities."""
+    rng = np.random.default_rng(seed)
+    rows = [(study, condition, level) for study in range(1, 9) for condition in nb["CONDITION_SERIES"]
+            for level in nb["LEVELS"]]
+    oof = pd.DataFrame(rows, columns=["study_id", "condition", "level"]).assign(label=rng.integers(0, 3, len(rows)),
+                                                                               fold=0)
+    probs = rng.dirichlet([2, 1, 1], len(rows))
+    oof[nb["P_COLUMNS"]] = probs
+    oof[nb["PC_COLUMNS"]] = nb["prior_corrected"](probs, [1.0, 4.0, 6.0])
+    return oof
+
+
+def markdown_rows(lines):
+    """{first cell: {column: cell}} of the first Markdown table in `lines`."""
+    table = [line for line in "\n".join(lines).split("\n\n") if line.startswith("| ")][0].splitlines()
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    return {cells[0]: dict(zip(header, cells)) for cells in
+            ([c.strip() for c in line.strip("|").split("|")] for line in table[2:])}
+
+
+def test_headline_is_a_table_of_the_terms_with_oracle_and_predicted_points(nb):
+    oof = headline_case(nb, 0)
+    final = nb["summarize"](oof)
+    predicted = nb["summarize"](headline_case(nb, 1))
+    choice = {c: {"candidate": k} for c, k in zip(nb["CONDITION_SERIES"], ("corrected", "raw T", "priors", "raw",
+                                                                           "raw"))}
+    loc = nb["Localisation"](None, {"predicted": predicted}, choice)
+    result = {"fold": 0, "class_weights": [1.0, 4.0, 6.0], "actions": [], "history": [{"epoch": 1}]}
+    config = {**nb["CONFIG"], "num_folds": 5, "train_folds": [0]}
+    lines = nb["headline_lines"](config, [result], {0: "swa"}, final, oof, "fp32", loc)
+    rows = markdown_rows(lines)
+    assert list(rows) == ["spinal", "foraminal", "subarticular", "any_severe_spinal", "mean"]
+    assert list(rows["mean"]) == ["term", "oracle raw", "oracle corrected", "predicted raw", "predicted corrected",
+                                  "submitted"]
+    for column, score in (("oracle raw", final), ("oracle corrected", final["corrected"]),
+                          ("predicted raw", predicted), ("predicted corrected", predicted["corrected"])):
+        for term, value in score["competition_terms"].items():
+            assert float(rows[term][column]) == pytest.approx(value, abs=5e-5), (term, column)
+        assert float(rows["mean"][column]) == pytest.approx(np.mean(list(score["competition_terms"].values())),
+                                                            abs=5e-5)
+    assert [rows[t]["submitted"] for t in ("spinal", "foraminal", "subarticular", "any_severe_spinal")] == [
+        "corrected", "left raw T, right priors", "left raw, right raw", "corrected"]
+    text = "\n".join(lines)
+    assert "- Oracle: crops at the annotated slice and point" in text and "- Predicted: the same rows" in text
+    assert "Not comparable with leaderboard scores" in text and "(raw" not in text
+    # without localisation: the oracle columns only, and a term not trained is a dash, never 'nan'
+    spinal = oof[oof["condition"] == nb["SPINAL"]]
+    final = nb["summarize"](spinal)
+    rows = markdown_rows(nb["headline_lines"](config, [result], {0: "swa"}, final, spinal, "fp32"))
+    assert list(rows["mean"]) == ["term", "oracle raw", "oracle corrected"]
+    assert rows["foraminal"]["oracle raw"] == rows["subarticular"]["oracle corrected"] == "-"
+    assert float(rows["mean"]["oracle raw"]) == pytest.approx(final["competition_score_part"], abs=5e-5)
+    assert float(rows["any_severe_spinal"]["oracle corrected"]) == pytest.approx(
+        final["corrected"]["competition_terms"]["any_severe_spinal"], abs=5e-5)

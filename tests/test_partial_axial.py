@@ -24,14 +24,14 @@ def test_whole_run_on_partial_axial_series_counts_the_unplaced_levels_as_misses(
     report = (out / "v9_Results.md").read_text()
     assert "## Localisation and submission" in report and "Submission candidates per condition" in report
     # every annotated validation point of every series type has its row; a point no series placed is a miss
-    loc = nb["LOCALISATION"]
+    loc = nb["LOCALISATION"].localisers
     table = pd.read_csv(out / "localisation.csv")
-    annotated = sum(int((~np.isnan(t[:, 0])).sum()) for targets in loc["targets"].values() for t in targets.values())
+    annotated = sum(int((~np.isnan(t[:, 0])).sum()) for targets in loc.targets.values() for t in targets.values())
     assert len(table) == annotated > 0
     missed = table["pred_instance"] == -1
     assert table.loc[missed, "slice_error"].isna().all()
-    assert loc["metrics"].loc["all", "n"] == len(table)
-    assert loc["metrics"].loc["all", "slice exact"] == round((table["slice_error"] == 0).mean(), 3)
+    assert loc.metrics.loc["all", "n"] == len(table)
+    assert loc.metrics.loc["all", "slice exact"] == round((table["slice_error"] == 0).mean(), 3)
     # the submission: every row; a test study's axial levels its series does not cover are on the priors, said why
     sample = pd.read_csv(root / "sample_submission.csv")
     submission = pd.read_csv(out / "submission.csv")
