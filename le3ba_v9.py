@@ -2139,7 +2139,8 @@ del _model, _logits, _weights
 # it is defined here because training (section 8) first measures its work per study (`probe_after_training`) and
 # keeps that time free in the time budget. It runs when the data holds the competition's test files, with
 # `localiser: 'on'`, or with `submit_from` set.
-#
+
+# %% [markdown]
 # ### 7.1 The localisers' tables
 # One localiser per series type. `LOC_MODE` gives each a `LocMode`: a 'volume' localiser finds each level's slice
 # and point in the whole series (Sagittal T2/STIR: the spinal canal, 5 maps; Sagittal T1: each foramen, 10 maps); a
