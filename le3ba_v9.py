@@ -393,9 +393,9 @@ PLAN_IMG_SIZE = 256  # img_size 'auto' for the plan's run: the spinal canal alon
 
 
 SHARED_IMG_SIZE = 128  # img_size 'auto' for more conditions: ~1.25x the plan's FLOPs for 25 targets; keeps the
-
-
 #                        ~85-120 source pixels of a 60 mm sagittal crop (v9_Architecture.md, "The crop grid")
+
+
 DEMO_PRESET = {  # small enough to train on 2 CPU cores, big enough to learn the synthetic signal
     'epochs': 10, 'img_size': 64, 'batch_size': 8, 'num_folds': 4, 'warmup_epochs': 1,
     'swa_start_epoch': 7, 'patience': 10, 'backbone': 'mobilenet_v3_small', 'pretrained': 'none',
@@ -748,10 +748,10 @@ def worker_count(config):
 RESUME_EXEMPT = {'resume', 'num_workers', 'prefetch_factor', 'compile', 'output_dir', 'cache_dir', 'data_root',
                  'train_folds', 'final_model', 'time_budget_h', 'continue_from', 'processes', 'localiser',
                  'submit_from'} | {k for k in CONFIG if k.startswith('loc_')}  # settings that do not change what the
-
-
 # classifier trains (processes keeps the global batch: a fold started on 2 GPUs may continue on 1; the localiser is
 # trained after the folds, from its own settings, saved in its own localiser.pt)
+
+
 RUN_OUTPUTS = ['v9_Results.md', 'metrics.json', 'oof.csv', 'figures', 'progress.md']  # written by the run
 
 
@@ -862,9 +862,9 @@ KAGGLE_OUTPUT_CAP = 20 * 10**9  # Kaggle keeps at most ~20 GB of a notebook's sa
 
 
 CHECKPOINT_COPIES = 7  # weight copies a fold leaves: last.pt 4 (model, AdamW's 2 moments, SWA's average),
-
-
 #                        best.pt, swa.pt and final.pt 1 each
+
+
 MiB, GiB = 2**20, 2**30
 
 
@@ -1354,12 +1354,10 @@ def crop_side(config):
 
 # %% tags=["defs"]
 ISSUE_COLUMNS = ['study_id', 'series_id', 'condition', 'level', 'file', 'what', 'reason']  # DATA_ISSUES: a row per
-
-
 #                                                                                            problem
+
+
 EDGE_TOLERANCE = 0.25  # an annotated point may lie up to this fraction of crop_mm outside its image: the crop
-
-
 #                        still holds at least a quarter of its side of image (real annotations near the border)
 
 
@@ -2153,8 +2151,6 @@ LOC_SLICE_SIGMA = 0.5  # target blob width across slices, in slices: the annotat
 
 
 LOCALISER_VERSION = 3  # saved in localiser.pt: 2 = slices framed at equal mm per pixel and one orientation
-
-
 #                        (fit_square), trained augmented; 3 = one localiser per series type (LOC_MODE), each slice's
 #                        place in the series an input channel
 
@@ -2325,8 +2321,6 @@ def frame_slots(headers, slots, config, series_dir, issues):
 
 
 VIEW_AXES = np.array([1.0, 1.0, -1.0])  # grid columns and rows run toward patient left, posterior and feet (LPS
-
-
 #   signs): a sagittal slice faces left, head up; an axial one is seen from the feet, the patient's left on the right
 
 
@@ -2464,8 +2458,6 @@ def volume_input(volume, device):
 
 
 LOC_AUGMENT = {'aug_rotate': 10.0, 'aug_scale': 0.2, 'aug_shift': 0.1}  # over the classifier's aug_* settings: whole
-
-
 #     series differ more in field of view and where the spine sits than crops around a point do
 
 
@@ -3138,13 +3130,11 @@ def point_rows(found, series_of, condition_rows=None):
 
 
 AXIAL_MAX_MM = 10.0  # farthest slice plane from the point that still shows its level: about one disc height
-
-
 #                      (8-12 mm); an axial block is 3-4 mm per slice, so a level with slices is within ~2 mm, while
 #                      a missing level's nearest slices belong to a neighbouring disc, 20+ mm away (pitch 30-40 mm)
+
+
 AXIAL_EDGE_MM = 5.0  # the point's projection may fall this far outside a slice's image (an annotation near the
-
-
 #                      edge of a tight field of view); farther, the slice (e.g. a tilted block's plane met far from
 #                      its image) does not show the point
 
@@ -3365,8 +3355,6 @@ SUBMISSION_KINDS = ('raw', 'corrected', 'priors')
 
 
 TEMPERATURE_RANGE = (1.0, 4.0)  # a fitted temperature only softens: sharpening fitted on a fold's few out-of-fold
-
-
 #   rows is what shifted data punishes (measured, v9_Architecture.md 6c: a left foramen's T 0.42 took the realistic
 #   split's foraminal term from 0.95 to 1.21, above the priors' 1.07; T >= 1 gave 0.90)
 
@@ -4522,8 +4510,6 @@ def time_budget_s(config):
 
 
 AFTER_TRAINING_S = [0.0]  # [k]: projected seconds of the work after training (localisers, predicted points,
-
-
 #                            submission) once k folds finished; the training cell measures it (after_training_plan)
 
 
