@@ -196,18 +196,21 @@ CONFIG = {
                                  # run (the spinal canal alone), 128 when more conditions train (issue 29: measured)
     'num_slices': 7,             # neighbouring sagittal slices per sample, odd: the annotated one in the middle
     'batch_size': 12,            # samples (x 7 slices = 84 backbone images) per optimiser step
-    'epochs': 25,                # ~8-9 min each on a Kaggle GPU by the plan's estimate (the spinal canal at 256 px;
-                                 # all five at 128 px ~1.25x that: projected from FLOPs, bench/cost.py)
+    'epochs': 'auto',            # auto = the plan's 25 for the plan's run (the spinal canal alone, ~8-9 min each on a
+                                 # Kaggle GPU by the plan); SHARED_SCHEDULE's when more conditions train (issue 29)
     'learning_rate': 1e-4,       # GRU, attention, level embedding, classifier
     'backbone_lr': 1e-5,         # 10x slower: the pretrained backbone needs only gentle adaptation
     'weight_decay': 0.03,        # AdamW decoupled decay on every parameter group
     'class_weights': [1.0, 4.0, 6.0],  # Normal/Mild, Moderate, Severe: counters ~88/6/5 % imbalance
     'freeze_backbone_epochs': 0,  # the plan trains the backbone from the first epoch
-    'warmup_epochs': 2,          # linear LR warmup, then cosine decay (stepped per batch)
+    'warmup_epochs': 'auto',     # linear LR warmup, then cosine decay (stepped per batch); auto: the plan's 2, or
+                                 # SHARED_SCHEDULE's
     'clip_grad_norm': 1.0,       # max global gradient norm; the pre-clip norm is logged
-    'patience': 12,              # early stop after this many epochs without a saved improvement
+    'patience': 'auto',          # early stop after this many epochs without a saved improvement; auto: the plan's 12,
+                                 # or SHARED_SCHEDULE's
     'use_swa': True,             # stochastic weight averaging over the last epochs
-    'swa_start_epoch': 18,       # 1-based: SWA averages epochs 18..25
+    'swa_start_epoch': 'auto',   # 1-based: SWA averages epochs swa_start_epoch..epochs; auto: the plan's 18 (18..25),
+                                 # or SHARED_SCHEDULE's
     'swa_lr': 5e-6,              # head LR during SWA; the backbone keeps its 10x smaller ratio
     'gru_hidden': 512,           # bidirectional -> 1024-d per slice
     'gru_layers': 2,             # GRU layers over the slice sequence
@@ -396,6 +399,11 @@ SHARED_IMG_SIZE = 128  # img_size 'auto' for more conditions: ~1.25x the plan's 
 #                        ~85-120 source pixels of a 60 mm sagittal crop (v9_Architecture.md, "The crop grid")
 
 
+PLAN_SCHEDULE = {'epochs': 25, 'warmup_epochs': 2, 'swa_start_epoch': 18, 'patience': 12}  # 'auto' in the plan's run
+SHARED_SCHEDULE = {'epochs': 15, 'warmup_epochs': 1, 'swa_start_epoch': 11, 'patience': 8}  # 'auto' with more
+#   conditions: each epoch is 5x the plan's optimiser steps (v9_Architecture.md, "The schedule of the shared model")
+
+
 DEMO_PRESET = {  # small enough to train on 2 CPU cores, big enough to learn the synthetic signal
     'epochs': 10, 'img_size': 64, 'batch_size': 8, 'num_folds': 4, 'warmup_epochs': 1,
     'swa_start_epoch': 7, 'patience': 10, 'backbone': 'mobilenet_v3_small', 'pretrained': 'none',
@@ -436,8 +444,11 @@ def merge_config(config, overrides):
     merged = {**config, **overrides}
     if merged['demo']:  # the preset sits under the user's own overrides
         merged = {**config, **DEMO_PRESET, **overrides}
+    plan_run = list(merged['conditions']) == [SPINAL]
     if merged['img_size'] == 'auto':
-        merged['img_size'] = PLAN_IMG_SIZE if list(merged['conditions']) == [SPINAL] else SHARED_IMG_SIZE
+        merged['img_size'] = PLAN_IMG_SIZE if plan_run else SHARED_IMG_SIZE
+    for key, value in (PLAN_SCHEDULE if plan_run else SHARED_SCHEDULE).items():
+        merged[key] = value if merged[key] == 'auto' else merged[key]
     choices = {'intensity': INTENSITY_MODES, 'precision': tuple(AMP_DTYPES),
                'final_model': ('swa', 'last', 'best'), 'pooling': ('attention', 'mean'),
                'demo_data': ('clean', 'realistic'), 'localiser': ('auto', 'on', 'off'),
@@ -463,6 +474,9 @@ def check_settings(config):
     if len(config['class_weights']) != len(CLASSES) or min(config['class_weights']) <= 0:
         raise ValueError(f"CONFIG['class_weights'] = {config['class_weights']!r}: give {len(CLASSES)} positive "
                          f'weights, one per class {CLASSES}')
+    for key in PLAN_SCHEDULE:
+        if not isinstance(config[key], int) or config[key] < (1 if key == 'epochs' else 0):
+            raise ValueError(f"CONFIG['{key}'] = {config[key]!r}: give a whole number of epochs or 'auto'")
     if not isinstance(config['img_size'], int) or config['img_size'] <= 0:
         raise ValueError(f"CONFIG['img_size'] = {config['img_size']!r}: give a positive number of pixels or 'auto'")
     if not isinstance(config['val_every'], int) or config['val_every'] < 0:

@@ -24,19 +24,36 @@ def params():
 
 
 def test_config_holds_the_plan_at_its_values(params):
-    """CONFIG as written holds the plan's values, but img_size: 'auto', which is the plan's 256 px for the plan's run
-    (the spinal canal alone) and SHARED_IMG_SIZE (128) when more conditions train (issue 29)."""
+    """CONFIG as written holds the plan's values, but for the keys written 'auto': img_size and the schedule
+    (epochs, warmup_epochs, swa_start_epoch, patience). 'auto' is the plan's value for the plan's run (the spinal
+    canal alone) and the shared model's (SHARED_IMG_SIZE, SHARED_SCHEDULE) when more conditions train (issue 29)."""
+    auto = {"img_size", *params["PLAN_SCHEDULE"]}
     for key, value in PLAN_CONFIG.items():
-        assert params["CONFIG"][key] == (value if key != "img_size" else "auto"), key
+        assert params["CONFIG"][key] == ("auto" if key in auto else value), key
     assert params["CONFIG_OVERRIDES"] == {}
     plan = params["merge_config"](params["CONFIG"], {"conditions": [SPINAL]})
     assert {key: plan[key] for key in PLAN_CONFIG} == PLAN_CONFIG
-    assert params["merge_config"](params["CONFIG"], {})["img_size"] == params["SHARED_IMG_SIZE"] == 128
+    assert {key: PLAN_CONFIG[key] for key in params["PLAN_SCHEDULE"]} == params["PLAN_SCHEDULE"]
+    five = params["merge_config"](params["CONFIG"], {})
+    assert five["img_size"] == params["SHARED_IMG_SIZE"] == 128
+    assert {key: five[key] for key in params["SHARED_SCHEDULE"]} == params["SHARED_SCHEDULE"]
     two = params["merge_config"](params["CONFIG"], {"conditions": [SPINAL, "left_subarticular_stenosis"]})
-    assert two["img_size"] == 128
+    assert two["img_size"] == 128 and two["epochs"] == params["SHARED_SCHEDULE"]["epochs"]
     assert params["merge_config"](params["CONFIG"], {"img_size": 160})["img_size"] == 160  # a number is kept
+    assert params["merge_config"](params["CONFIG"], {"epochs": 20})["epochs"] == 20
     with pytest.raises(ValueError, match="img_size.*'auto'"):
         params["merge_config"](params["CONFIG"], {"img_size": "big"})
+
+
+def test_the_shared_schedule_keeps_the_plans_shape(params):
+    """The shared model's schedule: warmup, then cosine, SWA over the last epochs and early stopping that cannot
+    end the run before SWA, as the plan's; the plan's checkpoint epochs (1, 3, 10) all fall inside it."""
+    shared, plan = params["SHARED_SCHEDULE"], params["PLAN_SCHEDULE"]
+    assert 0 < shared["warmup_epochs"] < shared["swa_start_epoch"] <= shared["epochs"] < plan["epochs"]
+    assert max(params["PLAN_CHECKPOINT_EPOCHS"]) <= shared["epochs"]
+    swa_share = lambda s: (s["epochs"] - s["swa_start_epoch"] + 1) / s["epochs"]  # noqa: E731
+    assert abs(swa_share(shared) - swa_share(plan)) < 0.05  # the plan averages its last 8 of 25 epochs
+    assert shared["patience"] < shared["epochs"]
 
 
 def test_every_config_key_has_a_why_comment():
@@ -57,7 +74,7 @@ def test_unknown_override_names_the_key_and_the_nearest(nb):
 def test_overrides_and_demo_preset_merge_in_order(params):
     config, preset = params["CONFIG"], params["DEMO_PRESET"]
     merged = params["merge_config"](config, {"batch_size": 4})
-    assert merged["batch_size"] == 4 and merged["epochs"] == config["epochs"]
+    assert merged["batch_size"] == 4 and merged["epochs"] == params["SHARED_SCHEDULE"]["epochs"]
     assert config["batch_size"] == 12  # the user's CONFIG is not modified
     demo = params["merge_config"](config, {"demo": True, "epochs": 2, "swa_start_epoch": 2})
     assert demo["epochs"] == 2  # the user's override sits above the preset
@@ -91,7 +108,10 @@ def test_missing_data_root_says_what_to_do(params, tmp_path, monkeypatch):
     # issue 13.9: mistakes that used to fail after the cache build or a whole epoch stop at merge time
     ({"train_folds": [5]}, r"train_folds.*range\(num_folds=5\)"), ({"train_folds": [-1]}, "train_folds"),
     ({"class_weights": [1.0, 4.0]}, "class_weights.*3 positive"), ({"img_size": 0}, "img_size"),
-    ({"epochs": 3}, r"swa_start_epoch'\] = 18 > epochs = 3 with use_swa on")])
+    ({"epochs": 3}, r"swa_start_epoch'\] = 11 > epochs = 3 with use_swa on"),
+    ({"epochs": 3, "conditions": [SPINAL]}, r"swa_start_epoch'\] = 18 > epochs = 3 with use_swa on"),
+    ({"epochs": "long"}, r"epochs'\] = 'long': give a whole number of epochs or 'auto'"),
+    ({"patience": -1}, r"patience'\] = -1")])
 def test_invalid_settings_stop_with_a_clear_message(params, change, message):
     with pytest.raises(ValueError, match=message):
         params["merge_config"](params["CONFIG"], change)
