@@ -395,8 +395,8 @@ CONDITION_SERIES = {  # each condition of train.csv and the series type its poin
 PLAN_IMG_SIZE = 256  # img_size 'auto' for the plan's run: the spinal canal alone
 
 
-SHARED_IMG_SIZE = 128  # img_size 'auto' for more conditions: ~1.25x the plan's FLOPs for 25 targets; keeps the
-#                        ~85-120 source pixels of a 60 mm sagittal crop (v9_Architecture.md, "The crop grid")
+SHARED_IMG_SIZE = 128  # img_size 'auto' for more conditions: 25 targets at 0.78x the plan's FLOPs (15 epochs); keeps
+#                        the ~85-120 source pixels of a 60 mm sagittal crop (v9_Architecture.md, "The crop grid")
 
 
 PLAN_SCHEDULE = {'epochs': 25, 'warmup_epochs': 2, 'swa_start_epoch': 18, 'patience': 12}  # 'auto' in the plan's run
@@ -415,9 +415,10 @@ DEMO_PRESET = {  # small enough to train on 2 CPU cores, big enough to learn the
 
 # %% [markdown]
 # ### 1.4 Settings, checked before any work
-# `merge_config` applies the overrides (the demo preset first) and resolves `img_size: 'auto'`: the plan's 256 px
-# for the plan's run, 128 px when more conditions train. `check_settings` stops on a value that would fail late,
-# naming the key. Every warning is also kept in `WARNINGS`, which the report repeats.
+# `merge_config` applies the overrides (the demo preset first) and resolves the `'auto'` settings: the plan's 256 px
+# and 25-epoch schedule for the plan's run, 128 px and `SHARED_SCHEDULE` (15 epochs) when more conditions train.
+# `check_settings` stops on a value that would fail late, naming the key. Every warning is also kept in `WARNINGS`,
+# which the report repeats.
 
 # %% tags=["defs"]
 WARNINGS = []  # every warning printed during the run, repeated in the report
