@@ -2547,29 +2547,55 @@ def peak_candidates(p, count, window):
     return values.clamp_min(1e-30).log(), index // p.shape[1], index % p.shape[1]
 
 
-def decode_levels(probs, gap, window=2, count=4):
+def decode_levels(probs, gap, window=2, count=4, area=None):
     """(5, n, S, S) probabilities -> (5, 3) array of (slot, u, v). Per level, its slice is the one holding the most
     probability; on it, `count` candidate peaks. The five peaks chosen maximise their summed log mass among the
     choices that keep the levels in order down the spine (fit_square turns rows to run head to feet), each between
     gap = (least, most) grid pixels below the one above: two levels never land on one disc, the commonest slip of
-    a heatmap localiser, nor does a level jump to a faint bump far away. No such choice: each level's strongest
-    peak. The point is the probability-weighted centre of the (2 window + 1)^2 pixels around the chosen peak."""
+    a heatmap localiser, nor does a level jump to a faint bump far away. The point is the probability-weighted
+    centre of the (2 window + 1)^2 pixels around the chosen peak. No such choice: the best ordered choice of the
+    other levels without the top one, or without the bottom one (a disc at the image's edge, whose map has no
+    peak of its own: its only bump sits on its neighbour's disc), and the dropped end level one step beyond its
+    two nearest neighbours (2 p1 - p2, on its neighbour's slice), kept on the grid and, with `area` ((n, S, S)
+    bool, image_area), inside the image on that slice. No such choice either: each level's strongest peak."""
     slices = probs.sum((2, 3)).argmax(1).tolist()
     candidates = [peak_candidates(p[j], count, window) for p, j in zip(probs, slices)]
-    best, choice = -math.inf, [0] * len(probs)
-    for pick in itertools.product(*(range(len(c[0])) for c in candidates)):
-        rows = [float(c[1][i]) for c, i in zip(candidates, pick)]
-        score = sum(float(c[0][i]) for c, i in zip(candidates, pick))
-        if score > best and all(gap[0] <= b - a <= gap[1] for a, b in zip(rows, rows[1:])):
-            best, choice = score, list(pick)
-    out = np.zeros((len(probs), 3))
-    for level, (p, j, (_, rows, cols), i) in enumerate(zip(probs, slices, candidates, choice)):
+
+    def best_ordered(levels):  # (summed log mass, {level: candidate}) of the best ordered choice; None: no choice
+        best, choice = -math.inf, None
+        for pick in itertools.product(*(range(len(candidates[k][0])) for k in levels)):
+            rows = [float(candidates[k][1][i]) for k, i in zip(levels, pick)]
+            score = sum(float(candidates[k][0][i]) for k, i in zip(levels, pick))
+            if score > best and all(gap[0] <= b - a <= gap[1] for a, b in zip(rows, rows[1:])):
+                best, choice = score, dict(zip(levels, pick))
+        return best, choice
+
+    n = len(probs)
+    _, choice = best_ordered(range(n))
+    dropped = None
+    if choice is None and n >= 3:  # an end level left out (the top one first on a tie)
+        (_, choice), dropped = max((best_ordered(range(1, n)), 0), (best_ordered(range(n - 1)), n - 1),
+                                   key=lambda e: e[0][0])
+    if choice is None:
+        choice, dropped = dict.fromkeys(range(n), 0), None
+    out = np.zeros((n, 3))
+    for level, i in choice.items():
+        p, j, (_, rows, cols) = probs[level], slices[level], candidates[level]
         v, u = int(rows[i]), int(cols[i])
         v0, u0 = max(v - window, 0), max(u - window, 0)
         patch = p[j, v0:v + window + 1, u0:u + window + 1]
         vv, uu = torch.meshgrid(torch.arange(v0, v0 + patch.shape[0]), torch.arange(u0, u0 + patch.shape[1]),
                                 indexing='ij')
         out[level] = j, float((patch * uu).sum() / patch.sum()), float((patch * vv).sum() / patch.sum())
+    if dropped is not None:
+        near, far = (1, 2) if dropped == 0 else (n - 2, n - 3)
+        j, size = int(out[near, 0]), probs.shape[-1]
+        (u_lo, u_hi), (v_lo, v_hi) = ((0, size - 1),) * 2
+        if area is not None and area[j].any():  # the image's first and last grid pixels on that slice
+            (v_lo, v_hi), (u_lo, u_hi) = ((idx[0], idx[-1]) for idx in (np.flatnonzero(area[j].any(1)),
+                                                                        np.flatnonzero(area[j].any(0))))
+        u, v = 2 * out[near, 1:] - out[far, 1:]
+        out[dropped] = j, np.clip(u, u_lo, u_hi), np.clip(v, v_lo, v_hi)
     return out
 
 
@@ -2598,12 +2624,13 @@ def localise(models, volume, device, config, group=5, allowed=None):
         with autocast(device, config):
             logits = model.eval()(x)
         probs = probs + level_log_probs(logits, valid).exp() / len(models)
-    probs = (probs * torch.from_numpy(image_area(volume)).to(probs.device)).cpu()
+    area = image_area(volume)
+    probs = (probs * torch.from_numpy(area).to(probs.device)).cpu()
     if allowed is not None:  # per map and slice, or per map, slice and pixel
         probs = probs * torch.from_numpy(allowed if allowed.ndim == 4 else allowed[:, :, None, None])
     grid_mm = np.median(volume['spacing'][volume['valid'], 1] / np.abs(volume['to_grid'][volume['valid'], 2]))
-    out = np.concatenate([decode_levels(probs[g:g + group], (LEVEL_GAP_MM[0] / grid_mm, LEVEL_GAP_MM[1] / grid_mm))
-                          for g in range(0, len(probs), group)])
+    out = np.concatenate([decode_levels(probs[g:g + group], (LEVEL_GAP_MM[0] / grid_mm, LEVEL_GAP_MM[1] / grid_mm),
+                                        area=area) for g in range(0, len(probs), group)])
     out[~(probs.flatten(1) > 0).any(1).numpy()] = np.nan  # a map with no slice it may take
     return out
 

@@ -717,6 +717,69 @@ def test_axial_partial_reproducible_and_nothing_else_changes(partial_set, tmp_pa
     pd.testing.assert_frame_equal(other[0], other[1])
 
 
+# --- sagittal_top_edge: sagittal series framed so that L1/L2 lies at the image's top edge ---------------------------
+
+TOP_EDGE_SET = {"n_studies": 5, "seed": 3, "missing_label_frac": 0.0, "quirks": {"sagittal_top_edge": 0.5}}
+TOP_EDGE_ROWS = 8  # the annotated L1/L2 point's row on a hit series is at most this (TOP_EDGE_PX plus jitter)
+
+
+def test_sagittal_top_edge_puts_l1_l2_at_the_top_and_nothing_else_changes(tmp_path):
+    """Read back from the files: on each hit study both sagittal series start a few rows above the L1/L2 point
+    (as recorded), every annotated point sits at the same patient position as in the set made without the quirk
+    (coordinates follow the DICOM geometry), the canal is bright at the edge point, and every other file and
+    coordinate row is byte for byte the same."""
+    root, clean = tmp_path / "edge", tmp_path / "clean"
+    summary = gen.make_study_set(root, **TOP_EDGE_SET)
+    gen.make_study_set(clean, **{**TOP_EDGE_SET, "quirks": None})
+    assert "sagittal_top_edge" in gen.EXTRA_QUIRKS and "sagittal_top_edge" not in gen.REALISTIC["quirks"]
+    items = summary["quirks"]["sagittal_top_edge"]
+    assert json.loads(json.dumps(items, allow_nan=False)) == items
+    studies = {it["study_id"] for it in items}
+    assert 1 <= len(studies) < TOP_EDGE_SET["n_studies"] and len(items) == 2 * len(studies)
+    assert sorted(it["series_description"] for it in items) == sorted(["Sagittal T1", "Sagittal T2/STIR"]
+                                                                      * len(studies))
+    coords = {r: pd.read_csv(r / "train_label_coordinates.csv") for r in (root, clean)}
+    train = pd.read_csv(root / "train.csv").set_index("study_id")
+    hit = {it["series_id"] for it in items}
+    for it in items:
+        assert gen.TOP_EDGE_PX[0] <= it["top_px"] <= gen.TOP_EDGE_PX[1]
+        assert it["level_rows"][0] == pytest.approx(it["top_px"], abs=1e-3)
+        assert np.all(np.diff(it["level_rows"]) > 20)  # the other levels below, in order
+        files, before = _series_files(root, it), _series_files(clean, it)
+        assert sorted(files) == sorted(before) and [files[i].Rows for i in files] == [before[i].Rows for i in files]
+        rows = coords[root][coords[root].series_id == it["series_id"]]
+        kinds = ({"Spinal Canal Stenosis"} if it["series_description"] == "Sagittal T2/STIR" else
+                 {"Left Neural Foraminal Narrowing", "Right Neural Foraminal Narrowing"})
+        assert set(rows.condition) == kinds and len(rows) == 5 * len(kinds)
+        top = rows[rows.level == "L1/L2"]
+        assert ((top.y >= 0) & (top.y <= TOP_EDGE_ROWS)).all()
+        assert (rows[rows.level != "L1/L2"].y > TOP_EDGE_ROWS + 10).all()
+        old = coords[clean][coords[clean].series_id == it["series_id"]]
+        assert (old.y > TOP_EDGE_ROWS + 10).all()  # the clean set had room above L1/L2
+        for r, o in zip(rows.itertuples(), old.itertuples()):
+            assert (r.instance_number, r.level, r.x) == (o.instance_number, o.level, o.x)
+            if r.y > 0:  # a point jittered above row 0 is clipped, as everywhere
+                ds, dso = files[r.instance_number], before[o.instance_number]
+                assert np.allclose(_to_patient(ds, r.x, r.y), _to_patient(dso, o.x, o.y), atol=2e-3)
+                assert np.allclose(ds.ImagePositionPatient[:2], dso.ImagePositionPatient[:2])
+        if it["series_description"] == "Sagittal T2/STIR":
+            r = top.iloc[0]
+            if train.loc[r.study_id, "spinal_canal_stenosis_l1_l2"] == "Normal/Mild":  # bright canal at the edge
+                ds = files[r.instance_number]
+                img, iop = ds.pixel_array.astype(float), np.array(ds.ImageOrientationPatient, float)
+                sr, sc = (float(v) for v in ds.PixelSpacing)
+                post = (r.x * sc * iop[:3] + r.y * sr * iop[3:] + np.array([0.0, 15.0, 0.0])) @ iop[:3] / sc
+                assert _box(img, r.x, r.y, sr, sc) > 3 * _box(img, post, r.y, sr, sc)
+    skip = {f"{split}/{it['study_id']}/{it['series_id']}/" for it in items for split in ("train_images", "test_images")}
+    ours, theirs = _hashes(root, skip=skip), _hashes(clean, skip=skip)
+    assert len(ours) == len(theirs) > 100
+    assert {k for k in ours if ours[k] != theirs[k]} == {"train_label_coordinates.csv", "GENERATED_BY.txt"}
+    other = [c[~c.series_id.isin(hit)].reset_index(drop=True) for c in coords.values()]
+    pd.testing.assert_frame_equal(other[0], other[1])
+    again = gen.make_study_set(tmp_path / "again", **TOP_EDGE_SET)
+    assert _hashes(tmp_path / "again") == _hashes(root) and again["quirks"] == summary["quirks"]
+
+
 # --- test_faults: a hostile test split, one fault on each of its last seven studies -------------------------------
 
 FAULT_SET = {"n_studies": 2, "seed": 2, "test_studies": 9}

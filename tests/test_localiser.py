@@ -315,13 +315,42 @@ def test_decode_levels_keeps_the_levels_in_order_along_the_spine(defs):
     faint = blobs([4, 10, 22, 22, 28], extra=[(2, 16, 0.01)])
     assert decode(faint, gap)[2, 2] == pytest.approx(22, abs=0.5)
     # L5/S1 slipped onto L4/L5's disc, its only other bump far below at the image's edge: too far to be the next
-    # level (the gap's upper bound), so no ordered choice and no point on the edge
+    # level (the gap's upper bound), so no ordered choice of five and no point on the edge; L5/S1 goes one step
+    # below L4/L5 (test_decode_levels_survives_a_level_at_the_image_edge; before issue 28: on L4/L5's disc, 22)
     edge = blobs([4, 10, 16, 22, 22], extra=[(4, 31, 0.3)])
     assert decode(edge, (3, 99))[4, 2] == pytest.approx(31, abs=1)
-    assert decode(edge, (3, 8))[4, 2] == pytest.approx(22, abs=0.5)  # levels 6 apart: 9 is too far
+    assert decode(edge, (3, 8))[4, 2] == pytest.approx(28, abs=0.5)  # levels 6 apart: 9 is too far
     # two discs 4 pixels apart are two candidates (local maxima of the map itself, not of its 5 x 5 mass)
     close = blobs([4, 10, 16, 20, 20], extra=[(4, 24, 0.5)])
     assert decode(close, (3, 12))[4, 2] == pytest.approx(24, abs=0.5)
+
+
+def test_decode_levels_survives_a_level_at_the_image_edge(defs):
+    """Issue 28: L1/L2's disc at the image's top edge, so its map's only peak sits on L2/L3's disc; levels 2-5 are
+    right, 6 rows apart. No ordered choice of all five exists: levels 2-5 stay on their own discs and L1/L2 goes one
+    step above L2/L3 (extrapolated), not on L2/L3's disc (each map's own peak: the rule before, which failed this)."""
+    decode, gap = defs["decode_levels"], (3, 12)
+    top = decode(blobs([10, 10, 16, 22, 28]), gap)  # L1/L2's own disc would be at row 4
+    np.testing.assert_allclose(top[:, 0], 1)
+    np.testing.assert_allclose(top[:, 2], [4, 10, 16, 22, 28], atol=1e-3)
+    np.testing.assert_allclose(top[:, 1], 16, atol=1e-3)
+    # the same at the bottom edge: L5/S1's only peak on L4/L5's disc
+    bottom = decode(blobs([4, 10, 16, 22, 22]), gap)
+    np.testing.assert_allclose(bottom[:, 2], [4, 10, 16, 22, 28], atol=1e-3)
+    # L1/L2's disc above the image (row -2): kept on the grid, on its neighbour's slice and column
+    above = blobs([4, 4, 10, 16, 22])
+    above[0] = above[0].roll(1, 0)  # L1/L2's mass on slice 2, L2/L3's peak there: the point stays on slice 1
+    clipped = decode(above, gap)
+    np.testing.assert_allclose(clipped[:, 2], [0, 4, 10, 16, 22], atol=1e-3)
+    np.testing.assert_allclose(clipped[:, :2], [[1, 16]] * 5, atol=1e-3)
+    # ... and, given the image area, inside the image on that slice (here rows 3-28 of the 32-row grid)
+    area = np.zeros((3, 32, 32), bool)
+    area[:, 3:29] = True
+    assert decode(above, gap, area=area)[0, 2] == pytest.approx(3)
+    assert decode(blobs([10, 10, 16, 22, 28]), gap, area=area)[0, 2] == pytest.approx(4, abs=1e-3)
+    # two levels slipped in the middle: dropping an end level does not order them: each map's own peak, as before
+    middle = decode(blobs([4, 10, 22, 22, 28]), gap)
+    np.testing.assert_allclose(middle[:, 2], [4, 10, 22, 22, 28], atol=1e-3)
 
 
 def test_localise_never_places_a_point_off_the_image(defs):

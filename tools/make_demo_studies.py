@@ -7,7 +7,8 @@ the series) and the quirks a reader must survive: instance numbers that do not s
 against anatomical order, per-series image size, pixel spacing and intensity scale, and annotated
 slices near the series edge. With quirks on (QUIRKS, REALISTIC) the Sagittal T1 and Axial T2 series get
 their own too: axial blocks tilted to each disc, a missing axial level, interleaved or reversed order.
-Opt-in (EXTRA_QUIRKS, not in REALISTIC): axial_partial, an Axial T2 series that covers only the lowest 1-3 levels.
+Opt-in (EXTRA_QUIRKS, not in REALISTIC): axial_partial, an Axial T2 series that covers only the lowest 1-3 levels;
+sagittal_top_edge, sagittal series whose field of view starts a few pixels above the L1/L2 level.
 A test split (test_studies) can be made hostile (test_faults: split series, a stray image, an unknown series,
 no geometry, blank images, an empty study folder; see _apply_test_faults).
 
@@ -112,7 +113,9 @@ LATE_QUIRKS = ("missing_window",)  # added later: drawn from a stream of their o
 T1_AXIAL_QUIRKS = ("axial_blocks", "axial_missing_level", "interleaved_order", "reversed_order", "axial_partial")
 # Quirks make_study_set accepts that are not in QUIRKS (so not in REALISTIC, whose summary lists every name of
 # QUIRKS): on only when asked for by name. axial_partial: the Axial T2 series covers only the lowest 1-3 levels.
-EXTRA_QUIRKS = ("axial_partial",)
+# sagittal_top_edge: a study's two sagittal series start TOP_EDGE_PX rows above its top annotated point.
+EXTRA_QUIRKS = ("axial_partial", "sagittal_top_edge")
+TOP_EDGE_PX = (1.5, 4.0)  # sagittal_top_edge: row of the L1/L2 point (T2/STIR: canal; T1: foramina), before jitter
 PARTIAL_SLICES = (3, 9)  # axial_partial: slices kept (levels x slices per level), fewest levels most likely
 PARTIAL_WEIGHTS = (0.6, 0.3, 0.1)  # of keeping 1, 2 or 3 levels, among those that fit PARTIAL_SLICES
 BLOCK_TILT = (5.0, 20.0)  # axial_blocks: degrees about patient x, each block tilted to its own disc
@@ -216,8 +219,9 @@ def _grid(rows, cols, sp, q):
 def _sagittal(rng, anat, kind, n, mid, gap, q=None, x_off=None):
     """Sagittal series: pixel volume, per-slice IPP (anatomical order), IOP and the pixel grid g.
 
-    q: the series' geometry quirks (size, aniso, tilt in degrees about patient z); x_off: the slice
-    positions' offset, given for a repeated stack so that it lies at the first stack's positions."""
+    q: the series' geometry quirks (size, aniso, tilt in degrees about patient z; top_px: sagittal_top_edge's row
+    of the L1/L2 point, the canal's on T2/STIR, the foramina's on T1); x_off: the slice positions' offset, given
+    for a repeated stack so that it lies at the first stack's positions."""
     q = q or {}
     rows, cols, sp_r, sp_c = _grid(*_geometry(rng, [256, 320, 384, 448], (220, 300)), q)
     tilt = np.radians(q.get("tilt", 0.0))
@@ -225,6 +229,8 @@ def _sagittal(rng, anat, kind, n, mid, gap, q=None, x_off=None):
     # Canal sits a bit posterior of the image centre, spine vertically centred +/- 10 mm.
     y0 = anat.y_canal - rng.uniform(0.5, 0.62) * cols * ystep
     z0 = rng.uniform(-10, 10) + rows * sp_r / 2
+    if "top_px" in q:  # drawn above all the same: the stream stays as without the quirk
+        z0 = float(anat.z_disc[0] + (4.0 if kind == "Sagittal T1" else 0.0) + q["top_px"] * sp_r)
     y = (y0 + np.arange(cols, dtype=np.float32) * ystep)[None, :]
     z = (z0 - np.arange(rows, dtype=np.float32) * sp_r)[:, None]
     x_off = rng.uniform(-0.5, 0.5) if x_off is None else x_off
@@ -651,6 +657,13 @@ def make_study_set(out_dir, n_studies=40, seed=0, class_mix=(0.6, 0.2, 0.2),
     series_id, series_description, "levels": [kept level names, L1/L2 side first], "instance_numbers": {kept
     level name: [instance numbers, ascending z]}, "uncovered_levels": [level names without slices]}. It applies
     to a test split too (made with the same quirks).
+    sagittal_top_edge (EXTRA_QUIRKS): on the studies it hits (at least one), both sagittal series' field of view
+    is moved along patient z so that the L1/L2 point (Sagittal T2/STIR: the canal centre; Sagittal T1: the
+    foramina) lies TOP_EDGE_PX rows below the top row, before its ~1 mm annotation jitter (the coordinates
+    follow the anatomy; a point jittered above row 0 is clipped to it, as every point is); real series are
+    sometimes framed so tightly. Only those series' pixels and positions change. Summary item per series:
+    {study_id, series_id, series_description, "top_px", "size": [rows, columns], "level_rows": [the five
+    points' rows before jitter, L1/L2 first]}.
     test_studies: N > 0 writes a test split of N other studies in the competition's layout (see
     _write_test_split) instead of the two training studies copied as test images; 0 keeps the output as it was.
     test_faults: True (needs test_studies >= 9) makes the test split hostile: one fault of TEST_FAULTS on each
@@ -707,6 +720,10 @@ def make_study_set(out_dir, n_studies=40, seed=0, class_mix=(0.6, 0.2, 0.2),
     if "axial_partial" in quirks:  # a stream of its own, drawn only when on: other sets stay as they were
         prng = np.random.default_rng([seed, 15])
         flags["axial_partial"] = _force_one(prng, prng.random(n_studies) < quirks["axial_partial"])
+    if "sagittal_top_edge" in quirks:  # a stream of its own, drawn only when on
+        erng = np.random.default_rng([seed, 16])
+        flags["sagittal_top_edge"] = _force_one(erng, erng.random(n_studies) < quirks["sagittal_top_edge"])
+        top_px = erng.uniform(*TOP_EDGE_PX, n_studies)
     found = {name: [] for name in quirks}  # the summary's record of where each quirk is
     count, large_done = {}, False
     spinal_rows, protected = [], set()  # (row index, image columns) of spinal rows; rows bad_coordinates spares
@@ -719,6 +736,8 @@ def make_study_set(out_dir, n_studies=40, seed=0, class_mix=(0.6, 0.2, 0.2),
         qs = [_series_quirks(qrng, flags, s, t) for t in range(3)]
         if "size" in qs[1] and not large_done:  # the first resized T2/STIR series is the largest real size
             qs[1]["size"], large_done = (1024, 1024), True
+        if "sagittal_top_edge" in flags and flags["sagittal_top_edge"][s]:  # both sagittal series (and stacks)
+            qs[0]["top_px"] = qs[1]["top_px"] = float(top_px[s])
 
         n2 = int(rng.integers(15, 18))
         mid2 = int(rng.choice([0, 1, n2 - 2, n2 - 1]) if edge[s] else n2 // 2 + rng.integers(-1, 2))
@@ -777,6 +796,11 @@ def make_study_set(out_dir, n_studies=40, seed=0, class_mix=(0.6, 0.2, 0.2),
                     found[name].append({**where, "pixel_spacing": [g["sp_r"], g["sp_c"]],
                                         "size": [g["rows"], g["cols"]], "orientation": list(iop),
                                         name: list(qs[t][key]) if key == "size" else qs[t][key]})
+            if "top_px" in qs[t]:  # the annotated stack's rows of the five levels' points, before jitter
+                ga = stacks[annotated][3]
+                z_pts = anat.z_disc + (4.0 if kind == "Sagittal T1" else 0.0)
+                found["sagittal_top_edge"].append({**where, "top_px": qs[t]["top_px"], "size": [ga["rows"], ga["cols"]],
+                                                   "level_rows": [float((ga["z0"] - z) / ga["sp_r"]) for z in z_pts]})
 
         instances = {}
         for t, kind in enumerate(SERIES_TYPES):
