@@ -1947,7 +1947,8 @@ if not SUBMIT_ONLY:  # a submission run (submit_from) trains nothing: see sectio
     SAMPLES, IMAGES, MASKS, DATA_ISSUES = build_cache(SAMPLES, CONFIG, NUM_WORKERS)
     if len(DATA_ISSUES):  # every dropped sample, masked and skipped slice, with its file and reason (in the report)
         warn('preprocessing: ' + ', '.join(f'{n} {what}' for what, n in DATA_ISSUES.groupby('what').size().items()))
-        print(DATA_ISSUES.to_string(index=False))
+        print(DATA_ISSUES.head(10).to_string(index=False)
+              + (f'\n... {len(DATA_ISSUES) - 10} more: every one in v9_Results.md' if len(DATA_ISSUES) > 10 else ''))
     _masked = int((DATA_ISSUES['what'] == 'slice masked').sum())
     print(f'{len(SAMPLES)} samples cached; black slices: {_masked} masked (listed above), '
           f'{int((~MASKS[SAMPLES["cache_index"]]).sum()) - _masked} padding (beyond a series edge or in a planned gap)')
@@ -5038,8 +5039,7 @@ def train_epochs(f, config, device, on_epoch_end=None, deadline=None):
     warnings_before = len(WARNINGS)
     earlier_warnings = list(f.state['warnings'])
     first = f.state['epoch'] + 1
-    for epoch in tqdm(range(first, config['epochs'] + 1), desc=f'fold {f.fold} epochs', initial=first - 1,
-                      total=config['epochs'], mininterval=30):
+    for epoch in range(first, config['epochs'] + 1):  # progress: each epoch's batch bar and its summary line
         if f.state.get('stopped_by'):
             break
         start = now()
@@ -5411,11 +5411,11 @@ def score_caveat(oof, config):
     """What the competition numbers are, next to them."""
     terms = sorted({group for group, pattern in METRIC_GROUPS.items() if oof['condition'].str.endswith(pattern).any()}
                    | ({'any_severe_spinal'} if (oof['condition'] == SPINAL).any() else set()))
-    return (f"({SCORE_NAME}: the mean of {', '.join(terms)}, {len(terms)} of the leaderboard's 4 terms (the "
+    return (f"Scored: the mean of {', '.join(terms)}, {len(terms)} of the leaderboard's 4 terms (the "
             "sample-weighted log losses), on crops at the ground-truth point and instance (perfect "
             f"localisation), for the {len(oof)} rows of {oof['study_id'].nunique()} studies that survived "
-            f"filtering, validation folds {sorted(set(oof['fold']))} of {config['num_folds']}; not comparable "
-            'with leaderboard scores)')
+            f"filtering, validation folds {sorted(set(oof['fold']))} of {config['num_folds']}. Not comparable "
+            'with leaderboard scores.')
 
 
 def plot_confusion(confusion, title, name):
@@ -5496,7 +5496,7 @@ if not SUBMIT_ONLY:  # a submission run (submit_from) trains nothing: see sectio
     print(f"{SCORE_NAME} (raw / prior-corrected): {FINAL['competition_score_part']:.4f} / "
           f"{FINAL['corrected']['competition_score_part']:.4f}")
     print(score_caveat(OOF, CONFIG))
-    print(COMPARISON.to_string())
+    print(COMPARISON.iloc[:, :5].to_string())  # each model's terms: in v9_Results.md
     HOLDOUT = holdout_evaluation(FOLD_RESULTS) if 'holdout' in FOLD_RESULTS[0] else None
     if HOLDOUT is not None:
         print(f"held-out studies ({FOLD_RESULTS[0]['holdout']['rows']['study_id'].nunique()}):")
@@ -5857,7 +5857,7 @@ def write_report(config, samples, skipped, failures, results, oof, final, compar
         f'{SCORE_NAME[0].upper() + SCORE_NAME[1:]} (lower is better), raw: '
         + ', '.join(f'{k} {v:.4f}' for k, v in final['competition_terms'].items()) + '; prior-corrected: '
         + ', '.join(f'{k} {v:.4f}' for k, v in final['corrected']['competition_terms'].items())
-        + f'. {score_caveat(oof, config)}.', '',
+        + f'. {score_caveat(oof, config)}', '',
         'Per condition (final model, raw probabilities):', '',
         md_table(per_condition(oof).drop(columns='confusion')), '',
         'All model kinds, pooled over folds (best = chosen on the same fold, so optimistic):', '',
@@ -5894,5 +5894,8 @@ if not SUBMIT_ONLY:  # a submission run (submit_from) trains nothing: see sectio
         [] if SUBMISSION_INFO is None else [pd.DataFrame(SUBMISSION_INFO['issues'], columns=ISSUE_COLUMNS)])
     REPORT = write_report(CONFIG, SAMPLES, SKIPPED, pd.concat(_issues, ignore_index=True), FOLD_RESULTS, OOF, FINAL,
                           COMPARISON, HOLDOUT, ANALYSIS, CONFUSED)
-    print(f"wrote {OUTPUT_DIR / 'v9_Results.md'}, metrics.json, oof.csv")
-    print(success_table(FINAL, FOLD_RESULTS, ANALYSIS, list(OOF['model'])).to_string(index=False))
+    _success = success_table(FINAL, FOLD_RESULTS, ANALYSIS, list(OOF['model']))
+    print(f"wrote {OUTPUT_DIR / 'v9_Results.md'}, metrics.json, oof.csv; the plan's success criteria: "
+          f"{(_success['status'] == 'PASS').sum()} of {len(_success)} met")
+    print(_success[['tier', 'measured', 'status']].assign(
+        criterion=_success['criterion'].str.split(':').str[0].str[:70]).to_string(index=False))
