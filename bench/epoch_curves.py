@@ -7,6 +7,7 @@ prints the validation loss and balanced accuracy per epoch, the optimiser steps 
 validation loss comes within 5 % of the run's lowest before SWA starts.
 
     python bench/epoch_curves.py [--studies 48] [--out /tmp/epoch_curves]
+    python bench/epoch_curves.py --shared --out /tmp/epoch_curves15   # all five at SHARED_SCHEDULE's shape
 """
 
 import argparse
@@ -24,15 +25,15 @@ RUNS = {"spinal canal alone": ["spinal_canal_stenosis"],
                      "left_subarticular_stenosis", "right_subarticular_stenosis"]}
 
 
-def curve(name, conditions, studies, out):
+def curve(name, conditions, studies, out, schedule=PLAN_SCHEDULE):
     """One notebook run; its per-epoch validation curve and when it levels off."""
     start = time.time()
     folder = out / name.replace(" ", "_")
     ns = notebook_namespace({"demo": True, "conditions": conditions, "demo_studies": studies, "num_workers": 2,
-                             "output_dir": str(folder), **PLAN_SCHEDULE}, tags=None)
+                             "output_dir": str(folder), **schedule}, tags=None)
     history = json.loads((folder / "metrics.json").read_text())["history"]["0"]
     losses = [row["val_loss"] for row in history]
-    before_swa = losses[:PLAN_SCHEDULE["swa_start_epoch"] - 1]
+    before_swa = losses[:schedule["swa_start_epoch"] - 1]
     level = next(e for e, loss in enumerate(before_swa, 1) if loss <= 1.05 * min(before_swa))
     steps = len(ns["SAMPLES"].query("fold != 0 and fold >= 0")) // ns["CONFIG"]["batch_size"]
     return {"run": name, "steps_per_epoch": steps, "seconds": round(time.time() - start),
@@ -45,11 +46,18 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--studies", type=int, default=48)
     parser.add_argument("--out", type=Path, default=Path("/tmp/epoch_curves"))
+    parser.add_argument("--shared", action="store_true", help="all five conditions only, at the notebook's "
+                        "SHARED_SCHEDULE (early stopping off, every epoch validated) instead of the plan's schedule")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    runs, schedule = RUNS, PLAN_SCHEDULE
+    if args.shared:
+        shared = notebook_namespace({}, tags=("parameters", "defs"))["SHARED_SCHEDULE"]
+        runs = {"all five": RUNS["all five"]}
+        schedule = {**shared, "patience": shared["epochs"], "val_every": 1}
     rows = []
-    for name, conditions in RUNS.items():
-        rows.append(curve(name, conditions, args.studies, args.out))
+    for name, conditions in runs.items():
+        rows.append(curve(name, conditions, args.studies, args.out, schedule))
         print(json.dumps(rows[-1]), flush=True)
     (args.out / "curves.json").write_text(json.dumps(rows, indent=1))
 
