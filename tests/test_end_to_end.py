@@ -82,3 +82,24 @@ def test_oof_and_metrics_agree(run):
     assert metrics["final"]["ba"] == pytest.approx(np.mean(recalls))
     assert [row["epoch"] for row in metrics["history"]["0"]] == [1, 2, 3]
     assert {"best", "last", "swa"} >= {k.split(" ")[0] for k in metrics["comparison"]}
+
+
+def test_the_executed_notebook_reads_as_html(run):
+    """Issue 30: the executed demo as a user reads it in a browser (`jupyter nbconvert --to html`): a heading per
+    section, numbered 1-12 in order; no cell output over 60 lines (a progress bar's refreshes collapse to the last,
+    as a browser shows them); every figure the run wrote shown inline."""
+    import nbconvert
+    import nbformat
+
+    executed = run.parent / "executed.ipynb"
+    html, _ = nbconvert.HTMLExporter().from_filename(str(executed))
+    numbers = [int(n) for n in re.findall(r'<h2 id="[^"]*">(\d+)\. ', html)]
+    assert numbers == list(range(1, 13)), numbers
+    for cell in nbformat.read(executed, as_version=4).cells:
+        if cell.cell_type == "code":
+            text = "".join(o.get("text", "") for o in cell.get("outputs", []) if o.get("output_type") == "stream")
+            shown = [re.sub(r"^.*\r(?!$)", "", line) for line in text.splitlines()]
+            assert len(shown) <= 60, (cell.source.splitlines()[0], len(shown))
+    written = sorted(p.stem for p in (run / "figures").glob("*.png"))
+    assert set(FIGURES) <= set(written)
+    assert len(re.findall(r'<img [^>]*src="data:image/png;base64,', html)) >= len(written), written
