@@ -4605,7 +4605,8 @@ def finish_seconds(history, rows):
 # measured projection replaces it. `bench/cost.py` prints the same model for any CONFIG.
 
 # %% tags=["defs"]
-PLAN_RUN = {'conditions': [SPINAL], 'img_size': PLAN_IMG_SIZE, 'num_slices': 7, 'epochs': 25, 'val_every': 1,
+PLAN_RUN = {'conditions': [SPINAL], 'img_size': PLAN_IMG_SIZE, 'num_slices': 7, 'epochs': PLAN_SCHEDULE['epochs'],
+            'val_every': 1,
             'holdout_frac': 0.0, 'num_folds': 5}  # the plan's run (v9_Implementation_Plan.md): every cost ratio's 1.0
 
 

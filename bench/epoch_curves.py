@@ -19,13 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from notebook_cells import notebook_namespace  # noqa: E402
 
-PLAN_SCHEDULE = {"epochs": 25, "warmup_epochs": 2, "swa_start_epoch": 18, "patience": 25, "val_every": 1}
-RUNS = {"spinal canal alone": ["spinal_canal_stenosis"],
-        "all five": ["spinal_canal_stenosis", "left_neural_foraminal_narrowing", "right_neural_foraminal_narrowing",
-                     "left_subarticular_stenosis", "right_subarticular_stenosis"]}
 
-
-def curve(name, conditions, studies, out, schedule=PLAN_SCHEDULE):
+def curve(name, conditions, studies, out, schedule):
     """One notebook run; its per-epoch validation curve and when it levels off."""
     start = time.time()
     folder = out / name.replace(" ", "_")
@@ -50,11 +45,12 @@ def main():
                         "SHARED_SCHEDULE (early stopping off, every epoch validated) instead of the plan's schedule")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    runs, schedule = RUNS, PLAN_SCHEDULE
-    if args.shared:
-        shared = notebook_namespace({}, tags=("parameters", "defs"))["SHARED_SCHEDULE"]
-        runs = {"all five": RUNS["all five"]}
-        schedule = {**shared, "patience": shared["epochs"], "val_every": 1}
+    nb = notebook_namespace({}, tags=("parameters", "defs"))  # the notebook's schedules and conditions
+    table = nb["SHARED_SCHEDULE" if args.shared else "PLAN_SCHEDULE"]
+    schedule = {**table, "patience": table["epochs"], "val_every": 1}  # early stopping off, every epoch validated
+    runs = {"all five": list(nb["CONDITION_SERIES"])}
+    if not args.shared:
+        runs = {"spinal canal alone": [nb["SPINAL"]], **runs}
     rows = []
     for name, conditions in runs.items():
         rows.append(curve(name, conditions, args.studies, args.out, schedule))
