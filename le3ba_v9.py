@@ -2473,32 +2473,70 @@ def volume_input(volume, device):
     return neighbour_channels(torch.from_numpy(volume['image']).to(device).float().div_(255))
 
 
+# %% [markdown]
+# Training views: the classifier's augmentation with wider ranges, the slice order reversed half the time (the
+# patient mirrored), and, for the sagittal localisers, a share of views framed tightly at the top or bottom level,
+# as some real series are. Without those the localiser names a level by its height in the image, and puts every
+# level of a series that starts just above L1/L2 one disc low.
+
+# %% tags=["defs"]
 LOC_AUGMENT = {'aug_rotate': 10.0, 'aug_scale': 0.2, 'aug_shift': 0.1}  # over the classifier's aug_* settings: whole
 #     series differ more in field of view and where the spine sits than crops around a point do
+LOC_EDGE_VIEWS = (0.3, 0.05)  # a volume localiser's views framed tightly (edge_view): their share, and the most
+#     grid left beyond the end level (a fraction of its rows); real series sometimes start just above L1/L2
 
 
-def augment_study(volume, target, rng, config, device, mirror=None):
-    """One training view of a study: (input (n, 4, S, S), target (maps, 3), valid (n,)). The classifier's
+def augment_study(volume, target, rng, config, device, mirror=None, edges=False):
+    """One training view of a study: (input (n, 4, S, S), target (maps, 3), valid (n,)). With `edges` (maps of
+    levels down the spine), a share of the views framed tightly first (edge_view). Then the classifier's
     augmentation (draw_augmentation, augment_on_device: one zoom, rotation and shift for all slices, then gamma,
     contrast and brightness) with LOC_AUGMENT's ranges, so the row/column channels stop being a shortcut; the slice
     order is reversed half the time, the patient mirrored left-right: `mirror` permutes the maps to match
     (mirror_maps; None: none to exchange; False: never reversed). Targets move with the image; a point pushed out
     of view is dropped."""
     size, valid = volume['image'].shape[-1], volume['valid']
+    image = torch.from_numpy(volume['image']).to(device).float().div_(255)
+    target = np.array(target, float)
+    if edges and rng.random() < LOC_EDGE_VIEWS[0]:
+        image, target = edge_view(image, target, rng)
     aug = draw_augmentation(rng, {**config, **LOC_AUGMENT})
     angle, scale, shift = math.radians(aug[0]), aug[1], aug[2:4]
     rotate_back = np.array([[math.cos(angle), math.sin(angle)], [-math.sin(angle), math.cos(angle)]])
-    target = np.array(target, float)
     q = (2 * target[:, 1:] + 1) / size - 1  # pixel centres -> [-1, 1] (affine_grid, align_corners=False)
     target[:, 1:] = ((scale * q @ rotate_back.T + 2 * shift + 1) * size - 1) / 2  # augment_on_device's forward map
     target[((target[:, 1:] < -0.5) | (target[:, 1:] > size - 0.5)).any(1)] = np.nan
-    image = torch.from_numpy(volume['image']).to(device).float().div_(255)
     if mirror is not False and rng.random() < 0.5:
         target = target if mirror is None else target[mirror]
         image, valid, target[:, 0] = image.flip(0), valid[::-1].copy(), len(valid) - 1 - target[:, 0]
     x = augment_on_device(image[None, :, None], torch.from_numpy(aug)[None].to(device),
                           torch.from_numpy(valid)[None].to(device), size)
     return neighbour_channels(x[0, :, 0]), target, valid
+
+
+def edge_view(image, target, rng):
+    """The slices (n, S, S) and targets (maps, 3) as a series framed tightly along the spine shows them: the spine
+    moved up (or, half the time, down) so that its top level L1/L2 (bottom level L5/S1) lies 0 to LOC_EDGE_VIEWS[1]
+    of the rows inside the image's top (bottom) edge (fit_square's band), what it moved beyond that edge cut off (a
+    level with it: no target), black where it left; only to an end whose level is annotated. The levels then sit
+    higher or lower than a series framed around the whole lumbar spine puts them: without such views the localiser
+    learned a level's name from its height and put every level of a series starting just above L1/L2 one disc low
+    (issue 28)."""
+    level = np.arange(len(target)) % len(LEVELS)  # maps: the levels of each condition in turn
+    ends = [end for end in (0, len(LEVELS) - 1) if not np.isnan(target[level == end, 2]).all()]
+    filled = torch.nonzero(image.amax((0, 2)) > 0).flatten().tolist()  # the image's rows inside fit_square's band
+    if not ends or not filled:  # an end level not annotated: its neighbour at the edge would be a wrong lesson
+        return image, target
+    size, margin = image.shape[-2], rng.uniform(0, LOC_EDGE_VIEWS[1]) * image.shape[-2]
+    end = ends[rng.integers(len(ends))]  # rows run head to feet (fit_square): L1/L2 at the top
+    rows = target[level == end, 2]
+    shift = round(filled[0] + margin - np.nanmin(rows)) if end == 0 else round(filled[-1] - margin - np.nanmax(rows))
+    moved = torch.zeros_like(image)
+    moved[:, max(0, shift):size + min(0, shift)] = image[:, max(0, -shift):size - max(0, shift)]
+    moved[:, :filled[0]] = 0
+    moved[:, filled[-1] + 1:] = 0
+    target = target + np.array([0, 0, shift])
+    target[(target[:, 2] < filled[0] - 0.5) | (target[:, 2] > filled[-1] + 0.5)] = np.nan  # cut off with its disc
+    return moved, target
 
 
 def level_log_probs(logits, valid):
@@ -2674,13 +2712,15 @@ def localise_levels(models, volume, device, config, conds, canal=None):
 # time for the rest of the run. Steered by `loc_lr`, `loc_batch`, `loc_augment`.
 
 # %% tags=["defs"]
-def train_localiser(volumes, targets, studies, config, device, seed, name='localiser', deadline=None, mirror=None):
+def train_localiser(volumes, targets, studies, config, device, seed, name='localiser', deadline=None, mirror=None,
+                    edges=False):
     """A LevelLocaliser with a map per target row, trained on `studies` (keys of volumes/targets): AdamW, one-cycle
     LR, `loc_batch` studies per step (their slices in one forward pass), each step through guarded_step (a
     GradScaler under fp16; no clipping; a non-finite step skipped, reported as `name`'s and counted towards
-    max_nonfinite_steps). `mirror`: augment_study's. With a `deadline` (now() time), the first step's time sizes
-    the schedule to the epochs that end before it, so the learning rate is annealed by the last of them; no epoch
-    starts that would not end in time. Returns (model, mean loss of the applied steps per epoch, skipped steps)."""
+    max_nonfinite_steps). `mirror`, `edges`: augment_study's. With a `deadline` (now() time), the first step's time
+    sizes the schedule to the epochs that end before it, so the learning rate is annealed by the last of them; no
+    epoch starts that would not end in time. Returns (model, mean loss of the applied steps per epoch, skipped
+    steps)."""
     seed_everything(seed)
     model = LevelLocaliser(config['loc_channels'], len(targets[studies[0]])).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config['loc_lr'], weight_decay=1e-4)
@@ -2695,7 +2735,7 @@ def train_localiser(volumes, targets, studies, config, device, seed, name='local
         order, applied = rng.permutation(len(studies)), []
         for b in range(batches):
             batch = [studies[i] for i in order[b * config['loc_batch']:(b + 1) * config['loc_batch']]]
-            views = [augment_study(volumes[s], targets[s], rng, config, device, mirror) if config['loc_augment']
+            views = [augment_study(volumes[s], targets[s], rng, config, device, mirror, edges) if config['loc_augment']
                      else (volume_input(volumes[s], device), targets[s], volumes[s]['valid']) for s in batch]
             saved_bn = batchnorm_buffers(model)
             with autocast(device, config):
@@ -2981,7 +3021,7 @@ def train_fold_localisers(data, series_of, train, fold, config, device, deadline
             raise ValueError(f'fold {fold}: no training study has a readable annotated {series} series')
         models[series], losses[series], n = train_localiser(
             *items, config, device, config['seed'] + 100 + fold + 1000 * k, f'fold {fold} {series} localiser',
-            share, mirror_maps(conds) if mode.mirrored else False)
+            share, mirror_maps(conds) if mode.mirrored else False, not mode.per_level)
         skipped += n
         if len(losses[series]) < config['loc_epochs']:
             warn(f"fold {fold}: {series} localiser stopped by the time budget after epoch {len(losses[series])} of "

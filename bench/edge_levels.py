@@ -72,11 +72,12 @@ def main(argv=None):
             models[series] = torch.load(path, map_location="cpu", weights_only=False)
         else:
             k = list(every).index(series)  # train_fold_localisers' seed for fold 0
-            items = nb["training_items"](data[series], [s for s in train if s in data[series]["volumes"]],
-                                         nb["LOC_MODE"][series])
-            mirror = nb["mirror_maps"](conds) if nb["LOC_MODE"][series] == "volume" else False
+            mode = nb["LOC_MODE"][series]
+            items = mode.items(data[series], [s for s in train if s in data[series]["volumes"]])
             models[series] = nb["train_localiser"](*items, config, CPU, config["seed"] + 100 + 1000 * k,
-                                                   f"fold 0 {series} localiser", None, mirror)[0]
+                                                   f"fold 0 {series} localiser", None,
+                                                   nb["mirror_maps"](conds) if mode.mirrored else False,
+                                                   not mode.per_level)[0]
             torch.save(models[series], path)
         print(f"{series}: localiser ready at {time.time() - start:.0f} s")
     rules = {"new": nb["decode_levels"]}
