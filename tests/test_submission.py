@@ -188,8 +188,8 @@ def test_kaggle_flow_training_run_writes_a_valid_submission_that_beats_the_prior
     model, prior = scores(nb, flow_set, submission, priors)
     print("clean test split, terms (submission vs priors only):",
           {t: (round(model[t], 3), round(prior[t], 3)) for t in model})
-    # measured (2026-12-03, torch 2.14.1, `python -m pytest -s tests/test_submission.py`, the Axial T2 crop at 30 mm):
-    # spinal 0.243 vs 0.968, foraminal 0.410 vs 1.105, subarticular 0.520 vs 1.146, any_severe_spinal 0.098 vs 0.660
+    # measured (2026-12-07, torch 2.14.1, `python -m pytest -s tests/test_submission.py`, with edge views):
+    # spinal 0.091 vs 0.968, foraminal 0.527 vs 1.105, subarticular 0.508 vs 1.146, any_severe_spinal 0.015 vs 0.660
     for term in ("spinal", "foraminal", "subarticular"):
         assert model[term] < 0.8 * prior[term], term  # each at least a fifth below the priors' loss
     report = (runs / "train" / "v9_Results.md").read_text()
