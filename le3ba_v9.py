@@ -254,8 +254,6 @@ CONFIG = {
     'aug_contrast': 0.20,        # multiplicative about mid-grey
     'aug_gamma': 0.20,           # gamma in [1 - g, 1 + g]
     'aug_noise': 0.02,           # Gaussian noise std, fraction of full range
-    'slice_jitter_by_series': {'Axial T2': 0.2},  # share of a series type's training stacks moved by one slice
-                                 # (move_one_slice): the axial localiser's slice is the next one on ~22 % of points
     'backbone': 'efficientnet_v2_s',  # or 'mobilenet_v3_small' (CPU demos and tests only)
     'pretrained': 'imagenet',    # 'imagenet' (torchvision download) | path to a .pth file | 'none'
     'min_minority_recall': 0.20,  # save gate: min(Moderate, Severe) recall needed to save a best model
@@ -514,10 +512,6 @@ def check_settings(config):
     if set(crops) - set(CONDITION_SERIES.values()) or not all(float(v) > 0 for v in crops.values()):
         raise ValueError(f"CONFIG['crop_mm_by_series'] = {crops!r}: millimetres (> 0) per series type of "
                          f'{sorted(set(CONDITION_SERIES.values()))}')
-    jitter = config['slice_jitter_by_series'] or {}
-    if set(jitter) - set(CONDITION_SERIES.values()) or not all(0 <= float(v) <= 1 for v in jitter.values()):
-        raise ValueError(f"CONFIG['slice_jitter_by_series'] = {jitter!r}: a share (0-1) of the training stacks per "
-                         f'series type of {sorted(set(CONDITION_SERIES.values()))}')
     if config['localiser'] == 'on' and not config['submit_from'] and SPINAL not in config['conditions']:
         raise ValueError(f"CONFIG['localiser'] = 'on' needs {SPINAL!r} in CONFIG['conditions'] (the localiser finds "
                          'its points from the spinal canal annotations)')
@@ -1709,9 +1703,8 @@ def read_issues(folder):
 # %% [markdown]
 # ### 3.6 Augmentation and the dataset
 # Training only: crop-centre shift, zoom and rotation, one transform for all slices of a sample, then gamma,
-# contrast, brightness and light noise (`aug_*`); for the series types in `slice_jitter_by_series`, a share of the
-# stacks moved by one slice, as a localiser one slice off centres them at test time. The loader workers only draw
-# each sample's parameters (from seed, epoch and index) and copy uint8 bytes, so a few CPU cores keep up with the GPU.
+# contrast, brightness and light noise (`aug_*`). The loader workers only draw each sample's parameters (from seed,
+# epoch and index) and copy uint8 bytes, so a few CPU cores keep up with the GPU.
 
 # %% tags=["defs"]
 AUG_PARAMS = ('angle_deg', 'scale', 'shift_x', 'shift_y', 'gamma', 'contrast', 'brightness')
@@ -1750,8 +1743,6 @@ class RSNADatasetV9(Dataset):
         self.masks = torch.from_numpy(masks[self.cache_index])
         self.levels = torch.tensor(samples['target_idx'].to_numpy())  # the model's condition x level row
         self.labels = torch.tensor(samples['label'].to_numpy())
-        jitter = config.get('slice_jitter_by_series') or {}  # a run saved before the key: none
-        self.jitter = samples['condition'].map(lambda c: jitter.get(CONDITION_SERIES[c], 0.0)).to_numpy(float)
 
     def set_epoch(self, epoch):
         self.epoch.fill_(epoch)
@@ -1762,28 +1753,12 @@ class RSNADatasetV9(Dataset):
     def __getitem__(self, i):
         stack = self.images[self.cache_index[i]]
         stack = np.array(stack if self.train else centre_crop(stack, self.config['img_size']))  # a copy, not a view
-        mask = self.masks[i]
-        if self.train and self.jitter[i]:  # a stream of its own: the other augmentation draws stay as they were
-            stack, mask = move_one_slice(stack, mask, self.jitter[i],
-                                         np.random.default_rng([self.config['seed'], int(self.epoch), i, 1]))
         image = torch.from_numpy(stack).unsqueeze(1).expand(-1, 3, -1, -1)
-        sample = {'image': image, 'mask': mask, 'level': self.levels[i], 'label': self.labels[i], 'index': i}
+        sample = {'image': image, 'mask': self.masks[i], 'level': self.levels[i], 'label': self.labels[i], 'index': i}
         if self.train:
             rng = np.random.default_rng([self.config['seed'], int(self.epoch), i])
             sample['aug'] = torch.from_numpy(draw_augmentation(rng, self.config))
         return sample
-
-
-def move_one_slice(stack, mask, share, rng):
-    """With probability `share`, the stack (slices, S, S) and its mask (slices,) moved one slot towards a random
-    end, the slot it leaves black and masked: the stack a test study gets when its localiser puts the slice one off
-    (issue 28: 22 % of the axial points on the Kaggle-flow run). Otherwise the same stack and mask."""
-    if rng.random() >= share:
-        return stack, mask
-    step = 1 if rng.random() < 0.5 else -1
-    stack, mask = np.roll(stack, step, 0), mask.roll(step, 0)
-    stack[0 if step > 0 else -1], mask[0 if step > 0 else -1] = 0, False
-    return stack, mask
 
 
 # %% [markdown]
