@@ -7,13 +7,15 @@ validation rows: the official metric's terms three ways on the same rows and fin
 - predicted: the run's own localisers (localiser.pt) predicting each validation study as a test study;
 
 then, per condition, the mean log loss of its rows at oracle and predicted points by the localiser's slice error
-(localisation.csv), and the rows whose loss grows most, with their slice and in-plane (mm) errors.
+(localisation.csv), and the rows whose loss grows most, with their slice and in-plane (mm) errors and what each
+adds to its term. Returns (the terms three ways, the rows); tests/test_submission.py runs it on the flow run.
 
     python bench/point_gap.py <run output folder, e.g. the Kaggle-flow test's kaggle_flow0/train> <its data root>
 """
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -32,14 +34,13 @@ def main(argv=None):
     p.add_argument("run", help="output folder of a training run (fold*/final.pt and localiser.pt, oof.csv, "
                                "localisation.csv)")
     p.add_argument("data", help="the data root it trained on")
-    p.add_argument("--rows", type=int, default=10, help="rows listed per condition group (default 10)")
+    p.add_argument("--rows", type=int, default=10, help="rows listed (default 10)")
+    p.add_argument("--out", help="folder for the crop caches (default: a new temporary folder)")
     a = p.parse_args(argv)
-    run_dir, cpu = Path(a.run), torch.device("cpu")
-    nb = notebook_namespace({"data_root": a.data, "output_dir": str(run_dir / "point_gap"), "pretrained": "none",
-                             "num_workers": 0})
+    run_dir, cpu, out = Path(a.run), torch.device("cpu"), Path(a.out or tempfile.mkdtemp())
+    nb = notebook_namespace({"data_root": a.data, "output_dir": str(out), "pretrained": "none", "num_workers": 0})
     run = nb["load_run"](run_dir, nb["CONFIG"], cpu)
-    config = {**run["config"], "data_root": a.data, "output_dir": str(run_dir / "point_gap"),
-              "cache_dir": str(run_dir / "point_gap" / "cache")}
+    config = {**run["config"], "data_root": a.data, "output_dir": str(out), "cache_dir": str(out / "cache")}
     oof = pd.read_csv(run_dir / "oof.csv")
     studies = sorted(set(oof["study_id"]))
     samples = nb["build_sample_table"](config)[0]
@@ -78,6 +79,7 @@ def main(argv=None):
     print(frame.sort_values("term share", ascending=False).head(a.rows)[
         KEYS + ["label", "slice_error", "error_mm", "loss_oracle", "loss_predicted", "term share"]]
         .round(3).to_string(index=False))
+    return pd.DataFrame(terms).T, frame
 
 
 def log_loss_rows(frame, columns):

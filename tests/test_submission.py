@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -198,6 +199,34 @@ def test_kaggle_flow_training_run_writes_a_valid_submission_that_beats_the_prior
     for name in ("localisation", "localisation_sagittal_t1", "localisation_axial_t2"):
         assert (runs / "train" / "figures" / f"{name}.png").stat().st_size > 5_000, name
 
+
+
+def test_point_gap_reproduces_the_reports_terms_and_the_annotated_points_give_the_oracle(runs, flow_set, tmp_path):
+    """Issue 28: bench/point_gap.py on the flow run. The annotated points handed to the predicted-point path give the
+    oracle terms for all five conditions (else that path, not the localisers, would cost); its own localisers give
+    the report's predicted terms; every validation row is listed once, with the localiser's slice error, and its
+    share of its term adds up to the term's gap."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import point_gap
+
+    terms, rows = point_gap.main([str(runs / "train"), str(flow_set), "--out", str(tmp_path)])
+    np.testing.assert_allclose(terms.loc["annotated via the test path"], terms.loc["oracle"], atol=1e-6)
+    report = (runs / "train" / "v9_Results.md").read_text().split("| term | oracle raw | predicted raw |")[1]
+    report = report.split("\n\n")[0]  # the terms table, oracle beside predicted
+    table = {line.split("|")[1].strip(): [float(x) for x in line.split("|")[2:4]]
+             for line in report.splitlines()[2:] if line.startswith("| ")}
+    for term, (oracle, predicted) in table.items():
+        assert terms.loc["oracle", term] == pytest.approx(oracle, abs=6e-5)
+        assert terms.loc["predicted", term] == pytest.approx(predicted, abs=6e-5)
+    oof = pd.read_csv(runs / "train" / "oof.csv")
+    assert len(rows) == len(oof) and not rows.duplicated(["study_id", "condition", "level"]).any()
+    assert rows["slice_error"].notna().all()  # every point placed on this clean set
+    gap = terms.loc["predicted"] - terms.loc["oracle"]
+    for term in ("foraminal", "subarticular"):
+        share = rows.loc[rows["condition"].str.endswith(term.replace("foraminal", "foraminal_narrowing")
+                                                        .replace("subarticular", "subarticular_stenosis")),
+                         "term share"].sum()
+        assert share == pytest.approx(gap[term], abs=1e-3)
 
 
 def test_build_submission_takes_each_conditions_probabilities_and_the_priors_elsewhere(nb):
