@@ -4,7 +4,8 @@ validation rows: the official metric's terms three ways on the same rows and fin
 - oracle: the run's oof.csv (crops at the annotated slice and point, the cached path);
 - annotated via the test path: the annotated points handed to the predicted-point path (point_rows,
   localisation_cost), which must give the oracle terms, or that path itself is off;
-- predicted: the run's own localisers (localiser.pt) predicting each validation study as a test study;
+- predicted: the run's own localisers (each fold's localiser.pt) predicting its fold's validation studies as test
+  studies;
 
 then, per condition, the mean log loss of its rows at oracle and predicted points by the localiser's slice error
 (localisation.csv), and the rows whose loss grows most, with their slice and in-plane (mm) errors and what each
@@ -51,8 +52,13 @@ def main(argv=None):
         data = nb["localiser_data"](samples, config, series, conds, 1)
         annotated[series] = {s: [(data["volumes"][s], t)] for s, t in data["targets"].items()}
     descriptions = pd.read_csv(Path(a.data) / "train_series_descriptions.csv")
-    found = nb["predict_points"](run["localisers"], series_of, descriptions, Path(a.data) / "train_images", studies,
-                                 config, cpu, "validation")["found"]
+    found = {series: {} for series in series_of}
+    for k, fold in enumerate(run["folds"]):  # each fold's validation studies by that fold's localisers alone
+        fold_studies = sorted(set(oof.loc[oof["fold"] == int(fold.removeprefix("fold")), "study_id"]))
+        models = {series: [fold_models[k]] for series, fold_models in run["localisers"].items()}
+        for series, by_study in nb["predict_points"](models, series_of, descriptions, Path(a.data) / "train_images",
+                                                     fold_studies, config, cpu, "validation")["found"].items():
+            found[series].update(by_study)
     costs = {name: nb["localisation_cost"](oof, SimpleNamespace(points=nb["point_rows"](points, series_of)), run,
                                            config, cpu, 0)
              for name, points in (("annotated via the test path", annotated), ("predicted", found))}
