@@ -76,8 +76,8 @@ def main(argv=None):
     print("\nmean log loss per row by slice error (NaN: not placed), oracle -> predicted:")
     print(frame.groupby(["condition", frame["slice_error"].fillna(-1)])[["loss_oracle", "loss_predicted"]]
           .agg(["mean", "count"]).round(3).to_string())
-    weight = frame["label"].map({0: 1.0, 1: 2.0, 2: 4.0})  # the metric's row weights
-    term = frame["condition"].str.replace("(left|right)_", "", regex=True)
+    weight = pd.Series(np.array(nb["ROW_WEIGHTS"])[frame["label"]], frame.index)  # the metric's row weights
+    term = frame["condition"].map(lambda c: next(g for g, end in nb["METRIC_GROUPS"].items() if c.endswith(end)))
     grows = weight * (frame["loss_predicted"] - frame["loss_oracle"])
     frame["term share"] = grows / weight.groupby(term).transform("sum")
     print(f"\nthe {a.rows} rows whose loss grows most ('term share': what the row adds to its term, weighted by its "

@@ -223,9 +223,7 @@ def test_point_gap_reproduces_the_reports_terms_and_the_annotated_points_give_th
     assert rows["slice_error"].notna().all()  # every point placed on this clean set
     gap = terms.loc["predicted"] - terms.loc["oracle"]
     for term in ("foraminal", "subarticular"):
-        share = rows.loc[rows["condition"].str.endswith(term.replace("foraminal", "foraminal_narrowing")
-                                                        .replace("subarticular", "subarticular_stenosis")),
-                         "term share"].sum()
+        share = rows.loc[rows["condition"].str.contains(term), "term share"].sum()
         assert share == pytest.approx(gap[term], abs=1e-3)
 
 
