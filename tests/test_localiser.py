@@ -17,13 +17,16 @@ LOC = {"loc_size": 64, "loc_channels": 8, "loc_epochs": 20, "loc_batch": 1, "loc
 MEDIAN_MM = 4.0  # median in-plane error on validation must be below this (64 px grid: ~4-5 mm per pixel)
 
 
+def loc_namespace(root, out):
+    """The notebook's definitions for a spinal-canal localiser run on `root` (4 folds, LOC's sizes)."""
+    return notebook_namespace({"data_root": str(root), "output_dir": str(out), "img_size": 64, "num_workers": 0,
+                               "backbone": "mobilenet_v3_small", "pretrained": "none",
+                               "conditions": ["spinal_canal_stenosis"], "num_folds": 4, **LOC})
+
+
 @pytest.fixture(scope="module")
 def setup(loc_study_set, tmp_path_factory):
-    out = tmp_path_factory.mktemp("loc_run")
-    nb = notebook_namespace({"data_root": str(loc_study_set), "output_dir": str(out), "img_size": 64,
-                             "num_workers": 0, "backbone": "mobilenet_v3_small", "pretrained": "none",
-                             "conditions": ["spinal_canal_stenosis"],
-                             "num_folds": 4, **LOC})
+    nb = loc_namespace(loc_study_set, tmp_path_factory.mktemp("loc_run"))
     config = nb["CONFIG"]
     samples, _ = nb["build_sample_table"](config)
     return nb, config, nb["assign_folds"](samples, config)
@@ -193,9 +196,7 @@ def test_localiser_finds_the_levels_of_a_series_framed_at_the_top_edge(edge_set,
     within half a disc (15 mm) of its annotation and on its slice or the next, while the clean studies stay as
     good as in the learning test."""
     root, edge = edge_set
-    nb = notebook_namespace({"data_root": str(root), "output_dir": str(tmp_path), "img_size": 64,
-                             "num_workers": 0, "backbone": "mobilenet_v3_small", "pretrained": "none",
-                             "conditions": ["spinal_canal_stenosis"], "num_folds": 4, "train_folds": [0], **LOC})
+    nb = loc_namespace(root, tmp_path)
     config = nb["CONFIG"]
     samples = nb["assign_folds"](nb["build_sample_table"](config)[0], config)
     table = nb["train_localisers"](samples, [0], config, CPU, 1).table
