@@ -2475,31 +2475,33 @@ def volume_input(volume, device):
 
 # %% [markdown]
 # Training views: the classifier's augmentation with wider ranges, the slice order reversed half the time (the
-# patient mirrored), and, for the sagittal localisers, a share of views framed tightly at the top or bottom level,
-# as some real series are. Without those the localiser names a level by its height in the image, and puts every
-# level of a series that starts just above L1/L2 one disc low.
+# patient mirrored), and, for the sagittal localisers, the spine shifted up to 30 % of the image and a share of views
+# framed tightly at the top or bottom level, as some real series are. Without those the localiser names a level by
+# its height in the image, and puts every level of a series that starts just above L1/L2 one disc low.
 
 # %% tags=["defs"]
 LOC_AUGMENT = {'aug_rotate': 10.0, 'aug_scale': 0.2, 'aug_shift': 0.1}  # over the classifier's aug_* settings: whole
 #     series differ more in field of view and where the spine sits than crops around a point do
+LOC_SPINE_SHIFT = 0.3  # a volume localiser's shift range (of the image's side, LOC_AUGMENT's 0.1 elsewhere): where
+#     a disc sits in the image says little of which disc it is
 LOC_EDGE_VIEWS = (0.3, 0.05)  # a volume localiser's views framed tightly (edge_view): their share, and the most
 #     grid left beyond the end level (a fraction of its rows); real series sometimes start just above L1/L2
 
 
-def augment_study(volume, target, rng, config, device, mirror=None, edges=False):
-    """One training view of a study: (input (n, 4, S, S), target (maps, 3), valid (n,)). With `edges` (maps of
-    levels down the spine), a share of the views framed tightly first (edge_view). Then the classifier's
-    augmentation (draw_augmentation, augment_on_device: one zoom, rotation and shift for all slices, then gamma,
-    contrast and brightness) with LOC_AUGMENT's ranges, so the row/column channels stop being a shortcut; the slice
-    order is reversed half the time, the patient mirrored left-right: `mirror` permutes the maps to match
-    (mirror_maps; None: none to exchange; False: never reversed). Targets move with the image; a point pushed out
-    of view is dropped."""
+def augment_study(volume, target, rng, config, device, mirror=None, spine=False):
+    """One training view of a study: (input (n, 4, S, S), target (maps, 3), valid (n,)). With `spine` (maps of
+    levels down the spine), a share of the views framed tightly first (edge_view), and shifts up to LOC_SPINE_SHIFT.
+    Then the classifier's augmentation (draw_augmentation, augment_on_device: one zoom, rotation and shift for all
+    slices, then gamma, contrast and brightness) with LOC_AUGMENT's ranges, so the row/column channels stop being a
+    shortcut; the slice order is reversed half the time, the patient mirrored left-right: `mirror` permutes the
+    maps to match (mirror_maps; None: none to exchange; False: never reversed). Targets move with the image; a point
+    pushed out of view is dropped."""
     size, valid = volume['image'].shape[-1], volume['valid']
     image = torch.from_numpy(volume['image']).to(device).float().div_(255)
     target = np.array(target, float)
-    if edges and rng.random() < LOC_EDGE_VIEWS[0]:
+    if spine and rng.random() < LOC_EDGE_VIEWS[0]:
         image, target = edge_view(image, target, rng)
-    aug = draw_augmentation(rng, {**config, **LOC_AUGMENT})
+    aug = draw_augmentation(rng, {**config, **LOC_AUGMENT, **({'aug_shift': LOC_SPINE_SHIFT} if spine else {})})
     angle, scale, shift = math.radians(aug[0]), aug[1], aug[2:4]
     rotate_back = np.array([[math.cos(angle), math.sin(angle)], [-math.sin(angle), math.cos(angle)]])
     q = (2 * target[:, 1:] + 1) / size - 1  # pixel centres -> [-1, 1] (affine_grid, align_corners=False)
@@ -2713,11 +2715,11 @@ def localise_levels(models, volume, device, config, conds, canal=None):
 
 # %% tags=["defs"]
 def train_localiser(volumes, targets, studies, config, device, seed, name='localiser', deadline=None, mirror=None,
-                    edges=False):
+                    spine=False):
     """A LevelLocaliser with a map per target row, trained on `studies` (keys of volumes/targets): AdamW, one-cycle
     LR, `loc_batch` studies per step (their slices in one forward pass), each step through guarded_step (a
     GradScaler under fp16; no clipping; a non-finite step skipped, reported as `name`'s and counted towards
-    max_nonfinite_steps). `mirror`, `edges`: augment_study's. With a `deadline` (now() time), the first step's time
+    max_nonfinite_steps). `mirror`, `spine`: augment_study's. With a `deadline` (now() time), the first step's time
     sizes the schedule to the epochs that end before it, so the learning rate is annealed by the last of them; no
     epoch starts that would not end in time. Returns (model, mean loss of the applied steps per epoch, skipped
     steps)."""
@@ -2735,7 +2737,7 @@ def train_localiser(volumes, targets, studies, config, device, seed, name='local
         order, applied = rng.permutation(len(studies)), []
         for b in range(batches):
             batch = [studies[i] for i in order[b * config['loc_batch']:(b + 1) * config['loc_batch']]]
-            views = [augment_study(volumes[s], targets[s], rng, config, device, mirror, edges) if config['loc_augment']
+            views = [augment_study(volumes[s], targets[s], rng, config, device, mirror, spine) if config['loc_augment']
                      else (volume_input(volumes[s], device), targets[s], volumes[s]['valid']) for s in batch]
             saved_bn = batchnorm_buffers(model)
             with autocast(device, config):

@@ -12,7 +12,7 @@ from notebook_cells import NOTEBOOK, notebook_namespace
 from pydicom.dataset import Dataset
 
 CPU = torch.device("cpu")
-LOC = {"loc_size": 64, "loc_channels": 8, "loc_epochs": 20, "loc_batch": 1, "loc_lr": 2e-3,  # ~30 s on 2 CPU cores
+LOC = {"loc_size": 64, "loc_channels": 8, "loc_epochs": 40, "loc_batch": 1, "loc_lr": 2e-3,  # ~35 s on 2 CPU cores
        "loc_sigma": 1.0}
 MEDIAN_MM = 4.0  # median in-plane error on validation must be below this (64 px grid: ~4-5 mm per pixel)
 
@@ -190,21 +190,24 @@ def edge_set(tmp_path_factory):
 
 
 def test_localiser_finds_the_levels_of_a_series_framed_at_the_top_edge(edge_set, tmp_path):
-    """Issue 28: a Sagittal T2/STIR series framed with L1/L2 a few rows below its top edge (sagittal_top_edge).
-    Before edge views in training (augment_study), the localiser read a level's identity from its height in the
-    image and put all five levels of such a validation study one disc low (30-34 mm, study 7037110); each must be
-    within half a disc (15 mm) of its annotation and on its slice or the next, while the clean studies stay as
-    good as in the learning test."""
+    """Issue 28: a Sagittal T2/STIR series framed with L1/L2 a few rows below its top edge (sagittal_top_edge),
+    validated in every fold that holds one (3 of the 4 folds, ~100 s). A localiser that reads a level's identity
+    from its height in the image puts all five levels of such a study one disc low (30-37 mm). Measured on this set
+    and on seed 7's (2026-12-07, every fold, /work-free command in v9_Architecture.md 6c): with edge views alone,
+    the edge studies were right in one fold of three and a clean study went one disc low in another; with the
+    wider spine shift (LOC_SPINE_SHIFT) at 20 epochs 9 of 98 clean rows were; at these 40 epochs (18 training
+    studies, 720 steps) no row of either set was over 15 mm. Each edge level must be within half a disc (15 mm)
+    and on its slice or the next, every clean level too, and the clean studies as good as in the learning test."""
     root, edge = edge_set
     nb = loc_namespace(root, tmp_path)
     config = nb["CONFIG"]
     samples = nb["assign_folds"](nb["build_sample_table"](config)[0], config)
-    table = nb["train_localisers"](samples, [0], config, CPU, 1).table
+    folds = sorted(samples.loc[samples["study_id"].isin(edge), "fold"].unique().tolist())
+    table = nb["train_localisers"](samples, folds, config, CPU, 1).table
     table["edge"] = table["study_id"].isin(edge)
-    print(table.sort_values(["edge", "study_id"]).to_string())
-    assert table["edge"].any() and (~table["edge"]).sum() >= 20  # fold 0 holds an edge study and clean ones
-    framed = table[table["edge"]]
-    assert (framed["error_mm"] < 15).all() and (framed["slice_error"] <= 1).all()
+    print(folds, table.sort_values(["edge", "study_id"]).to_string())
+    assert table["edge"].sum() >= 10 and (~table["edge"]).sum() >= 40  # edge studies and clean ones
+    assert (table["error_mm"] < 15).all() and (table["slice_error"] <= 1).all()
     clean = nb["localisation_metrics"](table[~table["edge"]])
     assert clean.loc["all", "median mm"] < MEDIAN_MM and clean.loc["all", "slice within 1"] >= 0.9
 
@@ -327,7 +330,8 @@ def test_edge_view_frames_the_spine_at_an_edge_of_the_image(defs, monkeypatch):
     Each edge view moves the spine so that its top level lies 0-3.2 rows (LOC_EDGE_VIEWS' 5 %) inside the band's top
     edge, or its bottom level as far inside the bottom edge, about half the time each; the dots go where the
     targets say, nothing lies outside the band, and a level moved out of it has no target. augment_study frames
-    about 30 % of its views so with `edges`, none without."""
+    about 30 % of its views so with `spine`, none without, and shifts the views up to LOC_SPINE_SHIFT (0.3 of the
+    image) with `spine`, LOC_AUGMENT's 0.1 without."""
     size, band = 64, (5, 57)
     rows = np.array([15.0, 23, 31, 39, 47])
     image = np.zeros((3, size, size), np.uint8)
@@ -358,14 +362,17 @@ def test_edge_view_frames_the_spine_at_an_edge_of_the_image(defs, monkeypatch):
     for _ in range(10):
         t = defs["edge_view"](torch.from_numpy(image).float().div(255), unnamed.copy(), rng)[1]
         assert band[1] - margin - 0.5 <= np.nanmax(t[:, 2]) <= band[1] + 0.5
-    volume, framed = {"image": image, "valid": np.ones(3, bool)}, []
-    view = defs["edge_view"]
+    volume, framed, shifts = {"image": image, "valid": np.ones(3, bool)}, [], []
+    view, draw = defs["edge_view"], defs["draw_augmentation"]
     monkeypatch.setitem(defs, "edge_view", lambda *args: framed.append(1) or view(*args))
-    for edges, share in ((True, (0.15, 0.45)), (False, (0.0, 0.0))):
-        rng, framed[:] = np.random.default_rng(1), []
+    monkeypatch.setitem(defs, "draw_augmentation", lambda rng, config: shifts.append(config["aug_shift"]) or
+                        draw(rng, config))
+    for spine, share, most in ((True, (0.15, 0.45), 0.3), (False, (0.0, 0.0), 0.1)):
+        rng, framed[:], shifts[:] = np.random.default_rng(1), [], []
         for _ in range(60):
-            defs["augment_study"](volume, target, rng, defs["CONFIG"], CPU, None, edges)
-        assert share[0] * 60 <= len(framed) <= share[1] * 60, (edges, len(framed))
+            defs["augment_study"](volume, target, rng, defs["CONFIG"], CPU, None, spine)
+        assert share[0] * 60 <= len(framed) <= share[1] * 60, (spine, len(framed))
+        assert set(shifts) == {most}  # the shift range each view is drawn from
 
 
 def blobs(levels_rows, size=32, slices=3, extra=()):
