@@ -193,11 +193,11 @@ def test_localiser_finds_the_levels_of_a_series_framed_at_the_top_edge(edge_set,
     """Issue 28: a Sagittal T2/STIR series framed with L1/L2 a few rows below its top edge (sagittal_top_edge),
     validated in every fold that holds one (3 of the 4 folds, ~100 s). A localiser that reads a level's identity
     from its height in the image puts all five levels of such a study one disc low (30-37 mm). Measured on this set
-    and on seed 7's (2026-12-07, every fold, /work-free command in v9_Architecture.md 6c): with edge views alone,
-    the edge studies were right in one fold of three and a clean study went one disc low in another; with the
-    wider spine shift (LOC_SPINE_SHIFT) at 20 epochs 9 of 98 clean rows were; at these 40 epochs (18 training
-    studies, 720 steps) no row of either set was over 15 mm. Each edge level must be within half a disc (15 mm)
-    and on its slice or the next, every clean level too, and the clean studies as good as in the learning test."""
+    and on seed 7's, every fold (bench/level_shift.py, bench/RESULTS.md): with edge views alone three of the four
+    edge studies were one disc low and a clean one too (fold 0's was right: CI's other fold split failed); with
+    the wider spine shift (LOC_SPINE_SHIFT) at 20 epochs 9 of 98 clean rows were; at these 40 epochs (18 training
+    studies, 720 steps) no row of either set was over 15 mm. Every level, edge-framed or clean, must be within half
+    a disc (15 mm) and on its slice or the next, and the clean studies as good as in the learning test."""
     root, edge = edge_set
     nb = loc_namespace(root, tmp_path)
     config = nb["CONFIG"]
