@@ -197,7 +197,9 @@ def test_localiser_finds_the_levels_of_a_series_framed_at_the_top_edge(edge_set,
     edge studies were one disc low and a clean one too (fold 0's was right: CI's other fold split failed); with
     the wider spine shift (LOC_SPINE_SHIFT) at 20 epochs 9 of 98 clean rows were; at these 40 epochs (18 training
     studies, 720 steps) no row of either set was over 15 mm. Every level, edge-framed or clean, must be within half
-    a disc (15 mm) and on its slice or the next, and the clean studies as good as in the learning test."""
+    a disc (15 mm) and on its slice or the next, and the clean studies as good as in the learning test. Not every
+    split passes: the Kaggle-like environment's (scikit-learn 1.6.1, folds 0 and 3 here) left 6140659 one disc
+    low; CI runs this test in the first environment only, as the other learning tests."""
     root, edge = edge_set
     nb = loc_namespace(root, tmp_path)
     config = nb["CONFIG"]
