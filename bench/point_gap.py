@@ -82,7 +82,7 @@ def main(argv=None):
     loc = pd.read_csv(run_dir / "localisation.csv")[KEYS + ["slice_error", "error_mm"]]
     frame = frame.merge(loc, on=KEYS, how="left")
     print("\nmean log loss per row by slice error (NaN: not placed), oracle -> predicted:")
-    print(frame.groupby(["condition", frame["slice_error"].fillna(-1)])[["loss_oracle", "loss_predicted"]]
+    print(frame.groupby(["condition", "slice_error"], dropna=False)[["loss_oracle", "loss_predicted"]]
           .agg(["mean", "count"]).round(3).to_string())
     weight = pd.Series(np.array(nb["ROW_WEIGHTS"])[frame["label"]], frame.index)  # the metric's row weights
     term = frame["condition"].map(lambda c: next(g for g, end in nb["METRIC_GROUPS"].items() if c.endswith(end)))
