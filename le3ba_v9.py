@@ -274,6 +274,10 @@ CONFIG = {
                                  # its fold checkpoints are copied into output_dir and the run goes on
     'max_nonfinite_steps': 5,    # stop the run after this many skipped steps (non-finite gradient norm)
     'final_model': 'swa',        # model reported as final: swa | last | best (falls back in that order)
+    'tta_shift': 'auto',         # evaluation after training and prediction: the mean softmax of five views, the crop
+                                 # and the crop moved this fraction of img_size up, down, left and right (0: the crop
+                                 # alone); auto: 0 for the plan's run, TTA_SHIFT with more conditions. The per-epoch
+                                 # validation that selects, gates and stops early always sees the crop alone
     'holdout_frac': 0.0,         # share of studies kept out of every fold to measure a fold ensemble
                                  # honestly (0 = none, else 0.05-0.5; 0.2 keeps 1/5 of the studies aside)
     'processes': 'auto',         # training processes per fold (DistributedDataParallel): 'auto' = one per visible
@@ -404,6 +408,11 @@ SHARED_SCHEDULE = {'epochs': 15, 'warmup_epochs': 1, 'swa_start_epoch': 11, 'pat
 #   conditions: each epoch is 5x the plan's optimiser steps (v9_Architecture.md, "The schedule of the shared model")
 
 
+TTA_SHIFT = 0.05  # tta_shift 'auto' with more conditions: five views 5 % of img_size apart (inside aug_shift's
+#                   training range) halve the subarticular term's gap between predicted and annotated points
+#                   (v9_Architecture.md, "Five views at prediction": measured)
+
+
 DEMO_PRESET = {  # small enough to train on 2 CPU cores, big enough to learn the synthetic signal
     'epochs': 10, 'img_size': 64, 'batch_size': 8, 'num_folds': 4, 'warmup_epochs': 1,
     'swa_start_epoch': 7, 'patience': 10, 'backbone': 'mobilenet_v3_small', 'pretrained': 'none',
@@ -416,7 +425,8 @@ DEMO_PRESET = {  # small enough to train on 2 CPU cores, big enough to learn the
 # %% [markdown]
 # ### 1.4 Settings, checked before any work
 # `merge_config` applies the overrides (the demo preset first) and resolves the `'auto'` settings: the plan's 256 px
-# and 25-epoch schedule for the plan's run, 128 px and `SHARED_SCHEDULE` (15 epochs) when more conditions train.
+# and 25-epoch schedule for the plan's run, 128 px, `SHARED_SCHEDULE` (15 epochs) and five views at prediction
+# (`TTA_SHIFT`) when more conditions train.
 # `check_settings` stops on a value that would fail late, naming the key. Every warning is also kept in `WARNINGS`,
 # which the report repeats.
 
@@ -450,6 +460,8 @@ def merge_config(config, overrides):
         merged['img_size'] = PLAN_IMG_SIZE if plan_run else SHARED_IMG_SIZE
     for key, value in (PLAN_SCHEDULE if plan_run else SHARED_SCHEDULE).items():
         merged[key] = value if merged[key] == 'auto' else merged[key]
+    if merged['tta_shift'] == 'auto':
+        merged['tta_shift'] = 0.0 if plan_run else TTA_SHIFT
     choices = {'intensity': INTENSITY_MODES, 'precision': tuple(AMP_DTYPES),
                'final_model': ('swa', 'last', 'best'), 'pooling': ('attention', 'mean'),
                'demo_data': ('clean', 'realistic'), 'localiser': ('auto', 'on', 'off'),
@@ -480,6 +492,10 @@ def check_settings(config):
             raise ValueError(f"CONFIG['{key}'] = {config[key]!r}: give a whole number of epochs or 'auto'")
     if not isinstance(config['img_size'], int) or config['img_size'] <= 0:
         raise ValueError(f"CONFIG['img_size'] = {config['img_size']!r}: give a positive number of pixels or 'auto'")
+    shift = config['tta_shift']
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not 0 <= shift <= 0.2:
+        raise ValueError(f"CONFIG['tta_shift'] = {shift!r}: give a fraction of img_size in [0, 0.2] (0: the crop "
+                         "alone; the views stay inside the cached crop, 1.45 x img_size) or 'auto'")
     if not isinstance(config['val_every'], int) or config['val_every'] < 0:
         raise ValueError(f"CONFIG['val_every'] = {config['val_every']!r}: give a whole number of epochs >= 0 (0: "
                          "validate only on the plan's checkpoint epochs 1, 3, 10 and the last)")
@@ -886,10 +902,11 @@ MiB, GiB = 2**20, 2**30
 def loader_shm_bytes(config, workers, prefetch):
     """Bytes the training and validation loaders can hold in /dev/shm at once: each worker keeps up to
     `prefetch` batches there, one uint8 channel each (collate_one_channel); training batches are whole
-    cached crops (crop_side), evaluation batches twice as many img_size centres."""
+    cached crops (crop_side), evaluation batches twice as many img_size centres (with tta_pad's margin)."""
     per_sample = 256  # mask, level, label, index, augmentation parameters
     train = config['batch_size'] * (config['num_slices'] * crop_side(config) ** 2 + per_sample)
-    val = 2 * config['batch_size'] * (config['num_slices'] * config['img_size'] ** 2 + per_sample)
+    val = 2 * config['batch_size'] * (config['num_slices'] * (config['img_size'] + 2 * tta_pad(config)) ** 2
+                                      + per_sample)
     return workers * prefetch * (train + val)
 
 
@@ -1704,7 +1721,8 @@ def read_issues(folder):
 # ### 3.6 Augmentation and the dataset
 # Training only: crop-centre shift, zoom and rotation, one transform for all slices of a sample, then gamma,
 # contrast, brightness and light noise (`aug_*`). The loader workers only draw each sample's parameters (from seed,
-# epoch and index) and copy uint8 bytes, so a few CPU cores keep up with the GPU.
+# epoch and index) and copy uint8 bytes, so a few CPU cores keep up with the GPU. After training, evaluation can
+# average five views of each crop (`tta_shift`): the crop, and the crop moved a little each way.
 
 # %% tags=["defs"]
 AUG_PARAMS = ('angle_deg', 'scale', 'shift_x', 'shift_y', 'gamma', 'contrast', 'brightness')
@@ -1726,6 +1744,30 @@ def centre_crop(images, size):
     return images[..., start:start + size, start:start + size]
 
 
+def tta_pad(config):
+    """Pixels each side of the evaluation crop for the five views (tta_shift x img_size; 0: the crop alone)."""
+    pad = round(config['tta_shift'] * config['img_size'])
+    if config['img_size'] + 2 * pad > crop_side(config):
+        raise ValueError(f"tta_shift={config['tta_shift']}: views {pad} px off the centre leave the cached crop "
+                         f"({crop_side(config)} px at img_size {config['img_size']})")
+    return pad
+
+
+def views_wording(config):
+    """How the evaluations after training saw each crop, for the report: '' for the crop alone."""
+    pad = tta_pad(config)
+    return (f", on five views of each crop (tta_shift {config['tta_shift']:g}: the crop and the crop moved {pad} px "
+            "up, down, left and right, softmax averaged; the per-epoch validation saw the crop alone)") if pad else ''
+
+
+def tta_views(images, size):
+    """The views predict averages of an evaluation batch (..., S, S): the size x size centre, and when S > size the
+    centre moved (S - size) / 2 pixels up, down, left and right (RSNADatasetV9's `pad`)."""
+    d = (images.shape[-1] - size) // 2
+    shifts = ((0, 0), (-d, 0), (d, 0), (0, -d), (0, d)) if d else ((0, 0),)
+    return [images[..., d + dy:d + dy + size, d + dx:d + dx + size] for dy, dx in shifts]
+
+
 class RSNADatasetV9(Dataset):
     """Cached samples as uint8 (slices, 3, S, S), the plan's sample shape, plus mask, level, label and, for
     training, the sample's augmentation parameters ('aug'). Evaluation samples are the img_size centre of
@@ -1733,10 +1775,11 @@ class RSNADatasetV9(Dataset):
     `to_model_input` warps and crops to img_size on the device. The pixel work (augmentation, normalisation
     for the ImageNet backbone) happens there, and the loader ships one of the 3 identical channels
     (`collate_one_channel`): a worker only copies bytes out of the memory map. The augmentation is a
-    function of (seed, epoch, sample), so runs and resumes are reproducible whatever the number of workers."""
+    function of (seed, epoch, sample), so runs and resumes are reproducible whatever the number of workers.
+    `pad` > 0 (evaluation only): the centre comes with `pad` more pixels each side, for predict's five views."""
 
-    def __init__(self, samples, images, masks, config, train):
-        self.images, self.config, self.train = images, config, train
+    def __init__(self, samples, images, masks, config, train, pad=0):
+        self.images, self.config, self.train, self.side = images, config, train, config['img_size'] + 2 * pad
         self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # seen by persistent (forked) workers
         self.cache_index = samples['cache_index'].to_numpy()
         self.study_ids = samples['study_id'].to_numpy()
@@ -1752,7 +1795,7 @@ class RSNADatasetV9(Dataset):
 
     def __getitem__(self, i):
         stack = self.images[self.cache_index[i]]
-        stack = np.array(stack if self.train else centre_crop(stack, self.config['img_size']))  # a copy, not a view
+        stack = np.array(stack if self.train else centre_crop(stack, self.side))  # a copy, not a view
         image = torch.from_numpy(stack).unsqueeze(1).expand(-1, 3, -1, -1)
         sample = {'image': image, 'mask': self.masks[i], 'level': self.levels[i], 'label': self.labels[i], 'index': i}
         if self.train:
@@ -3248,9 +3291,9 @@ def axial_slice_for(point, headers, max_mm=AXIAL_MAX_MM, edge_mm=AXIAL_EDGE_MM):
 # %% tags=["defs"]
 def classify_rows(rows, classifiers, config, device, workers, quiet=False):
     """Mean probabilities (raw P_COLUMNS and prior-corrected PC_COLUMNS) of `classifiers` [(model, class weights)]
-    on crops at the rows' instance and point (built like the training crops, by build_cache; `quiet`: without its
-    messages, a test study at a time). Rows whose crop cannot be built keep NaN (the caller fills them with the
-    priors and counts them)."""
+    on crops at the rows' instance and point (built like the training crops, by build_cache; tta_shift's views;
+    `quiet`: without its messages, a test study at a time). Rows whose crop cannot be built keep NaN (the caller
+    fills them with the priors and counts them)."""
     rows = rows.reset_index(drop=True)
     rows['target_idx'] = rows['condition'].map(config['conditions'].index) * len(LEVELS) + rows['level_idx']
     out = rows.copy()
@@ -3260,7 +3303,8 @@ def classify_rows(rows, classifiers, config, device, workers, quiet=False):
     kept, images, masks, _ = build_cache(rows, config, workers, quiet)
     if kept.empty:
         return out
-    loader = make_loader(RSNADatasetV9(kept, images, masks, config, train=False), config, device, False)
+    dataset = RSNADatasetV9(kept, images, masks, config, train=False, pad=tta_pad(config))
+    loader = make_loader(dataset, config, device, False)
     raw = corrected = 0
     for model, weights in classifiers:
         probs = predict(model, loader, CompetitionWeightedCE(weights).to(device), device, config)['probs']
@@ -3293,9 +3337,10 @@ def fill_priors(frame, priors):
     return frame, int(empty.sum())
 
 
-PREDICT_KEYS = PREPROCESS_KEYS + (  # the classifier's saved settings a prediction uses (batch size and precision
-    'backbone', 'gru_hidden', 'gru_layers', 'attention_hidden', 'pooling', 'dropout', 'gru_dropout',  # too:
-    'precision', 'batch_size')  # a submission run then computes the training run's submission bit for bit)
+PREDICT_KEYS = PREPROCESS_KEYS + (  # the classifier's saved settings a prediction uses (batch size, precision and
+    'backbone', 'gru_hidden', 'gru_layers', 'attention_hidden', 'pooling', 'dropout', 'gru_dropout',  # the views
+    'precision', 'batch_size', 'tta_shift')  # too: a submission run computes the training run's submission bit for
+#                                              bit, on the views its out-of-fold choice and temperatures were fitted on
 
 
 def load_run(folder, config, device, folds=None):
@@ -3320,6 +3365,7 @@ def load_run(folder, config, device, folds=None):
         saved = torch.load(path, map_location='cpu', weights_only=False)
         settings = {k: saved['config'].get(k) for k in PREDICT_KEYS}
         settings['conditions'] = settings['conditions'] or [saved['config']['condition']]  # saved before issue 24
+        settings['tta_shift'] = settings['tta_shift'] or 0.0  # saved before the views: its oof saw the crop alone
         if saved_settings is not None and settings != saved_settings:
             raise ValueError(f'{path} was trained with other settings than {run["folds"][0]}: '
                              f'{ {k: (saved_settings[k], v) for k, v in settings.items() if v != saved_settings[k]} }')
@@ -4147,6 +4193,7 @@ def skip_step(loss, scaler, device, config, state, where, trained_on):
 # ### 8.5 Evaluation and SWA's BatchNorm
 # SWA averages the weights of the last epochs (`use_swa`, `swa_start_epoch`, `swa_lr`, with
 # `torch.optim.swa_utils`); its BatchNorm statistics are recomputed before the averaged model is evaluated.
+# `predict` averages the five views of crops handed out wider than `img_size`.
 
 # %% tags=["defs"]
 def sample_ids(dataset, index):
@@ -4158,14 +4205,22 @@ def sample_ids(dataset, index):
 
 @torch.inference_mode()
 def predict(model, loader, criterion, device, config):
-    """Probabilities, attention weights and the weighted loss over a whole (unshuffled) loader."""
+    """Probabilities, attention weights and the weighted loss over a whole (unshuffled) loader. A loader of crops
+    wider than img_size (RSNADatasetV9's `pad`) gets the mean softmax and attention of its tta_views, and the loss
+    of that mean."""
     model.eval()
     logits, weights, labels = [], [], []
     for batch in loader:
-        images = to_model_input(batch['image'].to(device, non_blocking=True))
-        with autocast(device, config):
-            out, attn = model(images, batch['level'].to(device, non_blocking=True),
-                              batch['mask'].to(device, non_blocking=True))
+        level, mask = batch['level'].to(device, non_blocking=True), batch['mask'].to(device, non_blocking=True)
+        outs = []
+        for view in tta_views(batch['image'].to(device, non_blocking=True), config['img_size']):
+            with autocast(device, config):
+                outs.append(model(to_model_input(view), level, mask))
+        if len(outs) == 1:
+            out, attn = outs[0]
+        else:  # log of the views' mean probabilities: softmax gives that mean back, the loss is its cross entropy
+            out = torch.stack([F.softmax(o.float(), 1) for o, _ in outs]).mean(0).log()
+            attn = torch.stack([a.float() for _, a in outs]).mean(0)
         logits.append(out.float())
         weights.append(attn.float())
         labels.append(batch['label'].to(device, non_blocking=True))
@@ -4833,7 +4888,8 @@ def localiser_flops(channels, size, maps):
 def test_study_flops(config, grid=None, sagittal_slices=SAGITTAL_SLICES):
     """({series type: localiser FLOPs}, classifier FLOPs) of ONE fold's models on one test study: a 'volume' series
     type's localiser over every slice of a typical series, a 'slice' one once per level on one slice; the
-    classifier once per condition and level at its series type's grid (`grid` over config's)."""
+    classifier once per condition and level at its series type's grid (`grid` over config's), on each of tta_shift's
+    views."""
     series_types = list(dict.fromkeys(CONDITION_SERIES[c] for c in config['conditions']))
     grid = by_series(config, 'img_size', 'img_size_by_series', series_types, grid)
     slices = by_series(config, 'num_slices', 'num_slices_by_series', series_types)
@@ -4842,8 +4898,9 @@ def test_study_flops(config, grid=None, sagittal_slices=SAGITTAL_SLICES):
         mode = LOC_MODE[series]
         per_slice = localiser_flops(config['loc_channels'], config['loc_size'], mode.maps(conds))
         localisers[series] = per_slice * (len(LEVELS) if mode.per_level else sagittal_slices)
-    classifier = sum(len(LEVELS) * classifier_flops(config, grid[CONDITION_SERIES[c]], slices[CONDITION_SERIES[c]])
-                     for c in config['conditions'])
+    views = 5 if tta_pad(config) else 1  # tta_views
+    classifier = views * sum(len(LEVELS) * classifier_flops(config, grid[CONDITION_SERIES[c]],
+                                                            slices[CONDITION_SERIES[c]]) for c in config['conditions'])
     return localisers, classifier
 
 
@@ -4889,8 +4946,8 @@ def fold_pieces(fold, samples, images, masks, config, device):
     f.train_sampler = training_sampler(f.train_set, config)  # each process's share of every batch
     f.train_loader = make_loader(f.train_set, config, device, train=True, sampler=f.train_sampler)
 
-    def eval_loader(rows, every_epoch=False):  # fixed order, no augmentation
-        dataset = RSNADatasetV9(rows, images, masks, config, train=False)
+    def eval_loader(rows, every_epoch=False, pad=0):  # fixed order, no augmentation
+        dataset = RSNADatasetV9(rows, images, masks, config, train=False, pad=pad)
         return make_loader(dataset, config, device, False, every_epoch=every_epoch,
                            sampler=evaluation_shard(dataset, config))  # several processes: each one's shard
 
@@ -5106,7 +5163,8 @@ def train_epochs(f, config, device, on_epoch_end=None, deadline=None):
 
 # %% [markdown]
 # ### 8.14 Finishing a fold, and all the folds
-# After the last epoch: SWA's BatchNorm pass, the three models evaluated (best, last, swa), the hold-out studies.
+# After the last epoch: SWA's BatchNorm pass, the three models evaluated (best, last, swa), the hold-out studies,
+# each with `tta_shift`'s five views.
 
 # %% tags=["defs"]
 def finish_fold(f, config, device):
@@ -5123,7 +5181,9 @@ def finish_fold(f, config, device):
         if is_main_process():  # several processes: process 0 writes
             save_atomic({'model': f.swa_model.module.state_dict(), 'config': config}, f.dir / 'swa.pt')
         models['swa'] = f.swa_model.module
-    evaluations = {kind: evaluate(m, f.val_loader, f.criterion, device, config) for kind, m in models.items()}
+    pad = tta_pad(config)  # after training: tta_shift's five views, where the per-epoch validation saw the crop
+    loader = f.eval_loader(f.val_rows, pad=pad) if pad else f.val_loader
+    evaluations = {kind: evaluate(m, loader, f.criterion, device, config) for kind, m in models.items()}
     state = f.state
     result = {'fold': f.fold, 'history': state['history'], 'checkpoints': state['checkpoints'],
               'actions': state['actions'], 'lr_steps': state['lr_steps'], 'best_epoch': state['best_epoch'],
@@ -5133,7 +5193,7 @@ def finish_fold(f, config, device):
               'processes': world_size()}
     kind = final_kind(result, config)
     if len(f.holdout_rows):  # the final model's view of the studies no fold saw, for the ensemble evaluation
-        probs = predict(models[kind], f.eval_loader(f.holdout_rows), f.criterion, device, config)['probs']
+        probs = predict(models[kind], f.eval_loader(f.holdout_rows, pad=pad), f.criterion, device, config)['probs']
         result['holdout'] = {'kind': kind, 'rows': f.holdout_rows, 'probs': probs}
     if is_main_process():  # several processes: process 0 writes
         save_atomic({'model': models[kind].state_dict(), 'kind': kind, 'config': config,
@@ -5798,7 +5858,8 @@ def headline_lines(config, results, kinds, final, oof, ran, localisation=None):
         "The official metric's terms, out of fold (sample-weighted log loss, lower is better):", '',
         md_table(headline_table(final, localisation)), '',
         (f"- Rows: {len(oof)} validation rows of {oof['study_id'].nunique()} studies that survived filtering, folds "
-         f"{sorted(set(oof['fold']))} of {config['num_folds']}, each scored by the final model of its fold."),
+         f"{sorted(set(oof['fold']))} of {config['num_folds']}, each scored by the final model of its fold"
+         f"{views_wording(config)}."),
         '- Oracle: crops at the annotated slice and point (perfect localisation).',
         *([("- Predicted: the same rows and models at the localisers' points; a row without one is on its fold's "
             'training priors.'),

@@ -11,9 +11,10 @@ then, per condition, the mean log loss of its rows at oracle and predicted point
 (localisation.csv), and the rows whose loss grows most, with their slice and in-plane (mm) errors and what each
 adds to its term. Returns (the terms three ways, the rows); tests/test_submission.py runs it on the flow run.
 
-With --tta-shift F (an experiment, not the notebook's path): the classifier's probabilities on the annotated and
-predicted points averaged over five views of each crop, its centre and the centre moved F * img_size up, down, left
-and right (the oracle line stays the run's single-crop oof.csv).
+The crops are classified on the run's own views (the notebook's tta_shift, saved with its models); --tta-shift F
+classifies the annotated and predicted points on others: five views of each crop, the crop and the crop moved
+F * img_size up, down, left and right, softmax averaged (0: the crop alone). The oracle line stays the run's
+oof.csv, on the run's views.
 
     python bench/point_gap.py <run output folder, e.g. the Kaggle-flow test's kaggle_flow0/train> <its data root>
         [--tta-shift 0.05]
@@ -42,13 +43,14 @@ def main(argv=None):
     p.add_argument("data", help="the data root it trained on")
     p.add_argument("--rows", type=int, default=10, help="rows listed (default 10)")
     p.add_argument("--out", help="folder for the crop caches (default: a new temporary folder)")
-    p.add_argument("--tta-shift", type=float, default=0.0, help="five shifted views per crop (fraction of img_size)")
+    p.add_argument("--tta-shift", type=float, help="the notebook's tta_shift for the crops classified here (default: "
+                                                   "the run's own; 0: the crop alone)")
     a = p.parse_args(argv)
     run_dir, cpu, out = Path(a.run), torch.device("cpu"), Path(a.out or tempfile.mkdtemp())
     nb = notebook_namespace({"data_root": a.data, "output_dir": str(out), "pretrained": "none", "num_workers": 0})
-    if a.tta_shift:
-        shifted_views(nb, a.tta_shift)
     run = nb["load_run"](run_dir, nb["CONFIG"], cpu)
+    if a.tta_shift is not None:  # the oracle row stays oof.csv's, on the run's own views
+        run["config"]["tta_shift"] = a.tta_shift
     config = {**run["config"], "data_root": a.data, "output_dir": str(out), "cache_dir": str(out / "cache")}
     oof = pd.read_csv(run_dir / "oof.csv")
     studies = sorted(set(oof["study_id"]))
@@ -94,34 +96,6 @@ def main(argv=None):
         KEYS + ["label", "slice_error", "error_mm", "loss_oracle", "loss_predicted", "term share"]]
         .round(3).to_string(index=False))
     return pd.DataFrame(terms).T, frame
-
-
-def shifted_views(nb, shift):
-    """Replace the notebook's evaluation crop and `predict` in `nb` (classify_rows' path) by a five-view average:
-    the dataset hands out the crop with `pad` more pixels each side, and each batch is classified at its centre and
-    moved `pad` up, down, left and right, the softmax probabilities averaged."""
-    centre_crop, to_model_input = nb["centre_crop"], nb["to_model_input"]
-    size = {}
-
-    def padded_centre_crop(images, side):  # the dataset's evaluation crop (a numpy stack) comes with the pad
-        return centre_crop(images, side + 2 * size.get("pad", 0) if isinstance(images, np.ndarray) else side)
-
-    @torch.inference_mode()
-    def predict(model, loader, criterion, device, config):
-        s = config["img_size"]
-        d = size.setdefault("pad", round(shift * s))
-        model.eval()
-        probs, labels = [], []
-        for batch in loader:
-            level, mask = batch["level"].to(device), batch["mask"].to(device)
-            views = [batch["image"][..., d + dy:d + dy + s, d + dx:d + dx + s]
-                     for dy, dx in ((0, 0), (-d, 0), (d, 0), (0, -d), (0, d))]
-            probs.append(sum(torch.softmax(model(to_model_input(v.to(device)), level, mask)[0].float(), 1)
-                             for v in views) / len(views))
-            labels.append(batch["label"])
-        return {"probs": torch.cat(probs).cpu().numpy(), "labels": torch.cat(labels).numpy()}
-
-    nb["centre_crop"], nb["predict"] = padded_centre_crop, predict
 
 
 def log_loss_rows(frame, columns):

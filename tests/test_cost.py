@@ -103,10 +103,11 @@ def test_json_has_the_keys_and_the_plans_run_is_ratio_one(capsys, notebook):
     assert side == 372 and set(five["crop_side_px"].values()) == {side}
     assert five["cache_gb"] == pytest.approx(5 * notebook["REAL_LABELLED_ROWS"] * (7 * side**2 + 7) / 1e9, rel=1e-12)
     assert spinal["cache_gb"] == pytest.approx(five["cache_gb"] / 5, rel=1e-12)
-    # the test: localisers + 25 classifier forwards per fold's models, all five folds averaged
+    # the test: localisers + 25 targets x 5 views (tta_shift 'auto' with more conditions) of classifier forwards per
+    # fold's models, all five folds averaged
     one_fold = five["test_gflop_per_study_one_fold"]
     assert one_fold == pytest.approx(sum(five["test_localiser_gflop_one_fold"].values())
-                                     + 25 * five["forward_gflop_per_sample"]["Sagittal T2/STIR"], rel=1e-9)
+                                     + 5 * 25 * five["forward_gflop_per_sample"]["Sagittal T2/STIR"], rel=1e-9)
     assert five["test_gflop_per_study"] == pytest.approx(5 * one_fold, rel=1e-12) and five["test_hours_t4"] > 0
 
     three = run_json(capsys, *SMALL, "--grid", AT_256, "--folds", "3", "--epochs", "10")
@@ -254,7 +255,7 @@ def test_the_hidden_test_projection_by_hand(notebook, capsys):
     assert localisers == {"Sagittal T2/STIR": slices * notebook["localiser_flops"](16, size, 5),
                           "Sagittal T1": slices * notebook["localiser_flops"](16, size, 10),
                           "Axial T2": 5 * notebook["localiser_flops"](16, size, 2)}
-    assert classifier == 25 * notebook["classifier_flops"](config, 128, 7)
+    assert classifier == 5 * 25 * notebook["classifier_flops"](config, 128, 7)  # 25 targets, five views each
     p = notebook["prediction_projection"](config, 3, 700)
     rate = notebook["plan_fold_flops"](config, "efficientnet_v2_s") / (3.5 * 3600)
     assert p["flops"] == 3 * (sum(localisers.values()) + classifier)

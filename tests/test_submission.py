@@ -345,6 +345,23 @@ def test_load_run_takes_the_localisers_own_settings_and_checks_the_shared_ones(r
         nb["load_run"](tmp_path / "new", nb["CONFIG"], torch.device("cpu"))
 
 
+def test_a_submission_predicts_with_the_views_its_training_run_evaluated_on(runs, nb, tmp_path):
+    """tta_shift is a prediction setting of the run (its out-of-fold choice and temperatures were fitted on those
+    views): the flow run trained five conditions, 'auto' gave it five views, and its report says so; a run saved
+    before the views (no tta_shift in final.pt) predicts on the crop alone, whatever this CONFIG says."""
+    assert nb["CONFIG"]["tta_shift"] == 0.05
+    assert "on five views of each crop (tta_shift 0.05: the crop and the crop moved 3 px" in (
+        runs / "train" / "v9_Results.md").read_text()
+    shutil.copytree(runs / "train", tmp_path / "run")
+    config = {**nb["CONFIG"], "tta_shift": 0.1}
+    assert nb["load_run"](tmp_path / "run", config, torch.device("cpu"))["config"]["tta_shift"] == 0.05
+    path = tmp_path / "run" / "fold0" / "final.pt"
+    saved = torch.load(path, weights_only=False)
+    del saved["config"]["tta_shift"]
+    torch.save(saved, path)
+    assert nb["load_run"](tmp_path / "run", config, torch.device("cpu"))["config"]["tta_shift"] == 0.0
+
+
 # --- issue 28: no test study can stop the submission or change another study's rows ---
 @pytest.fixture(scope="module")
 def hostile(runs, nb, tmp_path_factory):
