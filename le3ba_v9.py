@@ -778,9 +778,10 @@ def worker_count(config):
 # %% tags=["defs"]
 RESUME_EXEMPT = {'resume', 'num_workers', 'prefetch_factor', 'compile', 'output_dir', 'cache_dir', 'data_root',
                  'train_folds', 'final_model', 'time_budget_h', 'continue_from', 'processes', 'localiser',
-                 'submit_from'} | {k for k in CONFIG if k.startswith('loc_')}  # settings that do not change what the
-# classifier trains (processes keeps the global batch: a fold started on 2 GPUs may continue on 1; the localiser is
-# trained after the folds, from its own settings, saved in its own localiser.pt)
+                 'submit_from', 'tta_shift'} | {k for k in CONFIG if k.startswith('loc_')}  # settings that do not
+# change what the classifier trains (processes keeps the global batch: a fold started on 2 GPUs may continue on 1;
+# the localiser is trained after the folds, from its own settings, saved in its own localiser.pt; a finished fold
+# evaluated on other views is evaluated again: finished_fold)
 
 
 RUN_OUTPUTS = ['v9_Results.md', 'metrics.json', 'oof.csv', 'figures', 'progress.md']  # written by the run
@@ -3719,15 +3720,18 @@ def probe_after_training(device, samples, config, studies=2):
             start = time.time()
             data = localiser_data(picked, config, series, conds, 0)
             times['read'] += time.time() - start
-            items = LOC_MODE[series].items(data, list(data['volumes']))
-            models[series] = [LevelLocaliser(config['loc_channels'], LOC_MODE[series].maps(conds)).to(device)]
+            mode = LOC_MODE[series]  # trained below as train_fold_localisers does: mirrored and spine views alike
+            items = mode.items(data, list(data['volumes']))
+            models[series] = [LevelLocaliser(config['loc_channels'], mode.maps(conds)).to(device)]
             if not items[2]:
                 warn(f'time budget probe: none of studies {ids} has a readable annotated {series} series: its '
                      'localiser epochs are not in the projection of the work after training')
                 continue
             for _ in range(2):
                 start = time.time()
-                models[series] = [train_localiser(*items, one, device, config['seed'])[0]]
+                models[series] = [train_localiser(*items, one, device, config['seed'],
+                                                  mirror=mirror_maps(conds) if mode.mirrored else False,
+                                                  spine=not mode.per_level)[0]]
             times['step'] += time.time() - start
         start = time.time()
         descriptions = pd.read_csv(Path(config['data_root']) / 'train_series_descriptions.csv')
@@ -5190,7 +5194,7 @@ def finish_fold(f, config, device):
               'evaluations': evaluations, 'val_rows': f.val_rows, 'class_weights': f.criterion.weights.tolist(),
               'stopped_by': state.get('stopped_by'), 'epochs_trained': state['epoch'],
               'nonfinite_steps': sum(row.get('nonfinite_steps', 0) for row in state['history']),
-              'processes': world_size()}
+              'processes': world_size(), 'tta_shift': config['tta_shift']}
     kind = final_kind(result, config)
     if len(f.holdout_rows):  # the final model's view of the studies no fold saw, for the ensemble evaluation
         probs = predict(models[kind], f.eval_loader(f.holdout_rows, pad=pad), f.criterion, device, config)['probs']
@@ -5212,6 +5216,10 @@ def finished_fold(fold, samples, config, device):
     checked_checkpoint(fold_dir / 'last.pt', config, data_fingerprint(samples), device)
     result = torch.load(fold_dir / 'result.pt', map_location='cpu', weights_only=False)
     if result.get('stopped_by') == 'budget' and result['epochs_trained'] < config['epochs']:
+        return None
+    if result.get('tta_shift', 0.0) != config['tta_shift']:  # saved before the views: the crop alone
+        print(f"fold {fold}: finished by an earlier run on tta_shift {result.get('tta_shift', 0.0):g}: its final "
+              f"models are evaluated again on tta_shift {config['tta_shift']:g}")
         return None
     print(f"fold {fold}: finished by an earlier run ({result['epochs_trained']} epochs): loaded, not trained again")
     result['val_rows'] = samples[samples['fold'] == fold]  # the same rows (fingerprint), this session's cache_index
@@ -5922,8 +5930,10 @@ def analysis_lines(analysis, confused, results, holdout, config):
     ]
 
 
-def write_report(config, samples, skipped, failures, results, oof, final, comparison, holdout, analysis, confused):
-    """v9_Results.md (from this run only), metrics.json and oof.csv in output_dir; returns the report text."""
+def write_report(config, samples, skipped, failures, results, oof, final, comparison, holdout, analysis, confused,
+                 localisation=None, submission_info=None):
+    """v9_Results.md (from this run only), metrics.json and oof.csv in output_dir, with section 11's `localisation`
+    and `submission_info` where it ran; returns the report text."""
     out = Path(config['output_dir'])
     kinds = {r['fold']: final_kind(r, config) for r in results}
     success = success_table(final, results, analysis, list(kinds.values()))
@@ -5941,7 +5951,7 @@ def write_report(config, samples, skipped, failures, results, oof, final, compar
         '# le3ba v9 results', '',
         (f"Written by le3ba_v9.ipynb on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
         f'Machine: {machine_description(DEVICE)}; precision {ran}.'), '',
-        *headline_lines(config, results, kinds, final, oof, ran, LOCALISATION), '',
+        *headline_lines(config, results, kinds, final, oof, ran, localisation), '',
         '## Data', '',
         f"- Source: {data_source(config)} at `{config['data_root']}`",
         "- Conditions: " + ', '.join(f'{c} on {CONDITION_SERIES[c]}' for c in config['conditions'])
@@ -5973,7 +5983,7 @@ def write_report(config, samples, skipped, failures, results, oof, final, compar
         md_table(checkpoints) if len(checkpoints) else 'No checkpoint epoch was reached.', '',
         'Class-weight actions applied: ' + ('; '.join(a for r in results for a in r['actions']) or 'none') + '.', '',
         *analysis_lines(analysis, confused, results, holdout, config),
-        '', *localisation_report(LOCALISATION, SUBMISSION_INFO, config),
+        '', *localisation_report(localisation, submission_info, config),
         '## Figures', '', *[f'- [{f}](figures/{f})' for f in figures], '',
         '## Warnings', '', *([f'- {w}' for w in WARNINGS] or ['none']), '']
     report = '\n'.join(text)
@@ -5997,7 +6007,7 @@ if not SUBMIT_ONLY:  # a submission run (submit_from) trains nothing: see sectio
     _issues = [DATA_ISSUES] + ([] if LOCALISATION is None else [LOCALISATION.localisers.issues]) + (
         [] if SUBMISSION_INFO is None else [pd.DataFrame(SUBMISSION_INFO['issues'], columns=ISSUE_COLUMNS)])
     REPORT = write_report(CONFIG, SAMPLES, SKIPPED, pd.concat(_issues, ignore_index=True), FOLD_RESULTS, OOF, FINAL,
-                          COMPARISON, HOLDOUT, ANALYSIS, CONFUSED)
+                          COMPARISON, HOLDOUT, ANALYSIS, CONFUSED, LOCALISATION, SUBMISSION_INFO)
     _success = success_table(FINAL, FOLD_RESULTS, ANALYSIS, list(OOF['model']))
     print(f"wrote {OUTPUT_DIR / 'v9_Results.md'}, metrics.json, oof.csv; the plan's success criteria: "
           f"{(_success['status'] == 'PASS').sum()} of {len(_success)} met")

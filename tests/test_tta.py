@@ -95,11 +95,19 @@ def test_predict_averages_the_five_shifted_views_by_hand(nb, cached, tmp_path): 
     assert np.abs(outs[d]["probs"] - outs[0]["probs"]).max() > 1e-4  # the views do move the answer
 
 
+def f_loader(nb, cached, config, pad):  # noqa: F811
+    """Fold 0's validation rows, evaluation crops `pad` pixels wider each side."""
+    samples, images, masks = cached
+    dataset = nb["RSNADatasetV9"](samples[samples["fold"] == 0], images, masks, config, train=False, pad=pad)
+    return nb["make_loader"](dataset, config, CPU, False)
+
+
 def test_a_fold_evaluates_with_five_views_and_validates_each_epoch_on_the_crop_alone(nb, cached, tmp_path,  # noqa
-                                                                                    monkeypatch):
+                                                                                    monkeypatch, capsys):
     """A 2-epoch fold with tta_shift 0.1: every per-epoch validation batch is img_size wide, the final evaluations
     (and nothing else) are img_size + 2 x 6 px wide, and the final model's out-of-fold probabilities are its five-view
-    predictions on the validation rows."""
+    predictions on the validation rows. Run again with the crop alone, the finished fold is evaluated again, not
+    trained again."""
     config = small_config(nb, tmp_path, epochs=2, swa_start_epoch=2, tta_shift=0.1)
     pad = nb["tta_pad"](config)
     assert pad == 6
@@ -117,11 +125,21 @@ def test_a_fold_evaluates_with_five_views_and_validates_each_epoch_on_the_crop_a
     final = torch.load(tmp_path / "fold0" / "final.pt", weights_only=False)
     model = nb["SpineModelV9"]({**config, "pretrained": "none"})
     model.load_state_dict(final["model"])
-    samples, images, masks = cached
-    loader = nb["make_loader"](nb["RSNADatasetV9"](samples[samples["fold"] == 0], images, masks, config, train=False,
-                                                   pad=pad), config, CPU, False)
+    loader = f_loader(nb, cached, config, pad)
     again = predict(model, loader, nb["CompetitionWeightedCE"](final["class_weights"]), CPU, config)
     np.testing.assert_allclose(result["evaluations"][final["kind"]]["probs"], again["probs"], atol=1e-6)
+
+    # the same fold, finished, with the crop alone: not trained again (tta_shift is not a training setting), its
+    # final models evaluated again on img_size crops; the first run's five-view probabilities differ from these
+    sides.clear()
+    alone = train(nb, cached, {**config, "tta_shift": 0.0})
+    assert capsys.readouterr().out.count("evaluated again on tta_shift 0") == 1
+    assert alone["history"] == result["history"] and alone["tta_shift"] == 0.0 and result["tta_shift"] == 0.1
+    assert sides == [size] * len(alone["evaluations"])
+    one_view = predict(model, f_loader(nb, cached, config, pad=0), nb["CompetitionWeightedCE"](final["class_weights"]),
+                       CPU, config)
+    np.testing.assert_allclose(alone["evaluations"][final["kind"]]["probs"], one_view["probs"], atol=1e-6)
+    assert np.abs(one_view["probs"] - again["probs"]).max() > 1e-4
 
 
 def test_projected_prediction_counts_five_classifier_passes_with_views(params):
