@@ -4368,7 +4368,8 @@ def process_main(rank, world, port, parent, folder, fn, timeout):
         torch.cuda.set_device(device)
     # One intra-op thread: GNU OpenMP cannot start a parallel region in a child forked from a process whose OpenMP
     # threads exist (the kernel's CPU forward passes started them): it waits for them forever. On a GPU the CPU
-    # side of the work is small; on the CPU (tests, the demo) this costs speed, not results.
+    # side of the work is small; on the CPU (tests, the demo) this costs speed, and changes results only by float
+    # rounding (bench/point_gap.py also runs on one thread to reproduce a run's figures to the digit).
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     warnings_before = len(WARNINGS)
