@@ -410,7 +410,7 @@ SHARED_SCHEDULE = {'epochs': 15, 'warmup_epochs': 1, 'swa_start_epoch': 11, 'pat
 
 TTA_SHIFT = 0.05  # tta_shift 'auto' with more conditions: five views 5 % of img_size apart (inside aug_shift's
 #                   training range) halve the subarticular term's gap between predicted and annotated points
-#                   (v9_Architecture.md, "Five views at prediction": measured)
+#                   (measured: v9_Architecture.md 6c, "Five views over every fold")
 
 
 DEMO_PRESET = {  # small enough to train on 2 CPU cores, big enough to learn the synthetic signal
