@@ -1761,12 +1761,15 @@ def views_wording(config):
             "up, down, left and right, softmax averaged; the per-epoch validation saw the crop alone)") if pad else ''
 
 
+TTA_STEPS = ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1))  # the views' (row, column) moves, in units of the pad
+
+
 def tta_views(images, size):
     """The views predict averages of an evaluation batch (..., S, S): the size x size centre, and when S > size the
-    centre moved (S - size) / 2 pixels up, down, left and right (RSNADatasetV9's `pad`)."""
+    centre moved d = (S - size) / 2 pixels up, down, left and right (RSNADatasetV9's `pad`: TTA_STEPS x d)."""
     d = (images.shape[-1] - size) // 2
-    shifts = ((0, 0), (-d, 0), (d, 0), (0, -d), (0, d)) if d else ((0, 0),)
-    return [images[..., d + dy:d + dy + size, d + dx:d + dx + size] for dy, dx in shifts]
+    steps = TTA_STEPS if d else TTA_STEPS[:1]
+    return [images[..., d + d * dy:d + d * dy + size, d + d * dx:d + d * dx + size] for dy, dx in steps]
 
 
 class RSNADatasetV9(Dataset):
@@ -4903,7 +4906,7 @@ def test_study_flops(config, grid=None, sagittal_slices=SAGITTAL_SLICES):
         mode = LOC_MODE[series]
         per_slice = localiser_flops(config['loc_channels'], config['loc_size'], mode.maps(conds))
         localisers[series] = per_slice * (len(LEVELS) if mode.per_level else sagittal_slices)
-    views = 5 if tta_pad(config) else 1  # tta_views
+    views = len(TTA_STEPS) if tta_pad(config) else 1  # tta_views
     classifier = views * sum(len(LEVELS) * classifier_flops(config, grid[CONDITION_SERIES[c]],
                                                             slices[CONDITION_SERIES[c]]) for c in config['conditions'])
     return localisers, classifier
@@ -5218,9 +5221,10 @@ def finished_fold(fold, samples, config, device):
     result = torch.load(fold_dir / 'result.pt', map_location='cpu', weights_only=False)
     if result.get('stopped_by') == 'budget' and result['epochs_trained'] < config['epochs']:
         return None
-    if result.get('tta_shift', 0.0) != config['tta_shift']:  # saved before the views: the crop alone
-        print(f"fold {fold}: finished by an earlier run on tta_shift {result.get('tta_shift', 0.0):g}: its final "
-              f"models are evaluated again on tta_shift {config['tta_shift']:g}")
+    evaluated_on = result.get('tta_shift', 0.0)  # saved before the views: the crop alone
+    if evaluated_on != config['tta_shift']:
+        print(f"fold {fold}: finished by an earlier run on tta_shift {evaluated_on:g}: its final models are evaluated "
+              f"again on tta_shift {config['tta_shift']:g}")
         return None
     print(f"fold {fold}: finished by an earlier run ({result['epochs_trained']} epochs): loaded, not trained again")
     result['val_rows'] = samples[samples['fold'] == fold]  # the same rows (fingerprint), this session's cache_index
