@@ -476,6 +476,26 @@ def merge_config(config, overrides):
     return merged
 
 
+def check_schedule(config):
+    """The epoch settings (check_settings' part): whole numbers, SWA inside the run, and what early stopping and the
+    plan's checkpoint epochs can still see, said now."""
+    for key in PLAN_SCHEDULE:
+        if not isinstance(config[key], int) or config[key] < (1 if key == 'epochs' else 0):
+            raise ValueError(f"CONFIG['{key}'] = {config[key]!r}: give a whole number of epochs or 'auto'")
+    if config['use_swa'] and config['swa_start_epoch'] > config['epochs']:
+        # an error, not a warning: the run would silently report the model selected on its validation fold
+        raise ValueError(f"CONFIG['swa_start_epoch'] = {config['swa_start_epoch']} > epochs = {config['epochs']} "
+                         "with use_swa on: SWA would never run. Lower swa_start_epoch or set use_swa=False.")
+    if not config['use_swa'] and config['final_model'] == 'swa':
+        warn("use_swa is off: the final model will be 'last' (final_model 'swa' falls back to last, then best)")
+    if config['use_swa'] and config['patience'] < config['epochs']:
+        print(f"note: early stopping (patience {config['patience']}) cannot end the run before SWA has averaged "
+              f"epochs {config['swa_start_epoch']}-{config['epochs']}")
+    missed = [e for e in (1, 3, 10) if e > config['epochs']]
+    if missed:
+        print(f"note: the plan's checkpoint epoch(s) {missed} lie beyond epochs = {config['epochs']}: not checked")
+
+
 def check_settings(config):
     """Mistakes that would otherwise fail late (after the cache build or a whole epoch) stop here, with the
     key named; settings that switch a planned feature off are legal but warned about now, not discovered
@@ -487,9 +507,7 @@ def check_settings(config):
     if len(config['class_weights']) != len(CLASSES) or min(config['class_weights']) <= 0:
         raise ValueError(f"CONFIG['class_weights'] = {config['class_weights']!r}: give {len(CLASSES)} positive "
                          f'weights, one per class {CLASSES}')
-    for key in PLAN_SCHEDULE:
-        if not isinstance(config[key], int) or config[key] < (1 if key == 'epochs' else 0):
-            raise ValueError(f"CONFIG['{key}'] = {config[key]!r}: give a whole number of epochs or 'auto'")
+    check_schedule(config)
     if not isinstance(config['img_size'], int) or config['img_size'] <= 0:
         raise ValueError(f"CONFIG['img_size'] = {config['img_size']!r}: give a positive number of pixels or 'auto'")
     shift = config['tta_shift']
@@ -506,15 +524,6 @@ def check_settings(config):
     if config['pretrained'] not in ('imagenet', 'none', None) and not Path(config['pretrained']).is_file():
         raise FileNotFoundError(f"CONFIG['pretrained'] = {config['pretrained']!r}: no such file (use 'imagenet', "
                                 "'none' or the path of a .pth file)")
-    if config['use_swa'] and config['swa_start_epoch'] > config['epochs']:
-        # an error, not a warning: the run would silently report the model selected on its validation fold
-        raise ValueError(f"CONFIG['swa_start_epoch'] = {config['swa_start_epoch']} > epochs = {config['epochs']} "
-                         "with use_swa on: SWA would never run. Lower swa_start_epoch or set use_swa=False.")
-    if not config['use_swa'] and config['final_model'] == 'swa':
-        warn("use_swa is off: the final model will be 'last' (final_model 'swa' falls back to last, then best)")
-    if config['use_swa'] and config['patience'] < config['epochs']:
-        print(f"note: early stopping (patience {config['patience']}) cannot end the run before SWA has averaged "
-              f"epochs {config['swa_start_epoch']}-{config['epochs']}")
     if config['time_budget_h'] is not None and config['time_budget_h'] < 0:
         raise ValueError(f"CONFIG['time_budget_h'] = {config['time_budget_h']}: hours (> 0), 0 for no limit, or "
                          'None for the platform default')
@@ -538,9 +547,6 @@ def check_settings(config):
     if config['submit_from'] and not sorted(Path(config['submit_from']).glob('fold*/final.pt')):
         raise FileNotFoundError(f"CONFIG['submit_from'] = {config['submit_from']!r}: no fold*/final.pt there (the "
                                 'output folder of a finished training run; on Kaggle, attach it as an input)')
-    missed = [e for e in (1, 3, 10) if e > config['epochs']]
-    if missed:
-        print(f"note: the plan's checkpoint epoch(s) {missed} lie beyond epochs = {config['epochs']}: not checked")
 
 
 # %% [markdown]
@@ -5935,6 +5941,27 @@ def analysis_lines(analysis, confused, results, holdout, config):
     ]
 
 
+def final_metrics_lines(final, oof, comparison, fold_ba, config):
+    """The report's final metrics: the final model's pooled out-of-fold figures, per condition, every model kind,
+    per fold."""
+    return [
+        "## Final metrics (validation folds " + ', '.join(map(str, fold_ba)) + ')', '',
+        f"Final model: {', '.join(sorted(set(oof['model'])))}. Balanced accuracy {final['ba']:.4f}; recall "
+        + ', '.join(f'{c} {r:.4f}' for c, r in zip(CLASSES, final['recall']))
+        + f"; predictions per class {final['pred_counts']}. Prior-corrected probabilities: balanced accuracy "
+        f"{final['corrected']['ba']:.4f}; predictions per class {final['corrected']['pred_counts']}.",
+        f'{SCORE_NAME[0].upper() + SCORE_NAME[1:]} (lower is better), raw: '
+        + ', '.join(f'{k} {v:.4f}' for k, v in final['competition_terms'].items()) + '; prior-corrected: '
+        + ', '.join(f'{k} {v:.4f}' for k, v in final['corrected']['competition_terms'].items())
+        + f'. {score_caveat(oof, config)}', '',
+        'Per condition (final model, raw probabilities):', '',
+        md_table(per_condition(oof).drop(columns='confusion')), '',
+        'All model kinds, pooled over folds (best = chosen on the same fold, so optimistic):', '',
+        md_table(comparison), '',
+        'Per-fold balanced accuracy of the final model: ' + ', '.join(f'fold {f}: {v:.4f}' for f, v in fold_ba.items())
+        + (f' (std {np.std(list(fold_ba.values())):.4f}).' if len(fold_ba) > 1 else '.'), '']
+
+
 def write_report(config, samples, skipped, failures, results, oof, final, comparison, holdout, analysis, confused,
                  localisation=None, submission_info=None):
     """v9_Results.md (from this run only), metrics.json and oof.csv in output_dir, with section 11's `localisation`
@@ -5968,21 +5995,7 @@ def write_report(config, samples, skipped, failures, results, oof, final, compar
         '## Configuration', '', '```json', json.dumps(shown, indent=1, default=str), '```', '',
         '## Per-epoch history', '', md_table(history[history_cols].astype(object).where(history[history_cols].notna(),
                                                                                '-')), '',
-        "## Final metrics (validation folds " + ', '.join(map(str, fold_ba)) + ')', '',
-        f"Final model: {', '.join(sorted(set(oof['model'])))}. Balanced accuracy {final['ba']:.4f}; recall "
-        + ', '.join(f'{c} {r:.4f}' for c, r in zip(CLASSES, final['recall']))
-        + f"; predictions per class {final['pred_counts']}. Prior-corrected probabilities: balanced accuracy "
-        f"{final['corrected']['ba']:.4f}; predictions per class {final['corrected']['pred_counts']}.",
-        f'{SCORE_NAME[0].upper() + SCORE_NAME[1:]} (lower is better), raw: '
-        + ', '.join(f'{k} {v:.4f}' for k, v in final['competition_terms'].items()) + '; prior-corrected: '
-        + ', '.join(f'{k} {v:.4f}' for k, v in final['corrected']['competition_terms'].items())
-        + f'. {score_caveat(oof, config)}', '',
-        'Per condition (final model, raw probabilities):', '',
-        md_table(per_condition(oof).drop(columns='confusion')), '',
-        'All model kinds, pooled over folds (best = chosen on the same fold, so optimistic):', '',
-        md_table(comparison), '',
-        'Per-fold balanced accuracy of the final model: ' + ', '.join(f'fold {f}: {v:.4f}' for f, v in fold_ba.items())
-        + (f' (std {np.std(list(fold_ba.values())):.4f}).' if len(fold_ba) > 1 else '.'), '',
+        *final_metrics_lines(final, oof, comparison, fold_ba, config),
         '## Success criteria (the plan)', '', md_table(success), '',
         "## Critical checkpoints (the plan's epochs 1, 3, 10)", '',
         md_table(checkpoints) if len(checkpoints) else 'No checkpoint epoch was reached.', '',

@@ -230,6 +230,28 @@ def test_point_gap_reproduces_the_reports_terms_and_the_annotated_points_give_th
         assert share == pytest.approx(gap[term], abs=1e-3)
 
 
+def test_relocalise_trains_the_runs_localisers_again_and_nothing_else(runs, flow_set, tmp_path):
+    """Issue 28: bench/relocalise.py on the flow run, at other localiser settings (1 epoch, a narrower UNet, to be
+    quick): the classifiers and out-of-fold rows copied byte for byte, every fold's localisers trained again with the
+    new settings, the same validation points measured; a classifier setting is refused."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import relocalise
+
+    run, out = runs / "train", tmp_path / "out"
+    loc = relocalise.main([str(run), str(flow_set), str(out), "--set", "loc_epochs=1", "--set", "loc_channels=4"])
+    for name in ("fold0/final.pt", "oof.csv"):
+        assert (out / name).read_bytes() == (run / name).read_bytes()
+    saved = torch.load(out / "fold0" / "localiser.pt", map_location="cpu", weights_only=False)
+    assert saved["config"]["loc_channels"] == 4 and all(len(v) == 1 for v in saved["losses"].values())
+    assert set(saved["models"]) == set(torch.load(run / "fold0" / "localiser.pt", weights_only=False)["models"])
+    keys = ["study_id", "condition", "level"]
+    before, after = pd.read_csv(run / "localisation.csv"), pd.read_csv(out / "localisation.csv")
+    assert after[keys].sort_values(keys).values.tolist() == before[keys].sort_values(keys).values.tolist()
+    assert len(loc.table) == len(before)
+    with pytest.raises(SystemExit, match="loc_"):
+        relocalise.main([str(run), str(flow_set), str(tmp_path / "other"), "--set", "img_size=32"])
+
+
 def test_build_submission_takes_each_conditions_probabilities_and_the_priors_elsewhere(nb):
     """By hand: a model row takes its condition's chosen columns (raw or prior-corrected); a row without one takes
     its (condition, level) prior, re-weighted 1/2/4 where its condition is 'corrected' (and where no choice
