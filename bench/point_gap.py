@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from notebook_cells import notebook_namespace  # noqa: E402
+from notebook_cells import notebook_namespace, one_thread  # noqa: E402
 
 KEYS = ["study_id", "condition", "level"]
 
@@ -46,15 +46,8 @@ def main(argv=None):
     p.add_argument("--tta-shift", type=float, help="the notebook's tta_shift for the crops classified here (default: "
                                                    "the run's own; 0: the crop alone)")
     a = p.parse_args(argv)
-    # one intra-op thread, as section 11 runs in its child process (process_main): with two, the localisers' sub-pixel
-    # points round differently, and a few crops, hence the terms, move by ~1e-4 (foraminal 0.3856 vs the report's
-    # 0.3857 on the flow run, 2026-12-07); with one they are the report's to the digit
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():  # as section 11 runs: the report's figures to the digit
         return gap(a)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def gap(a):

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from notebook_cells import notebook_namespace  # noqa: E402
+from notebook_cells import notebook_namespace, one_thread  # noqa: E402
 
 
 def main(argv=None):
@@ -53,13 +53,9 @@ def main(argv=None):
         pd.MultiIndex.from_frame(oof[["study_id", "condition", "level"]]), "fold"].to_numpy()
     if (same != oof["fold"].to_numpy()).any():
         raise SystemExit("these settings fold the data otherwise than the run did (seed, num_folds, data)")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as section 11's child process (process_main): the run's own rounding
-    try:
-        start = time.time()
+    start = time.time()
+    with one_thread():  # as section 11 trains them: the run's own rounding
         loc = nb["train_localisers"](samples, folds, config, cpu, 0)
-    finally:
-        torch.set_num_threads(threads)
     loc.table.to_csv(out / "localisation.csv", index=False)
     print(f"localisers of folds {folds} trained again with {overrides} in {time.time() - start:.0f} s -> {out}")
     print(loc.metrics.round(3).to_string())

@@ -1,6 +1,7 @@
 """Run the notebook's own cells in-process, so that tests and benchmarks call its definitions and
 never copy them. Used by tests/ and bench/."""
 
+import contextlib
 import sys
 import types
 from pathlib import Path
@@ -34,6 +35,22 @@ def notebook_namespace(overrides, tags=LIBRARY_TAGS, before_cell=None):
         if "parameters" in cell_tags:
             namespace["CONFIG_OVERRIDES"] = dict(overrides)
     return namespace
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one intra-op thread inside the block, as the notebook's section 11 runs in its child process
+    (process_main); the caller's count restored after. With two, the localisers' sub-pixel points round differently
+    and a few crops, hence a run's terms, move by ~1e-4 (foraminal 0.3856 vs the report's 0.3857 on the flow run,
+    2026-12-07): with one, bench scripts give a run's figures to the digit."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def outline(path=NOTEBOOK):
